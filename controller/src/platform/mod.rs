@@ -1,0 +1,3 @@
+//! Where workloads run.
+
+pub mod local;
