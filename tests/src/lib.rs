@@ -1,1 +1,23 @@
-//! placeholder
+//! The end-to-end harness: real Envoy, the real `.wasm`, real upstream processes and an
+//! in-process weir.v1 control plane that the tests drive.
+//!
+//! - [`binaries`]: where Envoy, the filter and the mirror are (environment, then the workspace);
+//! - [`workdir`]: a scratch directory per test and free ports on 127.0.0.1;
+//! - [`upstream`]: a `mirror` process;
+//! - [`control_plane`]: the test control plane (directives down, reports up, exact accounting);
+//! - [`load`]: a bounded load generator that records every response;
+//! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it.
+
+pub mod binaries;
+pub mod control_plane;
+pub mod http;
+pub mod load;
+pub mod stack;
+pub mod upstream;
+pub mod workdir;
+
+pub use control_plane::{ControlPlane, Snapshot, Totals};
+pub use load::{LoadReport, LoadSpec, Outcome};
+pub use stack::{Stack, StackOptions};
+pub use upstream::Upstream;
+pub use workdir::{free_port, WorkDir};

@@ -1,1 +1,699 @@
-//! placeholder
+//! The Envoy that fronts local workloads: one source of truth for its bootstrap (used by local
+//! mode, the end-to-end tests and the benchmarks) and a guard for the process.
+//!
+//! The bootstrap routes on one header: a request whose routing header holds the canary value goes
+//! to the `canary` cluster, every other request to `primary`. Without the Weir filter a client
+//! could choose its version that way; with it, the filter strips what the client sent and sets the
+//! header itself, and Envoy re-selects the route.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The header the filter sets and the routes match, unless configured otherwise.
+pub const ROUTING_HEADER: &str = "x-weir-route";
+/// Routing-header value that selects the canary.
+pub const CANARY_VALUE: &str = "canary";
+/// Routing-header value for the primary (any value but the canary's routes there).
+pub const PRIMARY_VALUE: &str = "primary";
+/// Name of the cluster that points at the controller's gRPC port.
+pub const CONTROLLER_CLUSTER: &str = "weir_controller";
+/// Name of the cluster for the primary workload.
+pub const PRIMARY_CLUSTER: &str = "primary";
+/// Name of the cluster for the canary workload.
+pub const CANARY_CLUSTER: &str = "canary";
+/// The Wasm VM id shared by the filter and the reporter singleton: shared queues and shared data
+/// are keyed by it, so both must use the same one.
+pub const WASM_VM_ID: &str = "weir";
+/// Root id of the per-request filter.
+pub const FILTER_ROOT_ID: &str = "weir_filter";
+/// Root id of the reporter singleton.
+pub const REPORTER_ROOT_ID: &str = "weir_reporter";
+/// The only Wasm runtime in the Envoy builds we use.
+pub const WASM_RUNTIME: &str = "envoy.wasm.runtime.v8";
+/// How long [`EnvoyProcess::start`] waits for Envoy to be ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The Weir filter to load: the module and its JSON configuration (the filter's camelCase
+/// schema, e.g. `{"controllerCluster":"weir_controller","reportInterval":"1s",...}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WasmFilter {
+    /// Path of the `.wasm` file.
+    pub path: PathBuf,
+    /// The configuration handed to both the filter and the reporter singleton.
+    pub config_json: String,
+}
+
+/// Everything that varies between the Envoys Weir starts locally. Build one with
+/// [`EnvoyBootstrap::new`] and adjust the public fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyBootstrap {
+    /// Envoy's node id; the filter reports under it.
+    pub node_id: String,
+    /// Envoy's node cluster.
+    pub node_cluster: String,
+    /// Node metadata `NAMESPACE` (Istio's key), read by the filter for its reporter identity.
+    pub namespace: String,
+    /// Node metadata `WORKLOAD_NAME` (Istio's key), read by the filter for its reporter identity.
+    pub workload: String,
+    /// Port of the one listener on 127.0.0.1; 0 lets the OS choose (see
+    /// [`EnvoyProcess::listener_addr`]).
+    pub listener_port: u16,
+    /// Port of the admin interface on 127.0.0.1; 0 lets the OS choose.
+    pub admin_port: u16,
+    /// Where the primary workload listens.
+    pub primary: SocketAddr,
+    /// Where the canary workload listens.
+    pub canary: SocketAddr,
+    /// Where the controller's gRPC server listens; None leaves out the `weir_controller` cluster.
+    pub controller: Option<SocketAddr>,
+    /// The Weir filter; None runs Envoy with the router alone.
+    pub wasm: Option<WasmFilter>,
+    /// The header the canary route matches.
+    pub routing_header: String,
+    /// The value of [`Self::routing_header`] that selects the canary.
+    pub canary_value: String,
+    /// The service's host name (names the virtual host; clients send it as the authority and
+    /// directives list it). The virtual host itself matches every domain.
+    pub host: String,
+}
+
+impl EnvoyBootstrap {
+    /// A bootstrap for one service with these two upstreams, on OS-chosen ports, with no filter
+    /// and no controller.
+    pub fn new(primary: SocketAddr, canary: SocketAddr) -> Self {
+        Self {
+            node_id: "weir-local".to_owned(),
+            node_cluster: "weir-local".to_owned(),
+            namespace: "default".to_owned(),
+            workload: "weir-local".to_owned(),
+            listener_port: 0,
+            admin_port: 0,
+            primary,
+            canary,
+            controller: None,
+            wasm: None,
+            routing_header: ROUTING_HEADER.to_owned(),
+            canary_value: CANARY_VALUE.to_owned(),
+            host: "mhs.application".to_owned(),
+        }
+    }
+
+    /// The bootstrap as Envoy's JSON (Envoy reads it from a `.json` file).
+    pub fn to_json(&self) -> Value {
+        let mut http_filters = Vec::new();
+        if let Some(wasm) = &self.wasm {
+            http_filters.push(json!({
+                "name": "envoy.filters.http.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                    "config": plugin_config(FILTER_ROOT_ID, wasm, true),
+                }
+            }));
+        }
+        http_filters.push(json!({
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+        }));
+
+        let mut clusters = vec![
+            static_cluster(PRIMARY_CLUSTER, self.primary),
+            static_cluster(CANARY_CLUSTER, self.canary),
+        ];
+        if let Some(controller) = self.controller {
+            let mut cluster = static_cluster(CONTROLLER_CLUSTER, controller);
+            // The Exchange stream is gRPC, which needs HTTP/2 to the upstream.
+            cluster["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }
+            });
+            clusters.push(cluster);
+        }
+
+        let mut bootstrap = json!({
+            "node": {
+                "id": self.node_id,
+                "cluster": self.node_cluster,
+                "metadata": {"NAMESPACE": self.namespace, "WORKLOAD_NAME": self.workload},
+            },
+            "admin": {"address": socket_address(local(self.admin_port))},
+            "static_resources": {
+                "listeners": [{
+                    "name": "weir_ingress",
+                    "address": socket_address(local(self.listener_port)),
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "weir_ingress",
+                            "codec_type": "AUTO",
+                            "route_config": {
+                                "name": "weir_local",
+                                "virtual_hosts": [{
+                                    "name": self.host,
+                                    // One service here; a mesh has one virtual host per service.
+                                    "domains": ["*"],
+                                    "routes": [
+                                        {
+                                            "name": CANARY_CLUSTER,
+                                            "match": {
+                                                "prefix": "/",
+                                                "headers": [{
+                                                    "name": self.routing_header,
+                                                    "string_match": {"exact": self.canary_value},
+                                                }],
+                                            },
+                                            "route": {"cluster": CANARY_CLUSTER},
+                                        },
+                                        {
+                                            "name": PRIMARY_CLUSTER,
+                                            "match": {"prefix": "/"},
+                                            "route": {"cluster": PRIMARY_CLUSTER},
+                                        },
+                                    ],
+                                }],
+                            },
+                            "http_filters": http_filters,
+                        }
+                    }]}],
+                }],
+                "clusters": clusters,
+            },
+        });
+        if let Some(wasm) = &self.wasm {
+            bootstrap["bootstrap_extensions"] = json!([{
+                "name": "envoy.bootstrap.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
+                    "singleton": true,
+                    "config": plugin_config(REPORTER_ROOT_ID, wasm, false),
+                }
+            }]);
+        }
+        bootstrap
+    }
+
+    /// The bootstrap as JSON text (valid YAML too).
+    pub fn to_yaml(&self) -> String {
+        // A Value of strings and maps always serializes.
+        serde_json::to_string_pretty(&self.to_json()).unwrap_or_default()
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn socket_address(addr: SocketAddr) -> Value {
+    json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}})
+}
+
+fn static_cluster(name: &str, addr: SocketAddr) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(addr)}}]}],
+        },
+    })
+}
+
+/// A Wasm `PluginConfig`. The filter fails open: should its VM fail, requests skip the filter
+/// (and reach primary, the default route) instead of failing.
+fn plugin_config(root_id: &str, wasm: &WasmFilter, fail_open: bool) -> Value {
+    let mut config = json!({
+        "name": root_id,
+        "root_id": root_id,
+        "vm_config": {
+            "vm_id": WASM_VM_ID,
+            "runtime": WASM_RUNTIME,
+            "code": {"local": {"filename": wasm.path.display().to_string()}},
+        },
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": wasm.config_json,
+        },
+    });
+    if fail_open {
+        config["failure_policy"] = json!("FAIL_OPEN");
+    }
+    config
+}
+
+/// Why an Envoy could not be started or asked something.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvoyError {
+    /// A file in the work directory could not be written or read.
+    #[error("cannot use {path}: {source}; check that the work directory exists and is writable")]
+    WorkDir {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The binary could not be run.
+    #[error("cannot run Envoy at {binary}: {source}; install it with `cargo xtask test` or set WEIR_ENVOY")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Envoy stopped before it was ready (usually a bootstrap it refused; see the log).
+    #[error("Envoy exited ({status}) before it was ready; last lines of {log}:\n{tail}")]
+    Exited {
+        /// How it ended.
+        status: ExitStatus,
+        /// Its log file.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// Envoy ran but was not ready in time.
+    #[error("Envoy was not ready after {waited:?}; last lines of {log}:\n{tail}")]
+    NotReady {
+        /// How long we waited.
+        waited: Duration,
+        /// Its log file.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// The admin interface did not answer as expected.
+    #[error("Envoy admin {path} on {addr}: {problem}")]
+    Admin {
+        /// The admin address.
+        addr: SocketAddr,
+        /// The admin path asked for.
+        path: String,
+        /// What went wrong.
+        problem: String,
+    },
+}
+
+/// A running Envoy, killed when dropped.
+#[derive(Debug)]
+pub struct EnvoyProcess {
+    child: Child,
+    log_path: PathBuf,
+    config_path: PathBuf,
+    admin: SocketAddr,
+    listener: SocketAddr,
+}
+
+/// Numbers the files of Envoys started by this process, so several can share a work directory.
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+impl EnvoyProcess {
+    /// Writes the bootstrap into `work_dir`, starts `envoy` with `concurrency` worker threads and
+    /// its log in `work_dir`, and waits (at most [`READY_TIMEOUT`]) until the admin interface
+    /// says LIVE.
+    pub fn start(
+        envoy_binary: &Path,
+        bootstrap: &EnvoyBootstrap,
+        work_dir: &Path,
+        concurrency: u32,
+    ) -> Result<Self, EnvoyError> {
+        let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
+        let file = |suffix: &str| work_dir.join(format!("envoy-{n}.{suffix}"));
+        let (config_path, log_path, admin_path) = (file("json"), file("log"), file("admin"));
+        let work_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| EnvoyError::WorkDir { path, source }
+        };
+        std::fs::write(&config_path, bootstrap.to_yaml()).map_err(work_err(&config_path))?;
+        let log = File::create(&log_path).map_err(work_err(&log_path))?;
+        let log_err = log.try_clone().map_err(work_err(&log_path))?;
+
+        let child = Command::new(envoy_binary)
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--concurrency", &concurrency.to_string()])
+            // No hot restart: parallel Envoys then share no memory region and need no base id.
+            .arg("--disable-hot-restart")
+            .args(["--log-level", "info"])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .stdin(Stdio::null())
+            // Envoy logs to stderr unbuffered; its own --log-path flushes only every few seconds.
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|source| EnvoyError::Spawn {
+                binary: envoy_binary.to_owned(),
+                source,
+            })?;
+        let mut envoy = EnvoyProcess {
+            child,
+            log_path,
+            config_path,
+            admin: local(bootstrap.admin_port),
+            listener: local(bootstrap.listener_port),
+        };
+        envoy.wait_ready(&admin_path, READY_TIMEOUT)?;
+        Ok(envoy)
+    }
+
+    fn wait_ready(&mut self, admin_path: &Path, timeout: Duration) -> Result<(), EnvoyError> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(EnvoyError::Exited {
+                    status,
+                    log: self.log_path.clone(),
+                    tail: self.log_tail(30),
+                });
+            }
+            if self.admin.port() == 0 {
+                if let Some(addr) = std::fs::read_to_string(admin_path)
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok())
+                {
+                    self.admin = addr;
+                }
+            }
+            if self.admin.port() != 0
+                && matches!(self.admin_get("/ready"), Ok(body) if body.trim() == "LIVE")
+            {
+                if self.listener.port() == 0 {
+                    self.listener = self.bound_listener()?;
+                }
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                return Err(EnvoyError::NotReady {
+                    waited: timeout,
+                    log: self.log_path.clone(),
+                    tail: self.log_tail(30),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The address the listener actually bound (for a bootstrap with port 0).
+    fn bound_listener(&self) -> Result<SocketAddr, EnvoyError> {
+        let body = self.admin_get("/listeners?format=json")?;
+        let problem = |problem: String| EnvoyError::Admin {
+            addr: self.admin,
+            path: "/listeners".to_owned(),
+            problem,
+        };
+        let listeners: Value =
+            serde_json::from_str(&body).map_err(|e| problem(format!("not JSON: {e}")))?;
+        let address = &listeners["listener_statuses"][0]["local_address"]["socket_address"];
+        let ip = address["address"].as_str().and_then(|ip| ip.parse().ok());
+        let port = address["port_value"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok());
+        match (ip, port) {
+            (Some(ip), Some(port)) => Ok(SocketAddr::new(ip, port)),
+            _ => Err(problem(format!("no listener address in {body}"))),
+        }
+    }
+
+    /// Where the listener accepts requests.
+    pub fn listener_addr(&self) -> SocketAddr {
+        self.listener
+    }
+
+    /// Where the admin interface listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The operating system's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The bootstrap file Envoy was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The log file (Envoy's stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything Envoy has logged so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = File::open(&self.log_path) {
+            // Envoy may be mid-line; lossy reading keeps whatever is there.
+            let mut bytes = Vec::new();
+            let _ = file.read_to_end(&mut bytes);
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        text
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits (at most `timeout`) until the log contains `needle`; true when it does.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let started = Instant::now();
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if started.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GETs an admin path (e.g. `/stats?filter=wasm`) and returns the body of a 200 answer.
+    pub fn admin_get(&self, path: &str) -> Result<String, EnvoyError> {
+        let problem = |problem: String| EnvoyError::Admin {
+            addr: self.admin,
+            path: path.to_owned(),
+            problem,
+        };
+        let (status, body) = http_get(self.admin, path).map_err(|e| problem(e.to_string()))?;
+        if status != 200 {
+            return Err(problem(format!("answered {status}: {}", body.trim())));
+        }
+        Ok(body)
+    }
+
+    /// Stops Envoy now (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EnvoyProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET (Envoy's admin refuses HTTP/1.0), enough for the admin
+/// interface: `Connection: close`, body by length, chunks or end of stream.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| invalid("response has no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let mut body = raw[split + 4..].to_vec();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid("response has no status"))?;
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body).ok_or_else(|| invalid("malformed chunked body"))?;
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(raw.get(..size)?);
+        raw = raw.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        local(port)
+    }
+
+    fn with_everything() -> EnvoyBootstrap {
+        EnvoyBootstrap {
+            listener_port: 10_000,
+            admin_port: 9_901,
+            controller: Some(addr(7_000)),
+            wasm: Some(WasmFilter {
+                path: PathBuf::from("/x/weir_filter.wasm"),
+                config_json: r#"{"controllerCluster":"weir_controller"}"#.to_owned(),
+            }),
+            ..EnvoyBootstrap::new(addr(8_001), addr(8_002))
+        }
+    }
+
+    fn cluster<'a>(bootstrap: &'a Value, name: &str) -> Option<&'a Value> {
+        bootstrap["static_resources"]["clusters"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == name)
+    }
+
+    fn cluster_port(bootstrap: &Value, name: &str) -> Option<u64> {
+        cluster(bootstrap, name)?["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ["address"]["socket_address"]["port_value"]
+            .as_u64()
+    }
+
+    #[test]
+    fn node_carries_the_identity_the_filter_reports_under() {
+        let json = with_everything().to_json();
+        assert_eq!(json["node"]["id"], "weir-local");
+        assert_eq!(json["node"]["metadata"]["NAMESPACE"], "default");
+        assert_eq!(json["node"]["metadata"]["WORKLOAD_NAME"], "weir-local");
+        assert_eq!(
+            json["admin"]["address"]["socket_address"],
+            json!({"address": "127.0.0.1", "port_value": 9901})
+        );
+    }
+
+    #[test]
+    fn canary_route_matches_the_routing_header_before_the_primary_catch_all() {
+        let json = with_everything().to_json();
+        let listener = &json["static_resources"]["listeners"][0];
+        assert_eq!(listener["address"]["socket_address"]["port_value"], 10_000);
+        let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+        let host = &hcm["route_config"]["virtual_hosts"][0];
+        assert_eq!(host["domains"], json!(["*"]));
+        assert_eq!(host["name"], "mhs.application");
+        let routes = host["routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(
+            routes[0]["match"]["headers"][0],
+            json!({"name": "x-weir-route", "string_match": {"exact": "canary"}})
+        );
+        assert_eq!(routes[0]["route"]["cluster"], "canary");
+        assert_eq!(routes[1]["match"], json!({"prefix": "/"}));
+        assert_eq!(routes[1]["route"]["cluster"], "primary");
+    }
+
+    #[test]
+    fn upstream_and_controller_clusters_are_static_and_the_controller_speaks_http2() {
+        let json = with_everything().to_json();
+        assert_eq!(cluster_port(&json, "primary"), Some(8001));
+        assert_eq!(cluster_port(&json, "canary"), Some(8002));
+        assert_eq!(cluster_port(&json, CONTROLLER_CLUSTER), Some(7000));
+        for name in ["primary", "canary", CONTROLLER_CLUSTER] {
+            let c = cluster(&json, name).unwrap();
+            assert_eq!(c["type"], "STATIC");
+            assert_eq!(c["connect_timeout"], "1s");
+        }
+        let options = &cluster(&json, CONTROLLER_CLUSTER).unwrap()
+            ["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        assert_eq!(
+            options["explicit_http_config"]["http2_protocol_options"],
+            json!({})
+        );
+    }
+
+    #[test]
+    fn filter_and_reporter_singleton_share_one_vm_and_one_configuration() {
+        let json = with_everything().to_json();
+        let hcm = &json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        let filters = hcm["http_filters"].as_array().unwrap();
+        assert_eq!(filters.len(), 2);
+        assert_eq!(filters[0]["name"], "envoy.filters.http.wasm");
+        assert_eq!(filters[1]["name"], "envoy.filters.http.router");
+        let filter = &filters[0]["typed_config"]["config"];
+        assert_eq!(filter["root_id"], "weir_filter");
+
+        let extension = &json["bootstrap_extensions"][0];
+        assert_eq!(extension["name"], "envoy.bootstrap.wasm");
+        assert_eq!(extension["typed_config"]["singleton"], true);
+        let reporter = &extension["typed_config"]["config"];
+        assert_eq!(reporter["root_id"], "weir_reporter");
+
+        for plugin in [filter, reporter] {
+            assert_eq!(plugin["vm_config"]["vm_id"], "weir");
+            assert_eq!(plugin["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
+            assert_eq!(
+                plugin["vm_config"]["code"]["local"]["filename"],
+                "/x/weir_filter.wasm"
+            );
+            assert_eq!(
+                plugin["configuration"],
+                json!({
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": r#"{"controllerCluster":"weir_controller"}"#,
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn without_filter_or_controller_there_is_only_the_router_and_two_clusters() {
+        let json = EnvoyBootstrap::new(addr(1), addr(2)).to_json();
+        let hcm = &json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        assert_eq!(hcm["http_filters"].as_array().map(Vec::len), Some(1));
+        assert_eq!(
+            json["static_resources"]["clusters"]
+                .as_array()
+                .map(Vec::len),
+            Some(2)
+        );
+        assert!(json.get("bootstrap_extensions").is_none());
+    }
+
+    #[test]
+    fn chunked_admin_bodies_are_reassembled() {
+        let raw = b"4\r\nLIVE\r\n3;x=y\r\n ok\r\n0\r\n\r\n";
+        assert_eq!(dechunk(raw).as_deref(), Some(&b"LIVE ok"[..]));
+        assert_eq!(dechunk(b"9\r\nshort\r\n"), None);
+    }
+}

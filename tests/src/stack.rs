@@ -1,0 +1,237 @@
+//! One Envoy wired as the data-plane tests need it: two mirrors (v1 primary, v2 canary), the
+//! test control plane, and optionally the Weir filter.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+use weir_controller::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
+use weir_proto::v1::{
+    canary_route, header_rule, CanaryRoute, Directive, HeaderMatch, HeaderRule, MatchGroup, Sticky,
+    Weighted,
+};
+
+use crate::binaries;
+use crate::control_plane::ControlPlane;
+use crate::load::LoadSpec;
+use crate::upstream::Upstream;
+use crate::workdir::WorkDir;
+
+/// The service's host: what clients send as the authority and what directives cover.
+pub const HOST: &str = "mhs.application";
+/// The canary's key in directives and reports.
+pub const CANARY: &str = "application/mhs";
+/// The primary mirror's version.
+pub const PRIMARY_VERSION: &str = "v1";
+/// The canary mirror's version.
+pub const CANARY_VERSION: &str = "v2";
+
+/// The filter configuration the tests use unless they say otherwise: the documented one with
+/// a 500 ms report interval, so final reports arrive quickly.
+pub fn filter_config() -> serde_json::Value {
+    json!({
+        "controllerCluster": "weir_controller",
+        "reportInterval": "500ms",
+        "directiveGracePeriod": "10s",
+        "routingHeader": "x-weir-route",
+        "failure": {"statusCodes": ["5xx"], "grpcStatuses": []},
+    })
+}
+
+/// How to build a [`Stack`].
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Envoy worker threads.
+    pub concurrency: u32,
+    /// Extra flags for the primary mirror (v1).
+    pub primary_args: Vec<String>,
+    /// Extra flags for the canary mirror (v2).
+    pub canary_args: Vec<String>,
+    /// The filter's configuration as raw text (None: no filter at all). Raw, so tests can
+    /// hand it something invalid.
+    pub filter_config: Option<String>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            primary_args: Vec::new(),
+            canary_args: Vec::new(),
+            filter_config: Some(filter_config().to_string()),
+        }
+    }
+}
+
+impl StackOptions {
+    /// Without the filter: Envoy with its routes alone.
+    pub fn without_filter() -> Self {
+        Self {
+            filter_config: None,
+            ..Self::default()
+        }
+    }
+}
+
+/// The running pieces. Dropped in field order: Envoy first, then the upstreams and the control
+/// plane, then the work directory.
+#[derive(Debug)]
+pub struct Stack {
+    /// The Envoy under test.
+    pub envoy: EnvoyProcess,
+    /// Mirror v1, behind the `primary` cluster.
+    pub primary: Upstream,
+    /// Mirror v2, behind the `canary` cluster.
+    pub canary: Upstream,
+    /// The control plane the filter reports to.
+    pub control: ControlPlane,
+    /// Bootstraps and logs.
+    pub dir: WorkDir,
+}
+
+impl Stack {
+    /// Starts everything and waits until Envoy is ready (and, with the filter, until its
+    /// reporter has said hello).
+    pub async fn start(test: &str, options: StackOptions) -> anyhow::Result<Self> {
+        let dir = WorkDir::new(test)?;
+        let primary = Upstream::start(PRIMARY_VERSION, &str_args(&options.primary_args))?;
+        let canary = Upstream::start(CANARY_VERSION, &str_args(&options.canary_args))?;
+        let control = ControlPlane::new().await?;
+
+        let mut bootstrap = EnvoyBootstrap::new(primary.addr(), canary.addr());
+        bootstrap.node_id = format!("{test}-envoy");
+        bootstrap.namespace = "application".to_owned();
+        bootstrap.workload = "mhs".to_owned();
+        bootstrap.host = HOST.to_owned();
+        bootstrap.controller = Some(control.addr());
+        let with_filter = options.filter_config.is_some();
+        if let Some(config_json) = options.filter_config {
+            bootstrap.wasm = Some(WasmFilter {
+                path: binaries::wasm(),
+                config_json,
+            });
+        }
+        let (binary, work, concurrency) = (
+            binaries::envoy(),
+            dir.path().to_owned(),
+            options.concurrency,
+        );
+        let envoy = tokio::task::spawn_blocking(move || {
+            EnvoyProcess::start(&binary, &bootstrap, &work, concurrency)
+        })
+        .await?
+        .context("Envoy did not start")?;
+        let stack = Stack {
+            envoy,
+            primary,
+            canary,
+            control,
+            dir,
+        };
+        if with_filter && stack.filter_is_configured() {
+            stack
+                .control
+                .wait_for("the reporter's hello", Duration::from_secs(10), |s| {
+                    s.hellos() > 0
+                })
+                .await
+                .with_context(|| format!("Envoy log:\n{}", stack.envoy.log_tail(40)))?;
+        }
+        Ok(stack)
+    }
+
+    fn filter_is_configured(&self) -> bool {
+        // A stack built with a bad configuration has no reporter to wait for.
+        !self.envoy.log().contains("invalid filter configuration")
+    }
+
+    /// A load of `requests` GETs to the Envoy listener for [`HOST`].
+    pub fn load(&self, requests: usize) -> LoadSpec {
+        LoadSpec::new(self.envoy.listener_addr(), HOST, requests)
+    }
+
+    /// Pushes a directive for [`CANARY`] and waits until every worker applied it.
+    pub async fn apply(&self, route: CanaryRoute) -> anyhow::Result<u64> {
+        let generation = self.control.set_directive(Directive {
+            generation: 0,
+            canaries: vec![route],
+        });
+        self.control
+            .wait_for_generation(generation, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("Envoy log:\n{}", self.envoy.log_tail(40)))?;
+        Ok(generation)
+    }
+
+    /// Waits until the applied totals for [`CANARY`] reach `requests`, then two more report
+    /// intervals so that a count beyond it (a double count) would show too.
+    pub async fn settle(&self, requests: u64) -> anyhow::Result<crate::Snapshot> {
+        self.control
+            .wait_for(
+                &format!("{requests} requests reported for {CANARY}"),
+                Duration::from_secs(15),
+                |s| s.requests(CANARY) >= requests,
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        Ok(self.control.snapshot())
+    }
+}
+
+fn str_args(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A weighted route for [`CANARY`] covering [`HOST`].
+pub fn weighted(weight_bp: u32) -> CanaryRoute {
+    route(weight_bp, canary_route::Mode::Weighted(Weighted {}))
+}
+
+/// A sticky route keyed on a request header.
+pub fn sticky_header(weight_bp: u32, header: &str) -> CanaryRoute {
+    route(
+        weight_bp,
+        canary_route::Mode::Sticky(Sticky {
+            key: Some(weir_proto::v1::sticky::Key::Header(header.to_owned())),
+        }),
+    )
+}
+
+/// An A/B route: requests matching any group go to the canary.
+pub fn header_match(groups: Vec<Vec<HeaderRule>>) -> CanaryRoute {
+    route(
+        0,
+        canary_route::Mode::HeaderMatch(HeaderMatch {
+            any_of: groups
+                .into_iter()
+                .map(|all_of| MatchGroup { all_of })
+                .collect(),
+        }),
+    )
+}
+
+/// A header rule matching a value exactly.
+pub fn exact(name: &str, value: &str) -> HeaderRule {
+    HeaderRule {
+        name: name.to_owned(),
+        value: Some(header_rule::Value::Exact(value.to_owned())),
+    }
+}
+
+/// A header rule matching a regular expression.
+pub fn regex(name: &str, pattern: &str) -> HeaderRule {
+    HeaderRule {
+        name: name.to_owned(),
+        value: Some(header_rule::Value::Regex(pattern.to_owned())),
+    }
+}
+
+fn route(weight_bp: u32, mode: canary_route::Mode) -> CanaryRoute {
+    CanaryRoute {
+        key: CANARY.to_owned(),
+        hosts: vec![HOST.to_owned()],
+        canary_weight_bp: weight_bp,
+        mode: Some(mode),
+        ..CanaryRoute::default()
+    }
+}
