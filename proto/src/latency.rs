@@ -239,8 +239,16 @@ mod tests {
         let hdr = Hdr::<u64>::new_with_bounds(1, MAX_MICROS, 2).unwrap();
         for value in (0..5_000u64).chain([65_535, 65_536, 1_000_000, 123_456_789, MAX_MICROS]) {
             let (low, width) = slot_range(slot_of(value));
-            assert_eq!(low, hdr.lowest_equivalent(value), "lowest equivalent of {value}");
-            assert_eq!(low + width - 1, hdr.highest_equivalent(value), "highest of {value}");
+            assert_eq!(
+                low,
+                hdr.lowest_equivalent(value),
+                "lowest equivalent of {value}"
+            );
+            assert_eq!(
+                low + width - 1,
+                hdr.highest_equivalent(value),
+                "highest of {value}"
+            );
         }
         assert!(slot_of(MAX_MICROS) < SLOTS);
         assert_eq!(slot_of(u64::MAX), slot_of(MAX_MICROS));
@@ -255,7 +263,10 @@ mod tests {
         for q in [0.5, 0.9, 0.99, 0.999] {
             let exact = samples[((q * samples.len() as f64).ceil() as usize).max(1) - 1] as f64;
             let got = h.quantile(q).unwrap();
-            assert!((got - exact).abs() / exact <= 1.0 / 256.0 + 1e-9, "q{q}: {got} vs {exact}");
+            assert!(
+                (got - exact).abs() / exact <= 1.0 / 256.0 + 1e-9,
+                "q{q}: {got} vs {exact}"
+            );
         }
     }
 
@@ -263,7 +274,9 @@ mod tests {
     fn wire_form_round_trips_and_merges() {
         let mut a = LatencyHistogram::new();
         let mut b = LatencyHistogram::new();
-        [1, 1, 7, 300, 300, 99_999].iter().for_each(|&v| a.record(v));
+        [1, 1, 7, 300, 300, 99_999]
+            .iter()
+            .for_each(|&v| a.record(v));
         [5, 300, 1_000_000].iter().for_each(|&v| b.record(v));
         let decoded = LatencyHistogram::decode(&a.encode()).unwrap();
         assert_eq!(decoded, a);

@@ -1,0 +1,117 @@
+//! Per-request glue: pick the version at request headers, record the outcome at log time.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, MapType};
+
+use super::props::{self, HostRequestHeaders};
+use super::root::FilterState;
+use crate::worker::{RequestPlan, Ticket};
+
+/// The routing header stripped in pass-through mode, when the configuration (and so the configured
+/// header name) could not be read: clients still can't steer themselves.
+const DEFAULT_ROUTING_HEADER: &str = "x-weir-route";
+
+/// One request.
+pub struct Http {
+    /// None in pass-through mode (no valid configuration).
+    state: Option<Rc<RefCell<FilterState>>>,
+    ticket: Option<Ticket>,
+    grpc_status: Option<u32>,
+}
+
+impl Http {
+    /// A request context sharing its worker's state.
+    pub fn new(state: Option<Rc<RefCell<FilterState>>>) -> Self {
+        Self {
+            state,
+            ticket: None,
+            grpc_status: None,
+        }
+    }
+
+    fn read_grpc_status(&mut self, map: MapType) {
+        let wanted = self
+            .state
+            .as_ref()
+            .and_then(|s| s.try_borrow().ok())
+            .is_some_and(|s| !s.worker.config().failure.grpc_statuses.is_empty());
+        if wanted && self.ticket.is_some() && self.grpc_status.is_none() {
+            self.grpc_status = hostcalls::get_map_value(map, "grpc-status")
+                .ok()
+                .flatten()
+                .and_then(|s| s.trim().parse().ok());
+        }
+    }
+}
+
+impl Context for Http {}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let Some(state) = &self.state else {
+            let _ =
+                hostcalls::remove_map_value(MapType::HttpRequestHeaders, DEFAULT_ROUTING_HEADER);
+            return Action::Continue;
+        };
+        let Ok(mut state) = state.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        let authority = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":authority")
+            .ok()
+            .flatten();
+        match state.worker.plan(authority.as_deref(), &HostRequestHeaders) {
+            RequestPlan::StripOnly { header } => {
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, &header);
+            }
+            RequestPlan::Route {
+                header,
+                value,
+                ticket,
+            } => {
+                // Replacing the header also drops any value the client sent: no self-steering.
+                if hostcalls::set_map_value(MapType::HttpRequestHeaders, &header, Some(&value))
+                    .is_ok()
+                {
+                    self.ticket = Some(ticket);
+                } else {
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, &header);
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        self.read_grpc_status(MapType::HttpResponseHeaders);
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.read_grpc_status(MapType::HttpResponseTrailers);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let Some(Ok(mut state)) = self.state.as_ref().map(|s| s.try_borrow_mut()) else {
+            return;
+        };
+        let status = props::integer(vec!["response", "code"]).unwrap_or(0);
+        let duration_ns = props::integer(vec!["request", "duration"]).unwrap_or(0);
+        state.worker.record(
+            &ticket,
+            u16::try_from(status).unwrap_or(0),
+            self.grpc_status,
+            duration_ns,
+        );
+        if let Some(ids) = state.stat_ids(&ticket.canary, ticket.version) {
+            let _ = hostcalls::record_metric(ids.duration, duration_ns / 1_000_000);
+        }
+    }
+}

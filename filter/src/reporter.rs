@@ -1,0 +1,434 @@
+//! The singleton reporter: merges the workers' hand-overs, owns the one gRPC stream to the
+//! controller, and turns what comes back into shared state for the workers.
+//!
+//! Exactness: reports are deltas with a sequence number; each one is kept until the controller
+//! acknowledges it and is sent again, in order, on every new stream. The controller applies a
+//! (reporter, epoch, sequence) at most once. Nothing is sealed while the stream is down: samples
+//! accumulate in one pending delta instead, so a long outage costs one report, not thousands.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use prost::Message;
+use weir_proto::v1::{self, controller_message::Kind};
+use weir_proto::LatencyHistogram;
+
+/// Sealed reports kept unacknowledged at most; past this, new samples wait in the pending delta.
+pub const MAX_IN_FLIGHT: usize = 64;
+const INITIAL_BACKOFF_NS: u64 = 250_000_000;
+const MAX_BACKOFF_NS: u64 = 10_000_000_000;
+
+/// What the host glue must do on the reporter's behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Open the gRPC stream, then call [`Reporter::on_stream_opened`] (or `on_stream_failed`).
+    OpenStream,
+    /// Send this encoded `Report` on the open stream.
+    Send(Vec<u8>),
+    /// Publish this encoded `Directive` to the workers.
+    ShareDirective(Vec<u8>),
+    /// Publish the time (ns) of the controller's latest message to the workers.
+    ShareContact(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Down { retry_at_ns: u64 },
+    Opening,
+    Up { token: u32 },
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    requests: u64,
+    failures: u64,
+    latency: LatencyHistogram,
+}
+
+/// The reporter's state.
+#[derive(Debug)]
+pub struct Reporter {
+    identity: v1::Reporter,
+    epoch: u64,
+    next_sequence: u64,
+    report_interval_ns: u64,
+    pending: BTreeMap<(String, i32), Pending>,
+    in_flight: VecDeque<v1::Report>,
+    stream: Stream,
+    backoff_ns: u64,
+    generation: u64,
+    /// Worker id → (generation it applied, when we last heard from it).
+    workers: HashMap<u64, (u64, u64)>,
+    /// Hand-overs that did not decode (counted, logged by the glue).
+    pub rejected_batches: u64,
+}
+
+impl Reporter {
+    /// A reporter for one Envoy; `epoch` must be random per VM start.
+    pub fn new(identity: v1::Reporter, epoch: u64, report_interval_ns: u64) -> Self {
+        Self {
+            identity,
+            epoch,
+            next_sequence: 1,
+            report_interval_ns,
+            pending: BTreeMap::new(),
+            in_flight: VecDeque::new(),
+            stream: Stream::Down { retry_at_ns: 0 },
+            backoff_ns: INITIAL_BACKOFF_NS,
+            generation: 0,
+            workers: HashMap::new(),
+            rejected_batches: 0,
+        }
+    }
+
+    /// The stream token, when a stream is open.
+    pub fn stream_token(&self) -> Option<u32> {
+        match self.stream {
+            Stream::Up { token } => Some(token),
+            _ => None,
+        }
+    }
+
+    /// Reports sealed but not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Merges one worker hand-over (an encoded `Report` whose epoch is the worker id).
+    pub fn on_worker_batch(&mut self, bytes: &[u8], now_ns: u64) -> Result<(), String> {
+        let batch = v1::Report::decode(bytes).map_err(|e| {
+            self.rejected_batches += 1;
+            format!("weir: a worker hand-over does not decode ({e}); dropped")
+        })?;
+        // Validate every histogram before merging anything, so a bad batch never half-applies.
+        let mut decoded = Vec::with_capacity(batch.stats.len());
+        for stat in &batch.stats {
+            let latency = match &stat.latency {
+                Some(h) => LatencyHistogram::decode(h),
+                None => Ok(LatencyHistogram::new()),
+            }
+            .map_err(|e| {
+                self.rejected_batches += 1;
+                format!("weir: a worker hand-over has a bad histogram ({e}); dropped")
+            })?;
+            decoded.push(latency);
+        }
+        for (stat, latency) in batch.stats.into_iter().zip(decoded) {
+            let pending = self.pending.entry((stat.canary, stat.version)).or_default();
+            pending.requests += stat.requests;
+            pending.failures += stat.failures;
+            pending.latency.merge(&latency);
+        }
+        self.workers
+            .insert(batch.epoch, (batch.applied_generation, now_ns));
+        Ok(())
+    }
+
+    /// The generation every live worker has applied (workers silent for three intervals are
+    /// gone: their VM was torn down).
+    fn applied_generation(&mut self, now_ns: u64) -> u64 {
+        let horizon = self.report_interval_ns.saturating_mul(3);
+        self.workers
+            .retain(|_, (_, seen)| now_ns.saturating_sub(*seen) <= horizon);
+        self.workers
+            .values()
+            .map(|(generation, _)| *generation)
+            .min()
+            .unwrap_or(self.generation)
+    }
+
+    /// Called every report interval.
+    pub fn on_tick(&mut self, now_ns: u64) -> Vec<Command> {
+        match self.stream {
+            Stream::Down { retry_at_ns } if now_ns >= retry_at_ns => {
+                self.stream = Stream::Opening;
+                vec![Command::OpenStream]
+            }
+            Stream::Up { .. } if self.in_flight.len() < MAX_IN_FLIGHT => {
+                let report = self.seal(now_ns);
+                let bytes = report.encode_to_vec();
+                self.in_flight.push_back(report);
+                vec![Command::Send(bytes)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn seal(&mut self, now_ns: u64) -> v1::Report {
+        let stats = std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|((canary, version), p)| v1::VersionStats {
+                canary,
+                version,
+                requests: p.requests,
+                failures: p.failures,
+                latency: Some(p.latency.encode()),
+            })
+            .collect();
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        v1::Report {
+            reporter: Some(self.identity.clone()),
+            epoch: self.epoch,
+            sequence,
+            applied_generation: self.applied_generation(now_ns),
+            stats,
+        }
+    }
+
+    /// The stream opened: say hello and send again everything not yet acknowledged.
+    pub fn on_stream_opened(&mut self, token: u32, now_ns: u64) -> Vec<Command> {
+        self.stream = Stream::Up { token };
+        let hello = v1::Report {
+            reporter: Some(self.identity.clone()),
+            epoch: self.epoch,
+            sequence: 0,
+            applied_generation: self.applied_generation(now_ns),
+            stats: Vec::new(),
+        };
+        std::iter::once(hello.encode_to_vec())
+            .chain(self.in_flight.iter().map(Message::encode_to_vec))
+            .map(Command::Send)
+            .collect()
+    }
+
+    /// Opening the stream failed outright; retry after a backoff.
+    pub fn on_stream_failed(&mut self, now_ns: u64) {
+        self.schedule_retry(now_ns);
+    }
+
+    /// The stream closed (server gone, reset, or refused). Unacknowledged reports stay for the
+    /// next stream; messages sent on this one are treated as lost.
+    pub fn on_stream_closed(&mut self, token: u32, now_ns: u64) {
+        if self.stream == (Stream::Up { token }) {
+            self.schedule_retry(now_ns);
+        }
+    }
+
+    fn schedule_retry(&mut self, now_ns: u64) {
+        self.stream = Stream::Down {
+            retry_at_ns: now_ns.saturating_add(self.backoff_ns),
+        };
+        self.backoff_ns = (self.backoff_ns * 2).min(MAX_BACKOFF_NS);
+    }
+
+    /// A message from the controller.
+    pub fn on_message(&mut self, bytes: &[u8], now_ns: u64) -> Result<Vec<Command>, String> {
+        let message = v1::ControllerMessage::decode(bytes)
+            .map_err(|e| format!("weir: a controller message does not decode ({e}); ignored"))?;
+        // Anything well-formed from the controller proves it is alive.
+        self.backoff_ns = INITIAL_BACKOFF_NS;
+        let mut commands = vec![Command::ShareContact(now_ns)];
+        match message.kind {
+            Some(Kind::Ack(ack)) if ack.epoch == self.epoch => {
+                while self
+                    .in_flight
+                    .front()
+                    .is_some_and(|r| r.sequence <= ack.sequence)
+                {
+                    self.in_flight.pop_front();
+                }
+            }
+            Some(Kind::Ack(_)) | None => {}
+            Some(Kind::Directive(directive)) => {
+                self.generation = directive.generation;
+                commands.push(Command::ShareDirective(directive.encode_to_vec()));
+            }
+        }
+        Ok(commands)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn reporter() -> Reporter {
+        Reporter::new(
+            v1::Reporter {
+                node_id: "node-1".into(),
+                ..Default::default()
+            },
+            77,
+            SECOND,
+        )
+    }
+
+    fn batch(worker: u64, generation: u64, requests: u64, failures: u64) -> Vec<u8> {
+        let mut latency = LatencyHistogram::new();
+        (0..requests).for_each(|i| latency.record(1_000 + i));
+        v1::Report {
+            epoch: worker,
+            applied_generation: generation,
+            stats: vec![v1::VersionStats {
+                canary: "app/mhs".into(),
+                version: v1::Version::Canary as i32,
+                requests,
+                failures,
+                latency: Some(latency.encode()),
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn ack(sequence: u64) -> Vec<u8> {
+        v1::ControllerMessage {
+            kind: Some(Kind::Ack(v1::Ack {
+                epoch: 77,
+                sequence,
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    fn sent(commands: &[Command]) -> Vec<v1::Report> {
+        commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Send(b) => Some(v1::Report::decode(b.as_slice()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect(r: &mut Reporter, token: u32, now: u64) -> Vec<v1::Report> {
+        assert_eq!(r.on_tick(now), vec![Command::OpenStream]);
+        sent(&r.on_stream_opened(token, now))
+    }
+
+    #[test]
+    fn first_tick_opens_the_stream_and_says_hello() {
+        let mut r = reporter();
+        let hello = connect(&mut r, 1, 0);
+        assert_eq!(hello.len(), 1);
+        assert_eq!(hello[0].sequence, 0);
+        assert_eq!(hello[0].reporter.as_ref().unwrap().node_id, "node-1");
+    }
+
+    #[test]
+    fn worker_batches_merge_into_one_report_per_tick() {
+        let mut r = reporter();
+        connect(&mut r, 1, 0);
+        r.on_worker_batch(&batch(1, 5, 10, 2), SECOND).unwrap();
+        r.on_worker_batch(&batch(2, 5, 5, 1), SECOND).unwrap();
+        let reports = sent(&r.on_tick(SECOND));
+        assert_eq!(reports.len(), 1);
+        let report = &reports[0];
+        assert_eq!((report.sequence, report.applied_generation), (1, 5));
+        assert_eq!(report.stats.len(), 1);
+        assert_eq!(
+            (report.stats[0].requests, report.stats[0].failures),
+            (15, 3)
+        );
+        let latency = LatencyHistogram::decode(report.stats[0].latency.as_ref().unwrap()).unwrap();
+        assert_eq!(latency.count(), 15);
+    }
+
+    #[test]
+    fn unacknowledged_reports_are_sent_again_after_a_reconnect_and_acked_ones_are_not() {
+        let mut r = reporter();
+        connect(&mut r, 1, 0);
+        for tick in 1..=3 {
+            r.on_worker_batch(&batch(1, 0, tick, 0), tick * SECOND)
+                .unwrap();
+            r.on_tick(tick * SECOND);
+        }
+        r.on_message(&ack(1), 3 * SECOND).unwrap();
+        assert_eq!(r.in_flight(), 2);
+        r.on_stream_closed(1, 4 * SECOND);
+        // Samples recorded while down wait in the pending delta.
+        r.on_worker_batch(&batch(1, 0, 100, 0), 4 * SECOND).unwrap();
+        assert!(
+            sent(&r.on_tick(4 * SECOND)).is_empty(),
+            "backoff not yet elapsed"
+        );
+        let resent = connect(&mut r, 2, 5 * SECOND);
+        let sequences: Vec<u64> = resent.iter().map(|x| x.sequence).collect();
+        assert_eq!(sequences, vec![0, 2, 3]);
+        let next = sent(&r.on_tick(6 * SECOND));
+        assert_eq!(next[0].sequence, 4);
+        assert_eq!(next[0].stats[0].requests, 100);
+    }
+
+    #[test]
+    fn a_stream_that_never_answers_is_capped_and_samples_are_kept() {
+        let mut r = reporter();
+        connect(&mut r, 1, 0);
+        for tick in 1..=(MAX_IN_FLIGHT as u64 + 10) {
+            r.on_worker_batch(&batch(1, 0, 1, 0), tick * SECOND)
+                .unwrap();
+            r.on_tick(tick * SECOND);
+        }
+        assert_eq!(r.in_flight(), MAX_IN_FLIGHT);
+        r.on_message(&ack(MAX_IN_FLIGHT as u64), 100 * SECOND)
+            .unwrap();
+        let report = &sent(&r.on_tick(101 * SECOND))[0];
+        assert_eq!(
+            report.stats[0].requests, 10,
+            "samples beyond the cap wait in the pending delta"
+        );
+    }
+
+    #[test]
+    fn directives_and_acks_are_shared_with_workers_as_contact() {
+        let mut r = reporter();
+        connect(&mut r, 1, 0);
+        let directive = v1::ControllerMessage {
+            kind: Some(Kind::Directive(v1::Directive {
+                generation: 9,
+                canaries: vec![],
+            })),
+        }
+        .encode_to_vec();
+        let commands = r.on_message(&directive, 5).unwrap();
+        assert_eq!(commands[0], Command::ShareContact(5));
+        assert!(matches!(commands[1], Command::ShareDirective(_)));
+        assert!(r.on_message(&[0xff, 0x01], 6).is_err());
+    }
+
+    #[test]
+    fn backoff_doubles_and_resets_on_contact() {
+        let mut r = reporter();
+        assert_eq!(r.on_tick(0), vec![Command::OpenStream]);
+        r.on_stream_failed(0);
+        assert!(r.on_tick(INITIAL_BACKOFF_NS - 1).is_empty());
+        assert_eq!(r.on_tick(INITIAL_BACKOFF_NS), vec![Command::OpenStream]);
+        r.on_stream_failed(INITIAL_BACKOFF_NS);
+        assert!(r.on_tick(INITIAL_BACKOFF_NS * 2).is_empty());
+        assert_eq!(r.on_tick(INITIAL_BACKOFF_NS * 3), vec![Command::OpenStream]);
+    }
+
+    #[test]
+    fn applied_generation_is_the_oldest_live_worker_generation() {
+        let mut r = reporter();
+        connect(&mut r, 1, 0);
+        r.on_worker_batch(&batch(1, 4, 1, 0), SECOND).unwrap();
+        r.on_worker_batch(&batch(2, 3, 1, 0), SECOND).unwrap();
+        assert_eq!(sent(&r.on_tick(SECOND))[0].applied_generation, 3);
+        // Worker 2 goes quiet for longer than three intervals: it no longer holds the report back.
+        r.on_worker_batch(&batch(1, 4, 1, 0), 5 * SECOND).unwrap();
+        assert_eq!(sent(&r.on_tick(5 * SECOND))[0].applied_generation, 4);
+    }
+
+    #[test]
+    fn a_bad_worker_batch_is_dropped_whole_and_counted() {
+        let mut r = reporter();
+        connect(&mut r, 1, 0);
+        let bad = v1::Report {
+            stats: vec![v1::VersionStats {
+                canary: "app/mhs".into(),
+                version: 2,
+                requests: 1,
+                failures: 0,
+                latency: Some(v1::Histogram { counts: vec![0] }),
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(r.on_worker_batch(&bad, 0).is_err());
+        assert_eq!(r.rejected_batches, 1);
+        assert!(sent(&r.on_tick(SECOND))[0].stats.is_empty());
+    }
+}
