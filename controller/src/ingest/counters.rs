@@ -1,0 +1,249 @@
+//! What the ingest did with every report, counted for a metrics endpoint and for `weir status`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tonic::{Code, Status};
+
+/// Why a report (or a whole stream) was refused.
+///
+/// Some reasons end the stream ([`RejectReason::ends_stream`]); the others are per-report problems
+/// that are acknowledged and dropped, because ending the stream would make the reporter resend the
+/// same report forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// The report names no `reporter.node_id`, so it cannot be accounted for. Ends the stream.
+    MissingReporter,
+    /// A report on an open stream came from another node id or epoch than the stream's first one.
+    /// Ends the stream.
+    IdentityChanged,
+    /// The epoch was replaced by a newer one for the same node id (the Envoy restarted). Ends the
+    /// stream with `FAILED_PRECONDITION`.
+    StaleEpoch,
+    /// The sequence skips reports that were never applied. Ends the stream with `ABORTED` so the
+    /// reporter reconnects and resends everything unacknowledged, in order.
+    SequenceGap,
+    /// The message exceeded the server's decoding limit. Ends the stream with `OUT_OF_RANGE`.
+    Oversized,
+    /// A hello (sequence 0) carried stats; they are not counted.
+    HelloWithStats,
+    /// More stats entries than the configured per-report limit.
+    TooManyEntries,
+    /// A stats entry's canary key is not `namespace/name`.
+    BadCanaryKey,
+    /// A stats entry's version is `VERSION_UNSPECIFIED` or not a known value.
+    UnspecifiedVersion,
+    /// A stats entry has more failures than requests.
+    FailuresExceedRequests,
+    /// A latency histogram that the weir.v1 layout refuses.
+    BadHistogram,
+    /// A latency histogram whose sample count differs from the entry's request count.
+    HistogramCountMismatch,
+    /// A stats entry for a canary that is not in the current directive.
+    UnknownCanary,
+}
+
+impl RejectReason {
+    /// Every reason, in a stable order (for metrics).
+    pub const ALL: [RejectReason; 13] = [
+        RejectReason::MissingReporter,
+        RejectReason::IdentityChanged,
+        RejectReason::StaleEpoch,
+        RejectReason::SequenceGap,
+        RejectReason::Oversized,
+        RejectReason::HelloWithStats,
+        RejectReason::TooManyEntries,
+        RejectReason::BadCanaryKey,
+        RejectReason::UnspecifiedVersion,
+        RejectReason::FailuresExceedRequests,
+        RejectReason::BadHistogram,
+        RejectReason::HistogramCountMismatch,
+        RejectReason::UnknownCanary,
+    ];
+
+    /// A snake_case name, for metric labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MissingReporter => "missing_reporter",
+            RejectReason::IdentityChanged => "identity_changed",
+            RejectReason::StaleEpoch => "stale_epoch",
+            RejectReason::SequenceGap => "sequence_gap",
+            RejectReason::Oversized => "oversized",
+            RejectReason::HelloWithStats => "hello_with_stats",
+            RejectReason::TooManyEntries => "too_many_entries",
+            RejectReason::BadCanaryKey => "bad_canary_key",
+            RejectReason::UnspecifiedVersion => "unspecified_version",
+            RejectReason::FailuresExceedRequests => "failures_exceed_requests",
+            RejectReason::BadHistogram => "bad_histogram",
+            RejectReason::HistogramCountMismatch => "histogram_count_mismatch",
+            RejectReason::UnknownCanary => "unknown_canary",
+        }
+    }
+
+    /// True when the controller answers this problem by ending the stream with a status; false
+    /// when it acknowledges the report and drops its contents.
+    pub fn ends_stream(self) -> bool {
+        matches!(
+            self,
+            RejectReason::MissingReporter
+                | RejectReason::IdentityChanged
+                | RejectReason::StaleEpoch
+                | RejectReason::SequenceGap
+                | RejectReason::Oversized
+        )
+    }
+
+    /// The gRPC code that carries this problem.
+    pub fn code(self) -> Code {
+        match self {
+            RejectReason::StaleEpoch => Code::FailedPrecondition,
+            RejectReason::SequenceGap => Code::Aborted,
+            RejectReason::Oversized => Code::OutOfRange,
+            _ => Code::InvalidArgument,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One refused report: the reason and a message that tells the operator what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Why.
+    pub reason: RejectReason,
+    /// What was wrong and how to fix it.
+    pub message: String,
+}
+
+impl Rejection {
+    pub(crate) fn new(reason: RejectReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The gRPC status that carries this rejection.
+    pub fn status(&self) -> Status {
+        Status::new(self.reason.code(), self.message.clone())
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// Live counters; cheap to bump from every stream.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    reports_applied: AtomicU64,
+    requests_applied: AtomicU64,
+    duplicates: AtomicU64,
+    hellos: AtomicU64,
+    streams_opened: AtomicU64,
+    stream_errors: AtomicU64,
+    rejected: [AtomicU64; RejectReason::ALL.len()],
+    last_rejection: Mutex<Option<Rejection>>,
+}
+
+/// A consistent-enough copy of [`IngestCounters`] (each field is read atomically on its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CountersSnapshot {
+    /// Reports with a new sequence that were applied to the windows.
+    pub reports_applied: u64,
+    /// Requests (samples) those reports carried.
+    pub requests_applied: u64,
+    /// Reports at or below the highest applied sequence: acknowledged again, not counted.
+    pub duplicates: u64,
+    /// Hellos (sequence 0).
+    pub hellos: u64,
+    /// Exchange streams that sent at least one report.
+    pub streams_opened: u64,
+    /// Streams that ended with a transport or decoding error other than an oversized message.
+    pub stream_errors: u64,
+    /// Refusals by reason, in [`RejectReason::ALL`] order.
+    pub rejected: [u64; RejectReason::ALL.len()],
+}
+
+impl CountersSnapshot {
+    /// Refusals for one reason.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason.index()]
+    }
+
+    /// Refusals for every reason together.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
+}
+
+impl IngestCounters {
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut rejected = [0; RejectReason::ALL.len()];
+        for (slot, counter) in rejected.iter_mut().zip(&self.rejected) {
+            *slot = read(counter);
+        }
+        CountersSnapshot {
+            reports_applied: read(&self.reports_applied),
+            requests_applied: read(&self.requests_applied),
+            duplicates: read(&self.duplicates),
+            hellos: read(&self.hellos),
+            streams_opened: read(&self.streams_opened),
+            stream_errors: read(&self.stream_errors),
+            rejected,
+        }
+    }
+
+    /// The most recent refusal, so an operator can see what a misbehaving reporter sends.
+    pub fn last_rejection(&self) -> Option<Rejection> {
+        lock(&self.last_rejection).clone()
+    }
+
+    pub(crate) fn applied(&self, requests: u64) {
+        self.reports_applied.fetch_add(1, Ordering::Relaxed);
+        self.requests_applied.fetch_add(requests, Ordering::Relaxed);
+    }
+
+    pub(crate) fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn hello(&self) {
+        self.hellos.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_opened(&self) {
+        self.streams_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stream_error(&self) {
+        self.stream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reject(&self, rejection: &Rejection) {
+        self.rejected[rejection.reason.index()].fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_rejection) = Some(rejection.clone());
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section in the ingest leaves its data
+/// consistent at every await-free step, so a panic elsewhere must not take the ingest down.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

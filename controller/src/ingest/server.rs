@@ -1,0 +1,325 @@
+//! The tonic side: one task per `Exchange` stream, selecting on inbound reports, directive
+//! changes, the keep-alive timer and shutdown; and [`Ingest::serve`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status, Streaming};
+use weir_proto::v1::controller_message::Kind;
+use weir_proto::v1::telemetry_server::{Telemetry, TelemetryServer};
+use weir_proto::v1::{ControllerMessage, Directive, Report};
+
+use super::counters::{RejectReason, Rejection};
+use super::{Ingest, IngestError};
+
+/// Messages buffered towards one Envoy. Small on purpose: a reporter that stops reading stalls
+/// only its own stream (back-pressure), never the controller.
+const OUTBOUND_BUFFER: usize = 16;
+
+/// How often [`Ingest::serve`] expires old buckets and idle Envoys.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+type Outbound = mpsc::Sender<Result<ControllerMessage, Status>>;
+
+/// The weir.v1 `Telemetry` service over an [`Ingest`].
+#[derive(Debug, Clone)]
+pub struct TelemetryService {
+    ingest: Ingest,
+    /// Flips to true when the server shuts down, so open streams end and let it finish.
+    stop: Option<watch::Receiver<bool>>,
+}
+
+impl Ingest {
+    /// The tonic service, with the decoding limit from the configuration. Its streams end only
+    /// when their Envoy goes away; [`Ingest::serve`] also ends them on shutdown.
+    pub fn service(&self) -> TelemetryServer<TelemetryService> {
+        self.service_with_stop(None)
+    }
+
+    fn service_with_stop(
+        &self,
+        stop: Option<watch::Receiver<bool>>,
+    ) -> TelemetryServer<TelemetryService> {
+        TelemetryServer::new(TelemetryService {
+            ingest: self.clone(),
+            stop,
+        })
+        .max_decoding_message_size(self.config().max_message_bytes)
+    }
+
+    /// Binds `addr` (use port 0 for any free port), serves the telemetry service on it until
+    /// `shutdown` completes, and returns at once with the bound address. On shutdown every open
+    /// stream ends with `UNAVAILABLE` so reporters reconnect to the next controller.
+    pub async fn serve(
+        &self,
+        addr: SocketAddr,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Served, IngestError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| IngestError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| IngestError::Bind { addr, source })?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let service = self.service_with_stop(Some(stop_rx.clone()));
+
+        let sweeper = {
+            let ingest = self.clone();
+            let mut stop = stop_rx;
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|stopped| *stopped) => break,
+                        _ = every.tick() => ingest.sweep(Instant::now()),
+                    }
+                }
+            })
+        };
+        let signal = async move {
+            shutdown.await;
+            stop_tx.send_replace(true);
+        };
+        let task = tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal)
+                .await;
+            sweeper.abort();
+            result
+        });
+        tracing::info!(%local_addr, "telemetry ingest listening");
+        Ok(Served { local_addr, task })
+    }
+}
+
+/// A running server from [`Ingest::serve`].
+#[derive(Debug)]
+pub struct Served {
+    local_addr: SocketAddr,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Served {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Waits until the server has shut down.
+    pub async fn finished(self) -> Result<(), IngestError> {
+        Ok(self.task.await??)
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for TelemetryService {
+    type ExchangeStream = ReceiverStream<Result<ControllerMessage, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<Report>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let stream = StreamTask {
+            ingest: self.ingest.clone(),
+            stop: self.stop.clone(),
+            tx,
+            session: None,
+        };
+        tokio::spawn(stream.run(request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Who a stream belongs to, known from its first report. Leaving the connected set on drop
+/// keeps it right however the task ends.
+struct Session {
+    ingest: Ingest,
+    node: Arc<str>,
+    epoch: u64,
+    stream: u64,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.ingest.publisher().disconnect(&self.node, self.stream);
+        tracing::debug!(node_id = &*self.node, "reporter disconnected");
+    }
+}
+
+struct StreamTask {
+    ingest: Ingest,
+    stop: Option<watch::Receiver<bool>>,
+    tx: Outbound,
+    session: Option<Session>,
+}
+
+/// Why a stream task stops.
+enum End {
+    /// The reporter or the transport went away; nothing more to say.
+    Gone,
+    /// End the stream with this status.
+    Refuse(Status),
+}
+
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        // An error means the server is gone, which is a stop too.
+        Some(stop) => drop(stop.wait_for(|stopped| *stopped).await),
+        None => std::future::pending().await,
+    }
+}
+
+fn directive_message(directive: &Directive) -> ControllerMessage {
+    ControllerMessage {
+        kind: Some(Kind::Directive(directive.clone())),
+    }
+}
+
+impl StreamTask {
+    async fn run(mut self, mut inbound: Streaming<Report>) {
+        let mut directives = self.ingest.publisher().subscribe();
+        let keepalive_every = self.ingest.config().keepalive;
+        let keepalive = tokio::time::sleep(keepalive_every);
+        tokio::pin!(keepalive);
+        let mut stop = self.stop.take();
+
+        let end = loop {
+            let registered = self.session.is_some();
+            let step = tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => Err(End::Refuse(Status::unavailable(
+                    "the weir controller is shutting down; reconnect to its successor",
+                ))),
+                received = inbound.next() => match received {
+                    None => Err(End::Gone),
+                    Some(Err(status)) => Err(self.inbound_error(status)),
+                    Some(Ok(report)) => self.on_report(&report, &mut directives).await,
+                },
+                changed = directives.changed(), if registered => match changed {
+                    Ok(()) => {
+                        let directive = directives.borrow_and_update().clone();
+                        self.send(directive_message(&directive)).await
+                    }
+                    Err(_) => Err(End::Gone),
+                },
+                () = &mut keepalive, if registered => {
+                    let directive = directives.borrow().clone();
+                    self.send(directive_message(&directive)).await
+                }
+            };
+            match step {
+                // Anything sent counts as contact, so the keep-alive restarts after it.
+                Ok(()) => keepalive
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + keepalive_every),
+                Err(end) => break end,
+            }
+        };
+        if let End::Refuse(status) = end {
+            // The reporter may already be gone; then nobody needs the status.
+            let _ = self.tx.send(Err(status)).await;
+        }
+    }
+
+    async fn send(&self, message: ControllerMessage) -> Result<(), End> {
+        self.tx.send(Ok(message)).await.map_err(|_| End::Gone)
+    }
+
+    fn inbound_error(&self, status: Status) -> End {
+        let counters = self.ingest.counters();
+        // tonic's decoder reports an over-limit message as OUT_OF_RANGE; nothing else there does.
+        if status.code() == Code::OutOfRange {
+            let rejection = Rejection::new(
+                RejectReason::Oversized,
+                format!(
+                    "report refused: {}; the controller accepts at most {} bytes per message \
+                     (raise its max message size, or have the reporter send smaller reports)",
+                    status.message(),
+                    self.ingest.config().max_message_bytes
+                ),
+            );
+            tracing::warn!(node_id = self.node_id(), "{rejection}");
+            counters.reject(&rejection);
+            return End::Refuse(rejection.status());
+        }
+        // A reset or a broken connection: the reporter reconnects on its own.
+        counters.stream_error();
+        tracing::debug!(node_id = self.node_id(), %status, "telemetry stream broke");
+        End::Gone
+    }
+
+    fn node_id(&self) -> &str {
+        self.session.as_ref().map_or("", |s| &s.node)
+    }
+
+    async fn on_report(
+        &mut self,
+        report: &Report,
+        directives: &mut watch::Receiver<Arc<Directive>>,
+    ) -> Result<(), End> {
+        if let Some(session) = &self.session {
+            let node_id = report.reporter.as_ref().map_or("", |r| r.node_id.as_str());
+            if *node_id != *session.node || report.epoch != session.epoch {
+                let rejection = Rejection::new(
+                    RejectReason::IdentityChanged,
+                    format!(
+                        "this stream was opened by reporter {} epoch {:#x}, but a report on it \
+                         names reporter {node_id:?} epoch {:#x}; open one stream per reporter life",
+                        session.node, session.epoch, report.epoch
+                    ),
+                );
+                self.ingest.counters().reject(&rejection);
+                return Err(End::Refuse(rejection.status()));
+            }
+        }
+        let ingested = self
+            .ingest
+            .ingest(report, Instant::now())
+            .map_err(|rejection| {
+                tracing::warn!(
+                    node_id = report.reporter.as_ref().map_or("", |r| r.node_id.as_str()),
+                    "ending a telemetry stream: {rejection}"
+                );
+                End::Refuse(rejection.status())
+            })?;
+        let publisher = self.ingest.publisher();
+        match &self.session {
+            Some(session) => {
+                publisher.applied(&session.node, session.stream, report.applied_generation)
+            }
+            None => {
+                let stream = publisher.connect(ingested.node_id.clone(), report.applied_generation);
+                self.ingest.counters().stream_opened();
+                tracing::debug!(
+                    node_id = &*ingested.node_id,
+                    epoch = report.epoch,
+                    "reporter connected"
+                );
+                self.session = Some(Session {
+                    ingest: self.ingest.clone(),
+                    node: ingested.node_id.clone(),
+                    epoch: report.epoch,
+                    stream,
+                });
+                // The directive goes first, so the reporter routes by it before anything else.
+                let directive = directives.borrow_and_update().clone();
+                self.send(directive_message(&directive)).await?;
+            }
+        }
+        // Dropped reports (already logged and counted) are acked too: that releases them.
+        self.send(ControllerMessage {
+            kind: Some(Kind::Ack(ingested.ack)),
+        })
+        .await
+    }
+}
