@@ -202,7 +202,9 @@ impl LatencyHistogram {
                 n if n < 0 => slot = slot.saturating_add(n.unsigned_abs() as usize),
                 n => {
                     if slot >= SLOTS {
-                        return Err(DecodeError::TooManySlots { slots: slot + 1 });
+                        return Err(DecodeError::TooManySlots {
+                            slots: slot.saturating_add(1),
+                        });
                     }
                     total = total.checked_add(n as u64).ok_or(DecodeError::Overflow)?;
                     slot += 1;
@@ -296,6 +298,7 @@ mod tests {
             vec![0],
             vec![-(SLOTS as i64), 1],
             vec![i64::MIN, 1],
+            vec![i64::MIN, i64::MIN, 1],
             vec![i64::MAX, i64::MAX, i64::MAX],
         ] {
             assert!(h.merge_wire(&Histogram { counts: bad }).is_err());
