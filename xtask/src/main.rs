@@ -226,6 +226,15 @@ fn test(ws: &Workspace, runner_args: &[String]) -> Result<()> {
 
     let env = ws.weir_env(&tools, "debug");
     let nextest = setup::has_nextest(ws);
+    // nextest does not run doctests; run them too unless the caller asked for specific tests.
+    // First, so that the runner's closing summary is the main test run's (CI reads it).
+    if nextest && runner_args.is_empty() {
+        steps.check("doctests", || {
+            let mut cmd = ws.cargo(["test", "--workspace", "--doc"]);
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
+            steps::run_cmd(cmd)
+        });
+    }
     steps.check("tests", || {
         let mut cmd = if nextest {
             let mut cmd = ws.cargo(["nextest", "run", "--workspace", "--no-fail-fast"]);
@@ -244,14 +253,6 @@ fn test(ws: &Workspace, runner_args: &[String]) -> Result<()> {
         cmd.args(runner_args).envs(env.iter().map(|(k, v)| (k, v)));
         steps::run_cmd(cmd)
     });
-    // nextest does not run doctests; run them too unless the caller asked for specific tests.
-    if nextest && runner_args.is_empty() {
-        steps.check("doctests", || {
-            let mut cmd = ws.cargo(["test", "--workspace", "--doc"]);
-            cmd.envs(env.iter().map(|(k, v)| (k, v)));
-            steps::run_cmd(cmd)
-        });
-    }
     steps.summary();
     steps.into_result()
 }
