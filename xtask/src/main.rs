@@ -198,6 +198,7 @@ fn test(ws: &Workspace, runner_args: &[String]) -> Result<()> {
     // run shows a formatting slip and a failing test at once.
     steps.check("rustfmt", || {
         steps::run_cmd(ws.cargo(["fmt", "--all", "--", "--check"]))
+            .context("some files are not formatted: run `cargo fmt -p <crate>` on the crates above")
     });
     steps.run("wasm", || build_wasm(ws))?;
     steps.run("build", || build_bins(ws, false))?;
