@@ -1,0 +1,890 @@
+//! The state machine: Flagger's `advanceCanary` / `checkCanaryStatus` / `runAnalysis`, as a pure
+//! function. The order of checks and the event texts follow Flagger's scheduler; deviations are
+//! listed in the module documentation of [`analysis`](super).
+
+use super::check::{evaluate, CheckResult, Verdict};
+use super::effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
+use super::observe::{Observations, Readiness, WebhookResult};
+use crate::spec::{
+    CanaryPlan, CanaryStatus, Condition, Decision, HookKind, Phase, Strategy, Timestamp, Webhook,
+    Weight,
+};
+
+/// Decides one step. See the [module documentation](super) for how to drive it.
+pub fn step(
+    plan: &CanaryPlan,
+    status: &CanaryStatus,
+    obs: &Observations,
+    now: Timestamp,
+) -> Outcome {
+    let mut run = Run {
+        plan,
+        old: status,
+        obs,
+        now,
+        s: status.clone(),
+        effects: Vec::new(),
+        checks: Vec::new(),
+        ticked: false,
+    };
+    match run.go() {
+        Err(need) => Outcome::Need(need),
+        Ok(()) => Outcome::Done(run.finish()),
+    }
+}
+
+/// When the next step is due: one analysis interval after the last one (at once for a Canary
+/// never stepped, and while it is terminating). Calling [`step`] earlier is harmless: it only
+/// handles deletion and retry requests.
+pub fn next_step_at(plan: &CanaryPlan, status: &CanaryStatus) -> Timestamp {
+    match (status.phase, status.last_step_time) {
+        (_, None) => Timestamp::EPOCH,
+        (Some(Phase::Terminating), Some(t)) => t,
+        (_, Some(t)) => t.add(plan.analysis.interval),
+    }
+}
+
+/// How traffic should be split for a canary in this status; `None` while Weir does not route it
+/// (before the primary is ready, and after a deletion with `revertOnDeletion`).
+///
+/// Steps emit [`Effect::Route`] whenever this changes; on start, the executor builds every
+/// canary's directive from it.
+pub fn desired_route(plan: &CanaryPlan, status: &CanaryStatus) -> Option<Route> {
+    let Some(phase) = status.phase else {
+        return None;
+    };
+    match phase {
+        Phase::Initializing => None,
+        Phase::Initialized
+        | Phase::Waiting
+        | Phase::Finalising
+        | Phase::Succeeded
+        | Phase::Failed => Some(Route::Primary),
+        Phase::Progressing | Phase::WaitingPromotion | Phase::Promoting => {
+            Some(match plan.analysis.strategy {
+                Strategy::AbTesting { .. } if status.iterations > 0 => Route::Matches,
+                Strategy::AbTesting { .. } => Route::Primary,
+                Strategy::Canary { .. } | Strategy::BlueGreen { .. } => {
+                    Route::weighted(status.canary_weight)
+                }
+            })
+        }
+        Phase::Terminated if plan.revert_on_deletion => None,
+        Phase::Terminating | Phase::Terminated => {
+            status.last_promoted_spec.as_ref().map(|_| Route::Primary)
+        }
+    }
+}
+
+/// `Ok` when the step is decided (possibly doing nothing), `Err` when it needs inputs first.
+type Flow = Result<(), Need>;
+
+/// One evaluation of a step: reads `old` and `obs`, writes `s` and `effects`.
+struct Run<'a> {
+    plan: &'a CanaryPlan,
+    old: &'a CanaryStatus,
+    obs: &'a Observations,
+    now: Timestamp,
+    s: CanaryStatus,
+    effects: Vec<Effect>,
+    checks: Vec<CheckResult>,
+    /// The step ran on its interval (as opposed to handling only a deletion or a retry token).
+    ticked: bool,
+}
+
+impl<'a> Run<'a> {
+    fn id(&self) -> String {
+        self.plan.id()
+    }
+
+    fn target_id(&self) -> String {
+        self.plan.target_id()
+    }
+
+    fn event(&mut self, severity: Severity, reason: &str, message: String) {
+        self.effects.push(Effect::Event(Event {
+            severity,
+            reason: reason.to_string(),
+            message,
+        }));
+    }
+
+    fn info(&mut self, reason: &str, message: String) {
+        self.event(Severity::Normal, reason, message);
+    }
+
+    fn warn(&mut self, reason: &str, message: String) {
+        self.event(Severity::Warning, reason, message);
+    }
+
+    /// Routes traffic, unless the old status already routes it this way.
+    fn route_to(&mut self, route: Route) {
+        if desired_route(self.plan, self.old) != Some(route) {
+            self.effects.push(Effect::Route(route));
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.now >= next_step_at(self.plan, self.old)
+    }
+
+    /// The results of every hook of `kind`, in spec order; asks for the missing ones.
+    fn hooks(
+        &self,
+        kind: HookKind,
+        phase: Phase,
+    ) -> Result<Vec<(&'a Webhook, &'a WebhookResult)>, Need> {
+        let (plan, obs): (&'a CanaryPlan, &'a Observations) = (self.plan, self.obs);
+        let hooks: Vec<&'a Webhook> = plan.analysis.hooks(kind).collect();
+        let missing: Vec<WebhookCall> = hooks
+            .iter()
+            .filter(|h| !obs.webhooks.contains_key(&h.name))
+            .map(|h| WebhookCall {
+                webhook: (*h).clone(),
+                phase,
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(Need {
+                metrics: Vec::new(),
+                webhooks: missing,
+            });
+        }
+        Ok(hooks
+            .into_iter()
+            .filter_map(|h| obs.webhooks.get(&h.name).map(|r| (h, r)))
+            .collect())
+    }
+
+    fn go(&mut self) -> Flow {
+        let phase = self.old.phase;
+        if self.obs.deleting && !matches!(phase, Some(Phase::Terminating | Phase::Terminated)) {
+            self.ticked = true;
+            return self.begin_termination();
+        }
+        match phase {
+            Some(Phase::Terminated) => return Ok(()),
+            Some(Phase::Terminating) => {
+                self.ticked = true;
+                return self.finish_termination();
+            }
+            _ => {}
+        }
+        if self.plan.suspend {
+            return Ok(());
+        }
+        let retrying = self.take_retry_request();
+        if !retrying && !self.due() {
+            return Ok(());
+        }
+        self.ticked = true;
+        match phase {
+            None => self.initialize(),
+            Some(Phase::Initializing) => self.finish_initialization(),
+            Some(Phase::Initialized | Phase::Succeeded | Phase::Failed | Phase::Waiting) => {
+                self.detect_new_revision(retrying)
+            }
+            Some(
+                Phase::Progressing | Phase::WaitingPromotion | Phase::Promoting | Phase::Finalising,
+            ) => self.advance(),
+            Some(Phase::Terminating | Phase::Terminated) => Ok(()),
+        }
+    }
+
+    /// Consumes a new retry token; true when it retries a Failed canary.
+    fn take_retry_request(&mut self) -> bool {
+        let Some(token) = &self.obs.retry else {
+            return false;
+        };
+        if self.old.retry.last_token.as_ref() == Some(token) {
+            return false;
+        }
+        self.s.retry.last_token = Some(token.clone());
+        if self.old.phase == Some(Phase::Failed) {
+            return true;
+        }
+        let state = self.old.phase.map_or("not initialized yet", Phase::as_str);
+        self.info(
+            "RetryIgnored",
+            format!(
+                "Ignoring retry request {token} for {}: only a Failed canary can be retried, this one is {state}",
+                self.id()
+            ),
+        );
+        false
+    }
+
+    fn halt_not_ready(&mut self, who: &str, reason: &str) {
+        self.warn(
+            "Halt",
+            format!("Halt advancement {who} waiting for rollout to finish: {reason}"),
+        );
+    }
+
+    /// First sighting: create the primary from the target.
+    fn initialize(&mut self) -> Flow {
+        let revision = self.obs.revision.clone();
+        self.s.phase = Some(Phase::Initializing);
+        self.s.last_applied_spec = Some(revision.clone());
+        self.effects.push(Effect::InitializePrimary { revision });
+        self.info(
+            "Initializing",
+            format!(
+                "New {} detected, starting initialization of {}",
+                self.plan.target.kind,
+                self.id()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Once the primary is ready: route to it and scale the target to zero.
+    fn finish_initialization(&mut self) -> Flow {
+        let revision = self.obs.revision.clone();
+        if self.old.last_applied_spec.as_ref() != Some(&revision) {
+            self.s.last_applied_spec = Some(revision.clone());
+            self.effects.push(Effect::InitializePrimary { revision });
+            self.info(
+                "Initializing",
+                format!(
+                    "New revision of {} detected while initializing, updating {}",
+                    self.target_id(),
+                    self.plan.primary_id()
+                ),
+            );
+            return Ok(());
+        }
+        let obs: &'a Observations = self.obs;
+        if !self.plan.skip_analysis {
+            if let Readiness::NotReady(reason) = &obs.primary {
+                self.halt_not_ready(&self.plan.primary_id(), reason);
+                return Ok(());
+            }
+        }
+        self.route_to(Route::Primary);
+        self.effects.push(Effect::ScaleCanary(Scale::Down));
+        self.s.phase = Some(Phase::Initialized);
+        self.s.canary_weight = Weight::ZERO;
+        self.s.last_promoted_spec = self.s.last_applied_spec.clone();
+        self.info("Initialized", format!("Initialization done! {}", self.id()));
+        Ok(())
+    }
+
+    /// Initialized, Succeeded, Failed or Waiting: start an analysis on a new revision, a retry,
+    /// or an approval.
+    fn detect_new_revision(&mut self, retrying: bool) -> Flow {
+        let phase = self.old.phase.unwrap_or(Phase::Initialized);
+        let revision = self.obs.revision.clone();
+        let new_revision = self.old.last_applied_spec.as_ref() != Some(&revision);
+        if !(new_revision || retrying || phase == Phase::Waiting) {
+            return Ok(());
+        }
+        if new_revision {
+            self.s.last_applied_spec = Some(revision.clone());
+            self.s.retry.count = 0;
+        }
+        for (hook, result) in self.hooks(HookKind::ConfirmRollout, phase)? {
+            match result {
+                WebhookResult::Failed(_) => {
+                    if phase != Phase::Waiting {
+                        self.s.phase = Some(Phase::Waiting);
+                        self.warn(
+                            "Waiting",
+                            format!(
+                                "Halt {} advancement waiting for approval {}",
+                                self.id(),
+                                hook.name
+                            ),
+                        );
+                    }
+                    return Ok(());
+                }
+                WebhookResult::Passed => self.info(
+                    "Approved",
+                    format!("Confirm-rollout check {} passed", hook.name),
+                ),
+            }
+        }
+        if retrying && !new_revision {
+            self.s.retry.count += 1;
+            let token = self.obs.retry.clone().unwrap_or_default();
+            self.info(
+                "Retry",
+                format!(
+                    "Retrying {} analysis as requested (retry {token}, attempt {} of revision {revision})",
+                    self.id(),
+                    self.s.retry.count + 1
+                ),
+            );
+        } else {
+            self.info(
+                "NewRevision",
+                format!("New revision detected! Scaling up {}", self.target_id()),
+            );
+        }
+        self.effects.push(Effect::ScaleCanary(Scale::Up));
+        self.restart_analysis();
+        Ok(())
+    }
+
+    /// A fresh analysis: Progressing at weight 0, counters cleared, readiness clock started.
+    fn restart_analysis(&mut self) {
+        self.s.phase = Some(Phase::Progressing);
+        self.s.canary_weight = Weight::ZERO;
+        self.s.failed_checks = 0;
+        self.s.iterations = 0;
+        self.s.inconclusive_checks = 0;
+        self.s.not_ready_since = Some(self.now);
+    }
+
+    /// Progressing, WaitingPromotion, Promoting, Finalising: Flagger's advanceCanary from the
+    /// readiness checks on.
+    fn advance(&mut self) -> Flow {
+        let phase = self.old.phase.unwrap_or(Phase::Progressing);
+        let analysing = matches!(phase, Phase::Progressing | Phase::WaitingPromotion);
+        let revision = self.obs.revision.clone();
+        let obs: &'a Observations = self.obs;
+
+        if !self.plan.skip_analysis {
+            if let Readiness::NotReady(reason) = &obs.primary {
+                self.halt_not_ready(&self.plan.primary_id(), reason);
+                return Ok(());
+            }
+        }
+
+        if analysing && self.old.last_applied_spec.as_ref() != Some(&revision) {
+            self.info(
+                "NewRevision",
+                format!(
+                    "New revision detected! Restarting analysis for {}",
+                    self.target_id()
+                ),
+            );
+            self.s.last_applied_spec = Some(revision);
+            self.s.retry.count = 0;
+            self.route_to(Route::Primary);
+            self.restart_analysis();
+            return Ok(());
+        }
+
+        if phase != Phase::Finalising {
+            match &obs.canary {
+                Readiness::NotReady(reason) => {
+                    let since = self.old.not_ready_since.unwrap_or(self.now);
+                    self.s.not_ready_since = Some(since);
+                    if analysing && self.now.since(since) >= self.plan.progress_deadline {
+                        self.warn(
+                            "Rollback",
+                            format!(
+                                "Rolling back {} progress deadline exceeded canary {} {} not ready: waiting for rollout to finish: {reason}",
+                                self.id(),
+                                self.plan.target.kind.to_ascii_lowercase(),
+                                self.target_id()
+                            ),
+                        );
+                        return self.rollback();
+                    }
+                    self.halt_not_ready(&self.target_id(), reason);
+                    return Ok(());
+                }
+                Readiness::Ready => self.s.not_ready_since = None,
+            }
+        }
+
+        if self.plan.skip_analysis && analysing {
+            return self.promote_without_analysis();
+        }
+
+        if analysing {
+            for (hook, result) in self.hooks(HookKind::Rollback, phase)? {
+                match result {
+                    WebhookResult::Passed => {
+                        self.warn("Rollback", format!("Rollback check {} passed", hook.name));
+                        self.warn(
+                            "Rollback",
+                            format!("Rolling back {} manual webhook invoked", self.id()),
+                        );
+                        return self.rollback();
+                    }
+                    WebhookResult::Failed(_) => self.info(
+                        "Synced",
+                        format!("Rollback hook {} not signaling a rollback", hook.name),
+                    ),
+                }
+            }
+        }
+
+        match phase {
+            Phase::Promoting => return self.shift_traffic_to_primary(),
+            Phase::Finalising => return self.finalise(),
+            _ => {}
+        }
+
+        if self.s.failed_checks >= self.plan.analysis.threshold.get() {
+            return self.rollback();
+        }
+
+        if self.old.canary_weight == Weight::ZERO && self.old.iterations == 0 {
+            self.info(
+                "Start",
+                format!("Starting canary analysis for {}", self.target_id()),
+            );
+            for (hook, result) in self.hooks(HookKind::PreRollout, Phase::Progressing)? {
+                match result {
+                    WebhookResult::Failed(reason) => {
+                        self.warn(
+                            "Halt",
+                            format!(
+                                "Halt {} advancement pre-rollout check {} failed {reason}",
+                                self.id(),
+                                hook.name
+                            ),
+                        );
+                        return self.count_failure();
+                    }
+                    WebhookResult::Passed => self.info(
+                        "Synced",
+                        format!("Pre-rollout check {} passed", hook.name),
+                    ),
+                }
+            }
+        } else if !self.run_checks(phase)? {
+            return Ok(());
+        }
+
+        self.run_strategy(phase)
+    }
+
+    /// Rollout webhooks and metric checks; `Ok(true)` when everything passed. Hook and metric
+    /// results are asked for together so that one round trip serves both.
+    fn run_checks(&mut self, phase: Phase) -> Result<bool, Need> {
+        let hook_results = self.hooks(HookKind::Rollout, phase);
+        let metrics_missing =
+            !self.plan.analysis.metrics.is_empty() && self.obs.measurements.is_none();
+        if hook_results.is_err() || metrics_missing {
+            let mut need = hook_results.err().unwrap_or_default();
+            if metrics_missing {
+                need.metrics = self.plan.analysis.metrics.clone();
+            }
+            return Err(need);
+        }
+        for (hook, result) in hook_results.unwrap_or_default() {
+            if let WebhookResult::Failed(reason) = result {
+                self.warn(
+                    "Halt",
+                    format!(
+                        "Halt {} advancement external check {} failed {reason}",
+                        self.id(),
+                        hook.name
+                    ),
+                );
+                self.count_failure()?;
+                return Ok(false);
+            }
+        }
+
+        let obs: &'a Observations = self.obs;
+        let measurements = obs.measurements.as_deref().unwrap_or_default();
+        let min_samples = self.plan.analysis.min_sample_count;
+        self.checks = self
+            .plan
+            .analysis
+            .metrics
+            .iter()
+            .map(|m| evaluate(m, measurements.iter().find(|x| x.metric == m.name), min_samples))
+            .collect();
+        let (id, target_id) = (self.id(), self.target_id());
+        let halts: Vec<String> = self
+            .checks
+            .iter()
+            .filter_map(|c| c.halt_message(&id, &target_id))
+            .collect();
+        for message in halts {
+            self.warn("Halt", message);
+        }
+        let any = |v: Verdict| self.checks.iter().any(|c| c.verdict == v);
+        if any(Verdict::Fail) {
+            self.count_failure()?;
+            return Ok(false);
+        }
+        if any(Verdict::Error) {
+            return Ok(false);
+        }
+        if any(Verdict::Inconclusive) {
+            self.s.inconclusive_checks += 1;
+            if self.plan.analysis.inconclusive_counts_as_failure {
+                self.count_failure()?;
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// A failed check; rolls back at once when it reaches the threshold.
+    fn count_failure(&mut self) -> Flow {
+        self.s.failed_checks += 1;
+        if self.s.failed_checks >= self.plan.analysis.threshold.get() {
+            return self.rollback();
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self) -> Flow {
+        if self.s.failed_checks >= self.plan.analysis.threshold.get() {
+            self.warn(
+                "Rollback",
+                format!(
+                    "Rolling back {} failed checks threshold reached {}",
+                    self.id(),
+                    self.s.failed_checks
+                ),
+            );
+        }
+        self.route_to(Route::Primary);
+        self.warn("Failed", format!("Canary failed! Scaling down {}", self.id()));
+        self.effects.push(Effect::ScaleCanary(Scale::Down));
+        self.s.phase = Some(Phase::Failed);
+        self.s.canary_weight = Weight::ZERO;
+        self.s.iterations = 0;
+        self.s.not_ready_since = None;
+        self.post_rollout(Phase::Failed);
+        Ok(())
+    }
+
+    fn post_rollout(&mut self, phase: Phase) {
+        for hook in self.plan.analysis.hooks(HookKind::PostRollout) {
+            self.effects.push(Effect::CallWebhook(WebhookCall {
+                webhook: hook.clone(),
+                phase,
+            }));
+        }
+    }
+
+    fn copying_message(&self) -> String {
+        format!(
+            "Copying {} template spec to {}",
+            self.target_id(),
+            self.plan.primary_id()
+        )
+    }
+
+    fn promote_without_analysis(&mut self) -> Flow {
+        self.route_to(Route::Primary);
+        self.info("Promote", self.copying_message());
+        self.effects.push(Effect::PromotePrimary {
+            revision: self.s.last_applied_spec.clone().unwrap_or_default(),
+        });
+        self.effects.push(Effect::ScaleCanary(Scale::Down));
+        self.s.phase = Some(Phase::Succeeded);
+        self.s.canary_weight = Weight::ZERO;
+        self.s.iterations = 0;
+        self.s.last_promoted_spec = self.s.last_applied_spec.clone();
+        self.info(
+            "Succeeded",
+            format!(
+                "Promotion completed! Canary analysis was skipped for {}",
+                self.target_id()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Promoting: the primary has the new template; move traffic back to it.
+    fn shift_traffic_to_primary(&mut self) -> Flow {
+        let step = match self.plan.analysis.strategy {
+            Strategy::AbTesting { .. } => None,
+            _ => self.plan.analysis.step_weight_promotion,
+        };
+        match step {
+            Some(step) if self.s.canary_weight > Weight::ZERO => {
+                let canary = self.s.canary_weight.saturating_sub(step);
+                self.route_to(Route::weighted(canary));
+                self.info(
+                    "Promote",
+                    format!(
+                        "Advance {} primary weight {}",
+                        self.id(),
+                        canary.complement()
+                    ),
+                );
+                self.s.canary_weight = canary;
+                if canary == Weight::ZERO {
+                    self.s.phase = Some(Phase::Finalising);
+                }
+            }
+            _ => {
+                self.info("Promote", "Routing all traffic to primary".to_string());
+                self.route_to(Route::Primary);
+                self.s.canary_weight = Weight::ZERO;
+                self.s.phase = Some(Phase::Finalising);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finalising: all traffic is on the new primary; scale the canary down.
+    fn finalise(&mut self) -> Flow {
+        self.effects.push(Effect::ScaleCanary(Scale::Down));
+        self.s.phase = Some(Phase::Succeeded);
+        self.s.canary_weight = Weight::ZERO;
+        self.s.iterations = 0;
+        self.s.last_promoted_spec = self.s.last_applied_spec.clone();
+        self.post_rollout(Phase::Succeeded);
+        self.info(
+            "Succeeded",
+            format!("Promotion completed! Scaling down {}", self.target_id()),
+        );
+        Ok(())
+    }
+
+    /// Appends the numbers of this step's checks to a message.
+    fn with_numbers(&self, message: String) -> String {
+        if self.checks.is_empty() {
+            return message;
+        }
+        let numbers: Vec<String> = self.checks.iter().map(CheckResult::summary).collect();
+        format!("{message} ({})", numbers.join("; "))
+    }
+
+    /// All checks passed: move traffic on, or promote.
+    fn run_strategy(&mut self, phase: Phase) -> Flow {
+        let id = self.id();
+        let plan: &'a CanaryPlan = self.plan;
+        match &plan.analysis.strategy {
+            Strategy::Canary { steps } => match steps.next_after(self.s.canary_weight) {
+                Some(next) => {
+                    if phase == Phase::Progressing {
+                        for (hook, result) in
+                            self.hooks(HookKind::ConfirmTrafficIncrease, Phase::Progressing)?
+                        {
+                            match result {
+                                WebhookResult::Failed(_) => {
+                                    self.warn(
+                                        "Waiting",
+                                        format!(
+                                            "Halt {id} advancement waiting for traffic increase approval {}",
+                                            hook.name
+                                        ),
+                                    );
+                                    return Ok(());
+                                }
+                                WebhookResult::Passed => self.info(
+                                    "Approved",
+                                    format!("Confirm-traffic-increase check {} passed", hook.name),
+                                ),
+                            }
+                        }
+                    }
+                    self.route_to(Route::weighted(next));
+                    self.s.canary_weight = next;
+                    let message = self.with_numbers(format!("Advance {id} canary weight {next}"));
+                    self.info("Advance", message);
+                    Ok(())
+                }
+                None => self.promote(),
+            },
+            Strategy::AbTesting { iterations, .. } => {
+                let n = iterations.get();
+                if self.s.iterations < n {
+                    self.s.iterations += 1;
+                    self.route_to(Route::Matches);
+                    let message = self.with_numbers(format!(
+                        "Advance {id} canary iteration {}/{n}",
+                        self.s.iterations
+                    ));
+                    self.info("Advance", message);
+                    Ok(())
+                } else {
+                    self.promote()
+                }
+            }
+            Strategy::BlueGreen { iterations } => {
+                let n = iterations.get();
+                if self.s.iterations < n {
+                    self.s.iterations += 1;
+                    let message = self.with_numbers(format!(
+                        "Advance {id} canary iteration {}/{n}",
+                        self.s.iterations
+                    ));
+                    self.info("Advance", message);
+                    Ok(())
+                } else if self.s.iterations == n {
+                    if !self.confirm_promotion()? {
+                        return Ok(());
+                    }
+                    let message = self.with_numbers("Routing all traffic to canary".to_string());
+                    self.info("Advance", message);
+                    self.route_to(Route::Weighted(Weight::FULL));
+                    self.s.canary_weight = Weight::FULL;
+                    self.s.iterations += 1;
+                    Ok(())
+                } else {
+                    self.promote()
+                }
+            }
+        }
+    }
+
+    /// The confirm-promotion gate; `Ok(false)` while it holds (phase WaitingPromotion).
+    fn confirm_promotion(&mut self) -> Result<bool, Need> {
+        for (hook, result) in self.hooks(HookKind::ConfirmPromotion, Phase::Progressing)? {
+            match result {
+                WebhookResult::Failed(_) => {
+                    if self.old.phase != Some(Phase::WaitingPromotion) {
+                        self.s.phase = Some(Phase::WaitingPromotion);
+                        self.warn(
+                            "Waiting",
+                            format!(
+                                "Halt {} advancement waiting for promotion approval {}",
+                                self.id(),
+                                hook.name
+                            ),
+                        );
+                    }
+                    return Ok(false);
+                }
+                WebhookResult::Passed => self.info(
+                    "Approved",
+                    format!("Confirm-promotion check {} passed", hook.name),
+                ),
+            }
+        }
+        if self.s.phase == Some(Phase::WaitingPromotion) {
+            self.s.phase = Some(Phase::Progressing);
+        }
+        Ok(true)
+    }
+
+    /// Analysis is complete: copy the analysed template to the primary.
+    fn promote(&mut self) -> Flow {
+        if !self.confirm_promotion()? {
+            return Ok(());
+        }
+        let message = self.with_numbers(self.copying_message());
+        self.info("Promote", message);
+        self.effects.push(Effect::PromotePrimary {
+            revision: self.s.last_applied_spec.clone().unwrap_or_default(),
+        });
+        self.s.phase = Some(Phase::Promoting);
+        Ok(())
+    }
+
+    fn begin_termination(&mut self) -> Flow {
+        self.s.phase = Some(Phase::Terminating);
+        self.info("Terminating", format!("Terminating canary {}", self.id()));
+        if let Some(route) = desired_route(self.plan, &self.s) {
+            self.route_to(route);
+        }
+        if self.plan.revert_on_deletion {
+            self.effects.push(Effect::ScaleCanary(Scale::Up));
+            self.s.not_ready_since = Some(self.now);
+        }
+        Ok(())
+    }
+
+    fn finish_termination(&mut self) -> Flow {
+        if self.plan.revert_on_deletion {
+            if let Readiness::NotReady(_) = self.obs.canary {
+                return Ok(());
+            }
+            self.effects.push(Effect::RevertRouting);
+            self.info(
+                "Terminated",
+                format!(
+                    "Finalization complete for {}: traffic is back on {}",
+                    self.id(),
+                    self.target_id()
+                ),
+            );
+        } else {
+            self.info("Terminated", format!("Finalization complete for {}", self.id()));
+        }
+        self.s.phase = Some(Phase::Terminated);
+        self.s.not_ready_since = None;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Step {
+        let (old, now) = (self.old, self.now);
+        let s = &mut self.s;
+        if self.ticked {
+            s.last_step_time = Some(now);
+        }
+        let transitioned = s.phase != old.phase
+            || s.canary_weight != old.canary_weight
+            || s.failed_checks != old.failed_checks
+            || s.iterations != old.iterations;
+        if transitioned {
+            s.last_transition_time = Some(now);
+        }
+        if let (true, Some(phase)) = (s.phase != old.phase, s.phase) {
+            set_promoted_condition(s, phase, &self.plan.target.kind, now);
+        }
+        let events: Vec<Event> = self
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Event(ev) => Some(ev.clone()),
+                _ => None,
+            })
+            .collect();
+        if let (false, Some(phase)) = (events.is_empty(), s.phase) {
+            let decision = Decision {
+                time: now,
+                phase,
+                canary_weight: s.canary_weight,
+                failed_checks: s.failed_checks,
+                iterations: s.iterations,
+                events,
+                checks: std::mem::take(&mut self.checks),
+            };
+            s.record(decision);
+        }
+        Step {
+            status: self.s,
+            effects: self.effects,
+        }
+    }
+}
+
+/// Flagger's `Promoted` condition for a phase (`MakeStatusConditions`).
+fn set_promoted_condition(s: &mut CanaryStatus, phase: Phase, kind: &str, now: Timestamp) {
+    let (status, message) = match phase {
+        Phase::Initializing => ("Unknown", format!("New {kind} detected, starting initialization.")),
+        Phase::Initialized => ("True", format!("{kind} initialization completed.")),
+        Phase::Waiting | Phase::WaitingPromotion => ("Unknown", "Waiting for approval.".into()),
+        Phase::Progressing => (
+            "Unknown",
+            "New revision detected, progressing canary analysis.".into(),
+        ),
+        Phase::Promoting => (
+            "Unknown",
+            "Canary analysis completed, starting primary rolling update.".into(),
+        ),
+        Phase::Finalising => (
+            "Unknown",
+            "Canary analysis completed, routing all traffic to primary.".into(),
+        ),
+        Phase::Succeeded => (
+            "True",
+            "Canary analysis completed successfully, promotion finished.".into(),
+        ),
+        Phase::Failed => ("False", format!("Canary analysis failed, {kind} scaled to zero.")),
+        Phase::Terminating => ("Unknown", "Canary is being deleted.".into()),
+        Phase::Terminated => ("Unknown", "Canary deletion finished.".into()),
+    };
+    let previous = s.conditions.iter().find(|c| c.kind == "Promoted");
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time,
+        _ => Some(now),
+    };
+    s.conditions.retain(|c| c.kind != "Promoted");
+    s.conditions.push(Condition {
+        kind: "Promoted".into(),
+        status: status.into(),
+        last_update_time: Some(now),
+        last_transition_time,
+        reason: phase.as_str().into(),
+        message,
+    });
+}

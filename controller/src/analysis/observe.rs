@@ -1,0 +1,62 @@
+//! What the executor tells the engine about the world at one step.
+
+use super::check::Measurement;
+use std::collections::BTreeMap;
+
+/// Everything the engine may consult at one step. Build it with [`Observations::new`]; fill
+/// `measurements` and `webhooks` only when a step asks for them
+/// ([`Outcome::Need`](super::Outcome::Need)).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observations {
+    /// The current revision of the target workload: a hash of its pod template (Flagger's
+    /// `lastAppliedSpec` value). A change starts a new analysis.
+    pub revision: String,
+    /// Whether the primary workload has rolled out and is available. It must reflect the last
+    /// promoted template: report NotReady while a promotion is still rolling out.
+    pub primary: Readiness,
+    /// Whether the target (canary) workload has rolled out and is available; while the Canary
+    /// is being deleted with `revertOnDeletion`, whether the restored target is.
+    pub canary: Readiness,
+    /// Measurements for the metrics a step asked for; `None` until then.
+    pub measurements: Option<Vec<Measurement>>,
+    /// Results of the webhooks a step asked for, by webhook name. Keep earlier results when
+    /// answering a later request of the same step.
+    pub webhooks: BTreeMap<String, WebhookResult>,
+    /// The current retry request, if any: an opaque token (e.g. the value of the
+    /// `weir.dev/retry` annotation, or a CLI-generated nonce). A Failed canary is retried once per
+    /// distinct token; the last token seen is stored in the status.
+    pub retry: Option<String>,
+    /// The Canary is being deleted.
+    pub deleting: bool,
+}
+
+impl Observations {
+    /// Observations for a target at `revision`, with both workloads ready and nothing else to
+    /// report.
+    pub fn new(revision: impl Into<String>) -> Self {
+        Observations {
+            revision: revision.into(),
+            ..Observations::default()
+        }
+    }
+}
+
+/// Whether a workload has finished rolling out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// Rolled out and available.
+    #[default]
+    Ready,
+    /// Not (yet) available; the reason completes "waiting for rollout to finish: ...", e.g.
+    /// `0 of 1 updated replicas are available` or `process not listening on 127.0.0.1:8081`.
+    NotReady(String),
+}
+
+/// The outcome of one webhook call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookResult {
+    /// The hook answered 2xx: approved, passed, or (for `rollback` hooks) "roll back now".
+    Passed,
+    /// The hook answered otherwise or could not be reached; the reason goes into the message.
+    Failed(String),
+}

@@ -1,0 +1,435 @@
+//! The Canary resource as written: Flagger's `v1beta1` field names, every field optional where
+//! Flagger's is, so that parsing never fails on a missing value and validation can name it.
+//!
+//! Unknown keys are collected (`#[serde(flatten)]` into [`Unknown`]) rather than rejected, so a
+//! Canary written for a newer Flagger still loads; validation reports each one as a warning with
+//! its path. Flagger fields that Weir does not implement yet are parsed as opaque JSON and
+//! reported as "not supported yet" warnings. `metadata` is the exception: Kubernetes adds many
+//! keys there (`uid`, `resourceVersion`, `managedFields`, ...) and Weir ignores them silently.
+
+use super::status::CanaryStatus;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Keys that are not part of Flagger's Canary schema, kept so validation can warn about each one.
+pub type Unknown = BTreeMap<String, Value>;
+
+/// A Canary resource (`weir.dev/v1alpha1`, or `flagger.app/v1beta1` pasted from Flagger).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Canary {
+    /// `weir.dev/v1alpha1` (or `flagger.app/v1beta1`, accepted with a warning).
+    #[serde(default)]
+    pub api_version: String,
+    /// Always `Canary`.
+    #[serde(default)]
+    pub kind: String,
+    /// Name, namespace, labels, annotations.
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// What to roll out and how to analyse it.
+    #[serde(default)]
+    pub spec: CanarySpec,
+    /// The persisted state of the rollout, when the resource was read back with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<CanaryStatus>,
+    /// Top-level keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// The part of Kubernetes `ObjectMeta` that Weir reads.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// The Canary's name (required).
+    #[serde(default)]
+    pub name: String,
+    /// The Canary's namespace; `default` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Annotations (Weir reads its retry request from one, see the analysis module).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The spec's generation, set by Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+/// `spec`: Flagger's `CanarySpec`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySpec {
+    /// Traffic provider; Weir routes in its Envoy filter on Istio, so only `istio` (or nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Prometheus URL for the fallback metric source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_server: Option<String>,
+    /// The workload to roll out (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<ObjectReference>,
+    /// HPA / ScaledObject reference (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler_ref: Option<Value>,
+    /// NGINX ingress reference (not supported: Weir routes in Envoy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_ref: Option<Value>,
+    /// APISIX route reference (not supported: Weir routes in Envoy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_ref: Option<Value>,
+    /// Gloo upstream reference (not supported: Weir routes in Envoy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_ref: Option<Value>,
+    /// How the apex/primary/canary services and routes are generated (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<CanaryService>,
+    /// How a new revision is analysed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<CanaryAnalysis>,
+    /// Flagger's deprecated name for `analysis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_analysis: Option<CanaryAnalysis>,
+    /// How long the canary may stay not ready before the rollout is rolled back (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline_seconds: Option<i64>,
+    /// Promote a new revision without analysing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_analysis: bool,
+    /// On deletion of the Canary, give traffic back to the target workload.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revert_on_deletion: bool,
+    /// Pause every action on this Canary.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// A reference to another object (`targetRef`, `templateRef`, ...).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReference {
+    /// API version of the referent, like `apps/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// Kind of the referent, like `Deployment`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Name of the referent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Namespace of the referent (for references that may cross namespaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// A port given as a number or as a name (Kubernetes `IntOrString`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    /// A port number.
+    Int(i64),
+    /// A port name.
+    String(String),
+}
+
+/// `spec.service`: Flagger's `CanaryService`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryService {
+    /// Name of the apex service (default: the target's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Service port (required).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    /// Service port name (default `http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_name: Option<String>,
+    /// Container port, by number or name (default: `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<IntOrString>,
+    /// Add every container port to the generated services (not supported yet).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub port_discovery: bool,
+    /// Application protocol of the port (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<Value>,
+    /// Kubernetes traffic distribution (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<Value>,
+    /// Generate headless services (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headless: Option<Value>,
+    /// Request timeout on the generated route (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Value>,
+    /// Gateway API backend timeout (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_timeout: Option<Value>,
+    /// App Mesh mesh name (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_name: Option<Value>,
+    /// App Mesh backends (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<Value>,
+    /// Host names this canary's traffic arrives on; Weir splits requests for these authorities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Istio gateways the generated VirtualService attaches to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    /// Istio VirtualService delegation (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<Value>,
+    /// URI match conditions of the generated route (not supported yet).
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matches: Option<Value>,
+    /// Retry policy of the generated route (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Value>,
+    /// URI rewrite of the generated route (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Value>,
+    /// Gateway API request mirroring (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Value>,
+    /// Header manipulation on the generated route (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Value>,
+    /// Gateway API parent references (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_refs: Option<Value>,
+    /// CORS policy of the generated route (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors_policy: Option<Value>,
+    /// Istio DestinationRule traffic policy (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<Value>,
+    /// Labels/annotations for the apex service (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apex: Option<Value>,
+    /// Labels/annotations for the primary service (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<Value>,
+    /// Labels/annotations for the canary service (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Value>,
+    /// Metadata keys to leave alone (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmanaged_metadata: Option<Value>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `spec.analysis`: Flagger's `CanaryAnalysis`, plus Weir's own keys (`minSampleCount`,
+/// `inconclusiveCountsAsFailure`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryAnalysis {
+    /// Time between two analysis steps (default `60s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Number of iterations for A/B testing and blue/green.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<i64>,
+    /// Failed checks before rollback (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<i64>,
+    /// Largest canary weight during analysis (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_weight: Option<i64>,
+    /// Weight added at each successful step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_weight: Option<i64>,
+    /// Explicit list of weights, instead of `stepWeight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_weights: Option<Vec<i64>>,
+    /// Weight moved back to primary per step during promotion (default: all at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_weight_promotion: Option<i64>,
+    /// Mirror traffic to the canary (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<bool>,
+    /// Share of mirrored traffic (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_weight: Option<i64>,
+    /// Percent of primary pods that must be available (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_ready_threshold: Option<i64>,
+    /// Percent of canary pods that must be available (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_ready_threshold: Option<i64>,
+    /// A/B testing: requests matching any entry go to the canary.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matches: Option<Vec<MatchCondition>>,
+    /// Checks run at every step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<CanaryMetric>,
+    /// Alert providers to notify (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Value>,
+    /// Gates, tests and notifications around the rollout.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<CanaryWebhook>,
+    /// Cookie-based session affinity (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    /// Weir: fewest requests a metric window must hold to give a verdict (default 20); with
+    /// fewer, the check is Inconclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_sample_count: Option<i64>,
+    /// Weir: count an Inconclusive check as a failed check (default false: it only halts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inconclusive_counts_as_failure: Option<bool>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// One entry of `spec.analysis.match` (Istio's `HTTPMatchRequest`, of which Weir reads headers).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchCondition {
+    /// Header name → how its value must match. `cookie` matches the whole Cookie header.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Query parameter matches (not supported yet: an error, since ignoring it would reroute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_params: Option<Value>,
+    /// Source workload labels (not supported yet: an error, since ignoring it would reroute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_labels: Option<Value>,
+    /// Other Istio match fields (uri, method, ...): errors, for the same reason.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// How a string must match: exactly one of the keys.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StringMatch {
+    /// The whole value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// A prefix of the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// A suffix of the value (not supported by the filter yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    /// An RE2 regular expression over the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// One entry of `spec.analysis.metrics`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryMetric {
+    /// `request-success-rate`, `request-duration`, or a name of your choice with
+    /// `templateRef`/`query`.
+    #[serde(default)]
+    pub name: String,
+    /// Window the metric is computed over (default `1m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Deprecated single threshold (min for success rate, max otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Accepted range of the metric.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_range: Option<ThresholdRange>,
+    /// Deprecated inline PromQL query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// A MetricTemplate to evaluate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<ObjectReference>,
+    /// Extra variables for the template's query.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub template_variables: BTreeMap<String, String>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `thresholdRange`: the accepted range of a metric.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ThresholdRange {
+    /// Smallest accepted value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Largest accepted value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// One entry of `spec.analysis.webhooks`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryWebhook {
+    /// Unique name of the hook.
+    #[serde(default)]
+    pub name: String,
+    /// When it runs: `confirm-rollout`, `pre-rollout`, `rollout` (default), `confirm-traffic-increase`,
+    /// `confirm-promotion`, `post-rollout`, `rollback`, `event`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Where to POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Request timeout (default `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Key-value pairs sent with the call.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Do not alert for this hook.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mute_alert: bool,
+    /// Retries of a failed call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<i64>,
+    /// Skip TLS verification.
+    #[serde(default, rename = "disableTLS", skip_serializing_if = "std::ops::Not::not")]
+    pub disable_tls: bool,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `spec.analysis.sessionAffinity`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAffinity {
+    /// Cookie set on responses from the canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie_name: Option<String>,
+    /// Cookie set on responses from the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_cookie_name: Option<String>,
+    /// Cookie lifetime in seconds (default 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<i64>,
+    /// Other cookie attributes (domain, path, secure, ...).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
