@@ -10,7 +10,7 @@
 //! connection is dropped. [`ControlPlane::start`] listens again on the same port, which is the one
 //! the Envoy's `weir_controller` cluster points at.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -94,6 +94,17 @@ impl Snapshot {
         self.reports.iter().filter(|r| r.sequence == 0).count()
     }
 
+    /// The distinct reporters seen, as `(node_id, epoch)`: one per reporter VM life.
+    pub fn reporters(&self) -> BTreeSet<(String, u64)> {
+        self.reports
+            .iter()
+            .map(|r| {
+                let node = r.reporter.as_ref().map(|x| x.node_id.clone());
+                (node.unwrap_or_default(), r.epoch)
+            })
+            .collect()
+    }
+
     /// The highest `applied_generation` of any report, hellos included.
     pub fn max_applied_generation(&self) -> u64 {
         self.reports
@@ -129,12 +140,13 @@ impl Snapshot {
             })
             .collect();
         format!(
-            "{} reports ({} applied, {} duplicates, {} hellos), {} streams opened, {} open, \
-             max applied generation {}, totals [{}], anomalies {:?}",
+            "{} reports ({} applied, {} duplicates, {} hellos) from {} reporter(s), {} streams \
+             opened, {} open, max applied generation {}, totals [{}], anomalies {:?}",
             self.reports.len(),
             self.applied.len(),
             self.duplicates,
             self.hellos(),
+            self.reporters().len(),
             self.streams_opened,
             self.streams_open,
             self.max_applied_generation(),

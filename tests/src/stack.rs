@@ -50,6 +50,9 @@ pub struct StackOptions {
     /// The filter's configuration as raw text (None: no filter at all). Raw, so tests can
     /// hand it something invalid.
     pub filter_config: Option<String>,
+    /// Wait for the reporter's hello before returning (off for a configuration the filter
+    /// refuses, which starts no reporter).
+    pub wait_for_reporter: bool,
 }
 
 impl Default for StackOptions {
@@ -59,6 +62,7 @@ impl Default for StackOptions {
             primary_args: Vec::new(),
             canary_args: Vec::new(),
             filter_config: Some(filter_config().to_string()),
+            wait_for_reporter: true,
         }
     }
 }
@@ -68,6 +72,7 @@ impl StackOptions {
     pub fn without_filter() -> Self {
         Self {
             filter_config: None,
+            wait_for_reporter: false,
             ..Self::default()
         }
     }
@@ -104,7 +109,7 @@ impl Stack {
         bootstrap.workload = "mhs".to_owned();
         bootstrap.host = HOST.to_owned();
         bootstrap.controller = Some(control.addr());
-        let with_filter = options.filter_config.is_some();
+        let wait_for_reporter = options.filter_config.is_some() && options.wait_for_reporter;
         if let Some(config_json) = options.filter_config {
             bootstrap.wasm = Some(WasmFilter {
                 path: binaries::wasm(),
@@ -128,7 +133,7 @@ impl Stack {
             control,
             dir,
         };
-        if with_filter && stack.filter_is_configured() {
+        if wait_for_reporter {
             stack
                 .control
                 .wait_for("the reporter's hello", Duration::from_secs(10), |s| {
@@ -138,11 +143,6 @@ impl Stack {
                 .with_context(|| format!("Envoy log:\n{}", stack.envoy.log_tail(40)))?;
         }
         Ok(stack)
-    }
-
-    fn filter_is_configured(&self) -> bool {
-        // A stack built with a bad configuration has no reporter to wait for.
-        !self.envoy.log().contains("invalid filter configuration")
     }
 
     /// A load of `requests` GETs to the Envoy listener for [`HOST`].
