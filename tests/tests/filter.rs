@@ -273,7 +273,7 @@ async fn clients_cannot_steer_themselves_onto_the_canary() {
 
 /// Every 10th request asks its upstream for a 500, on top of the canary's own error rate.
 fn every_tenth_fails(i: usize) -> Vec<(String, String)> {
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         vec![("x-mirror-code".to_string(), "500".to_string())]
     } else {
         vec![]
