@@ -8,6 +8,7 @@
 //! - [`load`]: a bounded load generator that records every response;
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it.
 
+pub mod bench_filter;
 pub mod binaries;
 pub mod control_plane;
 pub mod http;

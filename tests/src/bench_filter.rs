@@ -1,0 +1,1057 @@
+//! The data-plane cost benchmark behind `cargo xtask bench filter`: what the Weir filter costs
+//! Envoy per request, against Envoy with no Wasm filter and Envoy with an empty Wasm filter.
+//!
+//! One Envoy per variant (each `--concurrency 1`), all routing to the same two mirror upstreams on
+//! 127.0.0.1. The Weir Envoys load the real filter, connected to the in-process test control plane,
+//! which has sent a directive covering the request host at 50% weight, so every request takes the
+//! full path: split, header set, record, hand-over, report. wrk loads one Envoy at a time; the
+//! variants alternate round-robin (each round starting one variant later, so no variant always
+//! runs first). For every run we read the Envoy's CPU time (utime + stime from `/proc/<pid>/stat`)
+//! before and after, and wrk's request count, throughput and p99. Envoy CPU time per request is the
+//! headline: it does not depend on how the two cores are shared between wrk, Envoy and the mirrors.
+//!
+//! The control plane also keeps every report, so we know how many bytes each version's stats take
+//! in a report under this load.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use prost::Message;
+use serde_json::json;
+use tokio::process::Command;
+use weir_controller::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
+use weir_proto::v1::Directive;
+
+use crate::binaries;
+use crate::control_plane::{ControlPlane, Snapshot};
+use crate::stack::{self, HOST, PRIMARY_VERSION};
+use crate::upstream::Upstream;
+use crate::workdir::WorkDir;
+
+/// Target from the issue: Weir filter CPU per request at most this many times no filter's.
+pub const CPU_RATIO_TARGET: f64 = 1.20;
+/// Target from the issue: at most this many bytes per version per report.
+pub const BYTES_PER_VERSION_TARGET: usize = 1024;
+/// The canary weight of the directive the Weir Envoys apply, in basis points (50%).
+pub const WEIGHT_BP: u32 = 5_000;
+/// The Weir filter's report interval in the benchmark: the filter's documented default.
+pub const REPORT_INTERVAL: &str = "1s";
+/// wrk's connections (all on one wrk thread).
+pub const CONNECTIONS: u32 = 16;
+
+/// One Envoy configuration under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Variant {
+    /// Envoy with the router alone: the baseline every ratio divides by.
+    NoFilter,
+    /// Envoy with `weir_empty_filter.wasm`, a filter that does nothing: what any Wasm filter costs.
+    EmptyWasm,
+    /// Envoy with the Weir filter as shipped (Envoy stats on).
+    Weir,
+    /// The Weir filter with `"envoyStats": false`: shows what publishing Envoy stats costs.
+    WeirNoStats,
+}
+
+impl Variant {
+    /// Every variant, in table order.
+    pub const ALL: [Variant; 4] = [
+        Variant::NoFilter,
+        Variant::EmptyWasm,
+        Variant::Weir,
+        Variant::WeirNoStats,
+    ];
+    /// The variants run unless others are asked for.
+    pub const DEFAULT: [Variant; 3] = [Variant::NoFilter, Variant::EmptyWasm, Variant::Weir];
+
+    /// The name used on the command line and in the tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::NoFilter => "no-filter",
+            Variant::EmptyWasm => "empty-wasm",
+            Variant::Weir => "weir",
+            Variant::WeirNoStats => "weir-nostats",
+        }
+    }
+
+    /// The variant with this name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    fn is_weir(self) -> bool {
+        matches!(self, Variant::Weir | Variant::WeirNoStats)
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Rounds; each runs every variant once.
+    pub rounds: u32,
+    /// Length of each measured run.
+    pub seconds: u32,
+    /// Unmeasured load per variant before the first round (connections, VM and caches warm).
+    pub warmup_seconds: u32,
+    /// The variants, no-filter first (always present: it is the baseline).
+    pub variants: Vec<Variant>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            rounds: 5,
+            seconds: 3,
+            warmup_seconds: 1,
+            variants: Variant::DEFAULT.to_vec(),
+        }
+    }
+}
+
+/// Command-line help for the benchmark binary.
+pub const USAGE: &str = "\
+usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--variant NAME]... [--smoke]
+
+  --rounds N       rounds, each running every variant once, alternating (default 5)
+  --seconds S      length of each measured wrk run (default 3)
+  --warmup S       unmeasured load per variant before the first round (default 1)
+  --variant NAME   run this variant (repeatable); no-filter always runs as the baseline.
+                   Names: no-filter, empty-wasm, weir, weir-nostats, or `all`.
+                   Default: no-filter, empty-wasm, weir
+  --smoke          1 round of 1 s, no warm-up (what the test suite runs)
+";
+
+impl Options {
+    /// A quick run for the test suite: 1 round × 1 s, no warm-up, the default variants.
+    pub fn smoke() -> Self {
+        Self {
+            rounds: 1,
+            seconds: 1,
+            warmup_seconds: 0,
+            variants: Variant::DEFAULT.to_vec(),
+        }
+    }
+
+    /// Parses the benchmark's arguments. `Ok(None)` means help was asked for; the error is a
+    /// message for the user.
+    pub fn parse(args: &[String]) -> Result<Option<Self>, String> {
+        let mut options = Options::default();
+        let mut chosen: Vec<Variant> = Vec::new();
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut number = |flag: &str| -> Result<u32, String> {
+                let value = args
+                    .next()
+                    .ok_or_else(|| format!("{flag} needs a number"))?;
+                value
+                    .parse()
+                    .map_err(|_| format!("{flag} takes a whole number, got `{value}`"))
+            };
+            match arg.as_str() {
+                "-h" | "--help" => return Ok(None),
+                "--smoke" => {
+                    let smoke = Options::smoke();
+                    options.rounds = smoke.rounds;
+                    options.seconds = smoke.seconds;
+                    options.warmup_seconds = smoke.warmup_seconds;
+                }
+                "--rounds" => options.rounds = number("--rounds")?,
+                "--seconds" => options.seconds = number("--seconds")?,
+                "--warmup" => options.warmup_seconds = number("--warmup")?,
+                "--variant" => {
+                    let name = args.next().ok_or(
+                        "--variant needs a name: no-filter, empty-wasm, weir, weir-nostats or all",
+                    )?;
+                    if name == "all" {
+                        chosen.extend(Variant::ALL);
+                    } else {
+                        chosen.push(Variant::parse(name).ok_or_else(|| {
+                            format!(
+                                "unknown variant `{name}`: use no-filter, empty-wasm, weir, \
+                                 weir-nostats or all"
+                            )
+                        })?);
+                    }
+                }
+                other => return Err(format!("unknown argument `{other}`")),
+            }
+        }
+        if options.rounds == 0 || options.seconds == 0 {
+            return Err("--rounds and --seconds must be at least 1".to_owned());
+        }
+        if !chosen.is_empty() {
+            chosen.push(Variant::NoFilter);
+            chosen.sort();
+            chosen.dedup();
+            options.variants = chosen;
+        }
+        Ok(Some(options))
+    }
+
+    /// The arguments that reproduce these options.
+    pub fn to_args(&self) -> String {
+        let mut args = format!("--rounds {} --seconds {}", self.rounds, self.seconds);
+        if self.warmup_seconds != Options::default().warmup_seconds {
+            let _ = write!(args, " --warmup {}", self.warmup_seconds);
+        }
+        if self.variants != Variant::DEFAULT {
+            for variant in &self.variants {
+                let _ = write!(args, " --variant {}", variant.name());
+            }
+        }
+        args
+    }
+}
+
+/// What wrk said about one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrkResult {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests per second.
+    pub requests_per_sec: f64,
+    /// 99th percentile latency, µs.
+    pub p99_us: f64,
+    /// Responses that were not 2xx or 3xx.
+    pub non_2xx: u64,
+    /// Connect, read, write and timeout errors, summed.
+    pub socket_errors: u64,
+}
+
+/// Parses wrk's output (run with `--latency`).
+pub fn parse_wrk(text: &str) -> Result<WrkResult, String> {
+    let mut requests = None;
+    let mut requests_per_sec = None;
+    let mut p99_us = None;
+    let mut non_2xx = 0;
+    let mut socket_errors = 0;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("99%") {
+            p99_us = parse_wrk_time(rest.trim());
+        } else if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            requests_per_sec = rest.trim().parse().ok();
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            non_2xx = rest.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            socket_errors = rest
+                .split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
+        } else if line.contains(" requests in ") {
+            requests = line.split_whitespace().next().and_then(|n| n.parse().ok());
+        }
+    }
+    let missing = |what: &str| format!("wrk's output has no {what}:\n{text}");
+    Ok(WrkResult {
+        requests: requests.ok_or_else(|| missing("`N requests in` line"))?,
+        requests_per_sec: requests_per_sec.ok_or_else(|| missing("`Requests/sec:` line"))?,
+        p99_us: p99_us.ok_or_else(|| missing("`99%` latency (was --latency given?)"))?,
+        non_2xx,
+        socket_errors,
+    })
+}
+
+/// A wrk duration (`805.00us`, `1.22ms`, `2.00s`, `1.50m`) in µs.
+fn parse_wrk_time(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.trim().parse().ok()?;
+    let scale = match unit.trim() {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        "h" => 3600e6,
+        _ => return None,
+    };
+    Some(value * scale)
+}
+
+/// One measured run of one variant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    /// The variant.
+    pub variant: Variant,
+    /// The round (0-based).
+    pub round: u32,
+    /// What wrk measured.
+    pub wrk: WrkResult,
+    /// Envoy's CPU time (user + system, all threads) during the run, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+impl Run {
+    /// Envoy CPU µs per request.
+    pub fn cpu_us_per_request(&self, ticks_per_sec: u64) -> f64 {
+        self.cpu_ticks as f64 * 1e6 / ticks_per_sec as f64 / self.wrk.requests.max(1) as f64
+    }
+}
+
+/// Where and when the benchmark ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    /// CPUs available to this process (what `nproc` says).
+    pub nproc: usize,
+    /// The CPU model from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// `date -u` at the start.
+    pub date: String,
+    /// The benchmark's own command line.
+    pub command: String,
+    /// Clock ticks per second for /proc CPU times.
+    pub ticks_per_sec: u64,
+    /// True when `getconf CLK_TCK` failed and 100 was assumed.
+    pub ticks_assumed: bool,
+    /// `envoy --version`, shortened.
+    pub envoy_version: String,
+}
+
+impl Machine {
+    async fn probe(envoy: &Path) -> Self {
+        let ticks = output("getconf", &["CLK_TCK"])
+            .await
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .filter(|&t| t > 0);
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, model)| model.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        let envoy_version = output(&envoy.display().to_string(), &["--version"])
+            .await
+            .and_then(|v| {
+                v.split("version:")
+                    .nth(1)
+                    .map(|rest| rest.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".to_owned());
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model,
+            date: output("date", &["-u"])
+                .await
+                .map(|d| d.trim().to_owned())
+                .unwrap_or_else(|| "unknown".to_owned()),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            ticks_per_sec: ticks.unwrap_or(100),
+            ticks_assumed: ticks.is_none(),
+            envoy_version,
+        }
+    }
+}
+
+async fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The medians of one variant's runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// The variant.
+    pub variant: Variant,
+    /// Runs measured.
+    pub runs: usize,
+    /// Median Envoy CPU µs per request.
+    pub cpu_us_per_request: f64,
+    /// Median requests per second.
+    pub requests_per_sec: f64,
+    /// Median p99 latency, µs.
+    pub p99_us: f64,
+    /// Encoded sizes of every `VersionStats` in this variant's reports (Weir variants only).
+    pub report_bytes: Vec<usize>,
+}
+
+/// Everything one benchmark produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What was run.
+    pub options: Options,
+    /// Where.
+    pub machine: Machine,
+    /// Every measured run, in the order they ran.
+    pub runs: Vec<Run>,
+    /// Encoded size of each `VersionStats` the control plane applied, per Weir variant.
+    pub report_bytes: BTreeMap<Variant, Vec<usize>>,
+}
+
+impl Outcome {
+    /// The runs of one variant.
+    pub fn runs_of(&self, variant: Variant) -> impl Iterator<Item = &Run> {
+        self.runs.iter().filter(move |r| r.variant == variant)
+    }
+
+    /// Medians per variant, in the options' order.
+    pub fn summaries(&self) -> Vec<Summary> {
+        let ticks = self.machine.ticks_per_sec;
+        self.options
+            .variants
+            .iter()
+            .map(|&variant| {
+                let runs: Vec<&Run> = self.runs_of(variant).collect();
+                let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| f(r)));
+                Summary {
+                    variant,
+                    runs: runs.len(),
+                    cpu_us_per_request: median_of(&|r| r.cpu_us_per_request(ticks)),
+                    requests_per_sec: median_of(&|r| r.wrk.requests_per_sec),
+                    p99_us: median_of(&|r| r.wrk.p99_us),
+                    report_bytes: self.report_bytes.get(&variant).cloned().unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// The verdicts against the issue's targets, one line each.
+    pub fn verdicts(&self) -> Vec<String> {
+        let summaries = self.summaries();
+        let find = |v: Variant| summaries.iter().find(|s| s.variant == v);
+        let mut lines = Vec::new();
+        if let (Some(base), Some(weir)) = (find(Variant::NoFilter), find(Variant::Weir)) {
+            let ratio = weir.cpu_us_per_request / base.cpu_us_per_request;
+            let empty = find(Variant::EmptyWasm)
+                .map(|e| {
+                    format!(
+                        "; an empty Wasm filter alone: {:.2}×",
+                        e.cpu_us_per_request / base.cpu_us_per_request
+                    )
+                })
+                .unwrap_or_default();
+            lines.push(if ratio <= CPU_RATIO_TARGET {
+                format!(
+                    "PASS  Weir filter CPU/request {ratio:.2}× no filter (target ≤ {CPU_RATIO_TARGET:.2}×){empty}"
+                )
+            } else {
+                format!(
+                    "MISS  Weir filter CPU/request {ratio:.2}× no filter (target ≤ {CPU_RATIO_TARGET:.2}×): over by {:.2}× ({:.1} µs/request more than the target allows){empty}",
+                    ratio - CPU_RATIO_TARGET,
+                    weir.cpu_us_per_request - CPU_RATIO_TARGET * base.cpu_us_per_request
+                )
+            });
+        }
+        if let Some(weir) = find(Variant::Weir) {
+            match weir.report_bytes.iter().max() {
+                None => lines.push(
+                    "MISS  no Weir report carried stats: bytes per version per report unknown"
+                        .to_owned(),
+                ),
+                Some(&max) if max <= BYTES_PER_VERSION_TARGET => lines.push(format!(
+                    "PASS  bytes per version per report: max {max} B, median {:.0} B (target ≤ {BYTES_PER_VERSION_TARGET} B)",
+                    median(weir.report_bytes.iter().map(|&b| b as f64))
+                )),
+                Some(&max) => lines.push(format!(
+                    "MISS  bytes per version per report: max {max} B (target ≤ {BYTES_PER_VERSION_TARGET} B): over by {} B",
+                    max - BYTES_PER_VERSION_TARGET
+                )),
+            }
+        }
+        lines
+    }
+
+    /// The report: machine, method, the summary table, the verdicts and every run (Markdown).
+    pub fn render(&self) -> String {
+        let m = &self.machine;
+        let o = &self.options;
+        let mut out = String::new();
+        let _ = writeln!(out, "## filter\n");
+        let _ = writeln!(
+            out,
+            "- command: `cargo xtask bench filter {}` (ran `{}`)",
+            o.to_args(),
+            m.command
+        );
+        let _ = writeln!(out, "- date: {}", m.date);
+        let _ = writeln!(
+            out,
+            "- machine: {} CPUs (nproc), {}; Envoy {}",
+            m.nproc, m.cpu_model, m.envoy_version
+        );
+        let _ = writeln!(
+            out,
+            "- method: one Envoy per variant, each `--concurrency 1` (one worker thread), all to \
+             the same two release-build mirrors on 127.0.0.1; load `wrk -t1 -c{CONNECTIONS} \
+             -d{}s --latency -H 'Host: {HOST}'`, one Envoy at a time, {} round(s) × {} variant(s) \
+             × {} s alternating (each round starts one variant later), after {} s of unmeasured \
+             warm-up per variant",
+            o.seconds,
+            o.rounds,
+            o.variants.len(),
+            o.seconds,
+            o.warmup_seconds
+        );
+        let _ = writeln!(
+            out,
+            "- Weir variants: the filter connected to the in-process test control plane, with a \
+             directive covering `{HOST}` at {}% canary weight, reportInterval {REPORT_INTERVAL}; \
+             `weir-nostats` adds `\"envoyStats\": false`",
+            WEIGHT_BP / 100
+        );
+        let _ = writeln!(
+            out,
+            "- CPU: Envoy's utime + stime (all threads) from /proc/<pid>/stat before and after each \
+             run, at {} ticks/s ({}); medians over runs\n",
+            m.ticks_per_sec,
+            if m.ticks_assumed {
+                "assumed: `getconf CLK_TCK` failed"
+            } else {
+                "`getconf CLK_TCK`"
+            }
+        );
+
+        let summaries = self.summaries();
+        let base = summaries.iter().find(|s| s.variant == Variant::NoFilter);
+        let ratio = |value: f64, of: fn(&Summary) -> f64| {
+            base.map_or("–".to_owned(), |b| format!("{:.2}×", value / of(b)))
+        };
+        let _ = writeln!(
+            out,
+            "| variant | runs | Envoy CPU µs/request | CPU × no-filter | requests/s | req/s × no-filter | p99 ms | p99 × no-filter | bytes/version/report (median / max) |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for s in &summaries {
+            let bytes = if s.report_bytes.is_empty() {
+                "–".to_owned()
+            } else {
+                format!(
+                    "{:.0} / {} (n={})",
+                    median(s.report_bytes.iter().map(|&b| b as f64)),
+                    s.report_bytes.iter().max().copied().unwrap_or(0),
+                    s.report_bytes.len()
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} | {} | {:.0} | {} | {:.2} | {} | {} |",
+                s.variant.name(),
+                s.runs,
+                s.cpu_us_per_request,
+                ratio(s.cpu_us_per_request, |b| b.cpu_us_per_request),
+                s.requests_per_sec,
+                ratio(s.requests_per_sec, |b| b.requests_per_sec),
+                s.p99_us / 1e3,
+                ratio(s.p99_us, |b| b.p99_us),
+                bytes
+            );
+        }
+        let _ = writeln!(out);
+        for verdict in self.verdicts() {
+            let _ = writeln!(out, "    {verdict}");
+        }
+        let _ = writeln!(out, "\nEvery run:\n");
+        let _ = writeln!(
+            out,
+            "| round | variant | requests | requests/s | p99 ms | CPU ticks | CPU µs/request | non-2xx | socket errors |"
+        );
+        let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &self.runs {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {:.2} | {} | {:.1} | {} | {} |",
+                r.round + 1,
+                r.variant.name(),
+                r.wrk.requests,
+                r.wrk.requests_per_sec,
+                r.wrk.p99_us / 1e3,
+                r.cpu_ticks,
+                r.cpu_us_per_request(m.ticks_per_sec),
+                r.wrk.non_2xx,
+                r.wrk.socket_errors
+            );
+        }
+        out
+    }
+}
+
+/// The median (mean of the middle two for an even count); 0 for none.
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// An Envoy's CPU time so far (utime + stime of all its threads), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count from its end.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("{path} has no `)`: {stat}"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the name, field 3 (state) is index 0: utime (field 14) is 11, stime (15) is 12.
+    let field = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| anyhow!("{path} field {} is not a number: {stat}", i + 3))
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// wrk: `WEIR_WRK`, else `wrk` on PATH.
+pub fn wrk_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("WEIR_WRK") {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!(
+            "WEIR_WRK={} does not name a file; point it at wrk or unset it",
+            path.display()
+        );
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("wrk"))
+                .find(|candidate| candidate.is_file())
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "wrk is not installed (not in WEIR_WRK, not on PATH): `cargo xtask bench filter` \
+                 (or `cargo xtask test`) installs it, or run `apt-get install wrk`"
+            )
+        })
+}
+
+/// Builds `weir_empty_filter.wasm` (the `wasm` profile, like the Weir filter) and returns its path.
+/// A no-op build when it is fresh.
+pub async fn build_empty_filter() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "weir-empty-filter",
+            "--target",
+            "wasm32-wasip1",
+            "--profile",
+            "wasm",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(binaries::workspace_root())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), build)
+        .await
+        .context("building weir-empty-filter took over 10 minutes")?
+        .with_context(|| format!("cannot run {}", cargo.to_string_lossy()))?;
+    if !out.status.success() {
+        bail!(
+            "`cargo build -p weir-empty-filter --target wasm32-wasip1 --profile wasm` failed \
+             ({}); `cargo xtask setup` installs the wasm32-wasip1 target:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The artifact message names the file wherever the target directory is.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| {
+            m["reason"] == "compiler-artifact" && m["target"]["name"] == "weir_empty_filter"
+        })
+        .flat_map(|m| {
+            m["filenames"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|f| f.as_str().map(PathBuf::from))
+        })
+        .find(|f| f.extension().is_some_and(|e| e == "wasm"))
+        .ok_or_else(|| anyhow!("cargo built weir-empty-filter but named no .wasm artifact"))
+}
+
+/// The Weir filter's configuration for a variant.
+fn weir_config(variant: Variant) -> String {
+    let mut config = stack::filter_config();
+    config["reportInterval"] = json!(REPORT_INTERVAL);
+    config["envoyStats"] = json!(variant != Variant::WeirNoStats);
+    config.to_string()
+}
+
+fn node_id(variant: Variant) -> String {
+    format!("bench-{}", variant.name())
+}
+
+/// The running pieces. Dropped in field order: Envoys first, then upstreams, control plane and the
+/// work directory; each kills its process when dropped, also on an error or a panic.
+struct Bench {
+    envoys: Vec<(Variant, EnvoyProcess)>,
+    primary: Upstream,
+    canary: Upstream,
+    control: ControlPlane,
+    dir: WorkDir,
+}
+
+impl Bench {
+    async fn start(options: &Options) -> anyhow::Result<Self> {
+        let dir = WorkDir::new("bench-filter")?;
+        let primary = Upstream::start(PRIMARY_VERSION, &[])?;
+        let canary = Upstream::start(stack::CANARY_VERSION, &[])?;
+        let control = ControlPlane::new().await?;
+        // Sent before any Envoy connects: each gets it with its first message.
+        let generation = control.set_directive(Directive {
+            generation: 0,
+            canaries: vec![stack::weighted(WEIGHT_BP)],
+        });
+        let empty = if options.variants.contains(&Variant::EmptyWasm) {
+            Some(build_empty_filter().await?)
+        } else {
+            None
+        };
+        let mut bench = Bench {
+            envoys: Vec::new(),
+            primary,
+            canary,
+            control,
+            dir,
+        };
+        for &variant in &options.variants {
+            let wasm = match variant {
+                Variant::NoFilter => None,
+                Variant::EmptyWasm => empty.clone().map(|path| WasmFilter {
+                    path,
+                    config_json: "{}".to_owned(),
+                }),
+                Variant::Weir | Variant::WeirNoStats => Some(WasmFilter {
+                    path: binaries::wasm(),
+                    config_json: weir_config(variant),
+                }),
+            };
+            let envoy = bench
+                .start_envoy(variant, wasm)
+                .await
+                .with_context(|| format!("the {} Envoy did not start", variant.name()))?;
+            bench.envoys.push((variant, envoy));
+        }
+        for &(variant, ref envoy) in &bench.envoys {
+            if !variant.is_weir() {
+                continue;
+            }
+            let node = node_id(variant);
+            bench
+                .control
+                .wait_for(
+                    &format!("{node} to report directive generation {generation} applied"),
+                    Duration::from_secs(20),
+                    |s| from_node(s, &node).any(|r| r.applied_generation >= generation),
+                )
+                .await
+                .with_context(|| format!("Envoy log:\n{}", envoy.log_tail(40)))?;
+        }
+        Ok(bench)
+    }
+
+    async fn start_envoy(
+        &self,
+        variant: Variant,
+        wasm: Option<WasmFilter>,
+    ) -> anyhow::Result<EnvoyProcess> {
+        let mut bootstrap = EnvoyBootstrap::new(self.primary.addr(), self.canary.addr());
+        bootstrap.node_id = node_id(variant);
+        bootstrap.namespace = "application".to_owned();
+        bootstrap.workload = "mhs".to_owned();
+        bootstrap.host = HOST.to_owned();
+        // Every variant gets the controller cluster, so bootstraps differ only in the filter.
+        bootstrap.controller = Some(self.control.addr());
+        // The empty module also runs as the (idle) reporter singleton: the bootstrap loads the
+        // same module in both roles. It has no per-request cost.
+        bootstrap.wasm = wasm;
+        let (binary, work) = (binaries::envoy(), self.dir.path().to_owned());
+        Ok(
+            tokio::task::spawn_blocking(move || EnvoyProcess::start(&binary, &bootstrap, &work, 1))
+                .await??,
+        )
+    }
+}
+
+fn from_node<'a>(
+    snapshot: &'a Snapshot,
+    node: &'a str,
+) -> impl Iterator<Item = &'a weir_proto::v1::Report> + 'a {
+    snapshot
+        .reports
+        .iter()
+        .filter(move |r| r.reporter.as_ref().is_some_and(|id| id.node_id == node))
+}
+
+/// One wrk run against `target`, bounded to its duration plus 30 s; wrk is killed if dropped.
+async fn wrk(wrk: &Path, target: SocketAddr, seconds: u32) -> anyhow::Result<WrkResult> {
+    let run = Command::new(wrk)
+        .args([
+            "-t1".to_owned(),
+            format!("-c{CONNECTIONS}"),
+            format!("-d{seconds}s"),
+            "--latency".to_owned(),
+            "-H".to_owned(),
+            format!("Host: {HOST}"),
+            format!("http://{target}/"),
+        ])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let limit = Duration::from_secs(u64::from(seconds) + 30);
+    let out = tokio::time::timeout(limit, run)
+        .await
+        .with_context(|| format!("wrk did not finish within {limit:?}"))?
+        .with_context(|| format!("cannot run {}", wrk.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&text).map_err(|e| anyhow!(e))
+}
+
+/// Runs the benchmark. Every process it starts is killed before it returns, also on an error.
+pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
+    let wrk_bin = wrk_binary()?;
+    let machine = Machine::probe(&binaries::envoy()).await;
+    let bench = Bench::start(options).await?;
+
+    for (variant, envoy) in &bench.envoys {
+        if options.warmup_seconds > 0 {
+            wrk(&wrk_bin, envoy.listener_addr(), options.warmup_seconds)
+                .await
+                .with_context(|| format!("warm-up of {}", variant.name()))?;
+        }
+    }
+
+    let mut runs = Vec::new();
+    let count = bench.envoys.len();
+    for round in 0..options.rounds {
+        for i in 0..count {
+            let (variant, envoy) = &bench.envoys[(i + round as usize) % count];
+            let before = cpu_ticks(envoy.pid())?;
+            let wrk = wrk(&wrk_bin, envoy.listener_addr(), options.seconds)
+                .await
+                .with_context(|| format!("round {} of {}", round + 1, variant.name()))?;
+            let after = cpu_ticks(envoy.pid())?;
+            runs.push(Run {
+                variant: *variant,
+                round,
+                wrk,
+                cpu_ticks: after.saturating_sub(before),
+            });
+        }
+    }
+
+    // Let the last run's counts reach the control plane: a hand-over tick and a report tick.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let seen = bench.control.snapshot();
+    let mut report_bytes = BTreeMap::new();
+    for variant in options.variants.iter().copied().filter(|v| v.is_weir()) {
+        let node = node_id(variant);
+        let sizes: Vec<usize> = seen
+            .applied
+            .iter()
+            .filter(|r| r.reporter.as_ref().is_some_and(|id| id.node_id == node))
+            .flat_map(|r| r.stats.iter().map(Message::encoded_len))
+            .collect();
+        report_bytes.insert(variant, sizes);
+    }
+    drop(bench);
+    Ok(Outcome {
+        options: options.clone(),
+        machine,
+        runs,
+        report_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK_OUTPUT: &str = "\
+Running 1s test @ http://127.0.0.1:18765/
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.24ms    1.93ms  29.94ms   94.25%
+    Req/Sec    16.79k     1.62k   19.47k    50.00%
+  Latency Distribution
+     50%  805.00us
+     75%    1.22ms
+     90%    2.08ms
+     99%   11.19ms
+  16728 requests in 1.00s, 2.04MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 7
+Requests/sec:  16667.76
+Transfer/sec:      2.03MB
+";
+
+    #[test]
+    fn wrk_output_gives_requests_throughput_p99_and_errors() {
+        let parsed = parse_wrk(WRK_OUTPUT).unwrap();
+        assert_eq!(parsed.requests, 16_728);
+        assert!((parsed.requests_per_sec - 16_667.76).abs() < 1e-6);
+        assert!((parsed.p99_us - 11_190.0).abs() < 1e-6);
+        assert_eq!(parsed.non_2xx, 7);
+        assert_eq!(parsed.socket_errors, 3);
+    }
+
+    #[test]
+    fn wrk_output_without_the_latency_distribution_is_refused() {
+        let without: String = WRK_OUTPUT
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("99%"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let error = parse_wrk(&without).unwrap_err();
+        assert!(error.contains("99%"), "{error}");
+    }
+
+    #[test]
+    fn wrk_times_convert_to_microseconds() {
+        assert_eq!(parse_wrk_time("805.00us"), Some(805.0));
+        assert_eq!(parse_wrk_time("1.50ms"), Some(1_500.0));
+        assert_eq!(parse_wrk_time("2.00s"), Some(2_000_000.0));
+        assert_eq!(parse_wrk_time("12"), None);
+    }
+
+    #[test]
+    fn proc_stat_of_this_process_has_cpu_ticks() {
+        // Burn a little CPU so the count cannot be stale-zero by luck of timing.
+        let started = std::time::Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        assert!(cpu_ticks(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn arguments_choose_rounds_seconds_and_variants_with_no_filter_always_in() {
+        let args = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(Options::parse(&[]), Ok(Some(Options::default())));
+        let parsed = Options::parse(&args("--rounds 2 --seconds 4 --variant weir-nostats"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((parsed.rounds, parsed.seconds), (2, 4));
+        assert_eq!(parsed.variants, [Variant::NoFilter, Variant::WeirNoStats]);
+        assert_eq!(
+            Options::parse(&args("--variant all"))
+                .unwrap()
+                .unwrap()
+                .variants,
+            Variant::ALL
+        );
+        assert_eq!(
+            Options::parse(&args("--smoke")).unwrap().unwrap(),
+            Options::smoke()
+        );
+        assert_eq!(Options::parse(&args("--help")), Ok(None));
+        assert!(Options::parse(&args("--rounds x")).is_err());
+        assert!(Options::parse(&args("--variant fast")).is_err());
+        assert!(Options::parse(&args("--seconds 0")).is_err());
+    }
+
+    #[test]
+    fn median_takes_the_middle_or_the_mean_of_the_middle_two() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert_eq!(median(std::iter::empty()), 0.0);
+    }
+
+    fn run(variant: Variant, requests: u64, cpu_ticks: u64) -> Run {
+        Run {
+            variant,
+            round: 0,
+            wrk: WrkResult {
+                requests,
+                requests_per_sec: requests as f64,
+                p99_us: 1_000.0,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+            cpu_ticks,
+        }
+    }
+
+    fn outcome(weir_ticks: u64, max_bytes: usize) -> Outcome {
+        Outcome {
+            options: Options::default(),
+            machine: Machine {
+                nproc: 2,
+                cpu_model: "test".to_owned(),
+                date: "now".to_owned(),
+                command: "bench-filter".to_owned(),
+                ticks_per_sec: 100,
+                ticks_assumed: false,
+                envoy_version: "test".to_owned(),
+            },
+            runs: vec![
+                run(Variant::NoFilter, 10_000, 100),
+                run(Variant::EmptyWasm, 10_000, 116),
+                run(Variant::Weir, 10_000, weir_ticks),
+            ],
+            report_bytes: BTreeMap::from([(Variant::Weir, vec![300, max_bytes])]),
+        }
+    }
+
+    #[test]
+    fn verdicts_pass_within_the_targets_and_say_by_how_much_they_miss() {
+        let good = outcome(118, 900).verdicts();
+        assert!(
+            good[0].starts_with("PASS") && good[0].contains("1.18×"),
+            "{good:?}"
+        );
+        assert!(
+            good[1].starts_with("PASS") && good[1].contains("max 900 B"),
+            "{good:?}"
+        );
+
+        let bad = outcome(131, 1_100).verdicts();
+        assert!(
+            bad[0].starts_with("MISS") && bad[0].contains("over by 0.11×"),
+            "{bad:?}"
+        );
+        assert!(
+            bad[1].starts_with("MISS") && bad[1].contains("over by 76 B"),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
+    fn the_table_shows_cpu_per_request_and_its_ratio_to_no_filter() {
+        let text = outcome(131, 900).render();
+        assert!(text.contains("| weir | 1 | 131.0 | 1.31× |"), "{text}");
+        assert!(text.contains("| no-filter | 1 | 100.0 | 1.00× |"), "{text}");
+        assert!(text.contains("| 600 / 900 (n=2) |"), "{text}");
+    }
+}
