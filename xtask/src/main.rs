@@ -24,8 +24,8 @@ commands:
   setup          install what the other commands need (wasm32-wasip1 target, rustfmt, clippy,
                  Envoy 1.40 into .tools/, Prometheus) and print one line per tool
   wasm           build the filter: target/wasm32-wasip1/wasm/weir_filter.wasm
-  test [args]    setup, build everything, rustfmt check, clippy (native and wasm32), then the
-                 whole test suite; args go to the test runner (e.g. a test-name filter)
+  test [args]    setup (with wrk), build everything, rustfmt check, clippy (native and wasm32),
+                 then the whole test suite; args go to the test runner (e.g. a test-name filter)
   demo [args]    setup, build, then run `weir demo [args]`: the local demo
   bench <name>   setup (with wrk), release builds, then the benchmark binary `bench-<name>`
                  of the weir-e2e crate; `cargo xtask bench` lists them
@@ -193,7 +193,8 @@ pub fn build_bins(ws: &Workspace, release: bool) -> Result<()> {
 
 fn test(ws: &Workspace, runner_args: &[String]) -> Result<()> {
     let mut steps = Steps::new();
-    let tools = steps.run("setup", || setup::ensure(ws, setup::Needs::default()))?;
+    // wrk too: the suite runs the filter benchmark in its smoke form (tests/tests/bench_smoke.rs).
+    let tools = steps.run("setup", || setup::ensure(ws, setup::Needs { wrk: true }))?;
     // Checks that don't gate the tests are run to the end and reported together, so one CI
     // run shows a formatting slip and a failing test at once.
     steps.check("rustfmt", || {
