@@ -67,7 +67,12 @@ impl Measurement {
     }
 
     /// No data in the window (`sample_count` requests, possibly 0).
-    pub fn no_data(metric: &str, source: &str, window: Duration, sample_count: Option<u64>) -> Self {
+    pub fn no_data(
+        metric: &str,
+        source: &str,
+        window: Duration,
+        sample_count: Option<u64>,
+    ) -> Self {
         Measurement {
             metric: metric.to_string(),
             source: source.to_string(),
@@ -249,7 +254,9 @@ impl CheckResult {
     pub fn summary(&self) -> String {
         let value = self.value.map_or("no value".to_string(), |v| self.show(v));
         let bounds = match (self.min, self.max) {
-            (Some(lo), Some(hi)) => format!("range {}..{}", self.show_bound(lo), self.show_bound(hi)),
+            (Some(lo), Some(hi)) => {
+                format!("range {}..{}", self.show_bound(lo), self.show_bound(hi))
+            }
             (Some(lo), None) => format!("min {}", self.show_bound(lo)),
             (None, Some(hi)) => format!("max {}", self.show_bound(hi)),
             (None, None) => "no bounds".to_string(),
@@ -358,19 +365,40 @@ mod tests {
             (measure(&sr, 98.9, 100), Verdict::Fail),
             (measure(&sr, 50.0, 19), Verdict::Inconclusive),
             (measure(&sr, 100.0, 20), Verdict::Pass),
-            (Measurement::no_data(&sr.name, "streamed", W, Some(0)), Verdict::Inconclusive),
-            (Measurement::value(&sr.name, "prometheus", W, f64::NAN, None), Verdict::Inconclusive),
-            (Measurement::value(&sr.name, "prometheus", W, 99.9, None), Verdict::Pass),
-            (Measurement::error(&sr.name, "prometheus", W, "connection refused"), Verdict::Error),
+            (
+                Measurement::no_data(&sr.name, "streamed", W, Some(0)),
+                Verdict::Inconclusive,
+            ),
+            (
+                Measurement::value(&sr.name, "prometheus", W, f64::NAN, None),
+                Verdict::Inconclusive,
+            ),
+            (
+                Measurement::value(&sr.name, "prometheus", W, 99.9, None),
+                Verdict::Pass,
+            ),
+            (
+                Measurement::error(&sr.name, "prometheus", W, "connection refused"),
+                Verdict::Error,
+            ),
         ];
         for (m, want) in cases {
             assert_eq!(evaluate(&sr, Some(&m), 20).verdict, want, "{m:?}");
         }
         assert_eq!(evaluate(&sr, None, 20).verdict, Verdict::Error);
         let c = custom(1.0, 2.0);
-        assert_eq!(evaluate(&c, Some(&measure(&c, 0.5, 50)), 20).verdict, Verdict::Fail);
-        assert_eq!(evaluate(&c, Some(&measure(&c, 2.5, 50)), 20).verdict, Verdict::Fail);
-        assert_eq!(evaluate(&c, Some(&measure(&c, 1.5, 50)), 20).verdict, Verdict::Pass);
+        assert_eq!(
+            evaluate(&c, Some(&measure(&c, 0.5, 50)), 20).verdict,
+            Verdict::Fail
+        );
+        assert_eq!(
+            evaluate(&c, Some(&measure(&c, 2.5, 50)), 20).verdict,
+            Verdict::Fail
+        );
+        assert_eq!(
+            evaluate(&c, Some(&measure(&c, 1.5, 50)), 20).verdict,
+            Verdict::Pass
+        );
     }
 
     #[test]
@@ -396,9 +424,14 @@ mod tests {
     #[test]
     fn a_custom_metric_reads_like_flagger() {
         let c = custom(1.0, 2.0);
-        let r = evaluate(&c, Some(&Measurement::value(&c.name, "prometheus", W, 2.345, None)), 20);
+        let r = evaluate(
+            &c,
+            Some(&Measurement::value(&c.name, "prometheus", W, 2.345, None)),
+            20,
+        );
         assert_eq!(
-            r.halt_message("mhs.application", "mhs.application").unwrap(),
+            r.halt_message("mhs.application", "mhs.application")
+                .unwrap(),
             "Halt mhs.application advancement error-budget 2.35 > 2 (in 30s from prometheus)"
         );
     }
@@ -411,7 +444,11 @@ mod tests {
             r.halt_message("mhs.application", "mhs.application").unwrap(),
             "Halt mhs.application advancement: request-success-rate inconclusive, 3 requests in 30s < minSampleCount 20 (from streamed)"
         );
-        let r = evaluate(&sr, Some(&Measurement::no_data(&sr.name, "prometheus", W, None)), 20);
+        let r = evaluate(
+            &sr,
+            Some(&Measurement::no_data(&sr.name, "prometheus", W, None)),
+            20,
+        );
         assert_eq!(
             r.halt_message("mhs.application", "mhs.application").unwrap(),
             "Halt mhs.application advancement: request-success-rate inconclusive, no data in 30s from prometheus; is mhs.application receiving traffic?"
@@ -421,7 +458,12 @@ mod tests {
     #[test]
     fn a_broken_source_is_named_with_its_cause() {
         let sr = success_rate(99.0);
-        let m = Measurement::error(&sr.name, "prometheus", W, "Get http://prom:9090: connection refused");
+        let m = Measurement::error(
+            &sr.name,
+            "prometheus",
+            W,
+            "Get http://prom:9090: connection refused",
+        );
         let r = evaluate(&sr, Some(&m), 20);
         assert_eq!(
             r.halt_message("mhs.application", "mhs.application").unwrap(),

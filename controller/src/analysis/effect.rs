@@ -1,6 +1,6 @@
 //! What a step asks the executor to do.
 
-use crate::spec::{CanaryStatus, MetricCheck, Phase, Weight, Webhook};
+use crate::spec::{CanaryStatus, MetricCheck, Phase, Webhook, Weight};
 use serde::{Deserialize, Serialize};
 
 /// The result of calling [`step`](super::step).

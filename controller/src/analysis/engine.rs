@@ -40,7 +40,7 @@ pub fn next_step_at(plan: &CanaryPlan, status: &CanaryStatus) -> Timestamp {
     match (status.phase, status.last_step_time) {
         (_, None) => Timestamp::EPOCH,
         (Some(Phase::Terminating), Some(t)) => t,
-        (_, Some(t)) => t.add(plan.analysis.interval),
+        (_, Some(t)) => t.saturating_add(plan.analysis.interval),
     }
 }
 
@@ -50,10 +50,7 @@ pub fn next_step_at(plan: &CanaryPlan, status: &CanaryStatus) -> Timestamp {
 /// Steps emit [`Effect::Route`] whenever this changes; on start, the executor builds every
 /// canary's directive from it.
 pub fn desired_route(plan: &CanaryPlan, status: &CanaryStatus) -> Option<Route> {
-    let Some(phase) = status.phase else {
-        return None;
-    };
-    match phase {
+    match status.phase? {
         Phase::Initializing => None,
         Phase::Initialized
         | Phase::Waiting
@@ -442,10 +439,9 @@ impl<'a> Run<'a> {
                         );
                         return self.count_failure();
                     }
-                    WebhookResult::Passed => self.info(
-                        "Synced",
-                        format!("Pre-rollout check {} passed", hook.name),
-                    ),
+                    WebhookResult::Passed => {
+                        self.info("Synced", format!("Pre-rollout check {} passed", hook.name))
+                    }
                 }
             }
         } else if !self.run_checks(phase)? {
@@ -491,7 +487,13 @@ impl<'a> Run<'a> {
             .analysis
             .metrics
             .iter()
-            .map(|m| evaluate(m, measurements.iter().find(|x| x.metric == m.name), min_samples))
+            .map(|m| {
+                evaluate(
+                    m,
+                    measurements.iter().find(|x| x.metric == m.name),
+                    min_samples,
+                )
+            })
             .collect();
         let (id, target_id) = (self.id(), self.target_id());
         let halts: Vec<String> = self
@@ -541,7 +543,10 @@ impl<'a> Run<'a> {
             );
         }
         self.route_to(Route::Primary);
-        self.warn("Failed", format!("Canary failed! Scaling down {}", self.id()));
+        self.warn(
+            "Failed",
+            format!("Canary failed! Scaling down {}", self.id()),
+        );
         self.effects.push(Effect::ScaleCanary(Scale::Down));
         self.s.phase = Some(Phase::Failed);
         self.s.canary_weight = Weight::ZERO;
@@ -797,7 +802,10 @@ impl<'a> Run<'a> {
                 ),
             );
         } else {
-            self.info("Terminated", format!("Finalization complete for {}", self.id()));
+            self.info(
+                "Terminated",
+                format!("Finalization complete for {}", self.id()),
+            );
         }
         self.s.phase = Some(Phase::Terminated);
         self.s.not_ready_since = None;
@@ -850,7 +858,10 @@ impl<'a> Run<'a> {
 /// Flagger's `Promoted` condition for a phase (`MakeStatusConditions`).
 fn set_promoted_condition(s: &mut CanaryStatus, phase: Phase, kind: &str, now: Timestamp) {
     let (status, message) = match phase {
-        Phase::Initializing => ("Unknown", format!("New {kind} detected, starting initialization.")),
+        Phase::Initializing => (
+            "Unknown",
+            format!("New {kind} detected, starting initialization."),
+        ),
         Phase::Initialized => ("True", format!("{kind} initialization completed.")),
         Phase::Waiting | Phase::WaitingPromotion => ("Unknown", "Waiting for approval.".into()),
         Phase::Progressing => (
@@ -869,7 +880,10 @@ fn set_promoted_condition(s: &mut CanaryStatus, phase: Phase, kind: &str, now: T
             "True",
             "Canary analysis completed successfully, promotion finished.".into(),
         ),
-        Phase::Failed => ("False", format!("Canary analysis failed, {kind} scaled to zero.")),
+        Phase::Failed => (
+            "False",
+            format!("Canary analysis failed, {kind} scaled to zero."),
+        ),
         Phase::Terminating => ("Unknown", "Canary is being deleted.".into()),
         Phase::Terminated => ("Unknown", "Canary deletion finished.".into()),
     };

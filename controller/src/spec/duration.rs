@@ -233,7 +233,14 @@ mod tests {
 
     #[test]
     fn formatting_then_parsing_gives_back_the_same_duration() {
-        for nanos in [1u64, 999, 1_000, 1_234_567, 59_999_999_999, 3_723_000_000_001] {
+        for nanos in [
+            1u64,
+            999,
+            1_000,
+            1_234_567,
+            59_999_999_999,
+            3_723_000_000_001,
+        ] {
             let d = Duration::from_nanos(nanos);
             assert_eq!(parse_go_duration(&format_go_duration(d)), Ok(d));
         }

@@ -51,14 +51,12 @@ pub use resource::{
     MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch, ThresholdRange,
     Unknown,
 };
-pub use status::{
-    CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN,
-};
+pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
 pub use time::{Timestamp, TimestampError};
 pub use validate::{
     Compiled, FieldError, Rule, ValidationErrors, Warning, WarningKind, API_VERSION,
-    DEFAULT_INTERVAL, DEFAULT_METRIC_INTERVAL, DEFAULT_PROGRESS_DEADLINE,
-    DEFAULT_WEBHOOK_TIMEOUT, FLAGGER_API_VERSION,
+    DEFAULT_INTERVAL, DEFAULT_METRIC_INTERVAL, DEFAULT_PROGRESS_DEADLINE, DEFAULT_WEBHOOK_TIMEOUT,
+    FLAGGER_API_VERSION,
 };
 pub use weight::{Weight, WeightError};
 

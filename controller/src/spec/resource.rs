@@ -409,7 +409,11 @@ pub struct CanaryWebhook {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<i64>,
     /// Skip TLS verification.
-    #[serde(default, rename = "disableTLS", skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "disableTLS",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub disable_tls: bool,
     /// Keys Flagger does not know.
     #[serde(flatten)]

@@ -12,10 +12,7 @@ fn w(p: i64) -> Weight {
 
 /// A minimal valid Canary with `analysis` replaced by the given YAML block (indented 2 spaces).
 fn with_analysis(analysis: &str) -> String {
-    let indented: String = analysis
-        .lines()
-        .map(|l| format!("  {l}\n"))
-        .collect();
+    let indented: String = analysis.lines().map(|l| format!("  {l}\n")).collect();
     format!(
         "apiVersion: weir.dev/v1alpha1
 kind: Canary
@@ -116,7 +113,11 @@ fn a_flagger_tutorial_canary_loads_with_warnings_for_what_weir_does_not_do_yet()
     assert_eq!(
         hooks,
         vec![
-            ("acceptance-test", HookKind::PreRollout, Duration::from_secs(30)),
+            (
+                "acceptance-test",
+                HookKind::PreRollout,
+                Duration::from_secs(30)
+            ),
             ("load-test", HookKind::Rollout, Duration::from_secs(5)),
         ]
     );
@@ -256,7 +257,10 @@ spec:
         text.starts_with("Canary mhs.default is invalid (9 problems):\n  - apiVersion: `weir.dev/v1` is not supported"),
         "{text}"
     );
-    assert!(text.contains("\n  - spec.service.port: must be between 1 and 65535, got 70000\n"), "{text}");
+    assert!(
+        text.contains("\n  - spec.service.port: must be between 1 and 65535, got 70000\n"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -272,7 +276,11 @@ fn an_unknown_metric_without_a_template_names_the_two_built_ins() {
     assert_eq!(e.len(), 1);
     assert!(e[0].starts_with("spec.analysis.metrics[0].name: unknown metric `error-rate`"));
     assert!(e[0].contains("`request-success-rate` (percent"), "{}", e[0]);
-    assert!(e[0].contains("`request-duration` (P99 latency in milliseconds"), "{}", e[0]);
+    assert!(
+        e[0].contains("`request-duration` (P99 latency in milliseconds"),
+        "{}",
+        e[0]
+    );
     assert!(e[0].contains("templateRef or query"), "{}", e[0]);
 }
 
@@ -498,7 +506,10 @@ fn webhook_names_must_be_unique_and_types_known() {
     url: http://c/",
     );
     let e = errors(&yaml);
-    assert_eq!(e[0], "spec.analysis.webhooks[1].name: duplicate name `load`; names must be unique");
+    assert_eq!(
+        e[0],
+        "spec.analysis.webhooks[1].name: duplicate name `load`; names must be unique"
+    );
     assert_eq!(
         e[1],
         "spec.analysis.webhooks[1].url: `ftp://b/` must start with http:// or https://"
@@ -569,7 +580,8 @@ fn a_canary_survives_a_json_round_trip() {
 
 #[test]
 fn the_namespace_defaults_to_default() {
-    let yaml = with_analysis("analysis:\n  stepWeight: 10").replace("  namespace: application\n", "");
+    let yaml =
+        with_analysis("analysis:\n  stepWeight: 10").replace("  namespace: application\n", "");
     let plan = compile(&yaml).unwrap_or_else(|e| panic!("{e}")).plan;
     assert_eq!(plan.id(), "mhs.default");
 }

@@ -45,7 +45,7 @@ impl Timestamp {
     }
 
     /// This time plus `d` (saturating).
-    pub fn add(self, d: Duration) -> Self {
+    pub fn saturating_add(self, d: Duration) -> Self {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Timestamp(self.0.saturating_add(ms))
     }
@@ -167,7 +167,7 @@ impl<'de> Deserialize<'de> for Timestamp {
 }
 
 fn is_leap(y: u64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+    (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
 }
 
 fn days_in_month(y: u64, m: u64) -> u64 {
@@ -219,7 +219,14 @@ mod tests {
 
     #[test]
     fn parses_what_it_formats_and_what_kubernetes_writes() {
-        for ms in [0u64, 1, 999, 951_782_400_000, 1_709_209_845_250, 4_102_444_800_000] {
+        for ms in [
+            0u64,
+            1,
+            999,
+            951_782_400_000,
+            1_709_209_845_250,
+            4_102_444_800_000,
+        ] {
             let t = Timestamp::from_unix_millis(ms);
             assert_eq!(Timestamp::parse_rfc3339(&t.to_string()), Ok(t));
         }
@@ -260,10 +267,10 @@ mod tests {
     #[test]
     fn arithmetic_saturates_instead_of_wrapping() {
         let t = Timestamp::from_unix_millis(1000);
-        assert_eq!(t.add(Duration::from_secs(2)).unix_millis(), 3000);
+        assert_eq!(t.saturating_add(Duration::from_secs(2)).unix_millis(), 3000);
         assert_eq!(t.since(Timestamp::from_unix_millis(5000)), Duration::ZERO);
         assert_eq!(
-            Timestamp::from_unix_millis(u64::MAX).add(Duration::from_secs(1)),
+            Timestamp::from_unix_millis(u64::MAX).saturating_add(Duration::from_secs(1)),
             Timestamp::from_unix_millis(u64::MAX)
         );
     }

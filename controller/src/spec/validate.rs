@@ -4,7 +4,7 @@
 use super::duration::{parse_go_duration, DurationError};
 use super::plan::{
     AnalysisPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup, MetricCheck, MetricKind, PortRef,
-    Range, ServicePlan, SessionAffinityPlan, Steps, StringMatcher, Strategy, Target, Webhook,
+    Range, ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
     DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 use super::resource::{
@@ -740,10 +740,16 @@ impl Checker {
             self.warn(p("mirrorWeight"), WarningKind::NotSupportedYet);
         }
         self.not_supported(&p("alerts"), &a.alerts);
-        let primary_ready_threshold =
-            self.percent(&p("primaryReadyThreshold"), a.primary_ready_threshold, Weight::FULL);
-        let canary_ready_threshold =
-            self.percent(&p("canaryReadyThreshold"), a.canary_ready_threshold, Weight::FULL);
+        let primary_ready_threshold = self.percent(
+            &p("primaryReadyThreshold"),
+            a.primary_ready_threshold,
+            Weight::FULL,
+        );
+        let canary_ready_threshold = self.percent(
+            &p("canaryReadyThreshold"),
+            a.canary_ready_threshold,
+            Weight::FULL,
+        );
         let matches = a
             .matches
             .as_ref()
@@ -1100,9 +1106,7 @@ impl Checker {
         let Some(range) = Range::try_new(min, max) else {
             self.error(
                 rpath,
-                Rule::Invalid(
-                    "set min and/or max as finite numbers, with min <= max".into(),
-                ),
+                Rule::Invalid("set min and/or max as finite numbers, with min <= max".into()),
             );
             return None;
         };
@@ -1115,11 +1119,15 @@ impl Checker {
         match kind {
             MetricKind::SuccessRate if !in_bounds(0.0, 100.0) => self.error(
                 rpath,
-                Rule::Invalid("request-success-rate is a percentage: bounds must be within 0..100".into()),
+                Rule::Invalid(
+                    "request-success-rate is a percentage: bounds must be within 0..100".into(),
+                ),
             ),
             MetricKind::Duration if !in_bounds(0.0, f64::MAX) => self.error(
                 rpath,
-                Rule::Invalid("request-duration is in milliseconds: bounds must not be negative".into()),
+                Rule::Invalid(
+                    "request-duration is in milliseconds: bounds must not be negative".into(),
+                ),
             ),
             _ => {}
         }

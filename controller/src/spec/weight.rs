@@ -5,7 +5,9 @@ use std::fmt;
 
 /// A share of traffic in whole percent, always within 0..=100 (Flagger's unit for every weight
 /// field). Directives carry basis points: see [`Weight::basis_points`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(try_from = "i64", into = "u8")]
 pub struct Weight(u8);
 
