@@ -34,14 +34,12 @@ pub fn step(
 }
 
 /// When the next step is due: one analysis interval after the last one (at once for a Canary
-/// never stepped, and while it is terminating). Calling [`step`] earlier is harmless: it only
-/// handles deletion and retry requests.
+/// never stepped). Calling [`step`] earlier is harmless: it then only handles a new deletion or
+/// a new retry token.
 pub fn next_step_at(plan: &CanaryPlan, status: &CanaryStatus) -> Timestamp {
-    match (status.phase, status.last_step_time) {
-        (_, None) => Timestamp::EPOCH,
-        (Some(Phase::Terminating), Some(t)) => t,
-        (_, Some(t)) => t.saturating_add(plan.analysis.interval),
-    }
+    status.last_step_time.map_or(Timestamp::EPOCH, |t| {
+        t.saturating_add(plan.analysis.interval)
+    })
 }
 
 /// How traffic should be split for a canary in this status; `None` while Weir does not route it
@@ -162,6 +160,9 @@ impl<'a> Run<'a> {
         match phase {
             Some(Phase::Terminated) => return Ok(()),
             Some(Phase::Terminating) => {
+                if !self.due() {
+                    return Ok(());
+                }
                 self.ticked = true;
                 return self.finish_termination();
             }

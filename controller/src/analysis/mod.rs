@@ -37,11 +37,13 @@
 //!   idempotent ("make it so"), and a promotion names the revision it promotes.
 //! - **Routing on start.** Effects carry route *changes*; after a restart build each canary's
 //!   directive from [`desired_route`]`(plan, status)`.
-//! - **Retry.** Pass the current retry token (e.g. the `weir.dev/retry` annotation's value) in
+//! - **Retry.** Pass the current retry token ([`Canary::retry_token`](crate::spec::Canary::retry_token):
+//!   the `weir.dev/retry` annotation; or a CLI nonce) in
 //!   `Observations::retry` on every call; a Failed canary is retried once per new token, and a
 //!   token seen in another phase is recorded and ignored (with an event).
-//! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating, then Terminated
-//!   (after the restored target is ready, with `revertOnDeletion`). Drop it once Terminated.
+//! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating at once, then
+//!   Terminated on a later step (once the restored target is ready, with `revertOnDeletion`).
+//!   Drop it once Terminated.
 //!
 //! # Differences from Flagger, on purpose
 //!

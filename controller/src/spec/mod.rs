@@ -49,7 +49,7 @@ pub use plan::{
 pub use resource::{
     Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook, IntOrString,
     MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch, ThresholdRange,
-    Unknown,
+    Unknown, RETRY_ANNOTATION,
 };
 pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
 pub use time::{Timestamp, TimestampError};

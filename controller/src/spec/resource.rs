@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+/// The annotation that asks Weir to retry a Failed canary: set it to a new value (a timestamp,
+/// say) for each retry; the same value never triggers twice.
+pub const RETRY_ANNOTATION: &str = "weir.dev/retry";
+
 /// Keys that are not part of Flagger's Canary schema, kept so validation can warn about each one.
 pub type Unknown = BTreeMap<String, Value>;
 
@@ -37,6 +41,17 @@ pub struct Canary {
     /// Top-level keys Flagger does not know.
     #[serde(flatten)]
     pub unknown: Unknown,
+}
+
+impl Canary {
+    /// The retry token from the [`RETRY_ANNOTATION`] annotation, for `Observations::retry`.
+    pub fn retry_token(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .get(RETRY_ANNOTATION)
+            .map(String::as_str)
+            .filter(|t| !t.is_empty())
+    }
 }
 
 /// The part of Kubernetes `ObjectMeta` that Weir reads.

@@ -585,3 +585,14 @@ fn the_namespace_defaults_to_default() {
     let plan = compile(&yaml).unwrap_or_else(|e| panic!("{e}")).plan;
     assert_eq!(plan.id(), "mhs.default");
 }
+
+#[test]
+fn the_retry_token_comes_from_the_weir_retry_annotation() {
+    let yaml = with_analysis("analysis:\n  stepWeight: 10").replace(
+        "  namespace: application\n",
+        "  namespace: application\n  annotations:\n    weir.dev/retry: \"2024-05-01T11:00:00Z\"\n",
+    );
+    let canary = from_yaml(&yaml).unwrap();
+    assert_eq!(canary.retry_token(), Some("2024-05-01T11:00:00Z"));
+    assert_eq!(from_yaml(&with_analysis("")).unwrap().retry_token(), None);
+}

@@ -245,7 +245,11 @@ fn deleting_a_canary_moves_traffic_to_primary_and_terminates() {
     assert_eq!(messages(&step), vec!["Terminating canary mhs.application"]);
     assert_eq!(actions(&step), vec![Effect::Route(Route::Primary)]);
     assert_eq!(sim.status.phase, Some(Phase::Terminating));
-    let step = sim.step();
+    assert!(
+        sim.step().effects.is_empty(),
+        "the rest follows at the normal cadence"
+    );
+    let step = sim.tick();
     assert_eq!(
         messages(&step),
         vec!["Finalization complete for mhs.application"]
@@ -269,11 +273,11 @@ fn deleting_with_revert_restores_the_target_before_giving_traffic_back() {
     let step = sim.step();
     assert_eq!(actions(&step), vec![Effect::ScaleCanary(Scale::Up)]);
     sim.obs.canary = Readiness::NotReady("0 of 3 updated replicas are available".into());
-    let step = sim.step();
+    let step = sim.tick();
     assert!(step.effects.is_empty(), "waits for the target");
     assert_eq!(sim.status.phase, Some(Phase::Terminating));
     sim.obs.canary = Readiness::Ready;
-    let step = sim.step();
+    let step = sim.tick();
     assert_eq!(actions(&step), vec![Effect::RevertRouting]);
     assert_eq!(
         messages(&step),
@@ -290,7 +294,7 @@ fn deleting_a_canary_that_never_initialized_touches_no_routes() {
     sim.obs.deleting = true;
     let step = sim.step();
     assert_eq!(actions(&step), vec![]);
-    sim.step();
+    sim.tick();
     assert_eq!(sim.status.phase, Some(Phase::Terminated));
 }
 
