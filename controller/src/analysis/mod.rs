@@ -30,17 +30,17 @@
 //! - **Inputs on demand.** A step that reaches a webhook gate or the metric checks without their
 //!   results returns [`Outcome::Need`]; evaluate exactly what it lists (each metric over its
 //!   `window` ending at `now`, each webhook with the given phase) and call again. It never asks
-//!   twice for what the observations already hold, so the loop ends (at most four rounds).
+//!   twice for what the observations already hold, so the loop ends (at most three rounds).
 //!   Measure only; the verdict is made here ([`evaluate`]).
 //! - **Effects, then status.** Perform the effects in order, then persist the status. If the
 //!   process dies in between, the old status yields the same effects again; they are all
 //!   idempotent ("make it so"), and a promotion names the revision it promotes.
 //! - **Routing on start.** Effects carry route *changes*; after a restart build each canary's
 //!   directive from [`desired_route`]`(plan, status)`.
-//! - **Retry.** Pass the current retry token ([`Canary::retry_token`](crate::spec::Canary::retry_token):
-//!   the `weir.dev/retry` annotation; or a CLI nonce) in
-//!   `Observations::retry` on every call; a Failed canary is retried once per new token, and a
-//!   token seen in another phase is recorded and ignored (with an event).
+//! - **Retry.** Pass the current retry token in `Observations::retry` on every call: the
+//!   `weir.dev/retry` annotation ([`Canary::retry_token`](crate::spec::Canary::retry_token)) or a
+//!   CLI nonce. A Failed canary is retried once per new token; a token seen in another phase is
+//!   recorded and ignored (with an event).
 //! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating at once, then
 //!   Terminated on a later step (once the restored target is ready, with `revertOnDeletion`).
 //!   Drop it once Terminated.
