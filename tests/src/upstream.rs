@@ -78,6 +78,36 @@ impl Upstream {
         &self.version
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks it to stop (SIGTERM, through `kill(1)`: this crate has no unsafe code for
+    /// `kill(2)`) and waits, at most `timeout`, for it to exit.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("cannot run kill(1)")?;
+        if !sent.success() {
+            bail!("kill -TERM {} failed: {sent}", self.child.id());
+        }
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "mirror {} still runs {timeout:?} after SIGTERM",
+                    self.version
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What it has served so far.
     pub async fn stats(&self) -> anyhow::Result<MirrorStats> {
         let (status, body) = crate::http::get(self.addr, "/mirror/stats").await?;
