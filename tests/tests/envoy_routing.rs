@@ -7,13 +7,15 @@ use weir_e2e::stack::{CANARY_VERSION, PRIMARY_VERSION};
 use weir_e2e::{Stack, StackOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routing_header_selects_the_canary_and_everything_else_goes_to_primary(
-) -> anyhow::Result<()> {
-    let stack = tokio::time::timeout(
-        Duration::from_secs(30),
-        Stack::start("envoy_routing", StackOptions::without_filter()),
-    )
-    .await??;
+async fn routing_header_selects_the_canary_and_everything_else_goes_to_primary() {
+    tokio::time::timeout(Duration::from_secs(60), routes())
+        .await
+        .expect("the test finishes within a minute")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+async fn routes() -> anyhow::Result<()> {
+    let stack = Stack::start("envoy_routing", StackOptions::without_filter()).await?;
 
     let to_canary = stack.load(200).header("x-weir-route", "canary").run().await;
     let to_primary = stack.load(200).run().await;
