@@ -41,6 +41,9 @@ pub const BYTES_PER_VERSION_TARGET: usize = 1024;
 pub const WEIGHT_BP: u32 = 5_000;
 /// The Weir filter's report interval in the benchmark: the filter's documented default.
 pub const REPORT_INTERVAL: &str = "1s";
+/// The host [`Variant::WeirUncovered`] asks for: Envoy routes it (its virtual host matches every
+/// domain) but no canary of the directive covers it.
+pub const UNCOVERED_HOST: &str = "other.application";
 /// wrk's connections (all on one wrk thread).
 pub const CONNECTIONS: u32 = 16;
 
@@ -55,15 +58,19 @@ pub enum Variant {
     Weir,
     /// The Weir filter with `"envoyStats": false`: shows what publishing Envoy stats costs.
     WeirNoStats,
+    /// The Weir filter, loaded with requests for a host no canary covers: its cost when it only
+    /// reads the authority and strips the routing header (no split, no record).
+    WeirUncovered,
 }
 
 impl Variant {
     /// Every variant, in table order.
-    pub const ALL: [Variant; 4] = [
+    pub const ALL: [Variant; 5] = [
         Variant::NoFilter,
         Variant::EmptyWasm,
-        Variant::Weir,
+        Variant::WeirUncovered,
         Variant::WeirNoStats,
+        Variant::Weir,
     ];
     /// The variants run unless others are asked for.
     pub const DEFAULT: [Variant; 3] = [Variant::NoFilter, Variant::EmptyWasm, Variant::Weir];
@@ -75,6 +82,7 @@ impl Variant {
             Variant::EmptyWasm => "empty-wasm",
             Variant::Weir => "weir",
             Variant::WeirNoStats => "weir-nostats",
+            Variant::WeirUncovered => "weir-uncovered",
         }
     }
 
@@ -84,7 +92,18 @@ impl Variant {
     }
 
     fn is_weir(self) -> bool {
-        matches!(self, Variant::Weir | Variant::WeirNoStats)
+        matches!(
+            self,
+            Variant::Weir | Variant::WeirNoStats | Variant::WeirUncovered
+        )
+    }
+
+    /// The `Host` wrk sends: the covered service's, except for [`Variant::WeirUncovered`].
+    pub fn host(self) -> &'static str {
+        match self {
+            Variant::WeirUncovered => UNCOVERED_HOST,
+            _ => HOST,
+        }
     }
 }
 
@@ -112,6 +131,8 @@ impl Default for Options {
     }
 }
 
+const VARIANT_NAMES: &str = "no-filter, empty-wasm, weir, weir-nostats, weir-uncovered or all";
+
 /// Command-line help for the benchmark binary.
 pub const USAGE: &str = "\
 usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--variant NAME]... [--smoke]
@@ -120,7 +141,7 @@ usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--varia
   --seconds S      length of each measured wrk run (default 3)
   --warmup S       unmeasured load per variant before the first round (default 1)
   --variant NAME   run this variant (repeatable); no-filter always runs as the baseline.
-                   Names: no-filter, empty-wasm, weir, weir-nostats, or `all`.
+                   Names: no-filter, empty-wasm, weir, weir-nostats, weir-uncovered, or `all`.
                    Default: no-filter, empty-wasm, weir
   --smoke          1 round of 1 s, no warm-up (what the test suite runs)
 ";
@@ -163,17 +184,14 @@ impl Options {
                 "--seconds" => options.seconds = number("--seconds")?,
                 "--warmup" => options.warmup_seconds = number("--warmup")?,
                 "--variant" => {
-                    let name = args.next().ok_or(
-                        "--variant needs a name: no-filter, empty-wasm, weir, weir-nostats or all",
-                    )?;
+                    let name = args
+                        .next()
+                        .ok_or_else(|| format!("--variant needs a name: {VARIANT_NAMES}"))?;
                     if name == "all" {
                         chosen.extend(Variant::ALL);
                     } else {
                         chosen.push(Variant::parse(name).ok_or_else(|| {
-                            format!(
-                                "unknown variant `{name}`: use no-filter, empty-wasm, weir, \
-                                 weir-nostats or all"
-                            )
+                            format!("unknown variant `{name}`: use {VARIANT_NAMES}")
                         })?);
                     }
                 }
@@ -185,9 +203,10 @@ impl Options {
         }
         if !chosen.is_empty() {
             chosen.push(Variant::NoFilter);
-            chosen.sort();
-            chosen.dedup();
-            options.variants = chosen;
+            options.variants = Variant::ALL
+                .into_iter()
+                .filter(|v| chosen.contains(v))
+                .collect();
         }
         Ok(Some(options))
     }
@@ -280,14 +299,24 @@ pub struct Run {
     pub round: u32,
     /// What wrk measured.
     pub wrk: WrkResult,
-    /// Envoy's CPU time (user + system, all threads) during the run, in clock ticks.
-    pub cpu_ticks: u64,
+    /// Envoy's CPU time during the run, in clock ticks.
+    pub cpu: CpuTicks,
 }
 
 impl Run {
-    /// Envoy CPU µs per request.
+    /// Envoy CPU µs per request (all threads).
     pub fn cpu_us_per_request(&self, ticks_per_sec: u64) -> f64 {
-        self.cpu_ticks as f64 * 1e6 / ticks_per_sec as f64 / self.wrk.requests.max(1) as f64
+        self.per_request(self.cpu.total, ticks_per_sec)
+    }
+
+    /// CPU µs per request of Envoy's worker thread alone (where requests and the filter run; the
+    /// rest is the main thread, with the reporter singleton and its gRPC stream).
+    pub fn worker_us_per_request(&self, ticks_per_sec: u64) -> f64 {
+        self.per_request(self.cpu.workers, ticks_per_sec)
+    }
+
+    fn per_request(&self, ticks: u64, ticks_per_sec: u64) -> f64 {
+        ticks as f64 * 1e6 / ticks_per_sec as f64 / self.wrk.requests.max(1) as f64
     }
 }
 
@@ -308,6 +337,10 @@ pub struct Machine {
     pub ticks_assumed: bool,
     /// `envoy --version`, shortened.
     pub envoy_version: String,
+    /// /proc/loadavg (1, 5, 15 minutes) before the benchmark: other work on the machine shows.
+    pub load_before: String,
+    /// /proc/loadavg after the benchmark.
+    pub load_after: String,
 }
 
 impl Machine {
@@ -328,9 +361,9 @@ impl Machine {
         let envoy_version = output(&envoy.display().to_string(), &["--version"])
             .await
             .and_then(|v| {
-                v.split("version:")
-                    .nth(1)
-                    .map(|rest| rest.trim().to_owned())
+                // `envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL`: keep the release.
+                let build = v.split("version:").nth(1)?.trim().to_owned();
+                Some(build.split('/').nth(1).map_or(build.clone(), str::to_owned))
             })
             .unwrap_or_else(|| "unknown".to_owned());
         Machine {
@@ -344,8 +377,17 @@ impl Machine {
             ticks_per_sec: ticks.unwrap_or(100),
             ticks_assumed: ticks.is_none(),
             envoy_version,
+            load_before: load_average(),
+            load_after: String::new(),
         }
     }
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 async fn output(program: &str, args: &[&str]) -> Option<String> {
@@ -374,6 +416,12 @@ pub struct Summary {
     pub runs: usize,
     /// Median Envoy CPU µs per request.
     pub cpu_us_per_request: f64,
+    /// Median over rounds of this variant's CPU per request ÷ no-filter's in the same round
+    /// (None without a no-filter run): steadier than the ratio of medians when the machine's
+    /// load drifts.
+    pub paired_cpu_ratio: Option<f64>,
+    /// Median CPU µs per request of Envoy's worker thread.
+    pub worker_us_per_request: f64,
     /// Median requests per second.
     pub requests_per_sec: f64,
     /// Median p99 latency, µs.
@@ -410,10 +458,21 @@ impl Outcome {
             .map(|&variant| {
                 let runs: Vec<&Run> = self.runs_of(variant).collect();
                 let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| f(r)));
+                let paired: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| {
+                        let base = self
+                            .runs_of(Variant::NoFilter)
+                            .find(|b| b.round == r.round)?;
+                        Some(r.cpu_us_per_request(ticks) / base.cpu_us_per_request(ticks))
+                    })
+                    .collect();
                 Summary {
                     variant,
                     runs: runs.len(),
                     cpu_us_per_request: median_of(&|r| r.cpu_us_per_request(ticks)),
+                    paired_cpu_ratio: (!paired.is_empty()).then(|| median(paired.into_iter())),
+                    worker_us_per_request: median_of(&|r| r.worker_us_per_request(ticks)),
                     requests_per_sec: median_of(&|r| r.wrk.requests_per_sec),
                     p99_us: median_of(&|r| r.wrk.p99_us),
                     report_bytes: self.report_bytes.get(&variant).cloned().unwrap_or_default(),
@@ -429,14 +488,18 @@ impl Outcome {
         let mut lines = Vec::new();
         if let (Some(base), Some(weir)) = (find(Variant::NoFilter), find(Variant::Weir)) {
             let ratio = weir.cpu_us_per_request / base.cpu_us_per_request;
-            let empty = find(Variant::EmptyWasm)
-                .map(|e| {
-                    format!(
-                        "; an empty Wasm filter alone: {:.2}×",
-                        e.cpu_us_per_request / base.cpu_us_per_request
-                    )
-                })
+            let mut context = weir
+                .paired_cpu_ratio
+                .map(|p| format!("; paired by round: {p:.2}×"))
                 .unwrap_or_default();
+            if let Some(e) = find(Variant::EmptyWasm) {
+                let _ = write!(
+                    context,
+                    "; an empty Wasm filter alone: {:.2}×",
+                    e.cpu_us_per_request / base.cpu_us_per_request
+                );
+            }
+            let empty = context;
             lines.push(if ratio <= CPU_RATIO_TARGET {
                 format!(
                     "PASS  Weir filter CPU/request {ratio:.2}× no filter (target ≤ {CPU_RATIO_TARGET:.2}×){empty}"
@@ -483,8 +546,9 @@ impl Outcome {
         let _ = writeln!(out, "- date: {}", m.date);
         let _ = writeln!(
             out,
-            "- machine: {} CPUs (nproc), {}; Envoy {}",
-            m.nproc, m.cpu_model, m.envoy_version
+            "- machine: {} CPUs (nproc), {}; Envoy {}; load average (1/5/15 min) {} before, {} \
+             after",
+            m.nproc, m.cpu_model, m.envoy_version, m.load_before, m.load_after
         );
         let _ = writeln!(
             out,
@@ -503,13 +567,16 @@ impl Outcome {
             out,
             "- Weir variants: the filter connected to the in-process test control plane, with a \
              directive covering `{HOST}` at {}% canary weight, reportInterval {REPORT_INTERVAL}; \
-             `weir-nostats` adds `\"envoyStats\": false`",
+             `weir-nostats` adds `\"envoyStats\": false`; `weir-uncovered` is the `weir` \
+             configuration loaded with `Host: {UNCOVERED_HOST}`, which no canary covers",
             WEIGHT_BP / 100
         );
         let _ = writeln!(
             out,
-            "- CPU: Envoy's utime + stime (all threads) from /proc/<pid>/stat before and after each \
-             run, at {} ticks/s ({}); medians over runs\n",
+            "- CPU: Envoy's utime + stime from /proc/<pid>/stat (all threads; the worker thread \
+             alone from /proc/<pid>/task/*/stat) before and after each run, at {} ticks/s ({}); \
+             medians over runs; \"paired\" is the median over rounds of the ratio to no-filter's \
+             run in the same round\n",
             m.ticks_per_sec,
             if m.ticks_assumed {
                 "assumed: `getconf CLK_TCK` failed"
@@ -525,9 +592,12 @@ impl Outcome {
         };
         let _ = writeln!(
             out,
-            "| variant | runs | Envoy CPU µs/request | CPU × no-filter | requests/s | req/s × no-filter | p99 ms | p99 × no-filter | bytes/version/report (median / max) |"
+            "| variant | runs | Envoy CPU µs/request | × no-filter | paired × | worker thread µs/request | requests/s | × no-filter | p99 ms | × no-filter | bytes/version/report (median / max) |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for s in &summaries {
             let bytes = if s.report_bytes.is_empty() {
                 "–".to_owned()
@@ -541,11 +611,14 @@ impl Outcome {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.1} | {} | {:.0} | {} | {:.2} | {} | {} |",
+                "| {} | {} | {:.1} | {} | {} | {:.1} | {:.0} | {} | {:.2} | {} | {} |",
                 s.variant.name(),
                 s.runs,
                 s.cpu_us_per_request,
                 ratio(s.cpu_us_per_request, |b| b.cpu_us_per_request),
+                s.paired_cpu_ratio
+                    .map_or("–".to_owned(), |p| format!("{p:.2}×")),
+                s.worker_us_per_request,
                 s.requests_per_sec,
                 ratio(s.requests_per_sec, |b| b.requests_per_sec),
                 s.p99_us / 1e3,
@@ -560,19 +633,20 @@ impl Outcome {
         let _ = writeln!(out, "\nEvery run:\n");
         let _ = writeln!(
             out,
-            "| round | variant | requests | requests/s | p99 ms | CPU ticks | CPU µs/request | non-2xx | socket errors |"
+            "| round | variant | requests | requests/s | p99 ms | CPU ticks (worker) | CPU µs/request | non-2xx | socket errors |"
         );
         let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.runs {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.0} | {:.2} | {} | {:.1} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {:.2} | {} ({}) | {:.1} | {} | {} |",
                 r.round + 1,
                 r.variant.name(),
                 r.wrk.requests,
                 r.wrk.requests_per_sec,
                 r.wrk.p99_us / 1e3,
-                r.cpu_ticks,
+                r.cpu.total,
+                r.cpu.workers,
                 r.cpu_us_per_request(m.ticks_per_sec),
                 r.wrk.non_2xx,
                 r.wrk.socket_errors
@@ -594,24 +668,57 @@ pub fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// An Envoy's CPU time so far (utime + stime of all its threads), in clock ticks.
-pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+/// CPU time of a process so far, in clock ticks (user + system).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// All threads, as /proc/<pid>/stat counts them.
+    pub total: u64,
+    /// Envoy's worker threads (named `wrk:worker_N`), from /proc/<pid>/task/*/stat.
+    pub workers: u64,
+}
+
+impl CpuTicks {
+    /// What was used between `earlier` and `self`.
+    pub fn since(self, earlier: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            total: self.total.saturating_sub(earlier.total),
+            workers: self.workers.saturating_sub(earlier.workers),
+        }
+    }
+}
+
+/// An Envoy's CPU time so far.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    // The command name (field 2) is in parentheses and may hold spaces: count from its end.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .ok_or_else(|| anyhow!("{path} has no `)`: {stat}"))?;
+    let (_, total) =
+        parse_stat(&stat).ok_or_else(|| anyhow!("{path} has no utime and stime: {stat}"))?;
+    let tasks = format!("/proc/{pid}/task");
+    let mut workers = 0;
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("cannot list {tasks}"))? {
+        // A thread may end between the listing and the read: it no longer counts.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+            continue;
+        };
+        if let Some((name, ticks)) = parse_stat(&stat) {
+            if name.starts_with("wrk:worker") {
+                workers += ticks;
+            }
+        }
+    }
+    Ok(CpuTicks { total, workers })
+}
+
+/// The name and utime + stime of a /proc `stat` line.
+fn parse_stat(stat: &str) -> Option<(&str, u64)> {
+    // The name (field 2) is in parentheses and may hold spaces or parentheses: split at the last.
+    let (head, after) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
     // After the name, field 3 (state) is index 0: utime (field 14) is 11, stime (15) is 12.
-    let field = |i: usize| -> anyhow::Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| anyhow!("{path} field {} is not a number: {stat}", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
 }
 
 /// wrk: `WEIR_WRK`, else `wrk` on PATH.
@@ -742,7 +849,7 @@ impl Bench {
                     path,
                     config_json: "{}".to_owned(),
                 }),
-                Variant::Weir | Variant::WeirNoStats => Some(WasmFilter {
+                Variant::Weir | Variant::WeirNoStats | Variant::WeirUncovered => Some(WasmFilter {
                     path: binaries::wasm(),
                     config_json: weir_config(variant),
                 }),
@@ -804,8 +911,13 @@ fn from_node<'a>(
         .filter(move |r| r.reporter.as_ref().is_some_and(|id| id.node_id == node))
 }
 
-/// One wrk run against `target`, bounded to its duration plus 30 s; wrk is killed if dropped.
-async fn wrk(wrk: &Path, target: SocketAddr, seconds: u32) -> anyhow::Result<WrkResult> {
+/// One wrk run of `variant` against `target`, bounded to its duration plus 30 s; wrk is killed if dropped.
+async fn wrk(
+    wrk: &Path,
+    variant: Variant,
+    target: SocketAddr,
+    seconds: u32,
+) -> anyhow::Result<WrkResult> {
     let run = Command::new(wrk)
         .args([
             "-t1".to_owned(),
@@ -813,7 +925,7 @@ async fn wrk(wrk: &Path, target: SocketAddr, seconds: u32) -> anyhow::Result<Wrk
             format!("-d{seconds}s"),
             "--latency".to_owned(),
             "-H".to_owned(),
-            format!("Host: {HOST}"),
+            format!("Host: {}", variant.host()),
             format!("http://{target}/"),
         ])
         .stdin(Stdio::null())
@@ -839,14 +951,19 @@ async fn wrk(wrk: &Path, target: SocketAddr, seconds: u32) -> anyhow::Result<Wrk
 /// Runs the benchmark. Every process it starts is killed before it returns, also on an error.
 pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
     let wrk_bin = wrk_binary()?;
-    let machine = Machine::probe(&binaries::envoy()).await;
+    let mut machine = Machine::probe(&binaries::envoy()).await;
     let bench = Bench::start(options).await?;
 
     for (variant, envoy) in &bench.envoys {
         if options.warmup_seconds > 0 {
-            wrk(&wrk_bin, envoy.listener_addr(), options.warmup_seconds)
-                .await
-                .with_context(|| format!("warm-up of {}", variant.name()))?;
+            wrk(
+                &wrk_bin,
+                *variant,
+                envoy.listener_addr(),
+                options.warmup_seconds,
+            )
+            .await
+            .with_context(|| format!("warm-up of {}", variant.name()))?;
         }
     }
 
@@ -856,15 +973,15 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
         for i in 0..count {
             let (variant, envoy) = &bench.envoys[(i + round as usize) % count];
             let before = cpu_ticks(envoy.pid())?;
-            let wrk = wrk(&wrk_bin, envoy.listener_addr(), options.seconds)
+            let wrk = wrk(&wrk_bin, *variant, envoy.listener_addr(), options.seconds)
                 .await
                 .with_context(|| format!("round {} of {}", round + 1, variant.name()))?;
-            let after = cpu_ticks(envoy.pid())?;
+            let cpu = cpu_ticks(envoy.pid())?.since(before);
             runs.push(Run {
                 variant: *variant,
                 round,
                 wrk,
-                cpu_ticks: after.saturating_sub(before),
+                cpu,
             });
         }
     }
@@ -873,7 +990,13 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let seen = bench.control.snapshot();
     let mut report_bytes = BTreeMap::new();
-    for variant in options.variants.iter().copied().filter(|v| v.is_weir()) {
+    let with_stats = [Variant::Weir, Variant::WeirNoStats];
+    for variant in options
+        .variants
+        .iter()
+        .copied()
+        .filter(|v| with_stats.contains(v))
+    {
         let node = node_id(variant);
         let sizes: Vec<usize> = seen
             .applied
@@ -884,6 +1007,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
         report_bytes.insert(variant, sizes);
     }
     drop(bench);
+    machine.load_after = load_average();
     Ok(Outcome {
         options: options.clone(),
         machine,
@@ -952,7 +1076,21 @@ Transfer/sec:      2.03MB
             x = x.wrapping_mul(31).wrapping_add(7);
         }
         std::hint::black_box(x);
-        assert!(cpu_ticks(std::process::id()).unwrap() > 0);
+        let ticks = cpu_ticks(std::process::id()).unwrap();
+        assert!(ticks.total > 0);
+        assert_eq!(
+            ticks.workers, 0,
+            "a test process has no Envoy worker threads"
+        );
+    }
+
+    #[test]
+    fn stat_lines_give_the_thread_name_even_with_spaces_and_parentheses() {
+        let line = "4242 (wrk:worker_0) S 1 2 3 4 5 6 7 8 9 10 120 30 0 0 20 0 9 0 100";
+        assert_eq!(parse_stat(line), Some(("wrk:worker_0", 150)));
+        let odd = "7 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 5 6 0 0";
+        assert_eq!(parse_stat(odd), Some(("a (b) c", 11)));
+        assert_eq!(parse_stat("7 (x) R 1 2"), None);
     }
 
     #[test]
@@ -988,7 +1126,7 @@ Transfer/sec:      2.03MB
         assert_eq!(median(std::iter::empty()), 0.0);
     }
 
-    fn run(variant: Variant, requests: u64, cpu_ticks: u64) -> Run {
+    fn run(variant: Variant, requests: u64, ticks: u64) -> Run {
         Run {
             variant,
             round: 0,
@@ -999,7 +1137,10 @@ Transfer/sec:      2.03MB
                 non_2xx: 0,
                 socket_errors: 0,
             },
-            cpu_ticks,
+            cpu: CpuTicks {
+                total: ticks,
+                workers: ticks / 2,
+            },
         }
     }
 
@@ -1014,6 +1155,8 @@ Transfer/sec:      2.03MB
                 ticks_per_sec: 100,
                 ticks_assumed: false,
                 envoy_version: "test".to_owned(),
+                load_before: "0.1 0.1 0.1".to_owned(),
+                load_after: "0.1 0.1 0.1".to_owned(),
             },
             runs: vec![
                 run(Variant::NoFilter, 10_000, 100),
@@ -1050,8 +1193,14 @@ Transfer/sec:      2.03MB
     #[test]
     fn the_table_shows_cpu_per_request_and_its_ratio_to_no_filter() {
         let text = outcome(131, 900).render();
-        assert!(text.contains("| weir | 1 | 131.0 | 1.31× |"), "{text}");
-        assert!(text.contains("| no-filter | 1 | 100.0 | 1.00× |"), "{text}");
+        assert!(
+            text.contains("| weir | 1 | 131.0 | 1.31× | 1.31× | 65.0 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| no-filter | 1 | 100.0 | 1.00× | 1.00× | 50.0 |"),
+            "{text}"
+        );
         assert!(text.contains("| 600 / 900 (n=2) |"), "{text}");
     }
 }
