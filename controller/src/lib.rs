@@ -6,9 +6,17 @@
 //!   and the directives pushed back to every Envoy.
 //! - [`metrics`]: the metric-source seam (streamed telemetry by default).
 //! - [`platform`]: where workloads live (local processes; Kubernetes later).
+//! - [`traffic`]: routes turned into the directives the filters apply.
+//! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
+//! - [`webhook`]: Flagger-style webhook calls.
 
 pub mod analysis;
+pub mod demo;
 pub mod ingest;
+pub mod local;
 pub mod metrics;
 pub mod platform;
+pub mod runner;
 pub mod spec;
+pub mod traffic;
+pub mod webhook;

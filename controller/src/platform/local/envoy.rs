@@ -69,6 +69,10 @@ pub struct EnvoyBootstrap {
     pub admin_port: u16,
     /// Where the primary workload listens.
     pub primary: SocketAddr,
+    /// A second primary endpoint (local mode's standby slot for zero-downtime promotions). When
+    /// set, the primary cluster is health checked (TCP connect) and its route retries connection
+    /// failures, so requests skip whichever slot is down.
+    pub primary_standby: Option<SocketAddr>,
     /// Where the canary workload listens.
     pub canary: SocketAddr,
     /// Where the controller's gRPC server listens; None leaves out the `weir_controller` cluster.
@@ -96,6 +100,7 @@ impl EnvoyBootstrap {
             listener_port: 0,
             admin_port: 0,
             primary,
+            primary_standby: None,
             canary,
             controller: None,
             wasm: None,
@@ -122,10 +127,32 @@ impl EnvoyBootstrap {
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
         }));
 
-        let mut clusters = vec![
-            static_cluster(PRIMARY_CLUSTER, self.primary),
-            static_cluster(CANARY_CLUSTER, self.canary),
-        ];
+        let mut primary = static_cluster(PRIMARY_CLUSTER, self.primary);
+        let mut primary_route = json!({"cluster": PRIMARY_CLUSTER});
+        if let Some(standby) = self.primary_standby {
+            if let Some(endpoints) =
+                primary["load_assignment"]["endpoints"][0]["lb_endpoints"].as_array_mut()
+            {
+                endpoints.push(json!({"endpoint": {"address": socket_address(standby)}}));
+            }
+            primary["health_checks"] = json!([{
+                "timeout": "0.5s",
+                "interval": "0.25s",
+                // Envoy checks idle clusters only every 60s by default; a slot must come back at once.
+                "no_traffic_interval": "0.25s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                // A connect check: a slot whose process is gone is out within one interval.
+                "tcp_health_check": {},
+            }]);
+            primary["common_lb_config"] = json!({"healthy_panic_threshold": {"value": 0}});
+            primary_route["retry_policy"] = json!({
+                "retry_on": "connect-failure,reset",
+                "num_retries": 2,
+                "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+            });
+        }
+        let mut clusters = vec![primary, static_cluster(CANARY_CLUSTER, self.canary)];
         if let Some(controller) = self.controller {
             let mut cluster = static_cluster(CONTROLLER_CLUSTER, controller);
             // The Exchange stream is gRPC, which needs HTTP/2 to the upstream.
@@ -139,6 +166,12 @@ impl EnvoyBootstrap {
         }
 
         let mut bootstrap = json!({
+            // The filter's stats carry the canary and version in their names
+            // (`weir_requests_total.canary.<ns>/<name>.version.<v>`); these rules make them tags.
+            "stats_config": {"stats_tags": [
+                {"tag_name": "version", "regex": "^weir_[a-z_]+\\.canary\\..+(\\.version\\.(primary|canary))$"},
+                {"tag_name": "canary", "regex": "^weir_[a-z_]+(\\.canary\\.(.+?))(?:\\.version\\.(?:primary|canary))?$"},
+            ]},
             "node": {
                 "id": self.node_id,
                 "cluster": self.node_cluster,
@@ -176,7 +209,7 @@ impl EnvoyBootstrap {
                                         {
                                             "name": PRIMARY_CLUSTER,
                                             "match": {"prefix": "/"},
-                                            "route": {"cluster": PRIMARY_CLUSTER},
+                                            "route": primary_route,
                                         },
                                     ],
                                 }],

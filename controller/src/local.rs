@@ -1,0 +1,409 @@
+//! Local mode: the whole loop on one machine. The controller's ingest on 127.0.0.1, a real Envoy
+//! with the Weir filter in front of the app's processes, the local platform, and the runner.
+//! State (status, events, ports, the promoted template) lives in a state folder, so a stopped
+//! controller resumes where it was.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::analysis::{Event, Severity};
+use crate::ingest::{Ingest, IngestConfig};
+use crate::metrics::streamed::StreamedSource;
+use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
+use crate::platform::local::{LocalPlatform, LocalPorts};
+use crate::runner::{Journal, RunError, Runner};
+use crate::spec::{self, CanaryPlan, CanaryStatus, Phase, Timestamp};
+use crate::traffic::{self, Directives};
+
+/// Everything local mode needs to start.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// The Canary file (Flagger's format, `apiVersion: weir.dev/v1alpha1`).
+    pub canary: PathBuf,
+    /// The folder of workload files (`<target>.yaml`).
+    pub workloads: PathBuf,
+    /// The state folder.
+    pub state: PathBuf,
+    /// Port of Envoy's listener on 127.0.0.1 (0: any free port).
+    pub listen_port: u16,
+    /// The Envoy binary.
+    pub envoy: PathBuf,
+    /// The Weir filter (.wasm).
+    pub wasm: PathBuf,
+    /// How often filters report.
+    pub report_interval: Duration,
+    /// Divide every duration of the analysis by this (the demo's time compression); 1 = real time.
+    pub time_scale: u32,
+    /// Print each event as it happens.
+    pub echo_events: bool,
+}
+
+/// Why local mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The Canary file can't be read or parsed.
+    #[error("{path}: {reason}")]
+    Canary {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Something needed to run could not be set up.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// One recorded event, as `kubectl describe canary` lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// When.
+    pub time: Timestamp,
+    /// The event.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// The events of a run, shared with whoever displays them.
+pub type EventLog = Arc<Mutex<Vec<RecordedEvent>>>;
+
+/// The local journal: `status.json`, `events.jsonl`, and `retry` (write a new token to retry a
+/// failed version: `weir retry`).
+pub struct LocalJournal {
+    state: PathBuf,
+    events: EventLog,
+    echo: bool,
+}
+
+impl LocalJournal {
+    /// A journal in `state`, loading earlier events.
+    pub fn new(state: &Path, echo: bool) -> Self {
+        let earlier = std::fs::read_to_string(state.join("events.jsonl"))
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            state: state.to_owned(),
+            events: Arc::new(Mutex::new(earlier)),
+            echo,
+        }
+    }
+
+    /// The shared event log.
+    pub fn events(&self) -> EventLog {
+        self.events.clone()
+    }
+}
+
+impl Journal for LocalJournal {
+    fn load(&self) -> Result<Option<CanaryStatus>, String> {
+        let path = self.state.join("status.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                format!(
+                    "{} is not a valid status ({e}); delete the state folder to start over",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    fn save(&mut self, status: &CanaryStatus) -> Result<(), String> {
+        // Write then rename: a crash never leaves half a status behind.
+        let path = self.state.join("status.json");
+        let tmp = self.state.join("status.json.tmp");
+        let text = serde_json::to_string_pretty(status).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    fn event(&mut self, event: &Event) {
+        let recorded = RecordedEvent {
+            time: Timestamp::from_system_time(SystemTime::now()),
+            event: event.clone(),
+        };
+        if self.echo {
+            println!("{}", describe_line(&recorded, None));
+        }
+        if let Ok(line) = serde_json::to_string(&recorded) {
+            let _ = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.state.join("events.jsonl"))
+                .and_then(|mut f| writeln!(f, "{line}"));
+        }
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(recorded);
+    }
+
+    fn retry_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.state.join("retry"))
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    }
+
+    fn deleting(&self) -> bool {
+        self.state.join("delete").exists()
+    }
+}
+
+/// One event as a row of `kubectl describe canary`'s Events table.
+pub fn describe_line(e: &RecordedEvent, since: Option<Timestamp>) -> String {
+    let kind = match e.event.severity {
+        Severity::Normal => "Normal ",
+        Severity::Warning => "Warning",
+    };
+    let age = since.map_or_else(
+        || e.time.to_string(),
+        |start| format!("{:>5.1}s", e.time.since(start).as_secs_f64()),
+    );
+    format!(
+        "  {kind}  {:<8} {age}  weir  {}",
+        e.event.reason, e.event.message
+    )
+}
+
+/// Requests a retry of a failed version: writes a new token into the state folder.
+pub fn request_retry(state: &Path) -> Result<String, String> {
+    let token = format!(
+        "{}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    std::fs::write(state.join("retry"), &token)
+        .map_err(|e| format!("cannot write {}: {e}", state.join("retry").display()))?;
+    Ok(token)
+}
+
+/// Divides every duration of the analysis by `factor` (the demo's compressed time).
+pub fn compress_time(plan: &mut CanaryPlan, factor: u32) {
+    if factor <= 1 {
+        return;
+    }
+    plan.analysis.interval /= factor;
+    plan.progress_deadline /= factor;
+    for check in &mut plan.analysis.metrics {
+        check.window /= factor;
+    }
+}
+
+/// Reads and compiles a Canary file; warnings are returned for the caller to show once.
+pub fn load_plan(path: &Path) -> Result<(CanaryPlan, Vec<String>), LocalError> {
+    let err = |reason: String| LocalError::Canary {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let canary = spec::from_yaml(&text).map_err(|e| err(e.to_string()))?;
+    let compiled = canary.compile().map_err(|e| err(e.to_string()))?;
+    Ok((
+        compiled.plan,
+        compiled.warnings.iter().map(ToString::to_string).collect(),
+    ))
+}
+
+/// A running local mode.
+pub struct LocalMode {
+    runner: Runner<LocalPlatform, StreamedSource, LocalJournal>,
+    envoy: EnvoyProcess,
+    ingest: Ingest,
+    events: EventLog,
+    stop_ingest: Option<oneshot::Sender<()>>,
+    warnings: Vec<String>,
+}
+
+impl LocalMode {
+    /// Starts ingest, the app's processes (as the state folder says), Envoy, and the runner.
+    pub async fn start(options: &LocalOptions) -> Result<Self, LocalError> {
+        let (mut plan, warnings) = load_plan(&options.canary)?;
+        compress_time(&mut plan, options.time_scale);
+        std::fs::create_dir_all(&options.state).map_err(|e| {
+            LocalError::Setup(format!("cannot create {}: {e}", options.state.display()))
+        })?;
+        let ports = LocalPorts::load_or_pick(&options.state).map_err(LocalError::Setup)?;
+
+        // Buckets as fine as the reports, so short (time-compressed) windows hold whole reports.
+        let ingest = Ingest::try_new(IngestConfig {
+            bucket_width: options.report_interval.min(Duration::from_secs(1)),
+            ..IngestConfig::default()
+        })
+        .map_err(|e| LocalError::Setup(e.to_string()))?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let served = ingest
+            .serve(SocketAddr::from(([127, 0, 0, 1], 0)), async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .map_err(|e| LocalError::Setup(format!("cannot start the telemetry server: {e}")))?;
+
+        let platform = LocalPlatform::new(options.workloads.clone(), options.state.clone(), ports);
+        let journal = LocalJournal::new(&options.state, options.echo_events);
+        let events = journal.events();
+        let mut runner = Runner::new(
+            plan.clone(),
+            platform,
+            StreamedSource::new(ingest.clone()),
+            Directives::new(ingest.clone()),
+            journal,
+        )
+        .map_err(LocalError::Setup)?
+        .with_confirm_wait(options.report_interval * 3);
+
+        // Bring back what the persisted status says runs, and its route, before Envoy connects.
+        let canary_running = matches!(
+            runner.status().phase,
+            Some(
+                Phase::Progressing | Phase::WaitingPromotion | Phase::Promoting | Phase::Finalising
+            )
+        );
+        let canary_ref = runner.canary().clone();
+        runner
+            .platform()
+            .resume(&canary_ref, canary_running)
+            .await
+            .map_err(|e| LocalError::Setup(e.to_string()))?;
+        runner
+            .restore_route()
+            .map_err(|e| LocalError::Setup(e.to_string()))?;
+
+        let config_json = serde_json::json!({
+            "reportInterval": format!("{}ms", options.report_interval.as_millis()),
+            "directiveGracePeriod": format!("{}ms", (options.report_interval * 10).as_millis()),
+        })
+        .to_string();
+        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut bootstrap = EnvoyBootstrap::new(local(ports.primary[0]), local(ports.canary));
+        bootstrap.primary_standby = Some(local(ports.primary[1]));
+        bootstrap.listener_port = options.listen_port;
+        bootstrap.controller = Some(served.local_addr());
+        bootstrap.namespace = plan.namespace.clone();
+        bootstrap.workload = plan.target.name.clone();
+        bootstrap.host = traffic::hosts(&plan)
+            .into_iter()
+            .nth(1)
+            .unwrap_or_else(|| plan.service.name.clone());
+        bootstrap.wasm = Some(WasmFilter {
+            path: options.wasm.clone(),
+            config_json,
+        });
+        let envoy_binary = options.envoy.clone();
+        let work_dir = options.state.clone();
+        let envoy = tokio::task::spawn_blocking(move || {
+            EnvoyProcess::start(&envoy_binary, &bootstrap, &work_dir, 2)
+        })
+        .await
+        .map_err(|e| LocalError::Setup(e.to_string()))?
+        .map_err(|e| LocalError::Setup(e.to_string()))?;
+        Ok(Self {
+            runner,
+            envoy,
+            ingest,
+            events,
+            stop_ingest: Some(stop_tx),
+            warnings,
+        })
+    }
+
+    /// Fields of the Canary accepted without effect, to show once.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Where to send requests.
+    pub fn listener(&self) -> SocketAddr {
+        self.envoy.listener_addr()
+    }
+
+    /// The host name requests should carry.
+    pub fn host(&self) -> String {
+        let plan = self.runner.plan();
+        format!("{}.{}", plan.service.name, plan.namespace)
+    }
+
+    /// The current status.
+    pub fn status(&self) -> &CanaryStatus {
+        self.runner.status()
+    }
+
+    /// The plan (after time compression).
+    pub fn plan(&self) -> &CanaryPlan {
+        self.runner.plan()
+    }
+
+    /// The events so far.
+    pub fn events(&self) -> EventLog {
+        self.events.clone()
+    }
+
+    /// The telemetry ingest (for live numbers).
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+
+    /// The Envoy.
+    pub fn envoy(&self) -> &EnvoyProcess {
+        &self.envoy
+    }
+
+    /// One step of the runner; errors are recorded as Warning events and retried next time.
+    pub async fn tick(&mut self) {
+        if let Err(e) = self.runner.tick().await {
+            self.record_error(&e);
+        }
+    }
+
+    fn record_error(&mut self, e: &RunError) {
+        let recorded = RecordedEvent {
+            time: Timestamp::from_system_time(SystemTime::now()),
+            event: Event {
+                severity: Severity::Warning,
+                reason: "Synced".to_owned(),
+                message: e.to_string(),
+            },
+        };
+        println!("{}", describe_line(&recorded, None));
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(recorded);
+    }
+
+    /// How long until the engine next wants a step (capped, so retries and file changes are seen
+    /// promptly).
+    pub fn until_next_step(&self) -> Duration {
+        let next = self.runner.next_step_at();
+        let now = Timestamp::from_system_time(SystemTime::now());
+        let wait = if next > now {
+            next.since(now)
+        } else {
+            Duration::ZERO
+        };
+        wait.clamp(Duration::from_millis(50), Duration::from_millis(250))
+    }
+
+    /// Stops Envoy, the app processes and the telemetry server.
+    pub async fn shutdown(mut self) {
+        self.envoy.kill();
+        self.runner.platform().shutdown().await;
+        if let Some(stop) = self.stop_ingest.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Traffic control: how the engine's routes reach the data plane. Weir's way is a directive to
+//! every filter (pushed by the ingest on the same stream the reports come up); the plan decides the
+//! hosts, the split mode and the routing header.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use weir_proto::v1::{self, canary_route::Mode, header_rule, sticky};
+
+use crate::analysis::Route;
+use crate::ingest::{Ingest, PublishError};
+use crate::spec::{CanaryPlan, Strategy, StringMatcher};
+
+/// The authorities a canary covers: the service name in its short and cluster-qualified forms
+/// (how mesh clients address it), plus `spec.service.hosts` (gateways' public names).
+pub fn hosts(plan: &CanaryPlan) -> Vec<String> {
+    let service = &plan.service.name;
+    let namespace = &plan.namespace;
+    let mut hosts = vec![
+        service.clone(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ];
+    for host in &plan.service.hosts {
+        if host != "*" && !hosts.contains(host) {
+            hosts.push(host.clone());
+        }
+    }
+    hosts
+}
+
+/// The directive entry for one canary routed as `route`.
+pub fn canary_route(plan: &CanaryPlan, route: Route) -> v1::CanaryRoute {
+    let mode = match (route, &plan.analysis.strategy) {
+        (Route::Matches, Strategy::AbTesting { matches, .. }) => {
+            Mode::HeaderMatch(v1::HeaderMatch {
+                any_of: matches
+                    .iter()
+                    .map(|group| v1::MatchGroup {
+                        all_of: group
+                            .headers
+                            .iter()
+                            .map(|rule| v1::HeaderRule {
+                                name: rule.name.clone(),
+                                value: Some(match &rule.value {
+                                    StringMatcher::Exact(v) => header_rule::Value::Exact(v.clone()),
+                                    StringMatcher::Prefix(v) => {
+                                        header_rule::Value::Prefix(v.clone())
+                                    }
+                                    StringMatcher::Regex(v) => header_rule::Value::Regex(v.clone()),
+                                }),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+        }
+        // With session affinity, users carrying the cookie keep their version as the weight grows.
+        _ => match &plan.analysis.session_affinity {
+            Some(affinity) => Mode::Sticky(v1::Sticky {
+                key: Some(sticky::Key::Cookie(affinity.cookie_name.clone())),
+            }),
+            None => Mode::Weighted(v1::Weighted {}),
+        },
+    };
+    v1::CanaryRoute {
+        key: plan.key(),
+        hosts: hosts(plan),
+        canary_weight_bp: route.canary_weight_bp(),
+        mode: Some(mode),
+        ..Default::default()
+    }
+}
+
+/// Every canary's current route, published as one complete directive on each change.
+#[derive(Clone)]
+pub struct Directives {
+    ingest: Ingest,
+    routes: Arc<Mutex<BTreeMap<String, v1::CanaryRoute>>>,
+}
+
+impl Directives {
+    /// Directives published through `ingest`.
+    pub fn new(ingest: Ingest) -> Self {
+        Self {
+            ingest,
+            routes: Arc::default(),
+        }
+    }
+
+    /// Sets (or, with `None`, removes) one canary's route and publishes; returns the generation.
+    pub fn set(&self, key: &str, route: Option<v1::CanaryRoute>) -> Result<u64, PublishError> {
+        let routes = {
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            match route {
+                Some(route) => routes.insert(key.to_owned(), route),
+                None => routes.remove(key),
+            };
+            routes.values().cloned().collect()
+        };
+        self.ingest.publish(routes)
+    }
+
+    /// The ingest behind these directives.
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+}
