@@ -107,3 +107,54 @@ impl Directives {
         &self.ingest
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{self, Weight};
+
+    #[test]
+    fn routes_become_directive_entries_for_the_canarys_hosts() {
+        use weir_proto::v1 as wire;
+        let plan = spec::load_yaml(include_str!("spec/testdata/flagger-istio-mhs.yaml"))
+            .unwrap()
+            .plan;
+        let entry = canary_route(&plan, Route::Weighted(Weight::try_new(30).unwrap()));
+        assert_eq!(entry.key, "application/mhs");
+        assert_eq!(
+            entry.hosts.last().map(String::as_str),
+            Some("mhs.example.com")
+        );
+        assert!(entry
+            .hosts
+            .contains(&"mhs.application.svc.cluster.local".to_owned()));
+        assert_eq!(entry.canary_weight_bp, 3000);
+        assert_eq!(
+            entry.mode,
+            Some(wire::canary_route::Mode::Weighted(wire::Weighted {}))
+        );
+        assert_eq!(canary_route(&plan, Route::Primary).canary_weight_bp, 0);
+
+        let ab = spec::load_yaml(include_str!("spec/testdata/weir-ab-testing.yaml"))
+            .unwrap()
+            .plan;
+        let entry = canary_route(&ab, Route::Matches);
+        assert!(entry.hosts.contains(&"shop".to_owned()));
+        let Some(wire::canary_route::Mode::HeaderMatch(m)) = entry.mode else {
+            panic!("expected a header match, got {:?}", entry.mode)
+        };
+        assert_eq!(
+            m.any_of[0].all_of,
+            vec![wire::HeaderRule {
+                name: "x-canary".into(),
+                value: Some(wire::header_rule::Value::Exact("insider".into()))
+            }]
+        );
+        assert_eq!(
+            m.any_of[1].all_of[0].value,
+            Some(wire::header_rule::Value::Regex(
+                "^(.*?;)?(canary=always)(;.*)?$".into()
+            ))
+        );
+    }
+}

@@ -1,10 +1,7 @@
 //! What a step asks the executor to do.
 
-use crate::spec::{
-    CanaryPlan, CanaryStatus, MetricCheck, Phase, Strategy, StringMatcher, Webhook, Weight,
-};
+use crate::spec::{CanaryStatus, MetricCheck, Phase, Webhook, Weight};
 use serde::{Deserialize, Serialize};
-use weir_proto::v1 as wire;
 
 /// The result of calling [`step`](super::step).
 #[derive(Debug, Clone, PartialEq)]
@@ -123,50 +120,6 @@ impl Route {
         match self {
             Route::Weighted(w) => w.basis_points(),
             Route::Primary | Route::Matches => 0,
-        }
-    }
-
-    /// This canary's entry of a directive: key, hosts, weight and mode (the routing header and
-    /// its values are left empty, i.e. the filter's defaults).
-    pub fn to_wire(self, plan: &CanaryPlan) -> wire::CanaryRoute {
-        let mode = match (self, &plan.analysis.strategy) {
-            (Route::Matches, Strategy::AbTesting { matches, .. }) => {
-                wire::canary_route::Mode::HeaderMatch(wire::HeaderMatch {
-                    any_of: matches
-                        .iter()
-                        .map(|group| wire::MatchGroup {
-                            all_of: group
-                                .headers
-                                .iter()
-                                .map(|rule| wire::HeaderRule {
-                                    name: rule.name.clone(),
-                                    value: Some(match &rule.value {
-                                        StringMatcher::Exact(v) => {
-                                            wire::header_rule::Value::Exact(v.clone())
-                                        }
-                                        StringMatcher::Prefix(v) => {
-                                            wire::header_rule::Value::Prefix(v.clone())
-                                        }
-                                        StringMatcher::Regex(v) => {
-                                            wire::header_rule::Value::Regex(v.clone())
-                                        }
-                                    }),
-                                })
-                                .collect(),
-                        })
-                        .collect(),
-                })
-            }
-            // Matches without A/B match groups cannot happen for a compiled plan; weight 0 keeps
-            // every request on the primary.
-            _ => wire::canary_route::Mode::Weighted(wire::Weighted {}),
-        };
-        wire::CanaryRoute {
-            key: plan.key(),
-            hosts: plan.service.hosts.clone(),
-            canary_weight_bp: self.canary_weight_bp(),
-            mode: Some(mode),
-            ..Default::default()
         }
     }
 }

@@ -397,45 +397,6 @@ fn route_weights_convert_to_basis_points_for_directives() {
 }
 
 #[test]
-fn routes_become_directive_entries_for_the_canarys_hosts() {
-    use weir_proto::v1 as wire;
-    let plan = spec::load_yaml(include_str!("../../spec/testdata/flagger-istio-mhs.yaml"))
-        .unwrap()
-        .plan;
-    let entry = Route::Weighted(w(30)).to_wire(&plan);
-    assert_eq!(entry.key, "application/mhs");
-    assert_eq!(entry.hosts, vec!["mhs.example.com"]);
-    assert_eq!(entry.canary_weight_bp, 3000);
-    assert_eq!(
-        entry.mode,
-        Some(wire::canary_route::Mode::Weighted(wire::Weighted {}))
-    );
-    assert_eq!(Route::Primary.to_wire(&plan).canary_weight_bp, 0);
-
-    let ab = spec::load_yaml(include_str!("../../spec/testdata/weir-ab-testing.yaml"))
-        .unwrap()
-        .plan;
-    let entry = Route::Matches.to_wire(&ab);
-    assert_eq!(entry.hosts, vec!["shop"]);
-    let Some(wire::canary_route::Mode::HeaderMatch(m)) = entry.mode else {
-        panic!("expected a header match, got {:?}", entry.mode)
-    };
-    assert_eq!(
-        m.any_of[0].all_of,
-        vec![wire::HeaderRule {
-            name: "x-canary".into(),
-            value: Some(wire::header_rule::Value::Exact("insider".into()))
-        }]
-    );
-    assert_eq!(
-        m.any_of[1].all_of[0].value,
-        Some(wire::header_rule::Value::Regex(
-            "^(.*?;)?(canary=always)(;.*)?$".into()
-        ))
-    );
-}
-
-#[test]
 fn the_builtin_metric_names_are_the_ones_in_the_plan() {
     let plan = mhs();
     let names: Vec<&str> = plan
