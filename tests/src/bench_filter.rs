@@ -37,8 +37,9 @@ use crate::workdir::WorkDir;
 pub const CPU_RATIO_TARGET: f64 = 1.20;
 /// Target from the issue: at most this many bytes per version per report.
 pub const BYTES_PER_VERSION_TARGET: usize = 1024;
-/// The canary weight of the directive the Weir Envoys apply, in basis points (50%).
-pub const WEIGHT_BP: u32 = 5_000;
+/// The canary weight of the directive the Weir Envoys apply unless told otherwise: 50%, so every
+/// request is split and half reach the second upstream.
+pub const DEFAULT_WEIGHT_PERCENT: u32 = 50;
 /// The Weir filter's report interval in the benchmark: the filter's documented default.
 pub const REPORT_INTERVAL: &str = "1s";
 /// The host [`Variant::WeirUncovered`] asks for: Envoy routes it (its virtual host matches every
@@ -118,6 +119,8 @@ pub struct Options {
     pub warmup_seconds: u32,
     /// The variants, no-filter first (always present: it is the baseline).
     pub variants: Vec<Variant>,
+    /// The canary weight of the directive, in percent.
+    pub weight_percent: u32,
 }
 
 impl Default for Options {
@@ -127,6 +130,7 @@ impl Default for Options {
             seconds: 3,
             warmup_seconds: 1,
             variants: Variant::DEFAULT.to_vec(),
+            weight_percent: DEFAULT_WEIGHT_PERCENT,
         }
     }
 }
@@ -140,6 +144,7 @@ usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--varia
   --rounds N       rounds, each running every variant once, alternating (default 5)
   --seconds S      length of each measured wrk run (default 3)
   --warmup S       unmeasured load per variant before the first round (default 1)
+  --weight P       the directive's canary weight in percent, 0 to 100 (default 50)
   --variant NAME   run this variant (repeatable); no-filter always runs as the baseline.
                    Names: no-filter, empty-wasm, weir, weir-nostats, weir-uncovered, or `all`.
                    Default: no-filter, empty-wasm, weir
@@ -154,6 +159,7 @@ impl Options {
             seconds: 1,
             warmup_seconds: 0,
             variants: Variant::DEFAULT.to_vec(),
+            weight_percent: DEFAULT_WEIGHT_PERCENT,
         }
     }
 
@@ -183,6 +189,7 @@ impl Options {
                 "--rounds" => options.rounds = number("--rounds")?,
                 "--seconds" => options.seconds = number("--seconds")?,
                 "--warmup" => options.warmup_seconds = number("--warmup")?,
+                "--weight" => options.weight_percent = number("--weight")?,
                 "--variant" => {
                     let name = args
                         .next()
@@ -201,6 +208,12 @@ impl Options {
         if options.rounds == 0 || options.seconds == 0 {
             return Err("--rounds and --seconds must be at least 1".to_owned());
         }
+        if options.weight_percent > 100 {
+            return Err(format!(
+                "--weight is a percentage, 0 to 100, got {}",
+                options.weight_percent
+            ));
+        }
         if !chosen.is_empty() {
             chosen.push(Variant::NoFilter);
             options.variants = Variant::ALL
@@ -214,6 +227,9 @@ impl Options {
     /// The arguments that reproduce these options.
     pub fn to_args(&self) -> String {
         let mut args = format!("--rounds {} --seconds {}", self.rounds, self.seconds);
+        if self.weight_percent != DEFAULT_WEIGHT_PERCENT {
+            let _ = write!(args, " --weight {}", self.weight_percent);
+        }
         if self.warmup_seconds != Options::default().warmup_seconds {
             let _ = write!(args, " --warmup {}", self.warmup_seconds);
         }
@@ -569,7 +585,7 @@ impl Outcome {
              directive covering `{HOST}` at {}% canary weight, reportInterval {REPORT_INTERVAL}; \
              `weir-nostats` adds `\"envoyStats\": false`; `weir-uncovered` is the `weir` \
              configuration loaded with `Host: {UNCOVERED_HOST}`, which no canary covers",
-            WEIGHT_BP / 100
+            o.weight_percent
         );
         let _ = writeln!(
             out,
@@ -828,7 +844,7 @@ impl Bench {
         // Sent before any Envoy connects: each gets it with its first message.
         let generation = control.set_directive(Directive {
             generation: 0,
-            canaries: vec![stack::weighted(WEIGHT_BP)],
+            canaries: vec![stack::weighted(options.weight_percent * 100)],
         });
         let empty = if options.variants.contains(&Variant::EmptyWasm) {
             Some(build_empty_filter().await?)
@@ -1117,6 +1133,10 @@ Transfer/sec:      2.03MB
         assert!(Options::parse(&args("--rounds x")).is_err());
         assert!(Options::parse(&args("--variant fast")).is_err());
         assert!(Options::parse(&args("--seconds 0")).is_err());
+        assert!(Options::parse(&args("--weight 101")).is_err());
+        let weighted = Options::parse(&args("--weight 0")).unwrap().unwrap();
+        assert_eq!(weighted.weight_percent, 0);
+        assert_eq!(weighted.to_args(), "--rounds 5 --seconds 3 --weight 0");
     }
 
     #[test]
