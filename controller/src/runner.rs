@@ -122,9 +122,11 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
     }
 
     /// After a (re)start: publish the route the persisted status calls for, before any step.
-    pub fn restore_route(&mut self) -> Result<(), RunError> {
+    pub async fn restore_route(&mut self) -> Result<(), RunError> {
         let route = analysis::desired_route(&self.plan, &self.status);
-        self.publish(route)
+        self.publish(route)?;
+        self.platform.apply_route(&self.canary, route).await?;
+        Ok(())
     }
 
     /// When the engine next wants to act (it may also act earlier on a retry or a deletion).
@@ -234,8 +236,16 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                     .scale_canary(&self.canary, *scale == Scale::Up)
                     .await?;
             }
-            Effect::Route(route) => self.publish(Some(*route))?,
-            Effect::RevertRouting => self.publish(None)?,
+            Effect::Route(route) => {
+                self.publish(Some(*route))?;
+                self.platform
+                    .apply_route(&self.canary, Some(*route))
+                    .await?;
+            }
+            Effect::RevertRouting => {
+                self.publish(None)?;
+                self.platform.apply_route(&self.canary, None).await?;
+            }
             Effect::CallWebhook(call) => {
                 let outcome = webhook::call(&self.plan, call).await;
                 let (severity, message) = match outcome {

@@ -94,4 +94,17 @@ pub trait Platform: Send + Sync {
 
     /// Whether primary and canary serve.
     fn readiness(&self, canary: &CanaryRef) -> impl Future<Output = Readiness> + Send;
+
+    /// Platform routing that accompanies a directive (called after each route change, and on
+    /// start). The weight itself travels to the filters as a directive; a platform may need
+    /// routes that send the routing header's values to the right backends, or (Kubernetes, when
+    /// no filter reports) a weighted fallback. `None`: the canary is no longer routed.
+    fn apply_route(
+        &self,
+        _canary: &CanaryRef,
+        _route: Option<crate::analysis::Route>,
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send {
+        // Local mode: Envoy's routes are static (by header), nothing to do.
+        async { Ok(()) }
+    }
 }
