@@ -281,6 +281,7 @@ impl LocalMode {
             .map_err(|e| LocalError::Setup(e.to_string()))?;
         runner
             .restore_route()
+            .await
             .map_err(|e| LocalError::Setup(e.to_string()))?;
 
         let config_json = serde_json::json!({
