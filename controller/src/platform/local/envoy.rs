@@ -169,8 +169,8 @@ impl EnvoyBootstrap {
             // The filter's stats carry the canary and version in their names
             // (`weir_requests_total.canary.<ns>/<name>.version.<v>`); these rules make them tags.
             "stats_config": {"stats_tags": [
-                {"tag_name": "version", "regex": "^weir_[a-z_]+\\.canary\\..+(\\.version\\.(primary|canary))$"},
-                {"tag_name": "canary", "regex": "^weir_[a-z_]+(\\.canary\\.(.+?))(?:\\.version\\.(?:primary|canary))?$"},
+                {"tag_name": "version", "regex": "^(?:wasmcustom\\.)?weir_[a-z_]+\\.canary\\..+(\\.version\\.(primary|canary))$"},
+                {"tag_name": "canary", "regex": "^(?:wasmcustom\\.)?weir_[a-z_]+(\\.canary\\.(.+?))(?:\\.version\\.(?:primary|canary))?$"},
             ]},
             "node": {
                 "id": self.node_id,
