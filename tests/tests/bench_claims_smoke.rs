@@ -1,0 +1,57 @@
+//! The `p99`, `ingest` and `detect` benchmarks (`cargo xtask bench <name>`) in their `--smoke`
+//! forms, so the suite notices when a benchmark itself breaks. Each needs its real binaries
+//! (Prometheus, the `weir` controller, Envoy): a missing one fails the test and says how to get it.
+
+use std::time::Duration;
+
+use weir_e2e::bench_p99;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_p99_benchmark_compares_weir_and_a_real_prometheus_against_exact_p99s() {
+    let outcome = match tokio::time::timeout(
+        Duration::from_secs(120),
+        bench_p99::run(&bench_p99::Options::smoke()),
+    )
+    .await
+    {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => panic!("{e:#}"),
+        Err(_) => panic!("the p99 smoke benchmark did not finish within 120 s"),
+    };
+    let table = outcome.render();
+    assert_eq!(
+        outcome.cases.len(),
+        bench_p99::distributions().len(),
+        "{table}"
+    );
+    assert!(!outcome.sweep.is_empty(), "{table}");
+    for case in outcome.cases.iter().chain(&outcome.sweep) {
+        assert_eq!(case.samples, bench_p99::Options::smoke().samples, "{table}");
+        assert!(
+            case.exact_ms > 0.0,
+            "{}: exact P99 measured\n{table}",
+            case.name
+        );
+        assert!(
+            case.weir_error().abs() <= 1.0 / 256.0 + 1e-9,
+            "{}: Weir's P99 within half an HDR slot\n{table}",
+            case.name
+        );
+        assert!(case.merge_exact, "{}: merging is exact\n{table}", case.name);
+        let real = case
+            .real_prometheus_ms
+            .unwrap_or_else(|| panic!("{}: the real Prometheus answered\n{table}", case.name));
+        assert!(
+            (real - case.prometheus_ms).abs() <= 1e-9,
+            "{}: the port of histogram_quantile agrees with the real one\n{table}",
+            case.name
+        );
+    }
+    // The interpolation over Istio's buckets must show an error Weir's histogram does not have.
+    let worst_prometheus = outcome
+        .cases
+        .iter()
+        .map(|c| c.prometheus_error().abs())
+        .fold(0.0, f64::max);
+    assert!(worst_prometheus > 0.05, "{table}");
+}
