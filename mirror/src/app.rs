@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
 use crate::flags::{parse_duration, Flags};
+use crate::istio::{Identity, IstioMetrics};
 
 /// Request header naming the status to answer with.
 pub const CODE_HEADER: &str = "x-mirror-code";
@@ -52,12 +53,20 @@ pub struct App {
     errors: ErrorSpread,
     requests: AtomicU64,
     failures: AtomicU64,
+    istio: Option<IstioMetrics>,
 }
 
 impl App {
-    /// The app for these flags.
-    pub fn new(flags: &Flags) -> Self {
+    /// The app for these flags, listening on `port`.
+    pub fn new(flags: &Flags, port: u16) -> Self {
         Self {
+            istio: flags.istio_metrics.then(|| {
+                IstioMetrics::new(Identity {
+                    workload: flags.istio_workload_on(port),
+                    namespace: flags.istio_namespace.clone(),
+                    version: flags.version.clone(),
+                })
+            }),
             version: flags.version.clone(),
             latency: flags.latency,
             errors: ErrorSpread::new(flags.error_rate),
@@ -80,8 +89,14 @@ impl App {
                 });
                 return Ok(self.respond(StatusCode::OK, format!("{stats}\n")));
             }
+            "/stats/prometheus" => {
+                if let Some(istio) = &self.istio {
+                    return Ok(self.respond(StatusCode::OK, istio.render()));
+                }
+            }
             _ => {}
         }
+        let started = Instant::now();
         let answer = self.answer_for(&request);
         // Drain the body so the connection stays reusable; its content does not matter.
         let _ = request.into_body().collect().await;
@@ -99,6 +114,9 @@ impl App {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if status.is_server_error() {
             self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(istio) = &self.istio {
+            istio.record(status.as_u16(), started.elapsed());
         }
         Ok(self.respond(status, body))
     }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::istio::parse_port_workload;
+
 /// A tiny HTTP app for demos and tests: answers 200, or the status asked for in `X-Mirror-Code`.
 #[derive(Debug, Parser)]
 #[command(name = "mirror")]
@@ -22,6 +24,31 @@ pub struct Flags {
     /// Delay added to every response, Go-style (`50ms`, `1s`, `1m30s`); `X-Mirror-Delay` overrides it.
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub latency: Duration,
+    /// Publish what an Istio sidecar would for the requests served (`istio_requests_total`,
+    /// `istio_request_duration_milliseconds`, reporter="destination") at `GET /stats/prometheus`.
+    #[arg(long)]
+    pub istio_metrics: bool,
+    /// `destination_workload_namespace` of the Istio series.
+    #[arg(long, default_value = "default")]
+    pub istio_namespace: String,
+    /// `destination_workload` of the Istio series: `<target>-primary` or `<target>`, as Flagger
+    /// names the Deployments.
+    #[arg(long, default_value = "mirror")]
+    pub istio_workload: String,
+    /// `PORT=NAME`: the workload name when listening on PORT, over --istio-workload (one
+    /// command line for both roles, as local mode starts them); repeatable.
+    #[arg(long = "istio-workload-for-port", value_parser = parse_port_workload)]
+    pub istio_workload_for_port: Vec<(u16, String)>,
+}
+
+impl Flags {
+    /// The Istio workload name for a process listening on `port`.
+    pub fn istio_workload_on(&self, port: u16) -> String {
+        self.istio_workload_for_port
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or_else(|| self.istio_workload.clone(), |(_, name)| name.clone())
+    }
 }
 
 /// Parses an error rate: a number from 0.0 to 1.0.
@@ -142,5 +169,24 @@ mod tests {
         assert_eq!(flags.error_rate, 0.5);
         assert_eq!(flags.latency, Duration::from_millis(50));
         assert!(Flags::try_parse_from(["mirror", "--latency", "fast"]).is_err());
+    }
+
+    #[test]
+    fn the_istio_workload_follows_the_listening_port() {
+        let flags = Flags::try_parse_from([
+            "mirror",
+            "--istio-metrics",
+            "--istio-workload",
+            "mhs",
+            "--istio-workload-for-port",
+            "8081=mhs-primary",
+            "--istio-workload-for-port",
+            "8082=mhs-primary",
+        ])
+        .unwrap();
+        assert!(flags.istio_metrics);
+        assert_eq!(flags.istio_workload_on(8082), "mhs-primary");
+        assert_eq!(flags.istio_workload_on(8083), "mhs");
+        assert!(Flags::try_parse_from(["mirror", "--istio-workload-for-port", "mhs"]).is_err());
     }
 }

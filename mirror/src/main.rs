@@ -4,10 +4,13 @@
 //! or with 500 for the `--error-rate` share; after `--latency` or the `X-Mirror-Delay` header's
 //! delay. Responses carry `x-mirror-version`. `GET /mirror/stats` returns
 //! `{"requests":N,"errors":M}` over every other request served (not `/healthz`), where errors are
-//! 5xx answers; `GET /healthz` is 200. SIGTERM or Ctrl-C stops it gracefully.
+//! 5xx answers; `GET /healthz` is 200. With `--istio-metrics`, `GET /stats/prometheus` publishes
+//! the Istio sidecar's request metrics for what it served (see `istio.rs`). SIGTERM or Ctrl-C
+//! stops it gracefully.
 
 mod app;
 mod flags;
+mod istio;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -36,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     writeln!(stdout, "listening on {bound}")?;
     stdout.flush()?;
 
-    let app = Arc::new(app::App::new(&flags));
+    let app = Arc::new(app::App::new(&flags, bound.port()));
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let stop = stop_signal();
