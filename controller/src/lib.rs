@@ -4,7 +4,9 @@
 //! - [`analysis`]: the pure state machine that makes every verdict and decision.
 //! - [`ingest`]: the weir.v1 gRPC server: exact accounting of filter reports, merged windows,
 //!   and the directives pushed back to every Envoy.
-//! - [`metrics`]: the metric-source seam (streamed telemetry by default).
+//! - [`metrics`]: the metric-source seam (streamed telemetry by default, Prometheus as a fallback
+//!   and for custom PromQL checks).
+//! - [`exporter`]: the controller's own metrics (`/metrics`, Flagger's series under `weir_`).
 //! - [`platform`]: where workloads live (local processes; Kubernetes later).
 //! - [`traffic`]: routes turned into the directives the filters apply.
 //! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
@@ -12,6 +14,7 @@
 
 pub mod analysis;
 pub mod demo;
+pub mod exporter;
 pub mod ingest;
 pub mod local;
 pub mod metrics;

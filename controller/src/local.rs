@@ -14,8 +14,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::analysis::{Event, Severity};
+use crate::exporter::{self, Recorder};
 use crate::ingest::{Ingest, IngestConfig};
-use crate::metrics::streamed::StreamedSource;
+use crate::metrics::prometheus::{
+    Credentials, PrometheusAddress, PrometheusConfig, PrometheusSource, DEFAULT_TIMEOUT,
+};
+use crate::metrics::select::{SelectingSource, SourcePolicy};
+use crate::metrics::template::Templates;
 use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
 use crate::platform::local::{LocalPlatform, LocalPorts};
 use crate::runner::{Journal, RunError, Runner};
@@ -43,6 +48,23 @@ pub struct LocalOptions {
     pub time_scale: u32,
     /// Print each event as it happens.
     pub echo_events: bool,
+}
+
+/// Where local mode's checks get their numbers, and where it publishes its own metrics. The
+/// default: streamed data, no Prometheus, no metrics endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct LocalMetricsOptions {
+    /// Which source the built-in checks use (`auto`: streamed while filters report).
+    pub source: SourcePolicy,
+    /// The global Prometheus address, for Canaries without `spec.metricsServer`.
+    pub prometheus: Option<String>,
+    /// Credentials for the global Prometheus: a Secret manifest or a YAML map with `username`
+    /// and `password`, or `token`.
+    pub prometheus_credentials: Option<PathBuf>,
+    /// How long one Prometheus query may take (default 5s).
+    pub prometheus_timeout: Option<Duration>,
+    /// Where to serve the controller's own metrics (`/metrics`); `None`: not served.
+    pub listen_metrics: Option<SocketAddr>,
 }
 
 /// Why local mode could not start.
@@ -221,18 +243,84 @@ pub fn load_plan(path: &Path) -> Result<(CanaryPlan, Vec<String>), LocalError> {
 
 /// A running local mode.
 pub struct LocalMode {
-    runner: Runner<LocalPlatform, StreamedSource, LocalJournal>,
+    runner: Runner<LocalPlatform, SelectingSource, LocalJournal>,
     envoy: EnvoyProcess,
     ingest: Ingest,
     events: EventLog,
     stop_ingest: Option<oneshot::Sender<()>>,
     warnings: Vec<String>,
+    recorder: Recorder,
+    metrics_addr: Option<SocketAddr>,
+    stop_metrics: Option<oneshot::Sender<()>>,
+}
+
+/// The metric source local mode analyses with: MetricTemplates from the Canary's folder, the
+/// global Prometheus, and the policy; checks that cannot run are refused before anything starts.
+fn metric_source(
+    options: &LocalOptions,
+    metrics: &LocalMetricsOptions,
+    plan: &CanaryPlan,
+    ingest: &Ingest,
+    warnings: &mut Vec<String>,
+) -> Result<SelectingSource, LocalError> {
+    let folder = options
+        .canary
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let invalid = |reason: String| LocalError::Canary {
+        path: options.canary.clone(),
+        reason,
+    };
+    let (templates, template_warnings) = Templates::load_dir(folder, &plan.namespace)
+        .map_err(|e| invalid(format!("MetricTemplates beside the Canary: {e}")))?;
+    warnings.extend(template_warnings);
+    templates
+        .check_plan(plan)
+        .map_err(|e| invalid(e.to_string()))?;
+    let timeout = metrics.prometheus_timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let global = match &metrics.prometheus {
+        None => None,
+        Some(address) => Some(PrometheusConfig {
+            address: PrometheusAddress::try_new(address)
+                .map_err(|e| LocalError::Setup(e.to_string()))?,
+            credentials: metrics
+                .prometheus_credentials
+                .as_deref()
+                .map(Credentials::from_file)
+                .transpose()
+                .map_err(LocalError::Setup)?,
+            timeout,
+        }),
+    };
+    let prometheus = PrometheusSource::new(global, templates);
+    let server = prometheus
+        .server_for(plan)
+        .map_err(|e| invalid(format!("spec.metricsServer: {e}")))?;
+    if metrics.source == SourcePolicy::Prometheus && server.is_none() {
+        return Err(LocalError::Setup(
+            "the metric source is prometheus, but there is no Prometheus address: set spec.metricsServer on the Canary or pass --prometheus-address".to_owned(),
+        ));
+    }
+    // A few report intervals: one late report must not flip a check to Prometheus.
+    let freshness = (options.report_interval * 4).max(Duration::from_secs(1));
+    Ok(SelectingSource::new(ingest.clone(), prometheus, metrics.source).with_freshness(freshness))
 }
 
 impl LocalMode {
-    /// Starts ingest, the app's processes (as the state folder says), Envoy, and the runner.
+    /// Starts ingest, the app's processes (as the state folder says), Envoy, and the runner,
+    /// with streamed analysis and no metrics endpoint.
     pub async fn start(options: &LocalOptions) -> Result<Self, LocalError> {
-        let (mut plan, warnings) = load_plan(&options.canary)?;
+        Self::start_with(options, &LocalMetricsOptions::default()).await
+    }
+
+    /// [`LocalMode::start`] with a choice of metric source (Prometheus, MetricTemplates beside
+    /// the Canary) and, optionally, the controller's own metrics endpoint.
+    pub async fn start_with(
+        options: &LocalOptions,
+        metrics: &LocalMetricsOptions,
+    ) -> Result<Self, LocalError> {
+        let (mut plan, mut warnings) = load_plan(&options.canary)?;
         compress_time(&mut plan, options.time_scale);
         std::fs::create_dir_all(&options.state).map_err(|e| {
             LocalError::Setup(format!("cannot create {}: {e}", options.state.display()))
@@ -245,6 +333,20 @@ impl LocalMode {
             ..IngestConfig::default()
         })
         .map_err(|e| LocalError::Setup(e.to_string()))?;
+        let source = metric_source(options, metrics, &plan, &ingest, &mut warnings)?;
+        let recorder = Recorder::new();
+        let (metrics_addr, stop_metrics) = match metrics.listen_metrics {
+            None => (None, None),
+            Some(addr) => {
+                let (stop, stopped) = oneshot::channel::<()>();
+                let bound = exporter::serve(addr, recorder.clone(), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(|e| LocalError::Setup(e.to_string()))?;
+                (Some(bound), Some(stop))
+            }
+        };
         let (stop_tx, stop_rx) = oneshot::channel();
         let served = ingest
             .serve(SocketAddr::from(([127, 0, 0, 1], 0)), async {
@@ -259,7 +361,7 @@ impl LocalMode {
         let mut runner = Runner::new(
             plan.clone(),
             platform,
-            StreamedSource::new(ingest.clone()),
+            source,
             Directives::new(ingest.clone()),
             journal,
         )
@@ -319,6 +421,9 @@ impl LocalMode {
             events,
             stop_ingest: Some(stop_tx),
             warnings,
+            recorder,
+            metrics_addr,
+            stop_metrics,
         })
     }
 
@@ -363,11 +468,24 @@ impl LocalMode {
         &self.envoy
     }
 
+    /// Where the controller's own metrics are served (`/metrics`), if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The controller's own metrics.
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
     /// One step of the runner; errors are recorded as Warning events and retried next time.
     pub async fn tick(&mut self) {
+        let started = std::time::Instant::now();
         if let Err(e) = self.runner.tick().await {
             self.record_error(&e);
         }
+        self.recorder
+            .record(self.runner.plan(), self.runner.status(), started.elapsed());
     }
 
     fn record_error(&mut self, e: &RunError) {
@@ -404,6 +522,9 @@ impl LocalMode {
         self.envoy.kill();
         self.runner.platform().shutdown().await;
         if let Some(stop) = self.stop_ingest.take() {
+            let _ = stop.send(());
+        }
+        if let Some(stop) = self.stop_metrics.take() {
             let _ = stop.send(());
         }
     }

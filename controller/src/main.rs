@@ -28,6 +28,41 @@ struct Binaries {
     wasm: Option<PathBuf>,
 }
 
+/// Where checks get their numbers, and where the controller publishes its own metrics.
+#[derive(clap::Args, Clone)]
+struct MetricsArgs {
+    /// Which source the built-in checks (request-success-rate, request-duration) use: auto
+    /// (streamed while filters report for the canary, else Prometheus), streamed, or prometheus.
+    /// MetricTemplates and inline queries always run on Prometheus.
+    #[arg(long, default_value = "auto")]
+    metric_source: weir_controller::metrics::select::SourcePolicy,
+    /// Prometheus for Canaries without spec.metricsServer, e.g. http://127.0.0.1:9090 (http only).
+    #[arg(long, env = "WEIR_PROMETHEUS_ADDRESS")]
+    prometheus_address: Option<String>,
+    /// Credentials for --prometheus-address: a Secret manifest or a YAML map with `username` and
+    /// `password`, or `token`.
+    #[arg(long, env = "WEIR_PROMETHEUS_CREDENTIALS")]
+    prometheus_credentials: Option<PathBuf>,
+    /// How long one Prometheus query may take.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    prometheus_timeout: Duration,
+    /// Serve the controller's own metrics (Prometheus text format) at http://<address>/metrics.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
+}
+
+impl MetricsArgs {
+    fn options(&self) -> local::LocalMetricsOptions {
+        local::LocalMetricsOptions {
+            source: self.metric_source,
+            prometheus: self.prometheus_address.clone(),
+            prometheus_credentials: self.prometheus_credentials.clone(),
+            prometheus_timeout: Some(self.prometheus_timeout),
+            listen_metrics: self.metrics_address,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Replay the Flagger tutorial's three experiments locally (time-compressed).
@@ -66,6 +101,8 @@ enum Command {
         /// Divide the analysis' durations by this.
         #[arg(long, default_value_t = 1)]
         time_scale: u32,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Retry the failed version of a local-mode canary without changing it.
     Retry {
@@ -141,8 +178,9 @@ async fn main() -> anyhow::Result<()> {
             port,
             report_interval,
             time_scale,
+            metrics,
         } => {
-            let mut mode = local::LocalMode::start(&local::LocalOptions {
+            let options = local::LocalOptions {
                 canary,
                 workloads,
                 state,
@@ -152,10 +190,13 @@ async fn main() -> anyhow::Result<()> {
                 report_interval,
                 time_scale,
                 echo_events: true,
-            })
-            .await?;
+            };
+            let mut mode = local::LocalMode::start_with(&options, &metrics.options()).await?;
             for warning in mode.warnings() {
                 eprintln!("warning: {warning}");
+            }
+            if let Some(addr) = mode.metrics_addr() {
+                println!("weir local: metrics at http://{addr}/metrics");
             }
             println!(
                 "weir local: send traffic to http://{} with Host: {}",

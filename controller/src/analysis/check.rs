@@ -294,9 +294,10 @@ impl CheckResult {
                 "Halt {canary_id} advancement: {} inconclusive, {reason} (from {})",
                 self.metric, self.source
             )),
+            // Flagger's wording for an empty query result, plus where Weir looked.
             Verdict::Inconclusive => Some(format!(
-                "Halt {canary_id} advancement: {} inconclusive, {reason}; is {target_id} receiving traffic?",
-                self.metric
+                "Halt {canary_id} advancement no values found for {} metric {} probably {target_id} is not receiving traffic ({reason})",
+                self.source, self.metric
             )),
             Verdict::Error => Some(format!(
                 "Halt {canary_id} advancement: {} could not be checked, {} error: {reason}",
@@ -451,7 +452,7 @@ mod tests {
         );
         assert_eq!(
             r.halt_message("mhs.application", "mhs.application").unwrap(),
-            "Halt mhs.application advancement: request-success-rate inconclusive, no data in 30s from prometheus; is mhs.application receiving traffic?"
+            "Halt mhs.application advancement no values found for prometheus metric request-success-rate probably mhs.application is not receiving traffic (no data in 30s from prometheus)"
         );
     }
 

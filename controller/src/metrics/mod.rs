@@ -2,9 +2,14 @@
 //!
 //! A source only measures; the verdict is the engine's (`crate::analysis`). Sources:
 //! - [`streamed`]: the filters' reports merged by the ingest (the default; exact, no query path);
-//! - `prometheus` (later): Flagger's built-in Istio queries and user PromQL, as a fallback.
+//! - [`prometheus`]: Flagger's built-in Istio queries and user PromQL (MetricTemplates, inline
+//!   queries), as a fallback and for custom checks; [`template`] holds the queries and templates;
+//! - [`select`]: which of the two measures each check.
 
+pub mod prometheus;
+pub mod select;
 pub mod streamed;
+pub mod template;
 
 use std::future::Future;
 use std::time::Instant;

@@ -36,6 +36,7 @@ mod duration;
 mod plan;
 mod resource;
 mod status;
+mod template;
 mod time;
 mod validate;
 mod weight;
@@ -52,6 +53,10 @@ pub use resource::{
     Unknown, RETRY_ANNOTATION,
 };
 pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
+pub use template::{
+    LocalObjectReference, MetricTemplate, MetricTemplateProvider, MetricTemplateSpec, ProviderKind,
+    ProviderPlan, QueryTemplate, TemplateError, TemplateModel, TemplatePlan, PROMETHEUS_PROVIDER,
+};
 pub use time::{Timestamp, TimestampError};
 pub use validate::{
     Compiled, FieldError, Rule, ValidationErrors, Warning, WarningKind, API_VERSION,

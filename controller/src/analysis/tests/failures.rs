@@ -155,7 +155,7 @@ fn too_little_data_is_inconclusive_and_only_halts() {
 }
 
 #[test]
-fn no_data_at_all_is_inconclusive_and_asks_whether_traffic_arrives() {
+fn no_data_at_all_is_inconclusive_in_flaggers_words() {
     let mut sim = Sim::new(mhs()).at_weight(20);
     let window = sim.window(REQUEST_DURATION);
     sim.metrics.insert(
@@ -165,7 +165,7 @@ fn no_data_at_all_is_inconclusive_and_asks_whether_traffic_arrives() {
     let step = sim.tick();
     assert_eq!(
         messages(&step),
-        vec!["Halt mhs.application advancement: request-duration inconclusive, no data in 30s from prometheus; is mhs.application receiving traffic?"]
+        vec!["Halt mhs.application advancement no values found for prometheus metric request-duration probably mhs.application is not receiving traffic (no data in 30s from prometheus)"]
     );
     assert_eq!(sim.status.failed_checks, 0);
 }

@@ -1,0 +1,540 @@
+//! The controller's own metrics, in the Prometheus text format (`GET /metrics`).
+//!
+//! Flagger's `flagger_*` series under Weir's prefix, same labels and meanings:
+//!
+//! | series | type | labels | value |
+//! |---|---|---|---|
+//! | `weir_info` | gauge | `version`, `mesh_provider` | 1 |
+//! | `weir_canary_total` | gauge | `namespace` | Canaries in the namespace |
+//! | `weir_canary_status` | gauge | `name`, `namespace` | 0 running, 1 successful (or idle), 2 failed |
+//! | `weir_canary_weight` | gauge | `workload`, `namespace` | percent of traffic: `<target>-primary` and `<target>` |
+//! | `weir_canary_duration_seconds` | histogram | `name`, `namespace` | seconds each analysis step took |
+//! | `weir_canary_metric_analysis` | gauge | `name`, `namespace`, `metric` | the last value of each metric check |
+//! | `weir_canary_successes_total` | counter | `name`, `namespace`, `deployment_strategy`, `analysis_status` | promotions |
+//! | `weir_canary_failures_total` | counter | `name`, `namespace`, `deployment_strategy`, `analysis_status` | rollbacks |
+//!
+//! As in Flagger, `name` is the target workload's name, `deployment_strategy` is `canary`,
+//! `ab-testing` or `blue-green`, and `analysis_status` is `completed` (or `skipped` when
+//! `skipAnalysis` promoted without analysis).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::spec::{CanaryPlan, CanaryStatus, Phase, Strategy, Timestamp};
+
+/// Prometheus' default histogram buckets (client_golang's `DefBuckets`), as Flagger uses.
+const DURATION_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    buckets: [u64; DURATION_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Debug, Default)]
+struct CanaryState {
+    target: String,
+    namespace: String,
+    strategy: &'static str,
+    phase: Option<Phase>,
+    weight: u8,
+    analysis: BTreeMap<String, f64>,
+    last_step: Option<Timestamp>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// By `namespace/name` of the Canary.
+    canaries: BTreeMap<String, CanaryState>,
+    /// By (target, namespace).
+    durations: BTreeMap<(String, String), Histogram>,
+    /// By (target, namespace, strategy, analysis status).
+    successes: BTreeMap<(String, String, &'static str, &'static str), u64>,
+    failures: BTreeMap<(String, String, &'static str, &'static str), u64>,
+}
+
+/// Records what the controller does, for `/metrics`. Cheap to clone; clones share the numbers.
+#[derive(Debug, Clone, Default)]
+pub struct Recorder {
+    state: Arc<Mutex<State>>,
+}
+
+fn strategy_name(plan: &CanaryPlan) -> &'static str {
+    match plan.analysis.strategy {
+        Strategy::Canary { .. } => "canary",
+        Strategy::AbTesting { .. } => "ab-testing",
+        Strategy::BlueGreen { .. } => "blue-green",
+    }
+}
+
+impl Recorder {
+    /// An empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a Canary's status after a step. `step_took` is how long the step ran; it is
+    /// observed in the duration histogram only when the engine acted (the status' step time
+    /// moved), so idle polls don't dilute it.
+    pub fn record(&self, plan: &CanaryPlan, status: &CanaryStatus, step_took: Duration) {
+        let mut state = self.lock();
+        let target = plan.target.name.clone();
+        let namespace = plan.namespace.clone();
+        let strategy = strategy_name(plan);
+        let entry = state.canaries.entry(plan.key()).or_default();
+        let previous_phase = entry.phase;
+        let acted = entry.last_step != status.last_step_time && status.last_step_time.is_some();
+        entry.target = target.clone();
+        entry.namespace = namespace.clone();
+        entry.strategy = strategy;
+        entry.phase = status.phase;
+        entry.weight = status.canary_weight.percent();
+        entry.last_step = status.last_step_time;
+        if let Some(checks) = status.decisions.iter().rev().find(|d| !d.checks.is_empty()) {
+            for check in &checks.checks {
+                if let Some(v) = check.value {
+                    entry.analysis.insert(check.metric.clone(), v);
+                }
+            }
+        }
+        // A finished rollout counts once, when its phase is first seen; a restarted controller
+        // starts from the persisted phase without counting it again.
+        let finished = previous_phase.is_some() && previous_phase != status.phase;
+        let skipped = plan.skip_analysis;
+        let analysis_status = if skipped { "skipped" } else { "completed" };
+        let key = (target.clone(), namespace.clone(), strategy, analysis_status);
+        match status.phase {
+            Some(Phase::Succeeded) if finished => *state.successes.entry(key).or_default() += 1,
+            Some(Phase::Failed) if finished => *state.failures.entry(key).or_default() += 1,
+            _ => {}
+        }
+        if acted {
+            let h = state.durations.entry((target, namespace)).or_default();
+            let secs = step_took.as_secs_f64();
+            for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+                if secs <= *bound {
+                    h.buckets[i] += 1;
+                }
+            }
+            h.count += 1;
+            h.sum += secs;
+        }
+    }
+
+    /// Forgets a deleted Canary (its counters stay, as Prometheus counters do).
+    pub fn forget(&self, plan: &CanaryPlan) {
+        self.lock().canaries.remove(&plan.key());
+    }
+
+    /// Everything in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let state = self.lock();
+        let mut out = String::new();
+        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        header(
+            &mut out,
+            "weir_info",
+            "gauge",
+            "Weir version and mesh provider information",
+        );
+        let _ = writeln!(
+            out,
+            "weir_info{{version=\"{}\",mesh_provider=\"istio\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+
+        header(
+            &mut out,
+            "weir_canary_total",
+            "gauge",
+            "Total number of canary object",
+        );
+        let mut per_namespace: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in state.canaries.values() {
+            *per_namespace.entry(&c.namespace).or_default() += 1;
+        }
+        for (namespace, n) in per_namespace {
+            let _ = writeln!(
+                out,
+                "weir_canary_total{{namespace=\"{}\"}} {n}",
+                escape(namespace)
+            );
+        }
+
+        header(
+            &mut out,
+            "weir_canary_status",
+            "gauge",
+            "Last canary analysis result (0 running, 1 successful, 2 failed)",
+        );
+        for c in state.canaries.values() {
+            let value = match c.phase {
+                Some(
+                    Phase::Progressing
+                    | Phase::WaitingPromotion
+                    | Phase::Promoting
+                    | Phase::Finalising,
+                ) => 0,
+                Some(Phase::Failed) => 2,
+                _ => 1,
+            };
+            let _ = writeln!(
+                out,
+                "weir_canary_status{{name=\"{}\",namespace=\"{}\"}} {value}",
+                escape(&c.target),
+                escape(&c.namespace)
+            );
+        }
+
+        header(
+            &mut out,
+            "weir_canary_weight",
+            "gauge",
+            "The virtual service destination weight current value",
+        );
+        for c in state.canaries.values() {
+            let _ = writeln!(
+                out,
+                "weir_canary_weight{{workload=\"{}-primary\",namespace=\"{}\"}} {}",
+                escape(&c.target),
+                escape(&c.namespace),
+                100 - u32::from(c.weight)
+            );
+            let _ = writeln!(
+                out,
+                "weir_canary_weight{{workload=\"{}\",namespace=\"{}\"}} {}",
+                escape(&c.target),
+                escape(&c.namespace),
+                c.weight
+            );
+        }
+
+        header(
+            &mut out,
+            "weir_canary_duration_seconds",
+            "histogram",
+            "Seconds spent performing canary analysis.",
+        );
+        for ((target, namespace), h) in &state.durations {
+            let labels = format!(
+                "name=\"{}\",namespace=\"{}\"",
+                escape(target),
+                escape(namespace)
+            );
+            for (bound, n) in DURATION_BUCKETS.iter().zip(h.buckets) {
+                let _ = writeln!(
+                    out,
+                    "weir_canary_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "weir_canary_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "weir_canary_duration_seconds_sum{{{labels}}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "weir_canary_duration_seconds_count{{{labels}}} {}",
+                h.count
+            );
+        }
+
+        header(
+            &mut out,
+            "weir_canary_metric_analysis",
+            "gauge",
+            "Last canary analysis result per metric",
+        );
+        for c in state.canaries.values() {
+            for (metric, value) in &c.analysis {
+                let _ = writeln!(
+                    out,
+                    "weir_canary_metric_analysis{{name=\"{}\",namespace=\"{}\",metric=\"{}\"}} {}",
+                    escape(&c.target),
+                    escape(&c.namespace),
+                    escape(metric),
+                    number(*value)
+                );
+            }
+        }
+
+        for (name, help, counts) in [
+            (
+                "weir_canary_successes_total",
+                "Total number of canary successes",
+                &state.successes,
+            ),
+            (
+                "weir_canary_failures_total",
+                "Total number of canary failures",
+                &state.failures,
+            ),
+        ] {
+            header(&mut out, name, "counter", help);
+            for ((target, namespace, strategy, analysis), n) in counts {
+                let _ = writeln!(
+                    out,
+                    "{name}{{name=\"{}\",namespace=\"{}\",deployment_strategy=\"{strategy}\",analysis_status=\"{analysis}\"}} {n}",
+                    escape(target),
+                    escape(namespace)
+                );
+            }
+        }
+        out
+    }
+}
+
+/// A label value escaped as the text format requires.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A sample value as the text format writes it.
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until `shutdown` completes; returns the bound address (port
+/// 0 picks one) once listening.
+pub async fn serve(
+    addr: SocketAddr,
+    recorder: Recorder,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot serve metrics on {addr}: {e}; pick a free port"),
+        )
+    })?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                () = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let recorder = recorder.clone();
+                    async move { Ok::<_, Infallible>(respond(&recorder, &request)) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+fn respond(recorder: &Recorder, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            recorder.render(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        other => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("{other} not found; metrics are at /metrics\n"),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{CheckResult, Unit, Verdict};
+    use crate::spec::{load_yaml, Decision, Weight};
+
+    fn plan() -> CanaryPlan {
+        load_yaml(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    stepWeight: 10\n    metrics: [{name: request-success-rate, thresholdRange: {min: 99}}]\n",
+        )
+        .unwrap()
+        .plan
+    }
+
+    fn status(phase: Phase, weight: u8, step: u64, value: Option<f64>) -> CanaryStatus {
+        let mut s = CanaryStatus {
+            phase: Some(phase),
+            canary_weight: Weight::try_new(i64::from(weight)).unwrap(),
+            last_step_time: Some(Timestamp::from_unix_millis(step)),
+            ..CanaryStatus::default()
+        };
+        if let Some(v) = value {
+            s.record(Decision {
+                time: Timestamp::from_unix_millis(step),
+                phase,
+                canary_weight: s.canary_weight,
+                failed_checks: 0,
+                iterations: 0,
+                events: vec![],
+                checks: vec![CheckResult {
+                    metric: "request-success-rate".into(),
+                    verdict: Verdict::Pass,
+                    value: Some(v),
+                    min: Some(99.0),
+                    max: None,
+                    unit: Unit::Percent,
+                    window: Duration::from_secs(30),
+                    sample_count: Some(100),
+                    min_sample_count: 20,
+                    source: "prometheus".into(),
+                    reason: None,
+                }],
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn status_weight_and_metric_values_use_flaggers_series_under_weirs_prefix() {
+        let r = Recorder::new();
+        let p = plan();
+        r.record(
+            &p,
+            &status(Phase::Progressing, 30, 1, Some(99.5)),
+            Duration::from_millis(20),
+        );
+        let text = r.render();
+        for line in [
+            "weir_canary_total{namespace=\"application\"} 1",
+            "weir_canary_status{name=\"mhs\",namespace=\"application\"} 0",
+            "weir_canary_weight{workload=\"mhs-primary\",namespace=\"application\"} 70",
+            "weir_canary_weight{workload=\"mhs\",namespace=\"application\"} 30",
+            "weir_canary_metric_analysis{name=\"mhs\",namespace=\"application\",metric=\"request-success-rate\"} 99.5",
+            "weir_canary_duration_seconds_bucket{name=\"mhs\",namespace=\"application\",le=\"0.025\"} 1",
+            "weir_canary_duration_seconds_bucket{name=\"mhs\",namespace=\"application\",le=\"0.01\"} 0",
+            "weir_canary_duration_seconds_count{name=\"mhs\",namespace=\"application\"} 1",
+            "# TYPE weir_canary_duration_seconds histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+    }
+
+    #[test]
+    fn idle_polls_are_not_observed_as_analysis_durations() {
+        let r = Recorder::new();
+        let p = plan();
+        let s = status(Phase::Progressing, 10, 1, None);
+        for _ in 0..5 {
+            r.record(&p, &s, Duration::from_millis(1));
+        }
+        assert!(r.render().contains(
+            "weir_canary_duration_seconds_count{name=\"mhs\",namespace=\"application\"} 1"
+        ));
+    }
+
+    #[test]
+    fn a_promotion_and_a_rollback_are_each_counted_once() {
+        let r = Recorder::new();
+        let p = plan();
+        // A restarted controller sees Succeeded first: not counted again.
+        r.record(&p, &status(Phase::Succeeded, 0, 1, None), Duration::ZERO);
+        r.record(&p, &status(Phase::Progressing, 10, 2, None), Duration::ZERO);
+        r.record(&p, &status(Phase::Succeeded, 0, 3, None), Duration::ZERO);
+        r.record(&p, &status(Phase::Succeeded, 0, 3, None), Duration::ZERO);
+        r.record(&p, &status(Phase::Progressing, 10, 4, None), Duration::ZERO);
+        r.record(&p, &status(Phase::Failed, 0, 5, None), Duration::ZERO);
+        let text = r.render();
+        assert!(text.contains("weir_canary_successes_total{name=\"mhs\",namespace=\"application\",deployment_strategy=\"canary\",analysis_status=\"completed\"} 1"), "{text}");
+        assert!(text.contains("weir_canary_failures_total{name=\"mhs\",namespace=\"application\",deployment_strategy=\"canary\",analysis_status=\"completed\"} 1"), "{text}");
+        assert!(
+            text.contains("weir_canary_status{name=\"mhs\",namespace=\"application\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_serves_the_text_format() {
+        let r = Recorder::new();
+        r.record(
+            &plan(),
+            &status(Phase::Succeeded, 0, 1, None),
+            Duration::ZERO,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let addr = serve(SocketAddr::from(([127, 0, 0, 1], 0)), r, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("text/plain; version=0.0.4"), "{text}");
+        assert!(
+            text.contains("weir_canary_status{name=\"mhs\",namespace=\"application\"} 1"),
+            "{text}"
+        );
+        let _ = stop.send(());
+    }
+}
