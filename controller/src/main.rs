@@ -63,6 +63,100 @@ impl MetricsArgs {
     }
 }
 
+/// `weir kubernetes`: the cluster controller's flags.
+#[derive(clap::Args, Clone)]
+struct KubernetesArgs {
+    /// A kubeconfig file (default: KUBECONFIG, ~/.kube/config, then the in-cluster config).
+    #[arg(long, env = "WEIR_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespaces whose Canaries to act on, comma-separated or repeated (default: all).
+    #[arg(long = "namespace", env = "WEIR_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Where the filters' gRPC stream (weir.v1 Telemetry) is served.
+    #[arg(long, env = "WEIR_GRPC_ADDRESS", default_value = "0.0.0.0:9090")]
+    grpc_address: std::net::SocketAddr,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, env = "WEIR_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    http_address: std::net::SocketAddr,
+    /// The header the filters set and the VirtualServices match (the filter's routingHeader).
+    #[arg(long, env = "WEIR_ROUTING_HEADER", default_value = "x-weir-route")]
+    routing_header: String,
+    /// How long a routed canary may go without any filter report before its VirtualService
+    /// carries the weights itself (Flagger-style routing).
+    #[arg(long, env = "WEIR_FALLBACK_AFTER", default_value = "60s", value_parser = parse_duration)]
+    fallback_after: Duration,
+    /// Compete for a Lease so that only one replica acts (disable only with a single replica).
+    #[arg(long, env = "WEIR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease (the controller's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weir-system")]
+    lease_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, env = "WEIR_LEASE_NAME", default_value = "weir-controller")]
+    lease_name: String,
+    /// How long the Lease holds without renewal.
+    #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// This Pod's name (the downward API's metadata.name): the leader labels its own Pod.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Which source the built-in checks use: auto (streamed while filters report, else
+    /// Prometheus), streamed, or prometheus.
+    #[arg(long, env = "WEIR_METRIC_SOURCE", default_value = "auto")]
+    metric_source: weir_controller::metrics::select::SourcePolicy,
+    /// Prometheus for Canaries without spec.metricsServer, e.g. http://prometheus.istio-system:9090.
+    #[arg(long, env = "WEIR_PROMETHEUS_ADDRESS")]
+    prometheus_address: Option<String>,
+}
+
+impl KubernetesArgs {
+    async fn run(self) -> anyhow::Result<()> {
+        use weir_controller::metrics::prometheus::{
+            PrometheusAddress, PrometheusConfig, PrometheusSource,
+        };
+        use weir_controller::metrics::select::SelectingSource;
+        use weir_controller::platform::kubernetes::{run, Settings};
+
+        let prometheus = self
+            .prometheus_address
+            .as_deref()
+            .map(PrometheusAddress::try_new)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--prometheus-address: {e}"))?
+            .map(PrometheusConfig::new);
+        let policy = self.metric_source;
+        let options = run::KubernetesOptions {
+            kubeconfig: self.kubeconfig,
+            namespaces: self
+                .namespaces
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
+            grpc_address: self.grpc_address,
+            http_address: self.http_address,
+            settings: Settings {
+                routing_header: self.routing_header,
+                fallback_after: self.fallback_after,
+                instance: self.pod_name.clone().unwrap_or_else(|| "weir".to_owned()),
+                ..Settings::default()
+            },
+            leader_election: self.leader_election,
+            lease_namespace: self.lease_namespace,
+            lease_name: self.lease_name,
+            lease_duration: self.lease_duration,
+            pod_name: self.pod_name,
+        };
+        run::run(options, move |ingest, _client| {
+            // MetricTemplates are not read from the cluster yet: a templateRef check reports
+            // an Error verdict naming the missing template.
+            let templates = Default::default();
+            SelectingSource::new(ingest, PrometheusSource::new(prometheus, templates), policy)
+        })
+        .await?;
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Replay the Flagger tutorial's three experiments locally (time-compressed).
@@ -104,11 +198,35 @@ enum Command {
         #[command(flatten)]
         metrics: MetricsArgs,
     },
+    /// Print the CustomResourceDefinitions (generated from the Rust types), or write them into a
+    /// folder (`--out manifests/crds`).
+    Crdgen {
+        /// Write one file per CRD into this folder instead of printing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run the controller in a Kubernetes cluster (Canary resources, Deployments, Istio). Every
+    /// flag can also be set through the environment variable named in its help.
+    #[command(alias = "run")]
+    Kubernetes(KubernetesArgs),
     /// Retry the failed version of a local-mode canary without changing it.
     Retry {
         /// The local mode's state folder.
         #[arg(long, default_value = ".weir/local")]
         state: PathBuf,
+    },
+    /// Serve only the telemetry ingest, with a directive of synthetic canaries: the controller
+    /// side of `cargo xtask bench ingest`. Prints the bound address as its first line; then each
+    /// `publish <weight_bp>` line on stdin republishes every canary at that weight and prints
+    /// `generation <n>`. Ends when stdin closes.
+    #[command(hide = true)]
+    IngestServer {
+        /// Where to listen (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Canaries in the directive (`bench/c0`, `bench/c1`, ...).
+        #[arg(long, default_value_t = 1)]
+        canaries: u32,
     },
 }
 
@@ -211,10 +329,67 @@ async fn main() -> anyhow::Result<()> {
             }
             mode.shutdown().await;
         }
+        Command::Crdgen { out } => {
+            use weir_controller::platform::kubernetes::crd;
+            for (name, text) in crd::crd_files() {
+                match &out {
+                    Some(dir) => {
+                        let path = dir.join(name.as_ref());
+                        std::fs::write(&path, text)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        println!("wrote {}", path.display());
+                    }
+                    None => print!("---\n{text}"),
+                }
+            }
+        }
+        Command::Kubernetes(args) => args.run().await?,
         Command::Retry { state } => {
             let token = local::request_retry(&state).map_err(anyhow::Error::msg)?;
             println!("retry requested (token {token}); the running controller retries the failed version at its next step");
         }
+        Command::IngestServer { listen, canaries } => ingest_server(listen, canaries).await?,
     }
+    Ok(())
+}
+
+/// `weir ingest-server`: the ingest alone, under a directive of `canaries` synthetic routes.
+async fn ingest_server(listen: std::net::SocketAddr, canaries: u32) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    use weir_controller::ingest::{Ingest, IngestConfig};
+
+    let routes = |weight_bp: u32| {
+        (0..canaries)
+            .map(|i| weir_proto::v1::CanaryRoute {
+                key: format!("bench/c{i}"),
+                hosts: vec![format!("c{i}.bench")],
+                canary_weight_bp: weight_bp,
+                ..Default::default()
+            })
+            .collect::<Vec<_>>()
+    };
+    let ingest = Ingest::try_new(IngestConfig::default())?;
+    ingest.publish(routes(1_000))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = ingest
+        .serve(listen, async {
+            let _ = stopped.await;
+        })
+        .await?;
+    println!("{}", served.local_addr());
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let weight = line
+            .strip_prefix("publish ")
+            .map(|w| w.trim().parse::<u32>());
+        match weight {
+            Some(Ok(weight_bp)) => println!("generation {}", ingest.publish(routes(weight_bp))?),
+            _ => {
+                eprintln!("weir ingest-server: unknown command {line:?}; use `publish <weight_bp>`")
+            }
+        }
+    }
+    let _ = stop.send(());
+    served.finished().await?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! - [`local`]: workloads are processes on 127.0.0.1 behind a real Envoy (local mode, the demo).
 //! - `kubernetes` (later): Deployments, Services and Istio routes.
 
+pub mod kubernetes;
 pub mod local;
 
 use std::future::Future;

@@ -76,7 +76,7 @@ pub struct ObjectMeta {
 }
 
 /// `spec`: Flagger's `CanarySpec`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanarySpec {
     /// Traffic provider; Weir routes in its Envoy filter on Istio, so only `istio` (or nothing).
@@ -127,7 +127,7 @@ pub struct CanarySpec {
 }
 
 /// A reference to another object (`targetRef`, `templateRef`, ...).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectReference {
     /// API version of the referent, like `apps/v1`.
@@ -157,8 +157,19 @@ pub enum IntOrString {
     String(String),
 }
 
+// Kubernetes' own marker for this union, which a structural CRD schema needs instead of `anyOf`.
+impl schemars::JsonSchema for IntOrString {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrString".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"x-kubernetes-int-or-string": true})
+    }
+}
+
 /// `spec.service`: Flagger's `CanaryService`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryService {
     /// Name of the apex service (default: the target's name).
@@ -249,7 +260,7 @@ pub struct CanaryService {
 
 /// `spec.analysis`: Flagger's `CanaryAnalysis`, plus Weir's own keys (`minSampleCount`,
 /// `inconclusiveCountsAsFailure`).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryAnalysis {
     /// Time between two analysis steps (default `60s`).
@@ -313,7 +324,7 @@ pub struct CanaryAnalysis {
 }
 
 /// One entry of `spec.analysis.match` (Istio's `HTTPMatchRequest`, of which Weir reads headers).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MatchCondition {
     /// Header name → how its value must match. `cookie` matches the whole Cookie header.
@@ -331,7 +342,7 @@ pub struct MatchCondition {
 }
 
 /// How a string must match: exactly one of the keys.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StringMatch {
     /// The whole value.
@@ -352,7 +363,7 @@ pub struct StringMatch {
 }
 
 /// One entry of `spec.analysis.metrics`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryMetric {
     /// `request-success-rate`, `request-duration`, or a name of your choice with
@@ -383,7 +394,7 @@ pub struct CanaryMetric {
 }
 
 /// `thresholdRange`: the accepted range of a metric.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ThresholdRange {
     /// Smallest accepted value.
@@ -398,7 +409,7 @@ pub struct ThresholdRange {
 }
 
 /// One entry of `spec.analysis.webhooks`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryWebhook {
     /// Unique name of the hook.
@@ -436,7 +447,7 @@ pub struct CanaryWebhook {
 }
 
 /// `spec.analysis.sessionAffinity`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionAffinity {
     /// Cookie set on responses from the canary.

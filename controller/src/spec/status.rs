@@ -104,6 +104,28 @@ impl<'de> Deserialize<'de> for Phase {
     }
 }
 
+impl schemars::JsonSchema for Phase {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Phase".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "enum": Phase::ALL.map(Phase::as_str),
+        })
+    }
+}
+
+/// The CRD schema of a decision's events and check results: objects kept whole. The analysis
+/// module owns their shape; the API server must not prune a field it adds later.
+fn records_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+    })
+}
+
 /// Flagger writes `phase: ""` before the first step; read it as no phase.
 fn phase_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Phase>, D::Error> {
     match Option::<String>::deserialize(d)? {
@@ -119,7 +141,7 @@ fn phase_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Phase>, D::E
 }
 
 /// The persisted state of one Canary's rollout.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryStatus {
     /// Current phase; `None` before the Canary was first seen.
@@ -190,7 +212,7 @@ impl CanaryStatus {
 }
 
 /// Which retry requests were already honoured, so the same request never triggers twice.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryState {
     /// The last retry token seen (honoured or ignored).
@@ -208,7 +230,7 @@ impl RetryState {
 }
 
 /// A Kubernetes-style status condition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// Condition type; Weir sets `Promoted`, like Flagger.
@@ -230,7 +252,7 @@ pub struct Condition {
 }
 
 /// One decision of the engine, with the numbers it used.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Decision {
     /// When it was made.
@@ -245,9 +267,11 @@ pub struct Decision {
     #[serde(default)]
     pub iterations: u32,
     /// The events it emitted, in order.
+    #[schemars(schema_with = "records_schema")]
     pub events: Vec<Event>,
     /// The check results it was based on (empty when no checks ran).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "records_schema")]
     pub checks: Vec<CheckResult>,
 }
 

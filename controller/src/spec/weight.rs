@@ -56,6 +56,16 @@ impl Weight {
     }
 }
 
+impl schemars::JsonSchema for Weight {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Weight".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "integer", "minimum": 0, "maximum": 100})
+    }
+}
+
 impl TryFrom<i64> for Weight {
     type Error = WeightError;
     fn try_from(v: i64) -> Result<Self, Self::Error> {

@@ -1,0 +1,479 @@
+//! Kubernetes and Istio: where Kubernetes is touched.
+//!
+//! The same pure engine and [`Runner`](crate::runner::Runner) as local mode, with these seams:
+//!
+//! - [`crd`]: the `Canary` resource (`weir.dev/v1alpha1`) and its CRD, generated from
+//!   [`crate::spec`] by `weir crdgen`;
+//! - [`KubernetesPlatform`] (this file): the [`Platform`] over Deployments, Services and Istio,
+//!   built from [`deployments`], [`services`] and [`istio`] (pure object builders);
+//! - [`journal`]: status (server-side apply) and Events;
+//! - [`reconciler`]: the kube-runtime controller: one [`Runner`](crate::runner::Runner) per
+//!   Canary, the finalizer, requeues;
+//! - [`leader`]: leader election on a `coordination.k8s.io` Lease;
+//! - [`run`]: `weir kubernetes`: client, telemetry ingest, leader election, health endpoints and
+//!   the controller, wired together.
+//!
+//! What a Canary `mhs` targeting Deployment `mhs` makes (Flagger's names):
+//!
+//! | object | owner | what |
+//! |---|---|---|
+//! | Deployment `mhs-primary` | Canary | the target's template, selector values suffixed `-primary` |
+//! | Service `mhs` | none | the apex: selects the primary pods (the target's after a revert) |
+//! | Services `mhs-primary`, `mhs-canary` | Canary | primary pods, target pods |
+//! | DestinationRules `mhs-primary`, `mhs-canary` | Canary | one per routed Service |
+//! | VirtualService `mhs` | Canary | routing header `canary` → `mhs-canary`, the rest → `mhs-primary` |
+//!
+//! The apex Service has no owner: clients address it, so deleting the Canary must not delete it.
+
+pub mod crd;
+pub mod deployments;
+pub mod health;
+pub mod istio;
+pub mod journal;
+pub mod leader;
+pub mod reconciler;
+pub mod run;
+pub mod services;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::{Api, Client};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::analysis::{Event, Route, Severity};
+use crate::ingest::Ingest;
+use crate::spec::CanaryPlan;
+
+use super::{CanaryRef, Platform, PlatformError, Readiness};
+use istio::RoutingMode;
+use journal::Outbox;
+
+/// Field manager of every server-side apply Weir makes.
+pub const FIELD_MANAGER: &str = "weir";
+/// The finalizer Weir puts on each Canary, so a deletion can be reverted before it completes.
+pub const FINALIZER: &str = "weir.dev/finalizer";
+/// Annotation on the target: the replicas it had when Weir scaled it to zero.
+pub const SCALED_FROM_ANNOTATION: &str = "weir.dev/scaled-from-replicas";
+
+/// Settings shared by every Canary's platform.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The header the filters set and the VirtualService matches (the filter's `routingHeader`).
+    pub routing_header: String,
+    /// The routing header's value that selects the canary.
+    pub canary_value: String,
+    /// How long a routed canary may go without any filter report before the VirtualService
+    /// carries the weights itself.
+    pub fallback_after: Duration,
+    /// This controller's instance (pod) name, for events.
+    pub instance: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            routing_header: crate::platform::local::envoy::ROUTING_HEADER.to_owned(),
+            canary_value: crate::platform::local::envoy::CANARY_VALUE.to_owned(),
+            fallback_after: Duration::from_secs(60),
+            instance: "weir".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RoutingState {
+    mode: RoutingMode,
+    /// Since when this process routes the canary (the fallback clock).
+    since: Option<Instant>,
+}
+
+/// The Kubernetes platform for one Canary.
+pub struct KubernetesPlatform {
+    client: Client,
+    plan: CanaryPlan,
+    owner: OwnerReference,
+    settings: Arc<Settings>,
+    ingest: Ingest,
+    outbox: Outbox,
+    routing: Mutex<RoutingState>,
+}
+
+fn virtual_services() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.istio.io", "v1beta1", "VirtualService"),
+        "virtualservices",
+    )
+}
+
+fn destination_rules() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("networking.istio.io", "v1beta1", "DestinationRule"),
+        "destinationrules",
+    )
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+impl KubernetesPlatform {
+    /// The platform for `plan`, whose Canary is `owner` (a controller owner reference to it).
+    pub fn new(
+        client: Client,
+        plan: CanaryPlan,
+        owner: OwnerReference,
+        settings: Arc<Settings>,
+        ingest: Ingest,
+        outbox: Outbox,
+    ) -> Self {
+        Self {
+            client,
+            plan,
+            owner,
+            settings,
+            ingest,
+            outbox,
+            routing: Mutex::new(RoutingState {
+                mode: RoutingMode::Filters,
+                since: None,
+            }),
+        }
+    }
+
+    fn failed(&self, action: &str) -> impl Fn(kube::Error) -> PlatformError + '_ {
+        let action = action.to_owned();
+        move |e| PlatformError::Operation {
+            action: action.clone(),
+            target: self.plan.target.name.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn invalid(&self, reason: String) -> PlatformError {
+        PlatformError::InvalidTarget {
+            target: self.plan.target.name.clone(),
+            reason,
+        }
+    }
+
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.plan.namespace)
+    }
+
+    fn dynamic(&self, resource: &ApiResource) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.plan.namespace, resource)
+    }
+
+    fn owner_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.owner).unwrap_or_default()
+    }
+
+    async fn apply<K, T>(&self, api: &Api<K>, name: &str, object: &T) -> Result<(), kube::Error>
+    where
+        K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        T: Serialize + std::fmt::Debug,
+    {
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn target(&self) -> Result<Deployment, PlatformError> {
+        if self.plan.target.kind != "Deployment" {
+            return Err(self.invalid(format!(
+                "Weir on Kubernetes rolls out Deployments; spec.targetRef.kind is {}",
+                self.plan.target.kind
+            )));
+        }
+        self.deployments()
+            .get_opt(&self.plan.target.name)
+            .await
+            .map_err(self.failed("reading the target Deployment"))?
+            .ok_or_else(|| PlatformError::TargetNotFound {
+                target: self.plan.target.name.clone(),
+                hint: format!(
+                    "no Deployment {} in namespace {}; create it, or fix spec.targetRef.name",
+                    self.plan.target.name, self.plan.namespace
+                ),
+            })
+    }
+
+    /// The apex, primary and canary Services and the DestinationRules, as `route` needs them.
+    async fn apply_services(&self, target: &Deployment, routed: bool) -> Result<(), PlatformError> {
+        let selector = deployments::target_selector(target).map_err(|e| self.invalid(e))?;
+        let primary = deployments::primary_selector(&selector);
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &self.plan.namespace);
+        let apex_selects = if routed { &primary } else { &selector };
+        let apex = services::service(
+            &self.plan,
+            self.plan.service.name.clone(),
+            apex_selects.clone(),
+            None,
+        );
+        self.apply(&api, &self.plan.service.name, &apex)
+            .await
+            .map_err(self.failed("applying the apex Service"))?;
+        if !routed {
+            return Ok(());
+        }
+        let owner = Some(self.owner.clone());
+        for (name, selector) in [
+            (services::primary_name(&self.plan), primary),
+            (services::canary_name(&self.plan), selector),
+        ] {
+            let service = services::service(&self.plan, name.clone(), selector, owner.clone());
+            self.apply(&api, &name, &service)
+                .await
+                .map_err(self.failed("applying a Service"))?;
+            let rule = istio::destination_rule(&self.plan, &name, &self.owner_json());
+            self.apply(&self.dynamic(&destination_rules()), &name, &rule)
+                .await
+                .map_err(self.failed("applying a DestinationRule"))?;
+        }
+        Ok(())
+    }
+
+    async fn apply_virtual_service(
+        &self,
+        route: Route,
+        mode: RoutingMode,
+    ) -> Result<(), PlatformError> {
+        let vs = istio::virtual_service(
+            &self.plan,
+            route,
+            mode,
+            &self.settings.routing_header,
+            &self.settings.canary_value,
+            &self.owner_json(),
+        );
+        self.apply(
+            &self.dynamic(&virtual_services()),
+            &self.plan.service.name,
+            &vs,
+        )
+        .await
+        .map_err(self.failed("applying the VirtualService"))
+    }
+
+    /// Filters while any filter has reported for the canary; weights once it has been routed for
+    /// `fallback_after` without a single report. Queues an event when the mode changes.
+    fn decide_mode(&self) -> RoutingMode {
+        let now = Instant::now();
+        let mut state = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        let since = *state.since.get_or_insert(now);
+        let reported = self.ingest.last_report(&self.plan.key()).is_some();
+        let mode = if reported {
+            RoutingMode::Filters
+        } else if now.duration_since(since) >= self.settings.fallback_after {
+            RoutingMode::Weights
+        } else {
+            state.mode
+        };
+        if mode != state.mode {
+            state.mode = mode;
+            let vs = &self.plan.service.name;
+            self.outbox.event(match mode {
+                RoutingMode::Weights => Event {
+                    severity: Severity::Warning,
+                    reason: "RoutingFallback".to_owned(),
+                    message: format!(
+                        "No Weir filter reported for {} within {:?}; VirtualService {vs} now carries the canary weight (Flagger-style routing). Install the Weir EnvoyFilter (manifests/) for per-request splitting and streamed metrics",
+                        self.plan.id(),
+                        self.settings.fallback_after
+                    ),
+                },
+                RoutingMode::Filters => Event {
+                    severity: Severity::Normal,
+                    reason: "RoutingFilters".to_owned(),
+                    message: format!(
+                        "Weir filters report for {}; VirtualService {vs} routes by the {} header again",
+                        self.plan.id(),
+                        self.settings.routing_header
+                    ),
+                },
+            });
+        }
+        mode
+    }
+
+    /// The current routing mode.
+    pub fn routing_mode(&self) -> RoutingMode {
+        self.routing.lock().unwrap_or_else(|p| p.into_inner()).mode
+    }
+
+    /// Whether the routing mode can still change by itself: the canary is routed and no filter
+    /// has reported yet (the reconciler then checks again soon).
+    pub fn routing_unsettled(&self) -> bool {
+        let state = self.routing.lock().unwrap_or_else(|p| p.into_inner());
+        state.since.is_some() && self.ingest.last_report(&self.plan.key()).is_none()
+    }
+
+    /// Called on every reconcile with the route the status calls for: rewrites the
+    /// VirtualService when the routing mode changed since it was last written.
+    pub async fn sync_routing(&self, route: Option<Route>) -> Result<(), PlatformError> {
+        let Some(route) = route else {
+            return Ok(());
+        };
+        let before = self.routing_mode();
+        let mode = self.decide_mode();
+        if mode != before {
+            self.apply_virtual_service(route, mode).await?;
+        }
+        Ok(())
+    }
+
+    /// Traffic back to the target alone: the apex Service selects the target's pods and the
+    /// VirtualService goes, so requests reach the Service as if Weir were not there.
+    async fn route_to_target(&self) -> Result<(), PlatformError> {
+        let target = self.target().await?;
+        self.apply_services(&target, false).await?;
+        match self
+            .dynamic(&virtual_services())
+            .delete(&self.plan.service.name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(self.failed("deleting the VirtualService")(e)),
+        }
+        self.routing.lock().unwrap_or_else(|p| p.into_inner()).since = None;
+        Ok(())
+    }
+
+    /// Before a Canary without `revertOnDeletion` goes: take the owner references off what serves
+    /// traffic (the primary, its Services, the routing), so the garbage collector does not delete
+    /// the only ready pods with the Canary. The objects stay; delete them when the app goes.
+    pub async fn orphan(&self) -> Result<(), PlatformError> {
+        let patch = Patch::Merge(json!({"metadata": {"ownerReferences": null}}));
+        let params = PatchParams::default();
+        let ignore_missing = |r: Result<(), kube::Error>| match r {
+            Err(e) if is_not_found(&e) => Ok(()),
+            other => other,
+        };
+        let primary = format!("{}{}", self.plan.target.name, deployments::PRIMARY_SUFFIX);
+        ignore_missing(
+            self.deployments()
+                .patch(&primary, &params, &patch)
+                .await
+                .map(|_| ()),
+        )
+        .map_err(self.failed("releasing the primary Deployment"))?;
+        let services: Api<Service> = Api::namespaced(self.client.clone(), &self.plan.namespace);
+        let routed = [
+            services::primary_name(&self.plan),
+            services::canary_name(&self.plan),
+        ];
+        for name in &routed {
+            ignore_missing(services.patch(name, &params, &patch).await.map(|_| ()))
+                .map_err(self.failed("releasing a Service"))?;
+            ignore_missing(
+                self.dynamic(&destination_rules())
+                    .patch(name, &params, &patch)
+                    .await
+                    .map(|_| ()),
+            )
+            .map_err(self.failed("releasing a DestinationRule"))?;
+        }
+        ignore_missing(
+            self.dynamic(&virtual_services())
+                .patch(&self.plan.service.name, &params, &patch)
+                .await
+                .map(|_| ()),
+        )
+        .map_err(self.failed("releasing the VirtualService"))
+    }
+}
+
+impl Platform for KubernetesPlatform {
+    async fn target_revision(&self, _canary: &CanaryRef) -> Result<String, PlatformError> {
+        let target = self.target().await?;
+        Ok(deployments::revision(&target.spec.template))
+    }
+
+    async fn promote_to_primary(&self, _canary: &CanaryRef) -> Result<(), PlatformError> {
+        let target = self.target().await?;
+        let primary = deployments::primary_deployment(&target, self.owner.clone())
+            .map_err(|e| self.invalid(e))?;
+        let name = primary.metadata.name.clone().unwrap_or_default();
+        // Returns once applied: the engine waits for the primary's readiness on its next steps
+        // instead of holding a reconcile for the length of a rollout.
+        self.apply(&self.deployments(), &name, &primary)
+            .await
+            .map_err(self.failed("applying the primary Deployment"))
+    }
+
+    async fn scale_canary(&self, _canary: &CanaryRef, up: bool) -> Result<(), PlatformError> {
+        let target = self.target().await?;
+        let current = target.spec.replicas.unwrap_or(1);
+        let patch = if up {
+            let wanted = deployments::desired_replicas(&target);
+            if current == wanted {
+                return Ok(());
+            }
+            json!({"spec": {"replicas": wanted}})
+        } else {
+            if current == 0 {
+                return Ok(());
+            }
+            json!({
+                "metadata": {"annotations": {SCALED_FROM_ANNOTATION: current.to_string()}},
+                "spec": {"replicas": 0},
+            })
+        };
+        // A merge patch, not an apply: the target belongs to its author (kubectl, a GitOps
+        // tool); Weir changes only its replicas, as Flagger does.
+        self.deployments()
+            .patch(
+                &self.plan.target.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(self.failed(if up {
+                "scaling up the target"
+            } else {
+                "scaling the target to zero"
+            }))
+    }
+
+    async fn readiness(&self, _canary: &CanaryRef) -> Readiness {
+        let api = self.deployments();
+        let primary_name = format!("{}{}", self.plan.target.name, deployments::PRIMARY_SUFFIX);
+        let primary = match api.get_opt(&primary_name).await {
+            Ok(Some(d)) => deployments::readiness(&d, self.plan.analysis.primary_ready_threshold),
+            Ok(None) => Err(format!("{primary_name} is not created yet")),
+            Err(e) => Err(format!("cannot read {primary_name}: {e}")),
+        };
+        let canary = match api.get_opt(&self.plan.target.name).await {
+            Ok(Some(d)) => deployments::readiness(&d, self.plan.analysis.canary_ready_threshold),
+            Ok(None) => Err(format!("{} does not exist", self.plan.target.name)),
+            Err(e) => Err(format!("cannot read {}: {e}", self.plan.target.name)),
+        };
+        Readiness { primary, canary }
+    }
+
+    async fn apply_route(
+        &self,
+        _canary: &CanaryRef,
+        route: Option<Route>,
+    ) -> Result<(), PlatformError> {
+        let Some(route) = route else {
+            return self.route_to_target().await;
+        };
+        let target = self.target().await?;
+        self.apply_services(&target, true).await?;
+        let mode = self.decide_mode();
+        self.apply_virtual_service(route, mode).await
+    }
+}
