@@ -24,7 +24,9 @@ use anyhow::{anyhow, bail, Context};
 use prost::Message;
 use serde_json::json;
 use tokio::process::Command;
-use weir_controller::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
+use weir_controller::platform::local::envoy::{
+    EnvoyBootstrap, EnvoyProcess, WasmFilter, CANARY_VALUE, PRIMARY_VALUE, ROUTING_HEADER,
+};
 use weir_proto::v1::Directive;
 
 use crate::binaries;
@@ -53,6 +55,10 @@ pub const CONNECTIONS: u32 = 16;
 pub enum Variant {
     /// Envoy with the router alone: the baseline every ratio divides by.
     NoFilter,
+    /// Envoy with the router alone, the client alternating the routing header between primary
+    /// and canary: the same 50/50 spread over two upstreams as the Weir filter's split, without a
+    /// filter. Shows what the split itself costs Envoy, apart from the filter.
+    NoFilterSplit,
     /// Envoy with `weir_empty_filter.wasm`, a filter that does nothing: what any Wasm filter costs.
     EmptyWasm,
     /// Envoy with the Weir filter as shipped (Envoy stats on).
@@ -66,8 +72,9 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, in table order.
-    pub const ALL: [Variant; 5] = [
+    pub const ALL: [Variant; 6] = [
         Variant::NoFilter,
+        Variant::NoFilterSplit,
         Variant::EmptyWasm,
         Variant::WeirUncovered,
         Variant::WeirNoStats,
@@ -80,6 +87,7 @@ impl Variant {
     pub fn name(self) -> &'static str {
         match self {
             Variant::NoFilter => "no-filter",
+            Variant::NoFilterSplit => "no-filter-split",
             Variant::EmptyWasm => "empty-wasm",
             Variant::Weir => "weir",
             Variant::WeirNoStats => "weir-nostats",
@@ -135,7 +143,8 @@ impl Default for Options {
     }
 }
 
-const VARIANT_NAMES: &str = "no-filter, empty-wasm, weir, weir-nostats, weir-uncovered or all";
+const VARIANT_NAMES: &str =
+    "no-filter, no-filter-split, empty-wasm, weir, weir-nostats, weir-uncovered or all";
 
 /// Command-line help for the benchmark binary.
 pub const USAGE: &str = "\
@@ -146,7 +155,8 @@ usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--varia
   --warmup S       unmeasured load per variant before the first round (default 1)
   --weight P       the directive's canary weight in percent, 0 to 100 (default 50)
   --variant NAME   run this variant (repeatable); no-filter always runs as the baseline.
-                   Names: no-filter, empty-wasm, weir, weir-nostats, weir-uncovered, or `all`.
+                   Names: no-filter, no-filter-split, empty-wasm, weir, weir-nostats,
+                   weir-uncovered, or `all`.
                    Default: no-filter, empty-wasm, weir
   --smoke          1 round of 1 s, no warm-up (what the test suite runs)
 ";
@@ -317,6 +327,9 @@ pub struct Run {
     pub wrk: WrkResult,
     /// Envoy's CPU time during the run, in clock ticks.
     pub cpu: CpuTicks,
+    /// The share of the run's upstream requests the canary mirror served (from the mirrors' own
+    /// counts): proof that the split happened, or did not.
+    pub canary_share: f64,
 }
 
 impl Run {
@@ -438,6 +451,8 @@ pub struct Summary {
     pub paired_cpu_ratio: Option<f64>,
     /// Median CPU µs per request of Envoy's worker thread.
     pub worker_us_per_request: f64,
+    /// Median share of requests the canary served.
+    pub canary_share: f64,
     /// Median requests per second.
     pub requests_per_sec: f64,
     /// Median p99 latency, µs.
@@ -489,6 +504,7 @@ impl Outcome {
                     cpu_us_per_request: median_of(&|r| r.cpu_us_per_request(ticks)),
                     paired_cpu_ratio: (!paired.is_empty()).then(|| median(paired.into_iter())),
                     worker_us_per_request: median_of(&|r| r.worker_us_per_request(ticks)),
+                    canary_share: median_of(&|r| r.canary_share),
                     requests_per_sec: median_of(&|r| r.wrk.requests_per_sec),
                     p99_us: median_of(&|r| r.wrk.p99_us),
                     report_bytes: self.report_bytes.get(&variant).cloned().unwrap_or_default(),
@@ -584,7 +600,10 @@ impl Outcome {
             "- Weir variants: the filter connected to the in-process test control plane, with a \
              directive covering `{HOST}` at {}% canary weight, reportInterval {REPORT_INTERVAL}; \
              `weir-nostats` adds `\"envoyStats\": false`; `weir-uncovered` is the `weir` \
-             configuration loaded with `Host: {UNCOVERED_HOST}`, which no canary covers",
+             configuration loaded with `Host: {UNCOVERED_HOST}`, which no canary covers; \
+             `no-filter-split` has no filter, and wrk (a Lua script) alternates \
+             `{ROUTING_HEADER}: {PRIMARY_VALUE}` and `{CANARY_VALUE}`, the same spread over two \
+             upstreams as the Weir split",
             o.weight_percent
         );
         let _ = writeln!(
@@ -608,11 +627,11 @@ impl Outcome {
         };
         let _ = writeln!(
             out,
-            "| variant | runs | Envoy CPU µs/request | × no-filter | paired × | worker thread µs/request | requests/s | × no-filter | p99 ms | × no-filter | bytes/version/report (median / max) |"
+            "| variant | runs | Envoy CPU µs/request | × no-filter | paired × | worker thread µs/request | canary share | requests/s | × no-filter | p99 ms | × no-filter | bytes/version/report (median / max) |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for s in &summaries {
             let bytes = if s.report_bytes.is_empty() {
@@ -627,7 +646,7 @@ impl Outcome {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.1} | {} | {} | {:.1} | {:.0} | {} | {:.2} | {} | {} |",
+                "| {} | {} | {:.1} | {} | {} | {:.1} | {:.0}% | {:.0} | {} | {:.2} | {} | {} |",
                 s.variant.name(),
                 s.runs,
                 s.cpu_us_per_request,
@@ -635,6 +654,7 @@ impl Outcome {
                 s.paired_cpu_ratio
                     .map_or("–".to_owned(), |p| format!("{p:.2}×")),
                 s.worker_us_per_request,
+                s.canary_share * 100.0,
                 s.requests_per_sec,
                 ratio(s.requests_per_sec, |b| b.requests_per_sec),
                 s.p99_us / 1e3,
@@ -829,6 +849,8 @@ fn node_id(variant: Variant) -> String {
 /// work directory; each kills its process when dropped, also on an error or a panic.
 struct Bench {
     envoys: Vec<(Variant, EnvoyProcess)>,
+    /// wrk's script for [`Variant::NoFilterSplit`].
+    split_script: PathBuf,
     primary: Upstream,
     canary: Upstream,
     control: ControlPlane,
@@ -851,8 +873,12 @@ impl Bench {
         } else {
             None
         };
+        let split_script = dir.path().join("split.lua");
+        std::fs::write(&split_script, split_script_text())
+            .with_context(|| format!("cannot write {}", split_script.display()))?;
         let mut bench = Bench {
             envoys: Vec::new(),
+            split_script,
             primary,
             canary,
             control,
@@ -860,7 +886,7 @@ impl Bench {
         };
         for &variant in &options.variants {
             let wasm = match variant {
-                Variant::NoFilter => None,
+                Variant::NoFilter | Variant::NoFilterSplit => None,
                 Variant::EmptyWasm => empty.clone().map(|path| WasmFilter {
                     path,
                     config_json: "{}".to_owned(),
@@ -892,6 +918,14 @@ impl Bench {
                 .with_context(|| format!("Envoy log:\n{}", envoy.log_tail(40)))?;
         }
         Ok(bench)
+    }
+
+    /// Requests served so far by (primary, canary).
+    async fn served(&self) -> anyhow::Result<(u64, u64)> {
+        Ok((
+            self.primary.stats().await?.requests,
+            self.canary.stats().await?.requests,
+        ))
     }
 
     async fn start_envoy(
@@ -927,23 +961,44 @@ fn from_node<'a>(
         .filter(move |r| r.reporter.as_ref().is_some_and(|id| id.node_id == node))
 }
 
+/// A wrk script alternating the routing header between the primary and canary values. The two
+/// requests are formatted once, so the script adds no work per request beyond picking one.
+fn split_script_text() -> String {
+    let request = |value: &str| {
+        format!(
+            r#"wrk.format(nil, nil, {{["Host"] = "{HOST}", ["{ROUTING_HEADER}"] = "{value}"}})"#
+        )
+    };
+    format!(
+        "local requests = {{}}\nlocal n = 0\nfunction init(args)\n  requests[0] = {}\n  \
+         requests[1] = {}\nend\nfunction request()\n  n = n + 1\n  return requests[n % 2]\nend\n",
+        request(PRIMARY_VALUE),
+        request(CANARY_VALUE)
+    )
+}
+
 /// One wrk run of `variant` against `target`, bounded to its duration plus 30 s; wrk is killed if dropped.
 async fn wrk(
     wrk: &Path,
     variant: Variant,
+    script: &Path,
     target: SocketAddr,
     seconds: u32,
 ) -> anyhow::Result<WrkResult> {
-    let run = Command::new(wrk)
-        .args([
-            "-t1".to_owned(),
-            format!("-c{CONNECTIONS}"),
-            format!("-d{seconds}s"),
-            "--latency".to_owned(),
-            "-H".to_owned(),
-            format!("Host: {}", variant.host()),
-            format!("http://{target}/"),
-        ])
+    let mut command = Command::new(wrk);
+    command.args([
+        "-t1".to_owned(),
+        format!("-c{CONNECTIONS}"),
+        format!("-d{seconds}s"),
+        "--latency".to_owned(),
+        "-H".to_owned(),
+        format!("Host: {}", variant.host()),
+    ]);
+    if variant == Variant::NoFilterSplit {
+        command.arg("-s").arg(script);
+    }
+    let run = command
+        .arg(format!("http://{target}/"))
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -972,14 +1027,10 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
 
     for (variant, envoy) in &bench.envoys {
         if options.warmup_seconds > 0 {
-            wrk(
-                &wrk_bin,
-                *variant,
-                envoy.listener_addr(),
-                options.warmup_seconds,
-            )
-            .await
-            .with_context(|| format!("warm-up of {}", variant.name()))?;
+            let (script, addr) = (&bench.split_script, envoy.listener_addr());
+            wrk(&wrk_bin, *variant, script, addr, options.warmup_seconds)
+                .await
+                .with_context(|| format!("warm-up of {}", variant.name()))?;
         }
     }
 
@@ -988,16 +1039,22 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
     for round in 0..options.rounds {
         for i in 0..count {
             let (variant, envoy) = &bench.envoys[(i + round as usize) % count];
+            let served_before = bench.served().await?;
             let before = cpu_ticks(envoy.pid())?;
-            let wrk = wrk(&wrk_bin, *variant, envoy.listener_addr(), options.seconds)
+            let (script, addr) = (&bench.split_script, envoy.listener_addr());
+            let wrk = wrk(&wrk_bin, *variant, script, addr, options.seconds)
                 .await
                 .with_context(|| format!("round {} of {}", round + 1, variant.name()))?;
             let cpu = cpu_ticks(envoy.pid())?.since(before);
+            let served = bench.served().await?;
+            let primary = served.0.saturating_sub(served_before.0);
+            let canary = served.1.saturating_sub(served_before.1);
             runs.push(Run {
                 variant: *variant,
                 round,
                 wrk,
                 cpu,
+                canary_share: canary as f64 / (primary + canary).max(1) as f64,
             });
         }
     }
@@ -1140,6 +1197,24 @@ Transfer/sec:      2.03MB
     }
 
     #[test]
+    fn split_script_alternates_the_routing_header_between_primary_and_canary() {
+        let script = split_script_text();
+        assert!(
+            script.contains(r#"["x-weir-route"] = "primary""#),
+            "{script}"
+        );
+        assert!(
+            script.contains(r#"["x-weir-route"] = "canary""#),
+            "{script}"
+        );
+        assert!(
+            script.contains(r#"["Host"] = "mhs.application""#),
+            "{script}"
+        );
+        assert!(script.contains("return requests[n % 2]"), "{script}");
+    }
+
+    #[test]
     fn median_takes_the_middle_or_the_mean_of_the_middle_two() {
         assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
         assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
@@ -1161,6 +1236,7 @@ Transfer/sec:      2.03MB
                 total: ticks,
                 workers: ticks / 2,
             },
+            canary_share: 0.5,
         }
     }
 
@@ -1214,7 +1290,7 @@ Transfer/sec:      2.03MB
     fn the_table_shows_cpu_per_request_and_its_ratio_to_no_filter() {
         let text = outcome(131, 900).render();
         assert!(
-            text.contains("| weir | 1 | 131.0 | 1.31× | 1.31× | 65.0 |"),
+            text.contains("| weir | 1 | 131.0 | 1.31× | 1.31× | 65.0 | 50% |"),
             "{text}"
         );
         assert!(

@@ -41,6 +41,20 @@ async fn smoke_benchmark_measures_requests_and_envoy_cpu_for_every_variant() {
             );
         }
     }
+    // The Weir Envoy really splits (the directive reached it), the others send all to primary.
+    for run in &outcome.runs {
+        let expected = if run.variant == Variant::Weir {
+            0.3..=0.7
+        } else {
+            0.0..=0.0
+        };
+        assert!(
+            expected.contains(&run.canary_share),
+            "{}: canary share {:.2} within {expected:?}:\n{table}",
+            run.variant.name(),
+            run.canary_share
+        );
+    }
     let bytes = outcome.report_bytes.get(&Variant::Weir);
     assert!(
         bytes.is_some_and(|b| !b.is_empty() && b.iter().all(|&n| n > 0)),
