@@ -6,6 +6,7 @@
 //! - [`upstream`]: a `mirror` process;
 //! - [`control_plane`]: the test control plane (directives down, reports up, exact accounting);
 //! - [`load`]: a bounded load generator that records every response;
+//! - [`local`]: the controller's local mode with its own state folder and steady traffic;
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it.
 
 pub mod bench_filter;
@@ -15,6 +16,7 @@ pub mod binaries;
 pub mod control_plane;
 pub mod http;
 pub mod load;
+pub mod local;
 pub mod stack;
 pub mod upstream;
 pub mod workdir;

@@ -145,7 +145,13 @@ impl EnvoyBootstrap {
                 // A connect check: a slot whose process is gone is out within one interval.
                 "tcp_health_check": {},
             }]);
-            primary["common_lb_config"] = json!({"healthy_panic_threshold": {"value": 0}});
+            primary["common_lb_config"] = json!({
+                "healthy_panic_threshold": {"value": 0},
+                // Envoy hands health changes to its workers in batches, by default after up to
+                // 1s: a new slot would stay out and a stopped one in for that long, and requests
+                // whose every attempt meets the stopped slot fail. Apply each change at once.
+                "update_merge_window": "0s",
+            });
             primary_route["retry_policy"] = json!({
                 "retry_on": "connect-failure,reset",
                 "num_retries": 2,
