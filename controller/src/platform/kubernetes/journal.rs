@@ -132,13 +132,14 @@ pub enum FlushError {
 
 /// Writes the queued events and status of `canary`. An event that cannot be created is logged
 /// and dropped (the decision history in the status keeps it); a status that cannot be written
-/// stays queued and the error is returned.
+/// stays queued and the error is returned. Returns the Canary as the API server has it after the
+/// status write (its `resourceVersion` is new), if there was one.
 pub async fn flush(
     client: &Client,
     canary: &CanaryResource,
     outbox: &Outbox,
     instance: &str,
-) -> Result<(), FlushError> {
+) -> Result<Option<CanaryResource>, FlushError> {
     let (events, status) = {
         let mut pending = outbox.lock();
         (std::mem::take(&mut pending.events), pending.status.clone())
@@ -154,7 +155,7 @@ pub async fn flush(
         }
     }
     let Some(status) = status else {
-        return Ok(());
+        return Ok(None);
     };
     let api: Api<CanaryResource> = Api::namespaced(client.clone(), &namespace);
     let patch = serde_json::json!({
@@ -162,22 +163,23 @@ pub async fn flush(
         "kind": "Canary",
         "status": status,
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| FlushError::Status {
-        canary: format!("{namespace}/{name}"),
-        source,
-    })?;
+    let written = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| FlushError::Status {
+            canary: format!("{namespace}/{name}"),
+            source,
+        })?;
     let mut pending = outbox.lock();
     // Only clear what was written: a newer status queued meanwhile stays.
     if pending.status.as_ref() == Some(&status) {
         pending.status = None;
     }
-    Ok(())
+    Ok(Some(written))
 }
 
 /// The reference events carry to their Canary.

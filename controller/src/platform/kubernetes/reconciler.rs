@@ -359,9 +359,16 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             list.join("; ")
         )));
     }
+    // The Canary as last written: a status write changes its resourceVersion, which the
+    // finalizer patch must carry.
+    let mut latest = canary.clone();
     // A status an earlier reconcile could not write goes first: its effects were performed.
     if entry.outbox.has_status() {
-        journal::flush(&ctx.client, &canary, &entry.outbox, &ctx.settings.instance).await?;
+        if let Some(written) =
+            journal::flush(&ctx.client, &latest, &entry.outbox, &ctx.settings.instance).await?
+        {
+            latest = Arc::new(written);
+        }
     }
 
     let mut stepped: Result<(), ReconcileError> = Ok(());
@@ -392,7 +399,11 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             entry.outbox.event(warning(e.to_string()));
         }
     }
-    journal::flush(&ctx.client, &canary, &entry.outbox, &ctx.settings.instance).await?;
+    if let Some(written) =
+        journal::flush(&ctx.client, &latest, &entry.outbox, &ctx.settings.instance).await?
+    {
+        latest = Arc::new(written);
+    }
 
     let terminated = entry.runner.status().phase == Some(Phase::Terminated);
     if deleting && (terminated || target_gone) {
@@ -407,7 +418,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
                 reason: e.to_string(),
             })
         })?;
-        set_finalizer(&api, &canary, false)
+        set_finalizer(&api, &latest, false)
             .await
             .map_err(kube_error("removing the finalizer", &key))?;
         drop(entry);

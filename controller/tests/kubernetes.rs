@@ -1,0 +1,1133 @@
+//! The Kubernetes reconciler against a scripted API server.
+//!
+//! No Kubernetes API server can run on these machines, so kube's real client talks to a
+//! `tower_test` mock service (kube-rs/controller-rs's pattern). The handle answers like a small
+//! API server (objects kept by path, JSON merge patches, server-side apply approximated as a
+//! merge, `resourceVersion` conflicts, 404s), marks a Deployment's rollout finished as soon as
+//! it is written (unless the test holds it back), and records every request: the tests assert
+//! method, path, query and body, in order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use kube::client::Body;
+use kube::Client;
+use serde_json::{json, Value};
+use weir_controller::ingest::{Ingest, IngestConfig};
+use weir_controller::metrics::streamed::StreamedSource;
+use weir_controller::platform::kubernetes::crd::CanaryResource;
+use weir_controller::platform::kubernetes::leader::LeaseLock;
+use weir_controller::platform::kubernetes::reconciler::{reconcile, Context};
+use weir_controller::platform::kubernetes::Settings;
+use weir_controller::traffic::Directives;
+use weir_proto::v1::{Report, Reporter, Version, VersionStats};
+use weir_proto::LatencyHistogram;
+
+const NS: &str = "application";
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/application/deployments";
+const SERVICES: &str = "/api/v1/namespaces/application/services";
+const CANARY: &str = "/apis/weir.dev/v1alpha1/namespaces/application/canaries/mhs";
+const VS: &str = "/apis/networking.istio.io/v1beta1/namespaces/application/virtualservices/mhs";
+const DRS: &str = "/apis/networking.istio.io/v1beta1/namespaces/application/destinationrules";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/application/events";
+
+/// One request as the API server saw it.
+#[derive(Debug, Clone)]
+struct Call {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+impl Call {
+    fn is(&self, method: &str, path: &str) -> bool {
+        self.method == method && self.path == path
+    }
+}
+
+#[derive(Default)]
+struct Fake {
+    objects: BTreeMap<String, Value>,
+    log: Vec<Call>,
+    version: u64,
+    /// Deployments whose rollout the test holds back (their status is left alone).
+    stuck: BTreeSet<String>,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let object = target.as_object_mut().expect("an object");
+            for (k, v) in fields {
+                if v.is_null() {
+                    object.remove(k);
+                } else {
+                    merge(object.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+impl Fake {
+    fn bump(&mut self, object: &mut Value, old: Option<&Value>) {
+        self.version += 1;
+        object["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        let generation = old
+            .and_then(|o| o["metadata"]["generation"].as_i64())
+            .unwrap_or(0);
+        let spec_changed = old.is_none_or(|o| o.get("spec") != object.get("spec"));
+        object["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
+    }
+
+    /// The Deployment controller, instantly: a written Deployment has finished its rollout.
+    fn settle(&mut self, path: &str) {
+        let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+        if !path.starts_with(DEPLOYMENTS) || self.stuck.contains(&name) {
+            return;
+        }
+        if let Some(d) = self.objects.get_mut(path) {
+            let replicas = d["spec"]["replicas"].as_i64().unwrap_or(1);
+            d["status"] = json!({
+                "observedGeneration": d["metadata"]["generation"],
+                "replicas": replicas, "updatedReplicas": replicas,
+                "availableReplicas": replicas, "readyReplicas": replicas,
+            });
+        }
+    }
+
+    fn handle(&mut self, call: Call) -> (u16, Value) {
+        self.log.push(call.clone());
+        let (key, subresource) = match call.path.strip_suffix("/status") {
+            Some(base) if call.path.starts_with("/apis/weir.dev") => (base.to_owned(), true),
+            _ => (call.path.clone(), false),
+        };
+        match call.method.as_str() {
+            "GET" => match self.objects.get(&key) {
+                Some(o) => (200, o.clone()),
+                None => status(404, "NotFound", &format!("{key} not found")),
+            },
+            "POST" => {
+                let name = call.body["metadata"]["name"].as_str().unwrap_or_default();
+                let key = format!("{key}/{name}");
+                if self.objects.contains_key(&key) {
+                    return status(409, "AlreadyExists", &format!("{key} already exists"));
+                }
+                let mut object = call.body.clone();
+                self.bump(&mut object, None);
+                self.objects.insert(key.clone(), object.clone());
+                self.settle(&key);
+                (201, self.objects[&key].clone())
+            }
+            "PUT" => {
+                let Some(old) = self.objects.get(&key).cloned() else {
+                    return status(404, "NotFound", &format!("{key} not found"));
+                };
+                if call.body["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"] {
+                    return status(409, "Conflict", "the object has been modified");
+                }
+                let mut object = call.body.clone();
+                self.bump(&mut object, Some(&old));
+                self.objects.insert(key.clone(), object.clone());
+                (200, object)
+            }
+            "PATCH" => {
+                let old = self.objects.get(&key).cloned();
+                let apply = call.content_type.contains("apply-patch");
+                let mut object = match (&old, apply) {
+                    (Some(o), _) => o.clone(),
+                    (None, true) => json!({}),
+                    (None, false) => return status(404, "NotFound", &format!("{key} not found")),
+                };
+                if let (Some(o), Some(rv)) =
+                    (&old, call.body["metadata"]["resourceVersion"].as_str())
+                {
+                    if o["metadata"]["resourceVersion"].as_str() != Some(rv) {
+                        return status(409, "Conflict", "the object has been modified");
+                    }
+                }
+                if subresource {
+                    object["status"] = call.body["status"].clone();
+                } else {
+                    let mut patch = call.body.clone();
+                    if let Some(meta) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                        meta.remove("resourceVersion");
+                    }
+                    merge(&mut object, &patch);
+                }
+                self.bump(&mut object, old.as_ref());
+                self.objects.insert(key.clone(), object);
+                self.settle(&key);
+                (200, self.objects[&key].clone())
+            }
+            "DELETE" => match self.objects.remove(&key) {
+                Some(o) => (200, o),
+                None => status(404, "NotFound", &format!("{key} not found")),
+            },
+            _ => status(405, "MethodNotAllowed", "unexpected method"),
+        }
+    }
+}
+
+/// A scripted API server behind a real kube client.
+struct Cluster {
+    fake: Arc<Mutex<Fake>>,
+    client: Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn path_of(object: &Value) -> String {
+    let ns = object["metadata"]["namespace"].as_str().unwrap_or(NS);
+    let name = object["metadata"]["name"].as_str().expect("a name");
+    let kind = object["kind"].as_str().expect("a kind");
+    let collection = match kind {
+        "Deployment" => format!("/apis/apps/v1/namespaces/{ns}/deployments"),
+        "Canary" => format!("/apis/weir.dev/v1alpha1/namespaces/{ns}/canaries"),
+        "Lease" => format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),
+        "Pod" => format!("/api/v1/namespaces/{ns}/pods"),
+        other => panic!("the fake does not store {other}"),
+    };
+    format!("{collection}/{name}")
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let state = fake.clone();
+        let server = tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect_bytes().await.unwrap_or_default();
+                let call = Call {
+                    method: parts.method.to_string(),
+                    path: parts.uri.path().to_owned(),
+                    query: parts.uri.query().unwrap_or_default().to_owned(),
+                    content_type: parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                };
+                let (code, body) = state.lock().unwrap().handle(call);
+                let response = Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap();
+                respond.send_response(response);
+            }
+        });
+        Self {
+            fake,
+            client: Client::new(service, "default"),
+            server,
+        }
+    }
+
+    fn put(&self, mut object: Value) {
+        let mut fake = self.fake.lock().unwrap();
+        let path = path_of(&object);
+        let old = fake.objects.get(&path).cloned();
+        fake.bump(&mut object, old.as_ref());
+        fake.objects.insert(path.clone(), object);
+        fake.settle(&path);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.fake.lock().unwrap().objects.get(path).cloned()
+    }
+
+    fn edit(&self, path: &str, change: impl FnOnce(&mut Value)) {
+        let mut fake = self.fake.lock().unwrap();
+        let old = fake
+            .objects
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| panic!("{path} exists"));
+        let mut object = old.clone();
+        change(&mut object);
+        fake.bump(&mut object, Some(&old));
+        fake.objects.insert(path.to_owned(), object);
+        fake.settle(path);
+    }
+
+    fn hold_rollout(&self, deployment: &str, held: bool) {
+        let mut fake = self.fake.lock().unwrap();
+        if held {
+            fake.stuck.insert(deployment.to_owned());
+        } else {
+            fake.stuck.remove(deployment);
+            fake.settle(&format!("{DEPLOYMENTS}/{deployment}"));
+        }
+    }
+
+    fn log(&self) -> Vec<Call> {
+        self.fake.lock().unwrap().log.clone()
+    }
+
+    fn canary(&self) -> Arc<CanaryResource> {
+        Arc::new(serde_json::from_value(self.get(CANARY).expect("the canary exists")).unwrap())
+    }
+
+    fn phase(&self) -> Option<String> {
+        self.get(CANARY)?["status"]["phase"]
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+fn target(image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "mhs", "namespace": NS, "labels": {"app": "mhs"},
+                     "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "mhs"}},
+            "template": {
+                "metadata": {"labels": {"app": "mhs"}},
+                "spec": {"containers": [{"name": "mhs", "image": image,
+                                         "ports": [{"containerPort": 8080}]}]}
+            }
+        }
+    })
+}
+
+fn canary(revert_on_deletion: bool, analysis: Value) -> Value {
+    json!({
+        "apiVersion": "weir.dev/v1alpha1", "kind": "Canary",
+        "metadata": {"name": "mhs", "namespace": NS, "uid": "0b1c6a52-mhs"},
+        "spec": {
+            "provider": "istio",
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mhs"},
+            "progressDeadlineSeconds": 60,
+            "revertOnDeletion": revert_on_deletion,
+            "service": {"port": 80, "targetPort": 8080,
+                        "gateways": ["istio-system/public-gateway"], "hosts": ["mhs.example.com"]},
+            "analysis": analysis,
+        }
+    })
+}
+
+fn quick_analysis() -> Value {
+    json!({"interval": "100ms", "threshold": 2, "maxWeight": 20, "stepWeight": 10})
+}
+
+struct Harness {
+    cluster: Cluster,
+    ctx: Arc<Context<StreamedSource>>,
+    ingest: Ingest,
+}
+
+impl Harness {
+    fn new(canary_object: Value, fallback_after: Duration) -> Self {
+        let cluster = Cluster::start();
+        cluster.put(target("ghcr.io/weir/mhs:1.1.1"));
+        cluster.put(canary_object);
+        let ingest = Ingest::try_new(IngestConfig::default()).unwrap();
+        let ctx = Context::new(
+            cluster.client.clone(),
+            Settings {
+                fallback_after,
+                instance: "weir-0".into(),
+                ..Settings::default()
+            },
+            Directives::new(ingest.clone()),
+            StreamedSource::new(ingest.clone()),
+        )
+        .with_confirm_wait(Duration::from_millis(10));
+        Self {
+            cluster,
+            ctx: Arc::new(ctx),
+            ingest,
+        }
+    }
+
+    /// One reconcile of the Canary as the API server has it now; returns the calls it made.
+    async fn reconcile(&self) -> Vec<Call> {
+        let before = self.cluster.log().len();
+        reconcile(self.cluster.canary(), self.ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+        self.cluster.log()[before..].to_vec()
+    }
+
+    /// Reconciles once per analysis interval until the Canary reaches `phase`.
+    async fn until_phase(&self, phase: &str) -> Vec<Call> {
+        let mut calls = Vec::new();
+        for _ in 0..40 {
+            if self.cluster.phase().as_deref() == Some(phase) {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(self.reconcile().await);
+        }
+        panic!(
+            "the canary never reached {phase}; it is {:?}",
+            self.cluster.phase()
+        );
+    }
+
+    /// Initialization, done: the primary serves, the target is at zero.
+    async fn initialized(&self) {
+        self.reconcile().await;
+        self.until_phase("Initialized").await;
+    }
+
+    fn directive_weight_bp(&self) -> Option<u32> {
+        self.ingest
+            .directive()
+            .canaries
+            .iter()
+            .find(|c| c.key == "application/mhs")
+            .map(|c| c.canary_weight_bp)
+    }
+}
+
+async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), test)
+        .await
+        .expect("the test ran over its 60 s bound")
+}
+
+fn writes(calls: &[Call]) -> Vec<(String, String)> {
+    calls
+        .iter()
+        .filter(|c| c.method != "GET")
+        .map(|c| (c.method.clone(), c.path.clone()))
+        .collect()
+}
+
+fn find<'a>(calls: &'a [Call], method: &str, path: &str) -> &'a Call {
+    calls
+        .iter()
+        .find(|c| c.is(method, path))
+        .unwrap_or_else(|| panic!("no {method} {path} in {:#?}", writes(calls)))
+}
+
+fn events(calls: &[Call]) -> Vec<(String, String, String)> {
+    calls
+        .iter()
+        .filter(|c| c.is("POST", EVENTS))
+        .map(|c| {
+            (
+                c.body["type"].as_str().unwrap_or_default().to_owned(),
+                c.body["action"].as_str().unwrap_or_default().to_owned(),
+                c.body["note"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn owner_is_the_canary(object: &Value) {
+    let owner = &object["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "Canary", "{object}");
+    assert_eq!(owner["name"], "mhs");
+    assert_eq!(owner["uid"], "0b1c6a52-mhs");
+    assert_eq!(owner["controller"], true);
+}
+
+#[tokio::test]
+async fn a_new_canary_gets_a_finalizer_and_a_primary_built_from_the_target() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        let calls = h.reconcile().await;
+        let primary = format!("{DEPLOYMENTS}/mhs-primary");
+        let target = format!("{DEPLOYMENTS}/mhs");
+        let status_path = format!("{CANARY}/status");
+        let script: Vec<(&str, &str)> = vec![
+            ("PATCH", CANARY),                                        // the finalizer
+            ("GET", &target), // restore the route: none yet,
+            ("PATCH", "/api/v1/namespaces/application/services/mhs"), // apex selects the target
+            ("DELETE", VS),   // and no VirtualService
+            ("GET", &target), // the revision
+            ("GET", &primary), // readiness
+            ("GET", &target),
+            ("GET", &target),    // InitializePrimary: same revision?
+            ("GET", &target),    // the template to copy
+            ("PATCH", &primary), // server-side apply of the primary
+            ("POST", EVENTS),
+            ("PATCH", &status_path),
+        ];
+        let seen: Vec<(&str, &str)> = calls
+            .iter()
+            .map(|c| (c.method.as_str(), c.path.as_str()))
+            .collect();
+        assert_eq!(seen, script);
+
+        let finalizer = &calls[0];
+        assert_eq!(finalizer.content_type, "application/merge-patch+json");
+        assert_eq!(
+            finalizer.body["metadata"]["finalizers"],
+            json!(["weir.dev/finalizer"])
+        );
+        assert!(finalizer.body["metadata"]["resourceVersion"].is_string());
+
+        let apex = &calls[2];
+        assert_eq!(apex.content_type, "application/apply-patch+yaml");
+        assert!(apex.query.contains("fieldManager=weir") && apex.query.contains("force=true"));
+        assert_eq!(apex.body["spec"]["selector"], json!({"app": "mhs"}));
+        assert!(apex.body["metadata"].get("ownerReferences").is_none());
+
+        let apply = find(&calls, "PATCH", &primary);
+        assert_eq!(apply.content_type, "application/apply-patch+yaml");
+        assert!(apply.query.contains("fieldManager=weir") && apply.query.contains("force=true"));
+        let body = &apply.body;
+        assert_eq!(body["kind"], "Deployment");
+        assert_eq!(body["spec"]["replicas"], 2);
+        assert_eq!(
+            body["spec"]["selector"]["matchLabels"],
+            json!({"app": "mhs-primary"})
+        );
+        assert_eq!(
+            body["spec"]["template"]["metadata"]["labels"]["app"],
+            "mhs-primary"
+        );
+        assert_eq!(
+            body["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/weir/mhs:1.1.1"
+        );
+        assert!(body["metadata"].get("annotations").is_none(), "{body}");
+        owner_is_the_canary(body);
+
+        let (kind, action, note) = events(&calls).remove(0);
+        assert_eq!((kind.as_str(), action.as_str()), ("Normal", "Initializing"));
+        assert_eq!(
+            note,
+            "New Deployment detected, starting initialization of mhs.application"
+        );
+        let event = find(&calls, "POST", EVENTS);
+        assert_eq!(event.body["reason"], "Synced");
+        assert_eq!(event.body["reportingController"], "weir");
+        assert_eq!(event.body["reportingInstance"], "weir-0");
+        assert_eq!(event.body["regarding"]["uid"], "0b1c6a52-mhs");
+
+        let status = find(&calls, "PATCH", &format!("{CANARY}/status"));
+        assert_eq!(status.content_type, "application/apply-patch+yaml");
+        assert!(status.query.contains("fieldManager=weir") && status.query.contains("force=true"));
+        assert_eq!(status.body["apiVersion"], "weir.dev/v1alpha1");
+        assert_eq!(status.body["kind"], "Canary");
+        assert_eq!(status.body["status"]["phase"], "Initializing");
+        assert!(status.body["status"]["lastAppliedSpec"].is_string());
+        assert_eq!(h.cluster.phase().as_deref(), Some("Initializing"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn initialization_creates_the_services_destination_rules_and_virtual_service() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let svc = |name: &str| format!("{SERVICES}/{name}");
+        let dr = |name: &str| format!("{DRS}/{name}");
+        let target = format!("{DEPLOYMENTS}/mhs");
+        assert_eq!(
+            writes(&calls),
+            [
+                ("PATCH", svc("mhs")),
+                ("PATCH", svc("mhs-primary")),
+                ("PATCH", dr("mhs-primary")),
+                ("PATCH", svc("mhs-canary")),
+                ("PATCH", dr("mhs-canary")),
+                ("PATCH", VS.to_owned()),
+                ("PATCH", target.clone()),
+                ("POST", EVENTS.to_owned()),
+                ("PATCH", format!("{CANARY}/status")),
+            ]
+            .map(|(m, p)| (m.to_owned(), p))
+            .to_vec()
+        );
+        let apex = find(&calls, "PATCH", &svc("mhs"));
+        assert_eq!(apex.body["spec"]["selector"], json!({"app": "mhs-primary"}));
+        assert_eq!(apex.body["spec"]["ports"][0]["port"], 80);
+        assert_eq!(apex.body["spec"]["ports"][0]["targetPort"], 8080);
+        assert_eq!(apex.body["spec"]["ports"][0]["name"], "http");
+        let primary = find(&calls, "PATCH", &svc("mhs-primary"));
+        assert_eq!(
+            primary.body["spec"]["selector"],
+            json!({"app": "mhs-primary"})
+        );
+        owner_is_the_canary(&primary.body);
+        let canary_svc = find(&calls, "PATCH", &svc("mhs-canary"));
+        assert_eq!(canary_svc.body["spec"]["selector"], json!({"app": "mhs"}));
+        owner_is_the_canary(&canary_svc.body);
+        let rule = find(&calls, "PATCH", &dr("mhs-canary"));
+        assert_eq!(rule.body["kind"], "DestinationRule");
+        assert_eq!(rule.body["spec"]["host"], "mhs-canary");
+        owner_is_the_canary(&rule.body);
+
+        let vs = &find(&calls, "PATCH", VS).body;
+        assert_eq!(vs["kind"], "VirtualService");
+        assert_eq!(vs["spec"]["hosts"], json!(["mhs", "mhs.example.com"]));
+        assert_eq!(
+            vs["spec"]["gateways"],
+            json!(["istio-system/public-gateway"])
+        );
+        let http = &vs["spec"]["http"];
+        assert_eq!(
+            http[0]["match"][0]["headers"]["x-weir-route"]["exact"],
+            "canary"
+        );
+        assert_eq!(http[0]["route"][0]["destination"]["host"], "mhs-canary");
+        assert_eq!(http[1]["route"][0]["destination"]["host"], "mhs-primary");
+        assert!(
+            !vs.to_string().contains("weight"),
+            "the weight goes to the filters: {vs}"
+        );
+        owner_is_the_canary(vs);
+
+        // The target goes to zero only after the routes point at the primary.
+        let scale = find(&calls, "PATCH", &target);
+        assert_eq!(scale.content_type, "application/merge-patch+json");
+        assert_eq!(scale.body["spec"]["replicas"], 0);
+        assert_eq!(
+            scale.body["metadata"]["annotations"]["weir.dev/scaled-from-replicas"],
+            "2"
+        );
+        assert_eq!(
+            events(&calls).last().map(|e| e.2.clone()).as_deref(),
+            Some("Initialization done! mhs.application")
+        );
+        assert_eq!(h.directive_weight_bp(), Some(0));
+        assert_eq!(h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"], 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_new_revision_scales_the_canary_up_and_the_weight_reaches_the_filters() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let calls = h.until_phase("Progressing").await;
+        let scale = find(&calls, "PATCH", &target);
+        assert_eq!(scale.body, json!({"spec": {"replicas": 2}}));
+        assert!(events(&calls)
+            .iter()
+            .any(|e| e.2 == "New revision detected! Scaling up mhs.application"));
+
+        // One step later the weight is 10%: a directive for the filters, not a VirtualService weight.
+        let mut vs_writes = Vec::new();
+        for _ in 0..20 {
+            if h.directive_weight_bp() == Some(1000) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            vs_writes.extend(
+                h.reconcile()
+                    .await
+                    .into_iter()
+                    .filter(|c| c.is("PATCH", VS)),
+            );
+        }
+        assert_eq!(h.directive_weight_bp(), Some(1000));
+        assert_eq!(h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"], 10);
+        assert!(!vs_writes.is_empty());
+        assert!(vs_writes
+            .iter()
+            .all(|c| !c.body.to_string().contains("weight")));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn promotion_copies_the_analysed_template_to_the_primary_and_scales_the_canary_down() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        let primary = format!("{DEPLOYMENTS}/mhs-primary");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2");
+            d["spec"]["template"]["metadata"]["annotations"] = json!({"release": "1.1.2"});
+            d["metadata"]["labels"]["tier"] = json!("web");
+        });
+        let calls = h.until_phase("Succeeded").await;
+        let promote = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", &primary))
+            .expect("the primary was updated");
+        let template = &promote.body["spec"]["template"];
+        assert_eq!(
+            template["spec"]["containers"][0]["image"],
+            "ghcr.io/weir/mhs:1.1.2"
+        );
+        assert_eq!(template["metadata"]["annotations"]["release"], "1.1.2");
+        assert_eq!(template["metadata"]["labels"]["app"], "mhs-primary");
+        assert_eq!(promote.body["metadata"]["labels"]["tier"], "web");
+        assert_eq!(promote.body["spec"]["replicas"], 2);
+
+        // After the promotion, and never before it, the canary goes back to zero.
+        let promoted_at = calls.iter().position(|c| c.is("PATCH", &primary)).unwrap();
+        let scaled_down_at = calls.iter().rposition(|c| c.is("PATCH", &target)).unwrap();
+        assert!(scaled_down_at > promoted_at);
+        assert_eq!(calls[scaled_down_at].body["spec"]["replicas"], 0);
+        assert_eq!(h.cluster.get(&target).unwrap()["spec"]["replicas"], 0);
+        let notes: Vec<String> = events(&calls).into_iter().map(|e| e.2).collect();
+        for expected in [
+            "Advance mhs.application canary weight 10",
+            "Advance mhs.application canary weight 20",
+            "Copying mhs.application template spec to mhs-primary.application",
+            "Promotion completed! Scaling down mhs.application",
+        ] {
+            assert!(
+                notes.iter().any(|n| n.starts_with(expected)),
+                "{expected} in {notes:#?}"
+            );
+        }
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(status["canaryWeight"], 0);
+        assert_eq!(status["lastAppliedSpec"], status["lastPromotedSpec"]);
+        assert_eq!(h.directive_weight_bp(), Some(0));
+    })
+    .await;
+}
+
+/// A report from one Envoy: `requests` to the canary of which `failures` failed, each 2 ms.
+fn canary_report(sequence: u64, requests: u64, failures: u64, generation: u64) -> Report {
+    let mut histogram = LatencyHistogram::new();
+    for _ in 0..requests {
+        histogram.record(2_000);
+    }
+    let stats = |version: Version, requests, failures, histogram: &LatencyHistogram| VersionStats {
+        canary: "application/mhs".into(),
+        version: version as i32,
+        requests,
+        failures,
+        latency: Some(histogram.encode()),
+    };
+    Report {
+        reporter: Some(Reporter {
+            node_id: "sidecar~10.0.0.7~client.application".into(),
+            namespace: NS.into(),
+            workload: "client".into(),
+        }),
+        epoch: 1,
+        sequence,
+        applied_generation: generation,
+        stats: vec![
+            stats(Version::Canary, requests, failures, &histogram),
+            stats(Version::Primary, requests, 0, &histogram),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn failing_checks_roll_back_the_canary_to_zero_replicas() {
+    bounded(async {
+        let analysis = json!({"interval": "100ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10,
+            "metrics": [{"name": "request-success-rate", "interval": "1m", "thresholdRange": {"min": 99}}]});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        let mut calls = Vec::new();
+        for sequence in 1..40 {
+            if h.cluster.phase().as_deref() == Some("Failed") {
+                break;
+            }
+            // Half of the canary's requests fail.
+            let generation = h.ingest.directive().generation;
+            h.ingest
+                .ingest(&canary_report(sequence, 100, 50, generation), Instant::now())
+                .expect("the report is accepted");
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        assert_eq!(h.cluster.phase().as_deref(), Some("Failed"));
+        let scale = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", &target))
+            .expect("the target was scaled");
+        assert_eq!(scale.body["spec"]["replicas"], 0);
+        let warnings: Vec<String> = events(&calls)
+            .into_iter()
+            .filter(|e| e.0 == "Warning")
+            .map(|e| e.2)
+            .collect();
+        assert!(
+            warnings.iter().any(|n| n.starts_with("Halt mhs.application advancement success rate 50.00% < 99% (")),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings.iter().any(|n| n.starts_with("Rolling back mhs.application failed checks threshold reached 2")),
+            "{warnings:#?}"
+        );
+        assert_eq!(h.directive_weight_bp(), Some(0));
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(status["failedChecks"], 2);
+        assert_ne!(status["lastAppliedSpec"], status["lastPromotedSpec"]);
+        // The decision history in the status names the numbers.
+        let decisions = status["decisions"].as_array().unwrap();
+        assert!(decisions
+            .iter()
+            .any(|d| d["checks"][0]["value"] == json!(50.0) && d["checks"][0]["verdict"] == "Fail"));
+        // The primary still runs the old version.
+        let primary = h.cluster.get(&format!("{DEPLOYMENTS}/mhs-primary")).unwrap();
+        assert_eq!(
+            primary["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/weir/mhs:1.1.1"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_filter_reports_the_virtual_service_carries_the_weights_and_an_event_says_so() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::ZERO);
+        h.reconcile().await;
+        let init = h.until_phase("Initialized").await;
+        assert!(events(&init).iter().any(|e| e.0 == "Warning"
+            && e.1 == "RoutingFallback"
+            && e.2.contains("No Weir filter reported for mhs.application")));
+        let vs = find(&init, "PATCH", VS);
+        assert_eq!(vs.body["spec"]["http"][0]["route"][0]["weight"], 100);
+        assert!(!vs.body.to_string().contains("x-weir-route"));
+
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let mut calls = Vec::new();
+        for _ in 0..30 {
+            if h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"] == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        let vs = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", VS))
+            .expect("the VirtualService was rewritten");
+        let route = &vs.body["spec"]["http"][0]["route"];
+        assert_eq!(route[0]["destination"]["host"], "mhs-primary");
+        assert_eq!(route[0]["weight"], 90);
+        assert_eq!(route[1]["destination"]["host"], "mhs-canary");
+        assert_eq!(route[1]["weight"], 10);
+
+        // A filter reports: back to header routing at once, with an event.
+        let generation = h.ingest.directive().generation;
+        h.ingest
+            .ingest(&canary_report(1, 10, 0, generation), Instant::now())
+            .unwrap();
+        let calls = h.reconcile().await;
+        let vs = find(&calls, "PATCH", VS);
+        assert_eq!(
+            vs.body["spec"]["http"][0]["match"][0]["headers"]["x-weir-route"]["exact"],
+            "canary"
+        );
+        assert!(events(&calls).iter().any(|e| e.1 == "RoutingFilters"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_with_revert_on_deletion_restores_the_target_before_releasing_the_canary() {
+    bounded(async {
+        let h = Harness::new(canary(true, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        assert_eq!(h.cluster.get(&target).unwrap()["spec"]["replicas"], 0);
+        h.cluster.hold_rollout("mhs", true);
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")
+        });
+        let first = h.reconcile().await;
+        assert_eq!(h.cluster.phase().as_deref(), Some("Terminating"));
+        let scale = find(&first, "PATCH", &target);
+        assert_eq!(
+            scale.body["spec"]["replicas"], 2,
+            "restored from the annotation"
+        );
+
+        // While the target is not ready, the apex Service keeps selecting the primary.
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let waiting = h.reconcile().await;
+        assert!(waiting
+            .iter()
+            .all(|c| !c.is("PATCH", &format!("{SERVICES}/mhs"))));
+        assert!(h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty()));
+
+        h.cluster.hold_rollout("mhs", false);
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let done = h.reconcile().await;
+        let apex = find(&done, "PATCH", &format!("{SERVICES}/mhs"));
+        assert_eq!(apex.body["spec"]["selector"], json!({"app": "mhs"}));
+        assert_eq!(
+            writes(&done)
+                .into_iter()
+                .filter(|(m, _)| m != "POST")
+                .collect::<Vec<_>>(),
+            [
+                ("PATCH", format!("{SERVICES}/mhs")),
+                ("DELETE", VS.to_owned()),
+                ("PATCH", format!("{CANARY}/status")),
+                ("PATCH", CANARY.to_owned()),
+            ]
+            .map(|(m, p)| (m.to_owned(), p))
+            .to_vec()
+        );
+        let release = done.last().unwrap();
+        assert_eq!(release.body["metadata"]["finalizers"], json!([]));
+        assert!(events(&done).iter().any(|e| e.2
+            == "Finalization complete for mhs.application: traffic is back on mhs.application"));
+        assert_eq!(
+            h.directive_weight_bp(),
+            None,
+            "the canary left the directive"
+        );
+        assert!(h.cluster.get(VS).is_none());
+        // The primary is left to the garbage collector (owned by the Canary).
+        owner_is_the_canary(
+            &h.cluster
+                .get(&format!("{DEPLOYMENTS}/mhs-primary"))
+                .unwrap(),
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_without_revert_on_deletion_keeps_the_primary_serving() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")
+        });
+        let mut calls = h.reconcile().await;
+        for _ in 0..5 {
+            if h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"] == json!([]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        assert_eq!(
+            h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"],
+            json!([])
+        );
+        // Nothing is scaled or re-pointed; what serves loses its owner, so the garbage
+        // collector does not delete the only ready pods along with the Canary.
+        assert!(calls
+            .iter()
+            .all(|c| !c.is("PATCH", &format!("{DEPLOYMENTS}/mhs"))));
+        assert!(calls
+            .iter()
+            .all(|c| !c.is("PATCH", &format!("{SERVICES}/mhs"))));
+        for path in [
+            format!("{DEPLOYMENTS}/mhs-primary"),
+            format!("{SERVICES}/mhs-primary"),
+            format!("{SERVICES}/mhs-canary"),
+            format!("{DRS}/mhs-primary"),
+            format!("{DRS}/mhs-canary"),
+            VS.to_owned(),
+        ] {
+            let release = find(&calls, "PATCH", &path);
+            assert_eq!(release.body, json!({"metadata": {"ownerReferences": null}}));
+        }
+        let primary = h
+            .cluster
+            .get(&format!("{DEPLOYMENTS}/mhs-primary"))
+            .unwrap();
+        assert!(primary["metadata"].get("ownerReferences").is_none());
+        assert_eq!(h.directive_weight_bp(), None);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_canary_is_reported_once_and_not_acted_on() {
+    bounded(async {
+        let analysis = json!({"interval": "100ms", "stepWeight": 150});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        let first = h.reconcile().await;
+        assert_eq!(
+            writes(&first),
+            [("PATCH", CANARY), ("POST", EVENTS)]
+                .map(|(m, p)| (m.to_owned(), p.to_owned()))
+                .to_vec()
+        );
+        let note = &find(&first, "POST", EVENTS).body["note"];
+        assert!(
+            note.as_str().unwrap().contains("spec.analysis.stepWeight"),
+            "{note}"
+        );
+        let again = h.reconcile().await;
+        assert!(again.is_empty(), "{:#?}", writes(&again));
+        assert!(h
+            .cluster
+            .get(&format!("{DEPLOYMENTS}/mhs-primary"))
+            .is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_status_write_that_failed_is_retried_before_the_next_step() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        // The Canary disappears from the API server between the effects and the status write.
+        h.reconcile().await;
+        let saved = h.cluster.get(CANARY).unwrap();
+        h.cluster.fake.lock().unwrap().objects.remove(CANARY);
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let canary: Arc<CanaryResource> = Arc::new(serde_json::from_value(saved.clone()).unwrap());
+        let failed = reconcile(canary, h.ctx.clone()).await;
+        assert!(failed.is_err(), "the status write must fail");
+        // It comes back (say, the API server recovered): the pending status goes first.
+        h.cluster.put(saved);
+        let calls = h.reconcile().await;
+        let status_writes: Vec<usize> = calls
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is("PATCH", &format!("{CANARY}/status")))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(status_writes.first(), Some(&0), "{:#?}", writes(&calls));
+        assert_eq!(calls[0].body["status"]["phase"], "Initialized");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn leader_election_takes_a_free_or_expired_lease_and_respects_a_held_one() {
+    bounded(async {
+        let cluster = Cluster::start();
+        let lease_path =
+            "/apis/coordination.k8s.io/v1/namespaces/weir-system/leases/weir-controller";
+        let lock = |who: &str| {
+            LeaseLock::new(
+                cluster.client.clone(),
+                "weir-system",
+                "weir-controller",
+                who,
+                Duration::from_secs(15),
+            )
+        };
+        let a = lock("weir-a");
+        let b = lock("weir-b");
+        assert!(
+            a.try_acquire_or_renew().await.unwrap(),
+            "a free Lease is taken"
+        );
+        let log = cluster.log();
+        assert!(log[0].is("GET", lease_path));
+        assert!(log[1].is(
+            "POST",
+            "/apis/coordination.k8s.io/v1/namespaces/weir-system/leases"
+        ));
+        assert_eq!(log[1].body["spec"]["holderIdentity"], "weir-a");
+        assert_eq!(log[1].body["spec"]["leaseDurationSeconds"], 15);
+
+        assert!(
+            !b.try_acquire_or_renew().await.unwrap(),
+            "a held Lease is respected"
+        );
+        assert!(a.try_acquire_or_renew().await.unwrap(), "the holder renews");
+        let renewal = cluster.log().last().unwrap().clone();
+        assert!(renewal.is("PUT", lease_path));
+        assert!(renewal.body["metadata"]["resourceVersion"].is_string());
+
+        // The holder stopped renewing long ago: the Lease is taken over.
+        cluster.edit(lease_path, |l| {
+            l["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z")
+        });
+        assert!(
+            b.try_acquire_or_renew().await.unwrap(),
+            "an expired Lease is taken over"
+        );
+        let lease = cluster.get(lease_path).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "weir-b");
+        assert_eq!(lease["spec"]["leaseTransitions"], 1);
+        assert!(
+            !a.try_acquire_or_renew().await.unwrap(),
+            "the old leader knows it lost"
+        );
+
+        b.release().await.unwrap();
+        assert!(cluster.get(lease_path).unwrap()["spec"]
+            .get("holderIdentity")
+            .is_none());
+        assert!(
+            a.try_acquire_or_renew().await.unwrap(),
+            "a released Lease is free at once"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_leader_labels_its_own_pod_so_the_controller_service_selects_it() {
+    bounded(async {
+        let cluster = Cluster::start();
+        cluster.put(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "weir-0", "namespace": "weir-system", "labels": {"app": "weir"}}}));
+        weir_controller::platform::kubernetes::leader::label_pod(
+            cluster.client.clone(),
+            "weir-system",
+            "weir-0",
+            true,
+        )
+        .await
+        .unwrap();
+        let pod = "/api/v1/namespaces/weir-system/pods/weir-0";
+        assert_eq!(cluster.get(pod).unwrap()["metadata"]["labels"]["weir.dev/leader"], "true");
+        weir_controller::platform::kubernetes::leader::label_pod(
+            cluster.client.clone(),
+            "weir-system",
+            "weir-0",
+            false,
+        )
+        .await
+        .unwrap();
+        let labels = cluster.get(pod).unwrap()["metadata"]["labels"].clone();
+        assert_eq!(labels, json!({"app": "weir"}));
+        let patch = cluster.log().last().unwrap().clone();
+        assert_eq!(patch.content_type, "application/merge-patch+json");
+        assert_eq!(patch.body, json!({"metadata": {"labels": {"weir.dev/leader": null}}}));
+    })
+    .await;
+}
