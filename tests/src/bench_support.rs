@@ -216,7 +216,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// The controller binary: `WEIR_BIN`, else the workspace's release build, else its debug build.
+/// The controller binary: `WEIR_BIN`, else the newer of the workspace's release and debug builds.
 pub fn weir_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = from_env("WEIR_BIN")? {
         return Ok(path);
@@ -225,7 +225,9 @@ pub fn weir_binary() -> anyhow::Result<PathBuf> {
     ["release", "debug"]
         .iter()
         .map(|profile| target.join(profile).join("weir"))
-        .find(|p| p.is_file())
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
         .ok_or_else(|| {
             anyhow!(
                 "no `weir` binary found: set WEIR_BIN, or build it with `cargo build -p \

@@ -10,6 +10,7 @@
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it.
 
 pub mod bench_filter;
+pub mod bench_ingest;
 pub mod bench_p99;
 pub mod bench_support;
 pub mod binaries;

@@ -1,0 +1,942 @@
+//! The ingest scale benchmark behind `cargo xtask bench ingest`: one controller process against
+//! N simulated Envoys.
+//!
+//! The controller is the real `weir` binary in its `ingest-server` form: the production ingest
+//! (accounting, validation, windows, directive fan-out) serving weir.v1 on 127.0.0.1 under a
+//! directive of M canaries. The Envoys are gRPC clients in this process, one HTTP/2 connection
+//! and one `Exchange` stream each, speaking the filter's protocol: a hello, then one delta report
+//! per second (its phase random, as independent Envoys are) carrying both versions of every
+//! canary with realistic counts and HDR latency histograms, echoing the directive generation they
+//! run. For each N we measure, over a window after warm-up:
+//! - controller CPU time (the sum of its threads' run time from `/proc/<pid>/task/*/schedstat`,
+//!   nanosecond resolution) per 1,000 reports acknowledged, and in cores (CPU s per wall s);
+//! - its peak resident memory (`VmHWM` from `/proc/<pid>/status`);
+//! - directive fan-out: the bench asks the controller to publish a new weight (the instant just
+//!   before the request is written is the start), each client timestamps the arrival of the new
+//!   generation, and we take p50, p99 and max across streams, for several publishes;
+//! - the report → ack round trip seen by the clients (whether the controller keeps up).
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use prost::Message;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use weir_proto::v1::controller_message::Kind;
+use weir_proto::v1::telemetry_client::TelemetryClient;
+use weir_proto::v1::{Report, Reporter, Version, VersionStats};
+use weir_proto::LatencyHistogram;
+
+use crate::bench_support::{
+    cpu_ticks, open_files_limit, quantile_of, status_kib, weir_binary, Machine, Rng,
+};
+
+/// Target from the issue: controller cores used at 10,000 Envoys.
+pub const CORES_TARGET: f64 = 1.0;
+/// Target from the issue: controller peak RSS, MiB.
+pub const RSS_TARGET_MIB: f64 = 512.0;
+/// Target from the issue: directive fan-out p99, ms.
+pub const FANOUT_P99_TARGET_MS: f64 = 100.0;
+/// The Envoy count the targets are stated for.
+pub const TARGET_ENVOYS: usize = 10_000;
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Envoy counts, one run each, in order.
+    pub envoys: Vec<usize>,
+    /// Canaries in the directive (each report carries 2 versions of each).
+    pub canaries: u32,
+    /// Requests per second each simulated Envoy routes (per report, both versions of all
+    /// canaries together).
+    pub requests_per_report: u32,
+    /// Measured seconds per N.
+    pub seconds: u32,
+    /// Unmeasured seconds after every Envoy is connected.
+    pub warmup_seconds: u32,
+    /// Seconds between directive publishes in the measured window.
+    pub publish_every: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            envoys: vec![100, 1_000, 10_000],
+            canaries: 2,
+            requests_per_report: 100,
+            seconds: 15,
+            warmup_seconds: 3,
+            publish_every: 3,
+        }
+    }
+}
+
+/// Command-line help.
+pub const USAGE: &str = "\
+usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--seconds S] [--warmup S] [--smoke]
+
+  --envoys N,...   simulated Envoys per run, one run each (default 100,1000,10000)
+  --canaries M     canaries in the directive; reports carry 2 versions of each (default 2)
+  --rps R          requests each Envoy routes per second, spread over its canaries (default 100)
+  --seconds S      measured seconds per run (default 15)
+  --warmup S       unmeasured seconds once every Envoy is connected (default 3)
+  --publish-every S  seconds between directive publishes while measuring (default 3)
+  --smoke          50 Envoys, 3 s (what the test suite runs)
+";
+
+impl Options {
+    /// A quick run for the test suite.
+    pub fn smoke() -> Self {
+        Self {
+            envoys: vec![50],
+            seconds: 3,
+            warmup_seconds: 1,
+            publish_every: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Parses the arguments; `Ok(None)` means help was asked for.
+    pub fn parse(args: &[String]) -> Result<Option<Self>, String> {
+        let mut options = Options::default();
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut value = |flag: &str| -> Result<&String, String> {
+                args.next().ok_or_else(|| format!("{flag} needs a value"))
+            };
+            let number = |flag: &str, text: &str| -> Result<u32, String> {
+                text.trim()
+                    .parse()
+                    .map_err(|_| format!("{flag} takes a whole number, got `{text}`"))
+            };
+            match arg.as_str() {
+                "-h" | "--help" => return Ok(None),
+                "--smoke" => options = Options::smoke(),
+                "--envoys" => {
+                    options.envoys = value("--envoys")?
+                        .split(',')
+                        .map(|n| number("--envoys", n).map(|n| n as usize))
+                        .collect::<Result<_, _>>()?;
+                }
+                "--canaries" => options.canaries = number("--canaries", value("--canaries")?)?,
+                "--rps" => options.requests_per_report = number("--rps", value("--rps")?)?,
+                "--seconds" => options.seconds = number("--seconds", value("--seconds")?)?,
+                "--warmup" => options.warmup_seconds = number("--warmup", value("--warmup")?)?,
+                "--publish-every" => {
+                    options.publish_every = number("--publish-every", value("--publish-every")?)?
+                }
+                other => return Err(format!("unknown argument `{other}`")),
+            }
+        }
+        if options.envoys.is_empty() || options.envoys.contains(&0) {
+            return Err("--envoys needs counts of at least 1".to_owned());
+        }
+        if options.canaries == 0 || options.seconds == 0 || options.publish_every == 0 {
+            return Err("--canaries, --seconds and --publish-every must be at least 1".to_owned());
+        }
+        Ok(Some(options))
+    }
+
+    /// The arguments that reproduce these options.
+    pub fn to_args(&self) -> String {
+        if *self == Self::smoke() {
+            return "--smoke".to_owned();
+        }
+        format!(
+            "--envoys {} --canaries {} --rps {} --seconds {} --warmup {} --publish-every {}",
+            self.envoys
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            self.canaries,
+            self.requests_per_report,
+            self.seconds,
+            self.warmup_seconds,
+            self.publish_every
+        )
+    }
+}
+
+/// One directive publish and how it reached the streams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FanOut {
+    /// The generation published.
+    pub generation: u64,
+    /// Streams that received it within the wait.
+    pub received: usize,
+    /// Streams that were connected.
+    pub streams: usize,
+    /// Publish request → receipt, ms: p50, p99, max across the streams that received it.
+    pub p50_ms: f64,
+    /// p99 across streams, ms.
+    pub p99_ms: f64,
+    /// The slowest stream, ms.
+    pub max_ms: f64,
+}
+
+/// One N's measurements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    /// Simulated Envoys asked for.
+    pub envoys: usize,
+    /// Envoys whose stream was open and had its first directive.
+    pub connected: usize,
+    /// Why some did not connect (the first error seen), if any did not.
+    pub connect_error: Option<String>,
+    /// Seconds it took to connect them all.
+    pub connect_seconds: f64,
+    /// Length of the measured window, s.
+    pub measured_seconds: f64,
+    /// Reports acknowledged in the window.
+    pub reports: u64,
+    /// Streams that ended with an error during the run.
+    pub stream_errors: u64,
+    /// Controller CPU seconds in the window (all threads).
+    pub cpu_seconds: f64,
+    /// Controller CPU seconds in the window from /proc/<pid>/stat (clock ticks), a cross-check.
+    pub cpu_seconds_ticks: f64,
+    /// Controller peak resident set, KiB.
+    pub vm_hwm_kib: u64,
+    /// Controller resident set at the end of the window, KiB.
+    pub vm_rss_kib: u64,
+    /// This process's (the simulated Envoys') CPU seconds in the window.
+    pub bench_cpu_seconds: f64,
+    /// Every publish in the window.
+    pub fanouts: Vec<FanOut>,
+    /// Report → ack round trip, ms: p50 and p99.
+    pub ack_rtt_ms: (f64, f64),
+    /// Mean encoded report size, bytes.
+    pub report_bytes: usize,
+}
+
+impl Run {
+    /// Controller CPU seconds per 1,000 reports.
+    pub fn cpu_per_1000_reports(&self) -> f64 {
+        self.cpu_seconds * 1000.0 / self.reports.max(1) as f64
+    }
+
+    /// Controller cores in use (CPU seconds per wall second).
+    pub fn cores(&self) -> f64 {
+        self.cpu_seconds / self.measured_seconds.max(1e-9)
+    }
+
+    /// Reports acknowledged per second.
+    pub fn reports_per_second(&self) -> f64 {
+        self.reports as f64 / self.measured_seconds.max(1e-9)
+    }
+
+    /// The worst fan-out p99 over the publishes, ms (None without a complete publish).
+    pub fn worst_fanout_p99_ms(&self) -> Option<f64> {
+        self.fanouts.iter().map(|f| f.p99_ms).max_by(f64::total_cmp)
+    }
+}
+
+/// Everything the benchmark produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What was run.
+    pub options: Options,
+    /// Where.
+    pub machine: Machine,
+    /// One per N.
+    pub runs: Vec<Run>,
+}
+
+/// The controller process (`weir ingest-server`), killed when dropped.
+struct Controller {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+    addr: SocketAddr,
+    pid: u32,
+}
+
+impl Controller {
+    async fn start(canaries: u32) -> anyhow::Result<Self> {
+        let binary = weir_binary()?;
+        let mut child = Command::new(&binary)
+            .args([
+                "ingest-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--canaries",
+                &canaries.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot run {}", binary.display()))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("the controller exited at once"))?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin pipe"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout pipe"))?;
+        let mut stdout = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(20), stdout.next_line())
+            .await
+            .context("`weir ingest-server` printed no address within 20 s")??
+            .ok_or_else(|| {
+                anyhow!(
+                    "`{} ingest-server` exited without printing its address (a `weir` built \
+                     before the ingest-server command? rebuild it)",
+                    binary.display()
+                )
+            })?;
+        let addr = first.trim().parse().with_context(|| {
+            format!("`weir ingest-server`'s first line is {first:?}, not an address")
+        })?;
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            addr,
+            pid,
+        })
+    }
+
+    /// Asks for a new directive; returns the instant just before asking, and its generation.
+    async fn publish(&mut self, weight_bp: u32) -> anyhow::Result<(Instant, u64)> {
+        let started = Instant::now();
+        self.stdin
+            .write_all(format!("publish {weight_bp}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        let line = tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
+            .await
+            .context("the controller did not confirm a publish within 10 s")??
+            .ok_or_else(|| anyhow!("the controller exited during a publish"))?;
+        let generation = line
+            .strip_prefix("generation ")
+            .and_then(|g| g.trim().parse().ok())
+            .ok_or_else(|| anyhow!("the controller answered a publish with {line:?}"))?;
+        Ok((started, generation))
+    }
+
+    /// CPU time of every live thread, ns (schedstat's first field).
+    fn cpu_nanos(&self) -> anyhow::Result<u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .with_context(|| format!("cannot list /proc/{}/task", self.pid))?;
+        let mut total = 0;
+        for task in tasks {
+            let path = task?.path().join("schedstat");
+            // A thread may end between the listing and the read.
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                total += text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    async fn stop(mut self) {
+        // Closing stdin ends the server; kill it if that takes long.
+        drop(self.stdin);
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// What a client task shares with the benchmark.
+struct Shared {
+    origin: Instant,
+    connected: AtomicUsize,
+    acks: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    measuring: AtomicBool,
+    rtt: Mutex<LatencyHistogram>,
+    report_bytes: AtomicU64,
+    reports_sent: AtomicU64,
+}
+
+impl Shared {
+    fn error(&self, error: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(error);
+    }
+}
+
+/// The newest generation a stream has received, and when (ns since `Shared::origin`).
+#[derive(Default)]
+struct Slot {
+    generation: AtomicU64,
+    received_ns: AtomicU64,
+}
+
+impl Slot {
+    fn saw(&self, generation: u64, origin: Instant) {
+        if generation > self.generation.load(Ordering::Acquire) {
+            let at = u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.received_ns.store(at, Ordering::Release);
+            self.generation.store(generation, Ordering::Release);
+        }
+    }
+}
+
+/// Stats sets the Envoys' reports draw from: realistic deltas for 2 versions × M canaries.
+fn stats_pool(canaries: u32, requests: u32, rng: &mut Rng) -> Vec<Vec<VersionStats>> {
+    let entries = 2 * canaries.max(1);
+    (0..64)
+        .map(|_| {
+            let mut stats = Vec::new();
+            for canary in 0..canaries {
+                for (version, share) in [(Version::Primary, 0.9), (Version::Canary, 0.1)] {
+                    let mean = f64::from(requests) / f64::from(entries) * 2.0 * share;
+                    // ±50% around the mean, at least one request.
+                    let count = ((mean * (0.5 + rng.uniform())).round() as u64).max(1);
+                    let mut latency = LatencyHistogram::new();
+                    let mut failures = 0;
+                    for _ in 0..count {
+                        latency.record((rng.lognormal(20.0, 0.6) * 1000.0) as u64);
+                        if rng.uniform() < 0.01 {
+                            failures += 1;
+                        }
+                    }
+                    stats.push(VersionStats {
+                        canary: format!("bench/c{canary}"),
+                        version: version as i32,
+                        requests: count,
+                        failures,
+                        latency: Some(latency.encode()),
+                    });
+                }
+            }
+            stats
+        })
+        .collect()
+}
+
+/// One simulated Envoy: connect, hello, then a report a second until stopped.
+#[allow(clippy::too_many_arguments)]
+async fn envoy(
+    index: usize,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    slots: Arc<Vec<Slot>>,
+    pool: Arc<Vec<Vec<VersionStats>>>,
+    phase: Duration,
+    connecting: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let result = async {
+        let permit = connecting.acquire().await?;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| anyhow!("connect: {e:?}"))?;
+        let mut client = TelemetryClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Report>(8);
+        let node_id = format!("sidecar~10.{}.{}.{}~bench-{index}.bench~bench.svc.cluster.local", index >> 16, (index >> 8) & 255, index & 255);
+        let epoch = 0x5EED_0000_0000 + index as u64;
+        let report = |sequence: u64, generation: u64, stats: Vec<VersionStats>| Report {
+            reporter: Some(Reporter {
+                node_id: node_id.clone(),
+                namespace: "bench".to_owned(),
+                workload: format!("bench-{index}"),
+            }),
+            epoch,
+            sequence,
+            applied_generation: generation,
+            stats,
+        };
+        tx.send(report(0, 0, Vec::new())).await?;
+        let mut inbound = client
+            .exchange(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| anyhow!("exchange: {s}"))?
+            .into_inner();
+        let slot = &slots[index];
+        match inbound.message().await {
+            Ok(Some(message)) => match message.kind {
+                Some(Kind::Directive(d)) => slot.saw(d.generation, shared.origin),
+                other => bail!("the first message was {other:?}, not a directive"),
+            },
+            Ok(None) => bail!("the stream ended before the first directive"),
+            Err(status) => bail!("the stream failed before the first directive: {status}"),
+        }
+        shared.connected.fetch_add(1, Ordering::Relaxed);
+        drop(permit);
+
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + phase,
+            Duration::from_secs(1),
+        );
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0u64;
+        let mut pending: VecDeque<(u64, Instant)> = VecDeque::new();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => match message.kind {
+                        Some(Kind::Directive(d)) => slot.saw(d.generation, shared.origin),
+                        Some(Kind::Ack(ack)) => {
+                            let now = Instant::now();
+                            while pending.front().is_some_and(|(s, _)| *s <= ack.sequence) {
+                                if let Some((_, sent)) = pending.pop_front() {
+                                    if shared.measuring.load(Ordering::Relaxed) {
+                                        shared.acks.fetch_add(1, Ordering::Relaxed);
+                                        let micros = now.duration_since(sent).as_micros();
+                                        shared
+                                            .rtt
+                                            .lock()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .record(u64::try_from(micros).unwrap_or(u64::MAX));
+                                    }
+                                }
+                            }
+                        }
+                        None => {}
+                    },
+                    Ok(None) => bail!("the controller ended the stream"),
+                    Err(status) => bail!("the stream failed: {status}"),
+                },
+                _ = ticker.tick() => {
+                    sequence += 1;
+                    let stats = pool[(index + sequence as usize) % pool.len()].clone();
+                    let message = report(sequence, slot.generation.load(Ordering::Acquire), stats);
+                    if sequence == 1 {
+                        shared.report_bytes.fetch_add(message.encoded_len() as u64, Ordering::Relaxed);
+                        shared.reports_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    pending.push_back((sequence, Instant::now()));
+                    tx.send(message).await.map_err(|_| anyhow!("the request stream closed"))?;
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        if !*stop.borrow() {
+            shared.error(format!("{e:#}"));
+        }
+    }
+}
+
+/// One N.
+async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Result<Run> {
+    let mut controller = Controller::start(options.canaries).await?;
+    let shared = Arc::new(Shared {
+        origin: Instant::now(),
+        connected: AtomicUsize::new(0),
+        acks: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+        measuring: AtomicBool::new(false),
+        rtt: Mutex::new(LatencyHistogram::new()),
+        report_bytes: AtomicU64::new(0),
+        reports_sent: AtomicU64::new(0),
+    });
+    let slots: Arc<Vec<Slot>> = Arc::new((0..envoys).map(|_| Slot::default()).collect());
+    let pool = Arc::new(stats_pool(
+        options.canaries,
+        options.requests_per_report,
+        rng,
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Connections are opened a few hundred at a time: a burst of thousands of SYNs overflows the
+    // listen backlog, which measures the kernel, not the controller.
+    let connecting = Arc::new(Semaphore::new(256));
+    let connect_started = Instant::now();
+    let mut tasks = Vec::with_capacity(envoys);
+    for index in 0..envoys {
+        let phase = Duration::from_micros(rng.below(1_000_000));
+        tasks.push(tokio::spawn(envoy(
+            index,
+            controller.addr,
+            shared.clone(),
+            slots.clone(),
+            pool.clone(),
+            phase,
+            connecting.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let connect_deadline = connect_started + Duration::from_secs(60);
+    loop {
+        let connected = shared.connected.load(Ordering::Relaxed);
+        let failed = shared.errors.load(Ordering::Relaxed) as usize;
+        if connected + failed >= envoys || Instant::now() >= connect_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+    let connected = shared.connected.load(Ordering::Relaxed);
+    let connect_error = (connected < envoys).then(|| {
+        let first = shared
+            .first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        format!(
+            "{} of {envoys} connected within 60 s; first error: {}",
+            connected,
+            first.unwrap_or_else(|| "none (still connecting)".to_owned())
+        )
+    });
+
+    tokio::time::sleep(Duration::from_secs(u64::from(options.warmup_seconds))).await;
+
+    // The measured window.
+    let ticks_per_sec = crate::bench_support::clock_ticks() as f64;
+    let errors_before = shared.errors.load(Ordering::Relaxed);
+    shared.measuring.store(true, Ordering::Relaxed);
+    let window_start = Instant::now();
+    let cpu_before = controller.cpu_nanos()?;
+    let ticks_before = cpu_ticks(controller.pid)?;
+    let bench_before = cpu_ticks(std::process::id())?;
+    let window = Duration::from_secs(u64::from(options.seconds));
+    let mut fanouts = Vec::new();
+    let mut next_publish = window_start + Duration::from_secs(1);
+    let mut weight_bp = 1_000;
+    while next_publish + Duration::from_millis(500) < window_start + window {
+        tokio::time::sleep_until(next_publish.into()).await;
+        weight_bp = if weight_bp >= 5_000 {
+            1_000
+        } else {
+            weight_bp + 1_000
+        };
+        let (started, generation) = controller.publish(weight_bp).await?;
+        fanouts.push(wait_fanout(&shared, &slots, started, generation).await);
+        next_publish += Duration::from_secs(u64::from(options.publish_every));
+    }
+    tokio::time::sleep_until((window_start + window).into()).await;
+    let cpu_after = controller.cpu_nanos()?;
+    let ticks_after = cpu_ticks(controller.pid)?;
+    let bench_after = cpu_ticks(std::process::id())?;
+    let measured_seconds = window_start.elapsed().as_secs_f64();
+    shared.measuring.store(false, Ordering::Relaxed);
+    let reports = shared.acks.load(Ordering::Relaxed);
+    let vm_hwm_kib = status_kib(controller.pid, "VmHWM")?;
+    let vm_rss_kib = status_kib(controller.pid, "VmRSS")?;
+    let stream_errors = shared.errors.load(Ordering::Relaxed) - errors_before;
+
+    stop_tx.send_replace(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    controller.stop().await;
+
+    let rtt = shared.rtt.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let ms = |q: f64| rtt.quantile(q).unwrap_or(0.0) / 1000.0;
+    let sent = shared.reports_sent.load(Ordering::Relaxed).max(1);
+    Ok(Run {
+        envoys,
+        connected,
+        connect_error,
+        connect_seconds,
+        measured_seconds,
+        reports,
+        stream_errors,
+        cpu_seconds: cpu_after.saturating_sub(cpu_before) as f64 / 1e9,
+        cpu_seconds_ticks: ticks_after.saturating_sub(ticks_before) as f64 / ticks_per_sec,
+        vm_hwm_kib,
+        vm_rss_kib,
+        bench_cpu_seconds: bench_after.saturating_sub(bench_before) as f64 / ticks_per_sec,
+        fanouts,
+        ack_rtt_ms: (ms(0.5), ms(0.99)),
+        report_bytes: (shared.report_bytes.load(Ordering::Relaxed) / sent) as usize,
+    })
+}
+
+/// Waits (at most 10 s) until every connected stream has `generation`, then summarises.
+async fn wait_fanout(shared: &Shared, slots: &[Slot], started: Instant, generation: u64) -> FanOut {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let streams = shared.connected.load(Ordering::Relaxed);
+    let received = || {
+        slots
+            .iter()
+            .filter(|s| s.generation.load(Ordering::Acquire) >= generation)
+            .count()
+    };
+    while received() < streams && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let start_ns = started.saturating_duration_since(shared.origin).as_nanos() as f64;
+    let delays: Vec<f64> = slots
+        .iter()
+        .filter(|s| s.generation.load(Ordering::Acquire) >= generation)
+        .map(|s| (s.received_ns.load(Ordering::Acquire) as f64 - start_ns) / 1e6)
+        .collect();
+    FanOut {
+        generation,
+        received: delays.len(),
+        streams,
+        p50_ms: quantile_of(&delays, 0.5),
+        p99_ms: quantile_of(&delays, 0.99),
+        max_ms: delays.iter().copied().fold(0.0, f64::max),
+    }
+}
+
+/// Runs the benchmark: every N in turn, each against a fresh controller process.
+pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
+    let machine = Machine::probe();
+    let largest = options.envoys.iter().copied().max().unwrap_or(0);
+    if let Some(limit) = open_files_limit() {
+        // One socket per Envoy here, and a margin for everything else.
+        if (limit as usize) < largest + 256 {
+            bail!(
+                "{largest} Envoys need {} open files in this process (one connection each), but \
+                 the limit is {limit}: raise it with `ulimit -n {}` and run again",
+                largest + 256,
+                largest + 256
+            );
+        }
+    }
+    let mut rng = Rng::new(7);
+    let mut runs = Vec::new();
+    for &envoys in &options.envoys {
+        eprintln!("bench-ingest: {envoys} Envoys …");
+        let run = run_one(options, envoys, &mut rng)
+            .await
+            .with_context(|| format!("the run with {envoys} Envoys"))?;
+        eprintln!(
+            "bench-ingest: {envoys} Envoys: {:.3} CPU s per 1,000 reports, {:.2} cores, VmHWM {:.0} MiB, fan-out p99 {:?} ms",
+            run.cpu_per_1000_reports(),
+            run.cores(),
+            run.vm_hwm_kib as f64 / 1024.0,
+            run.worst_fanout_p99_ms()
+        );
+        runs.push(run);
+    }
+    Ok(Outcome {
+        options: options.clone(),
+        machine,
+        runs,
+    })
+}
+
+impl Outcome {
+    /// The verdicts against the issue's targets, for the run with the most Envoys.
+    pub fn verdicts(&self) -> Vec<String> {
+        let Some(run) = self.runs.iter().max_by_key(|r| r.envoys) else {
+            return Vec::new();
+        };
+        let n = run.envoys;
+        let scale = if n == TARGET_ENVOYS {
+            String::new()
+        } else {
+            format!(" (targets are for {TARGET_ENVOYS} Envoys; this run had {n})")
+        };
+        let mut lines = Vec::new();
+        if run.connected < n {
+            lines.push(format!(
+                "MISS  only {} of {n} Envoys connected: {}",
+                run.connected,
+                run.connect_error.as_deref().unwrap_or("")
+            ));
+        }
+        let cores = run.cores();
+        lines.push(if cores <= CORES_TARGET {
+            format!("PASS  {n} Envoys at one report/s: controller uses {cores:.2} cores (target ≤ {CORES_TARGET:.0}){scale}")
+        } else {
+            format!("MISS  {n} Envoys at one report/s: controller uses {cores:.2} cores (target ≤ {CORES_TARGET:.0}): over by {:.2}{scale}", cores - CORES_TARGET)
+        });
+        let mib = run.vm_hwm_kib as f64 / 1024.0;
+        lines.push(if mib < RSS_TARGET_MIB {
+            format!("PASS  controller peak RSS {mib:.0} MiB (target < {RSS_TARGET_MIB:.0} MiB){scale}")
+        } else {
+            format!("MISS  controller peak RSS {mib:.0} MiB (target < {RSS_TARGET_MIB:.0} MiB): over by {:.0} MiB{scale}", mib - RSS_TARGET_MIB)
+        });
+        let incomplete = run
+            .fanouts
+            .iter()
+            .filter(|f| f.received < f.streams)
+            .count();
+        match run.worst_fanout_p99_ms() {
+            None => lines.push("MISS  no directive was published in the window".to_owned()),
+            Some(p99) if p99 < FANOUT_P99_TARGET_MS && incomplete == 0 => lines.push(format!(
+                "PASS  directive fan-out p99 {p99:.1} ms, worst of {} publishes (target < {FANOUT_P99_TARGET_MS:.0} ms){scale}",
+                run.fanouts.len()
+            )),
+            Some(p99) => lines.push(format!(
+                "MISS  directive fan-out p99 {p99:.1} ms, worst of {} publishes, {incomplete} of them not reaching every stream within 10 s (target < {FANOUT_P99_TARGET_MS:.0} ms){scale}",
+                run.fanouts.len()
+            )),
+        }
+        lines
+    }
+
+    /// The report (Markdown).
+    pub fn render(&self) -> String {
+        let o = &self.options;
+        let mut out = String::new();
+        let _ = writeln!(out, "## ingest\n");
+        out.push_str(
+            &self
+                .machine
+                .render(&format!("cargo xtask bench ingest {}", o.to_args())),
+        );
+        let _ = writeln!(
+            out,
+            "- method: one `weir ingest-server` process (the production ingest, release build, \
+             default IngestConfig) under a directive of {} canaries; N simulated Envoys in the \
+             bench process, each its own HTTP/2 connection and `Exchange` stream (tonic client): \
+             hello, then one delta report per second (random phase) with 2 versions × {} \
+             canaries, {} requests per report, lognormal latencies in HDR histograms. Measured \
+             for {} s after {} s of warm-up: controller CPU (sum of its threads' schedstat run \
+             time; /proc/<pid>/stat ticks as a cross-check) per 1,000 reports acknowledged; \
+             peak RSS (VmHWM); directive fan-out (publish request written → new generation \
+             received, per stream) for a publish every {} s; report → ack round trip. Both \
+             processes share the machine's {} CPUs.\n",
+            o.canaries,
+            o.canaries,
+            o.requests_per_report,
+            o.seconds,
+            o.warmup_seconds,
+            o.publish_every,
+            self.machine.nproc
+        );
+        let _ = writeln!(
+            out,
+            "| Envoys | connected (s to connect) | reports/s | controller CPU s per 1,000 reports | controller cores | peak RSS (VmHWM) | fan-out p50 / p99 / max (worst publish) | publishes | ack RTT p50 / p99 | bench-side CPU cores | report size |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for run in &self.runs {
+            let worst = run
+                .fanouts
+                .iter()
+                .max_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms));
+            let fanout = worst.map_or("-".to_owned(), |f| {
+                format!(
+                    "{:.1} / {:.1} / {:.1} ms{}",
+                    f.p50_ms,
+                    f.p99_ms,
+                    f.max_ms,
+                    if f.received < f.streams {
+                        format!(" ({} of {} streams)", f.received, f.streams)
+                    } else {
+                        String::new()
+                    }
+                )
+            });
+            let _ = writeln!(
+                out,
+                "| {} | {} ({:.1} s) | {:.0} | {:.4} (ticks: {:.4}) | {:.3} | {:.1} MiB | {} | {} | {:.1} / {:.1} ms | {:.2} | {} B |",
+                run.envoys,
+                run.connected,
+                run.connect_seconds,
+                run.reports_per_second(),
+                run.cpu_per_1000_reports(),
+                run.cpu_seconds_ticks * 1000.0 / run.reports.max(1) as f64,
+                run.cores(),
+                run.vm_hwm_kib as f64 / 1024.0,
+                fanout,
+                run.fanouts.len(),
+                run.ack_rtt_ms.0,
+                run.ack_rtt_ms.1,
+                run.bench_cpu_seconds / run.measured_seconds.max(1e-9),
+                run.report_bytes,
+            );
+        }
+        if let (Some(first), Some(last)) = (self.runs.first(), self.runs.last()) {
+            if self.runs.len() > 1 {
+                let _ = writeln!(
+                    out,
+                    "\nScaling {} → {} Envoys ({:.0}×): CPU per 1,000 reports {:.2}×, peak RSS {:.2}×.",
+                    first.envoys,
+                    last.envoys,
+                    last.envoys as f64 / first.envoys as f64,
+                    last.cpu_per_1000_reports() / first.cpu_per_1000_reports().max(1e-12),
+                    last.vm_hwm_kib as f64 / first.vm_hwm_kib.max(1) as f64
+                );
+            }
+        }
+        for run in &self.runs {
+            if let Some(error) = &run.connect_error {
+                let _ = writeln!(out, "\n{} Envoys: {error}", run.envoys);
+            }
+            if run.stream_errors > 0 {
+                let _ = writeln!(
+                    out,
+                    "\n{} Envoys: {} streams failed during the window",
+                    run.envoys, run.stream_errors
+                );
+            }
+        }
+        let _ = writeln!(out);
+        for line in self.verdicts() {
+            let _ = writeln!(out, "{line}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_choose_envoy_counts_and_smoke() {
+        let args = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(Options::parse(&[]), Ok(Some(Options::default())));
+        assert_eq!(Options::parse(&args("--smoke")), Ok(Some(Options::smoke())));
+        let o = Options::parse(&args("--envoys 10,20 --canaries 3 --seconds 5"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((o.envoys, o.canaries, o.seconds), (vec![10, 20], 3, 5));
+        assert!(Options::parse(&args("--envoys 0")).is_err());
+        assert!(Options::parse(&args("--envoys x")).is_err());
+        assert!(Options::parse(&args("--canaries 0")).is_err());
+        assert!(Options::parse(&args("--what")).is_err());
+        assert_eq!(Options::parse(&args("--help")), Ok(None));
+        let round = Options::parse(&args(&Options::default().to_args()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(round, Options::default());
+    }
+
+    #[test]
+    fn pooled_stats_pass_the_ingest_rules() {
+        let pool = stats_pool(3, 100, &mut Rng::new(1));
+        assert_eq!(pool.len(), 64);
+        for stats in &pool {
+            assert_eq!(stats.len(), 6);
+            for entry in stats {
+                let latency = LatencyHistogram::decode(entry.latency.as_ref().unwrap()).unwrap();
+                assert_eq!(latency.count(), entry.requests);
+                assert!(entry.failures <= entry.requests && entry.requests > 0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_slot_keeps_the_first_arrival_of_each_newer_generation() {
+        let origin = Instant::now();
+        let slot = Slot::default();
+        slot.saw(5, origin);
+        let first = slot.received_ns.load(Ordering::Acquire);
+        std::thread::sleep(Duration::from_millis(2));
+        slot.saw(5, origin);
+        assert_eq!(slot.received_ns.load(Ordering::Acquire), first);
+        slot.saw(4, origin);
+        assert_eq!(slot.generation.load(Ordering::Acquire), 5);
+        slot.saw(6, origin);
+        assert!(slot.received_ns.load(Ordering::Acquire) > first);
+    }
+}
