@@ -146,10 +146,7 @@ impl KubernetesArgs {
             lease_duration: self.lease_duration,
             pod_name: self.pod_name,
         };
-        run::run(options, move |ingest, _client| {
-            // MetricTemplates are not read from the cluster yet: a templateRef check reports
-            // an Error verdict naming the missing template.
-            let templates = Default::default();
+        run::run(options, move |ingest, templates| {
             SelectingSource::new(ingest, PrometheusSource::new(prometheus, templates), policy)
         })
         .await?;

@@ -208,6 +208,7 @@ fn path_of(object: &Value) -> String {
         "Canary" => format!("/apis/weir.dev/v1alpha1/namespaces/{ns}/canaries"),
         "Lease" => format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),
         "Pod" => format!("/api/v1/namespaces/{ns}/pods"),
+        "Secret" => format!("/api/v1/namespaces/{ns}/secrets"),
         other => panic!("the fake does not store {other}"),
     };
     format!("{collection}/{name}")
@@ -1128,6 +1129,47 @@ async fn the_leader_labels_its_own_pod_so_the_controller_service_selects_it() {
         let patch = cluster.log().last().unwrap().clone();
         assert_eq!(patch.content_type, "application/merge-patch+json");
         assert_eq!(patch.body, json!({"metadata": {"labels": {"weir.dev/leader": null}}}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metric_templates_from_the_cluster_reach_the_prometheus_source_with_their_credentials() {
+    use weir_controller::metrics::prometheus::Credentials;
+    use weir_controller::metrics::template::Templates;
+    use weir_controller::platform::kubernetes::crd::MetricTemplateResource;
+    use weir_controller::platform::kubernetes::templates;
+
+    bounded(async {
+        let cluster = Cluster::start();
+        cluster.put(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "prom-auth", "namespace": NS},
+            "data": {"username": "d2Vpcg==", "password": "czNjcjN0"}}));
+        let template: MetricTemplateResource = serde_json::from_value(json!({
+            "apiVersion": "weir.dev/v1alpha1", "kind": "MetricTemplate",
+            "metadata": {"name": "not-found-percentage", "namespace": NS},
+            "spec": {"provider": {"type": "prometheus", "address": "http://prometheus.istio-system:9090",
+                                  "secretRef": {"name": "prom-auth"}},
+                     "query": "100 - sum(rate(http_requests_total{namespace=\"{{ namespace }}\"}[{{ interval }}]))"}
+        }))
+        .unwrap();
+        let store = Templates::new();
+        templates::store(&cluster.client, &store, &template).await;
+        let stored = store.get(NS, "not-found-percentage").expect("the template is stored");
+        assert_eq!(
+            stored.credentials,
+            Some(Credentials::Basic {
+                username: "weir".into(),
+                password: "s3cr3t".into()
+            })
+        );
+        assert!(cluster.log()[0].is("GET", "/api/v1/namespaces/application/secrets/prom-auth"));
+
+        // A template whose provider Weir does not have is left out (and so reported by the check).
+        let mut bad = template.clone();
+        bad.spec.0.provider.kind = "datadog".into();
+        templates::store(&cluster.client, &store, &bad).await;
+        assert!(store.get(NS, "not-found-percentage").is_none());
     })
     .await;
 }

@@ -16,7 +16,7 @@ use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::spec::{self, CanarySpec, CanaryStatus};
+use crate::spec::{self, CanarySpec, CanaryStatus, MetricTemplateSpec};
 
 /// The `spec` of a [`CanaryResource`]: the Canary spec of [`crate::spec`], unchanged on the wire.
 #[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -64,6 +64,62 @@ impl CanaryResource {
             unknown: Default::default(),
         }
     }
+}
+
+/// The `spec` of a [`MetricTemplateResource`]: Flagger's MetricTemplate spec (a provider and a
+/// query), as [`crate::spec`] reads it.
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "MetricTemplate",
+    root = "MetricTemplateResource",
+    namespaced,
+    schema = "disabled",
+    printcolumn = r#"{"name":"Provider","type":"string","jsonPath":".spec.provider.type"}"#
+)]
+#[serde(transparent)]
+pub struct MetricTemplateResourceSpec(pub MetricTemplateSpec);
+
+impl MetricTemplateResource {
+    /// The resource as [`crate::spec`] reads it (for [`spec::MetricTemplate::compile`]).
+    pub fn to_spec_template(&self) -> spec::MetricTemplate {
+        let meta = &self.metadata;
+        spec::MetricTemplate {
+            api_version: spec::API_VERSION.to_owned(),
+            kind: "MetricTemplate".to_owned(),
+            metadata: spec::ObjectMeta {
+                name: meta.name.clone().unwrap_or_default(),
+                namespace: meta.namespace.clone(),
+                annotations: meta.annotations.clone().unwrap_or_default(),
+                labels: meta.labels.clone().unwrap_or_default(),
+                generation: meta.generation,
+            },
+            spec: self.spec.0.clone(),
+            unknown: Default::default(),
+        }
+    }
+}
+
+/// Only for schema generation: a MetricTemplate's `spec`.
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct MetricTemplateSchema {
+    /// Where the query runs and the query (Flagger's `spec` field names).
+    spec: MetricTemplateSpec,
+}
+
+/// The CRD of [`MetricTemplateResource`], with the schema generated from [`crate::spec`].
+pub fn metric_template_crd() -> CustomResourceDefinition {
+    let mut crd = MetricTemplateResource::crd();
+    for version in &mut crd.spec.versions {
+        version.schema = Some(
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceValidation {
+                open_api_v3_schema: Some(structural_schema::<MetricTemplateSchema>()),
+            },
+        );
+    }
+    crd
 }
 
 /// Only for schema generation: the parts of the resource the CRD describes (the API server
@@ -159,7 +215,13 @@ impl Transform for PreserveFreeForm {
 
 /// The CRDs Weir installs, as one multi-document YAML file each: `(file name, text)`.
 pub fn crd_files() -> Vec<(Cow<'static, str>, String)> {
-    vec![("canary.yaml".into(), to_yaml(&canary_crd()))]
+    vec![
+        ("canary.yaml".into(), to_yaml(&canary_crd())),
+        (
+            "metrictemplate.yaml".into(),
+            to_yaml(&metric_template_crd()),
+        ),
+    ]
 }
 
 /// A CRD as the YAML checked into `manifests/crds/`.

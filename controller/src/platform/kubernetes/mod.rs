@@ -10,6 +10,8 @@
 //! - [`reconciler`]: the kube-runtime controller: one [`Runner`](crate::runner::Runner) per
 //!   Canary, the finalizer, requeues;
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease;
+//! - [`templates`]: MetricTemplates from the cluster for the Prometheus source;
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`;
 //! - [`run`]: `weir kubernetes`: client, telemetry ingest, leader election, health endpoints and
 //!   the controller, wired together.
 //!
@@ -34,6 +36,7 @@ pub mod leader;
 pub mod reconciler;
 pub mod run;
 pub mod services;
+pub mod templates;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

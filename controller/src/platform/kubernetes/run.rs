@@ -19,12 +19,14 @@ use kube::{Client, Config};
 use tokio::sync::watch;
 
 use crate::ingest::{Ingest, IngestConfig};
+use crate::metrics::template::Templates;
 use crate::metrics::MetricSource;
 use crate::traffic::Directives;
 
 use super::health::{self, Health};
 use super::leader::{self, LeaseLock};
 use super::reconciler::{self, Context};
+use super::templates;
 use super::Settings;
 
 /// Everything `weir kubernetes` needs.
@@ -112,11 +114,12 @@ async fn terminated() {
 }
 
 /// Runs the controller until SIGTERM/Ctrl-C (Ok) or a lost Lease (Err). `metrics` builds the
-/// metric source from the ingest the filters report to.
+/// metric source from the ingest the filters report to and the MetricTemplates of the cluster
+/// (kept current by a watcher while this replica leads).
 pub async fn run<M, F>(options: KubernetesOptions, metrics: F) -> Result<(), KubernetesError>
 where
     M: MetricSource + Clone + 'static,
-    F: FnOnce(Ingest, Client) -> M,
+    F: FnOnce(Ingest, Templates) -> M,
 {
     let client = client(options.kubeconfig.as_deref()).await?;
     let health = Arc::new(Health::default());
@@ -187,11 +190,21 @@ where
         .map_err(|e| KubernetesError::Serve(e.to_string()))?;
     tracing::info!(addr = %served.local_addr(), "serving the filters");
 
+    let namespaces: Vec<Option<String>> = if options.namespaces.is_empty() {
+        vec![None]
+    } else {
+        options.namespaces.iter().cloned().map(Some).collect()
+    };
+    let store = Templates::new();
+    let template_watchers: Vec<_> = namespaces
+        .iter()
+        .map(|ns| tokio::spawn(templates::watch(client.clone(), ns.clone(), store.clone())))
+        .collect();
     let ctx = Arc::new(Context::new(
         client.clone(),
         options.settings.clone(),
         Directives::new(ingest.clone()),
-        metrics(ingest.clone(), client.clone()),
+        metrics(ingest.clone(), store),
     ));
     {
         let ctx = ctx.clone();
@@ -207,11 +220,6 @@ where
         });
     }
 
-    let namespaces: Vec<Option<String>> = if options.namespaces.is_empty() {
-        vec![None]
-    } else {
-        options.namespaces.iter().cloned().map(Some).collect()
-    };
     let controllers = futures::future::join_all(namespaces.into_iter().map(|ns| {
         reconciler::run_controller(client.clone(), ns, ctx.clone(), stopped(stop_rx.clone()))
     }));
@@ -250,6 +258,7 @@ where
         _ = &mut controllers => Err(KubernetesError::Serve("the controllers stopped unexpectedly".to_owned())),
     };
     stop_tx.send_replace(true);
+    template_watchers.iter().for_each(|w| w.abort());
     health.set_leader(false);
     if options.leader_election {
         if let Some(pod) = &options.pod_name {
