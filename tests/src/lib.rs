@@ -7,7 +7,9 @@
 //! - [`control_plane`]: the test control plane (directives down, reports up, exact accounting);
 //! - [`load`]: a bounded load generator that records every response;
 //! - [`local`]: the controller's local mode with its own state folder and steady traffic;
-//! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it.
+//! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it;
+//! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
+//! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app.
 
 pub mod bench_filter;
 pub mod bench_ingest;
@@ -15,9 +17,11 @@ pub mod bench_p99;
 pub mod bench_support;
 pub mod binaries;
 pub mod control_plane;
+pub mod fallback;
 pub mod http;
 pub mod load;
 pub mod local;
+pub mod prometheus;
 pub mod stack;
 pub mod upstream;
 pub mod workdir;

@@ -1,0 +1,269 @@
+//! A real Prometheus server for the fallback tests: Debian's `prometheus` on 127.0.0.1, a short
+//! scrape interval, its data in the test's folder, killed when dropped. It can be stopped and
+//! started again on the same port and data folder (an outage).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::workdir::free_port;
+
+/// The Prometheus binary: `WEIR_PROMETHEUS`, else `prometheus` on PATH, else
+/// `/usr/bin/prometheus`. Missing, the test fails and says how to install it (never skips).
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("WEIR_PROMETHEUS") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "WEIR_PROMETHEUS={} does not name a file; point it at the prometheus binary or unset it",
+            path.display()
+        );
+        return path;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("prometheus"))
+                .find(|p| p.is_file())
+        })
+        .or_else(|| Some(PathBuf::from("/usr/bin/prometheus")).filter(|p| p.is_file()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no Prometheus found: these tests need a real Prometheus server. Install Debian's \
+                 package (`apt-get install prometheus`), or run `cargo xtask test`, which installs \
+                 it, or set WEIR_PROMETHEUS to the binary"
+            )
+        })
+}
+
+/// One scrape job.
+#[derive(Debug, Clone)]
+pub struct ScrapeJob {
+    /// The job's name (the `job` label).
+    pub name: String,
+    /// The path scraped on every target.
+    pub path: String,
+    /// The targets.
+    pub targets: Vec<SocketAddr>,
+}
+
+impl ScrapeJob {
+    /// A job scraping `path` on `targets`.
+    pub fn new(name: &str, path: &str, targets: &[SocketAddr]) -> Self {
+        Self {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            targets: targets.to_vec(),
+        }
+    }
+}
+
+/// A running (or stopped) Prometheus.
+#[derive(Debug)]
+pub struct Prometheus {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    /// Writes `prometheus.yml` into `dir` (scraping `jobs` every `scrape_interval`) and starts
+    /// Prometheus on `port` (0: a free one), its data in `dir/data`; returns once it is ready.
+    pub fn start(
+        dir: &Path,
+        port: u16,
+        jobs: &[ScrapeJob],
+        scrape_interval: Duration,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let interval = format!("{}ms", scrape_interval.as_millis());
+        let mut config = format!(
+            "global:\n  scrape_interval: {interval}\n  scrape_timeout: {interval}\n  evaluation_interval: {interval}\nscrape_configs:\n"
+        );
+        for job in jobs {
+            let targets: Vec<String> = job.targets.iter().map(|t| format!("\"{t}\"")).collect();
+            config.push_str(&format!(
+                "- job_name: {}\n  metrics_path: {}\n  static_configs:\n  - targets: [{}]\n",
+                job.name,
+                job.path,
+                targets.join(", ")
+            ));
+        }
+        std::fs::write(dir.join("prometheus.yml"), config)?;
+        let port = if port == 0 { free_port()? } else { port };
+        let mut prometheus = Self {
+            child: None,
+            port,
+            dir: dir.to_owned(),
+        };
+        prometheus.start_again()?;
+        Ok(prometheus)
+    }
+
+    /// Starts the process again (same port, config and data); returns once it is ready.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("Prometheus on port {} is already running", self.port);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("prometheus.log"))?;
+        let binary = binary();
+        let child = Command::new(&binary)
+            .arg(format!(
+                "--config.file={}",
+                self.dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                self.dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
+            .arg("--storage.tsdb.retention.time=1h")
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot run {}", binary.display()))?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!(
+                    "Prometheus exited ({status}) before it was ready; see {}",
+                    self.dir.join("prometheus.log").display()
+                );
+            }
+            if ready(self.port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "Prometheus on 127.0.0.1:{} not ready after {timeout:?}; see {}",
+                    self.port,
+                    self.dir.join("prometheus.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the process (an outage); [`Prometheus::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs an instant query; returns `data.result` (a list for vectors).
+    pub async fn query(&self, promql: &str) -> anyhow::Result<serde_json::Value> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let (status, body) =
+            crate::http::get(addr, &format!("/api/v1/query?query={encoded}")).await?;
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .with_context(|| format!("Prometheus answered {status} with non-JSON: {body}"))?;
+        if json["status"] != "success" {
+            bail!("query `{promql}` failed ({status}): {body}");
+        }
+        Ok(json["data"]["result"].clone())
+    }
+
+    /// The series a vector query returns, as (labels, value).
+    pub async fn series(&self, promql: &str) -> anyhow::Result<Vec<(serde_json::Value, f64)>> {
+        let result = self.query(promql).await?;
+        let list = result
+            .as_array()
+            .ok_or_else(|| anyhow!("`{promql}` did not return a vector: {result}"))?;
+        list.iter()
+            .map(|s| {
+                let value = s["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .ok_or_else(|| anyhow!("bad sample in {s}"))?;
+                Ok((s["metric"].clone(), value))
+            })
+            .collect()
+    }
+
+    /// Waits (at most `timeout`) until `promql` returns at least one series with a value for
+    /// which `accept` holds; returns the series.
+    pub async fn wait_for(
+        &self,
+        promql: &str,
+        timeout: Duration,
+        accept: impl Fn(f64) -> bool,
+    ) -> anyhow::Result<Vec<(serde_json::Value, f64)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.series(promql).await;
+            if let Ok(series) = &last {
+                if series.iter().any(|(_, v)| accept(*v)) {
+                    return Ok(series.clone());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("`{promql}` did not return an acceptable value within {timeout:?}; last: {last:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+fn ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    ) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream
+        .write_all(b"GET /-/ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
