@@ -261,10 +261,15 @@ impl Prometheus {
     /// Starts Prometheus with `config` (prometheus.yml text) and its data in `dir`, and waits
     /// until it answers `/-/ready`.
     pub async fn start(config: &str, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_on(config, dir, crate::workdir::free_port()?).await
+    }
+
+    /// [`Prometheus::start`] on a chosen port (for a client configured before it starts).
+    pub async fn start_on(config: &str, dir: &Path, port: u16) -> anyhow::Result<Self> {
         let binary = prometheus_binary()?;
+        std::fs::create_dir_all(dir)?;
         let config_path = dir.join("prometheus.yml");
         std::fs::write(&config_path, config)?;
-        let port = crate::workdir::free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.join("prometheus.log");
         let log_file = std::fs::File::create(&log)?;

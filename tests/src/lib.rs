@@ -11,6 +11,7 @@
 //! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
 //! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app.
 
+pub mod bench_detect;
 pub mod bench_filter;
 pub mod bench_ingest;
 pub mod bench_p99;

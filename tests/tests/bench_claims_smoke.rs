@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use weir_e2e::bench_p99;
+use weir_e2e::bench_detect::{self, MetricPath};
+use weir_e2e::{bench_ingest, bench_p99};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_p99_benchmark_compares_weir_and_a_real_prometheus_against_exact_p99s() {
@@ -54,4 +55,76 @@ async fn smoke_p99_benchmark_compares_weir_and_a_real_prometheus_against_exact_p
         .map(|c| c.prometheus_error().abs())
         .fold(0.0, f64::max);
     assert!(worst_prometheus > 0.05, "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_ingest_benchmark_measures_a_controller_process_under_simulated_envoys() {
+    let options = bench_ingest::Options::smoke();
+    let outcome =
+        match tokio::time::timeout(Duration::from_secs(120), bench_ingest::run(&options)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => panic!("{e:#}"),
+            Err(_) => panic!("the ingest smoke benchmark did not finish within 120 s"),
+        };
+    let table = outcome.render();
+    assert_eq!(outcome.runs.len(), options.envoys.len(), "{table}");
+    for run in &outcome.runs {
+        assert_eq!(run.connected, run.envoys, "every Envoy connected:\n{table}");
+        // One report per Envoy per second over the window, give or take the edges.
+        let expected = run.envoys as f64 * run.measured_seconds;
+        assert!(
+            run.reports as f64 >= expected * 0.5,
+            "reports were acknowledged at about one per Envoy per second:\n{table}"
+        );
+        assert!(run.cpu_seconds > 0.0, "the controller used CPU:\n{table}");
+        assert!(
+            run.vm_hwm_kib > 0,
+            "the controller's peak RSS was read:\n{table}"
+        );
+        assert!(
+            !run.fanouts.is_empty(),
+            "a directive was published:\n{table}"
+        );
+        for fanout in &run.fanouts {
+            assert_eq!(
+                fanout.received, fanout.streams,
+                "every stream received the new directive:\n{table}"
+            );
+            assert!(
+                fanout.p99_ms > 0.0 && fanout.max_ms >= fanout.p99_ms,
+                "{table}"
+            );
+        }
+        assert!(run.report_bytes > 0, "{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_detect_benchmark_times_halt_and_rollback_on_both_paths() {
+    let options = bench_detect::Options::smoke();
+    let outcome =
+        match tokio::time::timeout(Duration::from_secs(240), bench_detect::run(&options)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => panic!("{e:#}"),
+            Err(_) => panic!("the detect smoke benchmark did not finish within 240 s"),
+        };
+    let table = outcome.render();
+    for path in [MetricPath::Streamed, MetricPath::Prometheus] {
+        let samples = outcome.of(path);
+        assert_eq!(samples.len(), 1, "one {} run:\n{table}", path.name());
+        for sample in samples {
+            assert!(
+                sample.halt > Duration::ZERO && sample.rollback >= sample.halt,
+                "{}: a Halt, then the rollback, after the fault:\n{table}",
+                path.name()
+            );
+            assert!(
+                sample
+                    .halt_message
+                    .contains(&format!("from {}", path.name())),
+                "{}: the Halt names its source:\n{table}",
+                path.name()
+            );
+        }
+    }
 }
