@@ -1,0 +1,769 @@
+//! The install manifests: generated CRDs up to date, the kustomize base rendering, references that
+//! hold between its objects, RBAC that covers what the controller does, a filter configuration
+//! the filter accepts, and the example Canary valid against the generated CRD schema.
+//!
+//! `kubectl kustomize` renders the base when kubectl is installed; without it the YAML documents
+//! the kustomizations list are read directly (and the test says so). The same checks run on
+//! both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use weir_controller::platform::kubernetes::crd::{self, CanaryResource};
+use weir_controller::platform::kubernetes::leader::LEADER_LABEL;
+use weir_controller::platform::local::envoy::{
+    FILTER_ROOT_ID, REPORTER_ROOT_ID, ROUTING_HEADER, WASM_RUNTIME, WASM_VM_ID,
+};
+
+fn manifests() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .join("manifests")
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| {
+            let value = serde_yaml::Value::deserialize(doc).expect("valid YAML");
+            serde_json::to_value(value).expect("YAML that is JSON")
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+use serde::Deserialize;
+
+/// The documents a kustomization lists, read directly, with its `images` applied.
+fn from_files(dir: &Path) -> Vec<Value> {
+    let kustomization =
+        std::fs::read_to_string(dir.join("kustomization.yaml")).expect("a kustomization.yaml");
+    let k = documents(&kustomization).remove(0);
+    let mut docs = Vec::new();
+    for resource in k["resources"].as_array().expect("resources") {
+        let file = dir.join(resource.as_str().expect("a path"));
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{} is listed but unreadable: {e}", file.display()));
+        docs.extend(documents(&text));
+    }
+    for image in k["images"].as_array().into_iter().flatten() {
+        let name = image["name"].as_str().unwrap();
+        let tag = image["newTag"].as_str().unwrap();
+        for doc in &mut docs {
+            for c in doc["spec"]["template"]["spec"]["containers"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                if c["image"] == name {
+                    c["image"] = json!(format!("{name}:{tag}"));
+                }
+            }
+        }
+    }
+    docs
+}
+
+/// Kills the child if the test ends first.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// kubectl: `WEIR_KUBECTL` (a path, or `none` to check the files without rendering), else
+/// /usr/bin/kubectl, else PATH.
+fn kubectl() -> Option<PathBuf> {
+    match std::env::var("WEIR_KUBECTL").ok().as_deref() {
+        Some("none") => return None,
+        Some(path) if !path.is_empty() => return Some(PathBuf::from(path)),
+        _ => {}
+    }
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    std::iter::once(PathBuf::from("/usr/bin"))
+        .chain(candidates)
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file())
+}
+
+/// `kubectl kustomize <dir>`, bounded to 60 s; `None` without kubectl.
+fn rendered(dir: &Path) -> Option<Vec<Value>> {
+    let kubectl = kubectl()?;
+    // Tests run in parallel: one output file per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let out_path = std::env::temp_dir().join(format!(
+        "weir-kustomize-{}-{}.yaml",
+        std::process::id(),
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let out = std::fs::File::create(&out_path).unwrap();
+    let child = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .stdout(out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    let mut guard = Guard(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = guard.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kubectl kustomize ran over 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = guard.0.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(
+        status.success(),
+        "kubectl kustomize {} failed: {stderr}",
+        dir.display()
+    );
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    let _ = std::fs::remove_file(&out_path);
+    Some(documents(&text))
+}
+
+/// The rendered documents when kubectl is there (checked against the files), else the files.
+fn install(dir: &Path) -> Vec<Value> {
+    let files = from_files(dir);
+    match rendered(dir) {
+        Some(docs) => {
+            let ids = |d: &[Value]| -> BTreeSet<String> {
+                d.iter()
+                    .map(|o| {
+                        format!(
+                            "{}/{}/{}",
+                            o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]
+                        )
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                ids(&docs),
+                ids(&files),
+                "kustomize renders exactly the listed files"
+            );
+            docs
+        }
+        None => {
+            eprintln!(
+                "kubectl not found (or WEIR_KUBECTL=none): checked the YAML documents {} lists, without rendering",
+                dir.join("kustomization.yaml").display()
+            );
+            files
+        }
+    }
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "exactly one {kind} {name}");
+    found[0]
+}
+
+#[test]
+fn the_checked_in_crds_are_the_ones_the_spec_types_generate() {
+    let dir = manifests().join("crds");
+    let kustomization = std::fs::read_to_string(manifests().join("kustomization.yaml")).unwrap();
+    for (name, generated) in crd::crd_files() {
+        let path = dir.join(name.as_ref());
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "{} is stale or missing; regenerate it with `cargo run -p weir-controller --bin weir -- crdgen --out manifests/crds`",
+            path.display()
+        );
+        assert!(
+            kustomization.contains(&format!("crds/{name}")),
+            "manifests/kustomization.yaml does not install crds/{name}"
+        );
+    }
+}
+
+#[test]
+fn the_canary_crd_has_flaggers_names_columns_and_a_status_subresource() {
+    let crd = documents(&crd::to_yaml(&crd::canary_crd())).remove(0);
+    assert_eq!(crd["spec"]["group"], "weir.dev");
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["canary"]));
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Status", "Weight", "FailedChecks", "LastTransitionTime"]
+    );
+}
+
+/// What the controller does through the API, as (group, resource, verb).
+const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
+    ("weir.dev", "canaries", "get"),
+    ("weir.dev", "canaries", "list"),
+    ("weir.dev", "canaries", "watch"),
+    ("weir.dev", "canaries", "patch"),
+    ("weir.dev", "canaries/status", "patch"),
+    ("weir.dev", "metrictemplates", "list"),
+    ("weir.dev", "metrictemplates", "watch"),
+    ("apps", "deployments", "get"),
+    ("apps", "deployments", "list"),
+    ("apps", "deployments", "watch"),
+    ("apps", "deployments", "create"),
+    ("apps", "deployments", "patch"),
+    ("", "services", "create"),
+    ("", "services", "patch"),
+    ("networking.istio.io", "virtualservices", "create"),
+    ("networking.istio.io", "virtualservices", "patch"),
+    ("networking.istio.io", "virtualservices", "delete"),
+    ("networking.istio.io", "destinationrules", "create"),
+    ("networking.istio.io", "destinationrules", "patch"),
+    ("events.k8s.io", "events", "create"),
+    ("", "secrets", "get"),
+];
+const LEADER_NEEDS: &[(&str, &str, &str)] = &[
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
+    ("", "pods", "patch"),
+];
+
+fn grants(role: &Value) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    let s = |x: &Value| x.as_str().unwrap().to_owned();
+                    assert!(
+                        s(g) != "*" && s(r) != "*" && s(v) != "*",
+                        "no wildcards in {}",
+                        role["metadata"]["name"]
+                    );
+                    out.insert((s(g), s(r), s(v)));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check_rbac(docs: &[Value], deployment: &Value) {
+    let sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("the controller runs as its own ServiceAccount");
+    let ns = deployment["metadata"]["namespace"].as_str().unwrap();
+    let account = one(docs, "ServiceAccount", sa);
+    assert_eq!(account["metadata"]["namespace"], ns);
+    for (binding_kind, role_kind, needs) in [
+        ("ClusterRoleBinding", "ClusterRole", CONTROLLER_NEEDS),
+        ("RoleBinding", "Role", LEADER_NEEDS),
+    ] {
+        let binding = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == binding_kind
+                    && d["subjects"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["name"] == sa && s["namespace"] == ns))
+            })
+            .unwrap_or_else(|| panic!("a {binding_kind} for ServiceAccount {sa}"));
+        assert_eq!(binding["roleRef"]["kind"], role_kind);
+        let role = one(
+            docs,
+            role_kind,
+            binding["roleRef"]["name"].as_str().unwrap(),
+        );
+        if role_kind == "Role" {
+            assert_eq!(
+                role["metadata"]["namespace"], ns,
+                "leader election stays in {ns}"
+            );
+            assert_eq!(binding["metadata"]["namespace"], ns);
+        }
+        let granted = grants(role);
+        for (g, r, v) in needs {
+            assert!(
+                granted.contains(&(g.to_string(), r.to_string(), v.to_string())),
+                "{role_kind} {} lacks {v} on {g}/{r}",
+                role["metadata"]["name"]
+            );
+        }
+        let needed: BTreeSet<(String, String, String)> = needs
+            .iter()
+            .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+            .chain(std::iter::once((
+                "weir.dev".into(),
+                "metrictemplates".into(),
+                "get".into(),
+            )))
+            .collect();
+        let extra: Vec<_> = granted.difference(&needed).collect();
+        assert!(
+            extra.is_empty(),
+            "{role_kind} grants more than needed: {extra:?}"
+        );
+    }
+}
+
+fn container(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn env(deployment: &Value, name: &str) -> Value {
+    container(deployment)["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn port_named(deployment: &Value, name: &str) -> i64 {
+    container(deployment)["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_i64())
+        .unwrap_or_else(|| panic!("the container has a port named {name}"))
+}
+
+/// Every wasm plugin configuration in the EnvoyFilter, with the patch context it came from.
+fn plugin_configs(filter: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for patch in filter["spec"]["configPatches"].as_array().unwrap() {
+        let context = patch["match"]["context"].as_str().unwrap_or("").to_owned();
+        let value = &patch["patch"]["value"];
+        if patch["applyTo"] == "HTTP_FILTER" {
+            out.push((context, value["typed_config"]["config"].clone()));
+        }
+        if patch["applyTo"] == "BOOTSTRAP" {
+            for ext in value["bootstrap_extensions"].as_array().unwrap() {
+                out.push(("BOOTSTRAP".into(), ext["typed_config"]["config"].clone()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_install_renders_and_its_objects_fit_together() {
+    let docs = install(&manifests());
+    let kinds: BTreeMap<String, usize> = docs.iter().fold(BTreeMap::new(), |mut m, d| {
+        *m.entry(d["kind"].as_str().unwrap().to_owned()).or_default() += 1;
+        m
+    });
+    for (kind, n) in [
+        ("CustomResourceDefinition", 2),
+        ("Namespace", 1),
+        ("ServiceAccount", 1),
+        ("ClusterRole", 1),
+        ("ClusterRoleBinding", 1),
+        ("Role", 1),
+        ("RoleBinding", 1),
+        ("Deployment", 1),
+        ("Service", 1),
+        ("EnvoyFilter", 1),
+    ] {
+        assert_eq!(kinds.get(kind), Some(&n), "{kind} in {kinds:?}");
+    }
+    let ns = one(&docs, "Namespace", "weir-system");
+    assert_eq!(ns["metadata"]["labels"]["istio-injection"], "disabled");
+
+    // The controller Deployment.
+    let deployment = one(&docs, "Deployment", "weir");
+    assert_eq!(deployment["metadata"]["namespace"], "weir-system");
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let c = container(deployment);
+    assert_eq!(c["image"], "weir:0.1.0");
+    assert_eq!(c["args"], json!(["kubernetes"]));
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let port = c[probe]["httpGet"]["port"].as_str().unwrap();
+        port_named(deployment, port);
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    for limit in ["requests", "limits"] {
+        assert!(
+            c["resources"][limit]["cpu"].is_string() && c["resources"][limit]["memory"].is_string()
+        );
+    }
+    assert_eq!(
+        env(deployment, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env(deployment, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    let grpc_address = env(deployment, "WEIR_GRPC_ADDRESS")["value"].clone();
+    assert!(grpc_address
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":{}", port_named(deployment, "grpc"))));
+    let http_address = env(deployment, "WEIR_HTTP_ADDRESS")["value"].clone();
+    assert!(http_address
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":{}", port_named(deployment, "http-metrics"))));
+
+    // The Service selects the controller's Pods, and of them only the leader.
+    let service = one(&docs, "Service", "weir");
+    assert_eq!(service["metadata"]["namespace"], "weir-system");
+    let selector = service["spec"]["selector"].as_object().unwrap();
+    assert_eq!(selector.get(LEADER_LABEL), Some(&json!("true")));
+    for (k, v) in selector.iter().filter(|(k, _)| *k != LEADER_LABEL) {
+        assert_eq!(
+            &pod["metadata"]["labels"][k], v,
+            "the Service selects the controller Pods"
+        );
+    }
+    let grpc = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .expect("a grpc port");
+    port_named(deployment, grpc["targetPort"].as_str().unwrap());
+    assert_eq!(grpc["appProtocol"], "grpc");
+
+    check_rbac(&docs, deployment);
+
+    // The EnvoyFilter: filter before the router in sidecars and gateways, the singleton reporter
+    // on the same VM id, the HTTP/2 cluster that reaches the Service, a configuration the
+    // filter accepts.
+    let filter = one(&docs, "EnvoyFilter", "weir");
+    assert_eq!(filter["metadata"]["namespace"], "istio-system");
+    let opt_in = filter["spec"]["workloadSelector"]["labels"].clone();
+    assert_eq!(opt_in, json!({"weir.dev/filter": "enabled"}));
+    let configs = plugin_configs(filter);
+    let contexts: Vec<&str> = configs.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(contexts, ["SIDECAR_OUTBOUND", "GATEWAY", "BOOTSTRAP"]);
+    for patch in filter["spec"]["configPatches"].as_array().unwrap() {
+        if patch["applyTo"] == "HTTP_FILTER" {
+            assert_eq!(patch["patch"]["operation"], "INSERT_BEFORE");
+            assert_eq!(
+                patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
+                "envoy.filters.http.router"
+            );
+            assert_eq!(
+                patch["patch"]["value"]["typed_config"]["config"]["failure_policy"],
+                "FAIL_OPEN"
+            );
+        }
+        if patch["applyTo"] == "BOOTSTRAP" {
+            let ext = &patch["patch"]["value"]["bootstrap_extensions"][0];
+            assert_eq!(ext["name"], "envoy.bootstrap.wasm");
+            assert_eq!(ext["typed_config"]["singleton"], true);
+        }
+    }
+    let mut cluster_names = BTreeSet::new();
+    let mut module = BTreeSet::new();
+    for (context, config) in &configs {
+        let root = if context == "BOOTSTRAP" {
+            REPORTER_ROOT_ID
+        } else {
+            FILTER_ROOT_ID
+        };
+        assert_eq!(config["root_id"], root, "{context}");
+        assert_eq!(
+            config["vm_config"]["vm_id"], WASM_VM_ID,
+            "{context}: one VM id for all"
+        );
+        assert_eq!(config["vm_config"]["runtime"], WASM_RUNTIME);
+        module.insert(
+            config["vm_config"]["code"]["local"]["filename"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        let text = config["configuration"]["value"].as_str().unwrap();
+        let parsed = weir_filter::config::FilterConfig::parse(text.as_bytes())
+            .unwrap_or_else(|e| panic!("{context}: the filter refuses its configuration: {e}"));
+        assert_eq!(
+            Some(parsed.routing_header.as_str()),
+            env(deployment, "WEIR_ROUTING_HEADER")["value"].as_str(),
+            "the filter and the controller agree on the routing header"
+        );
+        assert_eq!(parsed.routing_header, ROUTING_HEADER);
+        cluster_names.insert(parsed.controller_cluster);
+    }
+    assert_eq!(
+        module.len(),
+        1,
+        "the filter and the reporter load the same module"
+    );
+    assert_eq!(cluster_names.len(), 1);
+    let cluster_patch = filter["spec"]["configPatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["applyTo"] == "CLUSTER")
+        .expect("a CLUSTER patch");
+    let cluster = &cluster_patch["patch"]["value"];
+    assert_eq!(cluster_patch["patch"]["operation"], "ADD");
+    assert!(cluster_names.contains(cluster["name"].as_str().unwrap()));
+    let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ["address"]["socket_address"];
+    assert_eq!(
+        address["address"],
+        format!(
+            "{}.{}.svc.cluster.local",
+            service["metadata"]["name"].as_str().unwrap(),
+            service["metadata"]["namespace"].as_str().unwrap()
+        )
+    );
+    assert_eq!(address["port_value"], grpc["port"]);
+    assert!(cluster["typed_extension_protocol_options"]
+        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+        .get("http2_protocol_options")
+        .is_some());
+}
+
+#[test]
+fn the_wasm_plugin_alternative_is_a_configuration_the_filter_accepts() {
+    let text = std::fs::read_to_string(manifests().join("alternatives/wasmplugin.yaml")).unwrap();
+    let plugin = documents(&text).remove(0);
+    assert_eq!(plugin["kind"], "WasmPlugin");
+    assert_eq!(plugin["spec"]["pluginName"], FILTER_ROOT_ID);
+    assert_eq!(plugin["spec"]["failStrategy"], "FAIL_OPEN");
+    assert!(
+        text.contains("cannot do"),
+        "the file says what a WasmPlugin cannot do"
+    );
+    let config = serde_json::to_vec(&plugin["spec"]["pluginConfig"]).unwrap();
+    weir_filter::config::FilterConfig::parse(&config)
+        .unwrap_or_else(|e| panic!("the filter refuses the WasmPlugin's configuration: {e}"));
+}
+
+/// Validates `doc` against a CRD's structural schema the way the API server would reject it:
+/// types, enums, bounds, required fields, unknown fields where they are not preserved.
+fn validate(schema: &Value, doc: &Value, path: &str, errors: &mut Vec<String>) {
+    if doc.is_null() {
+        if schema["nullable"] != true {
+            errors.push(format!("{path}: null is not allowed"));
+        }
+        return;
+    }
+    if schema["x-kubernetes-int-or-string"] == true {
+        if !(doc.is_i64() || doc.is_u64() || doc.is_string()) {
+            errors.push(format!("{path}: must be an integer or a string"));
+        }
+        return;
+    }
+    if let Some(values) = schema["enum"].as_array() {
+        if !values.contains(doc) {
+            errors.push(format!("{path}: {doc} is not one of {values:?}"));
+        }
+    }
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+    match schema["type"].as_str() {
+        Some("object") => {
+            let Some(object) = doc.as_object() else {
+                return errors.push(format!("{path}: must be an object"));
+            };
+            for (key, value) in object {
+                let sub = format!("{path}.{key}");
+                if let Some(property) = schema["properties"].get(key) {
+                    validate(property, value, &sub, errors);
+                } else if schema["additionalProperties"].is_object() {
+                    validate(&schema["additionalProperties"], value, &sub, errors);
+                } else if !preserve {
+                    errors.push(format!("{sub}: unknown field"));
+                }
+            }
+            for required in schema["required"].as_array().into_iter().flatten() {
+                if !object.contains_key(required.as_str().unwrap()) {
+                    errors.push(format!("{path}.{required}: required"));
+                }
+            }
+        }
+        Some("array") => match doc.as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    validate(&schema["items"], item, &format!("{path}[{i}]"), errors);
+                }
+            }
+            None => errors.push(format!("{path}: must be an array")),
+        },
+        Some("string") if !doc.is_string() => errors.push(format!("{path}: must be a string")),
+        Some("boolean") if !doc.is_boolean() => errors.push(format!("{path}: must be a boolean")),
+        Some(kind @ ("integer" | "number")) => {
+            let ok = if kind == "integer" {
+                doc.is_i64() || doc.is_u64()
+            } else {
+                doc.is_number()
+            };
+            if !ok {
+                return errors.push(format!("{path}: must be an {kind}"));
+            }
+            let v = doc.as_f64().unwrap();
+            if schema["minimum"].as_f64().is_some_and(|m| v < m)
+                || schema["maximum"].as_f64().is_some_and(|m| v > m)
+            {
+                errors.push(format!("{path}: {v} is out of bounds"));
+            }
+        }
+        Some(_) => {}
+        None if !preserve => errors.push(format!("{path}: the schema has no type")),
+        None => {}
+    }
+}
+
+fn canary_schema() -> Value {
+    let crd = documents(&crd::to_yaml(&crd::canary_crd())).remove(0);
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+fn schema_errors(object: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    let body = json!({"spec": object["spec"], "status": object.get("status").cloned().unwrap_or(Value::Null)});
+    let mut body = body.as_object().unwrap().clone();
+    if body["status"].is_null() {
+        body.remove("status");
+    }
+    validate(&canary_schema(), &Value::Object(body), "", &mut errors);
+    errors
+}
+
+#[test]
+fn the_example_canary_is_valid_against_the_generated_schema_and_compiles() {
+    let docs = install(&manifests().join("examples"));
+    let canary = one(&docs, "Canary", "mhs");
+    assert_eq!(canary["apiVersion"], "weir.dev/v1alpha1");
+    assert_eq!(canary["metadata"]["namespace"], "application");
+    let errors = schema_errors(canary);
+    assert!(errors.is_empty(), "{errors:#?}");
+
+    let resource: CanaryResource = serde_json::from_value(canary.clone()).unwrap();
+    let compiled = resource.to_spec_canary().compile().expect("a valid Canary");
+    assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
+    let plan = compiled.plan;
+    assert_eq!(plan.analysis.interval, Duration::from_secs(60));
+    assert_eq!(plan.analysis.threshold.get(), 5);
+    let weir_controller::spec::Strategy::Canary { steps } = &plan.analysis.strategy else {
+        panic!("a progressive canary");
+    };
+    let weights: Vec<u8> = steps.weights().iter().map(|w| w.percent()).collect();
+    assert_eq!(weights, [10, 20, 30, 40, 50]);
+    let metrics: Vec<(&str, Duration)> = plan
+        .analysis
+        .metrics
+        .iter()
+        .map(|m| (m.name.as_str(), m.window))
+        .collect();
+    assert_eq!(
+        metrics,
+        [
+            ("request-success-rate", Duration::from_secs(30)),
+            ("request-duration", Duration::from_secs(30))
+        ]
+    );
+
+    // The example app fits its Canary and the EnvoyFilter.
+    let app = one(&docs, "Deployment", "mhs");
+    assert_eq!(app["metadata"]["namespace"], "application");
+    assert_eq!(canary["spec"]["targetRef"]["name"], "mhs");
+    let container_ports: Vec<&Value> = container(app)["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["containerPort"])
+        .collect();
+    assert!(container_ports.contains(&&canary["spec"]["service"]["targetPort"]));
+    let install = install(&manifests());
+    let filter = one(&install, "EnvoyFilter", "weir");
+    for (k, v) in filter["spec"]["workloadSelector"]["labels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(
+            &app["spec"]["template"]["metadata"]["labels"][k], v,
+            "the app opts into the filter"
+        );
+    }
+    let (_, config) = plugin_configs(filter).remove(0);
+    let module = Path::new(
+        config["vm_config"]["code"]["local"]["filename"]
+            .as_str()
+            .unwrap(),
+    );
+    let mounts: Value = serde_json::from_str(
+        app["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/userVolumeMount"]
+            .as_str()
+            .expect("the module is mounted into the sidecar"),
+    )
+    .unwrap();
+    assert_eq!(
+        mounts[0]["mountPath"],
+        module.parent().unwrap().to_str().unwrap()
+    );
+    assert_eq!(
+        one(&docs, "Namespace", "application")["metadata"]["labels"]["istio-injection"],
+        "enabled"
+    );
+}
+
+#[test]
+fn the_schema_check_rejects_what_the_api_server_would() {
+    let text = std::fs::read_to_string(manifests().join("examples/canary.yaml")).unwrap();
+    let good = documents(&text).remove(0);
+    assert!(schema_errors(&good).is_empty());
+    let mut wrong_type = good.clone();
+    wrong_type["spec"]["analysis"]["stepWeight"] = json!("ten");
+    assert_eq!(
+        schema_errors(&wrong_type),
+        [".spec.analysis.stepWeight: must be an integer"]
+    );
+    let mut bad_status = good.clone();
+    bad_status["status"] = json!({"phase": "Finalizing", "canaryWeight": 140});
+    let errors = schema_errors(&bad_status);
+    assert!(
+        errors.iter().any(|e| e.starts_with(".status.phase:")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e == ".status.canaryWeight: 140 is out of bounds"),
+        "{errors:?}"
+    );
+    let mut status = good;
+    status["status"] = json!({"phase": "Progressing", "canaryWeight": 30, "failedChecks": 1,
+        "iterations": 0, "lastTransitionTime": "2026-01-01T00:00:00Z"});
+    assert!(
+        schema_errors(&status).is_empty(),
+        "{:?}",
+        schema_errors(&status)
+    );
+}
