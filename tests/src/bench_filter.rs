@@ -68,6 +68,10 @@ pub enum Variant {
     /// The Weir filter, loaded with requests for a host no canary covers: its cost when it only
     /// reads the authority and strips the routing header (no split, no record).
     WeirUncovered,
+    /// Another build of the filter (`--candidate PATH`, numbered from 1 in the order given), run
+    /// exactly like [`Variant::Weir`]: to weigh a change to the filter against the current build
+    /// in the same alternating rounds.
+    Candidate(u8),
 }
 
 impl Variant {
@@ -84,14 +88,15 @@ impl Variant {
     pub const DEFAULT: [Variant; 3] = [Variant::NoFilter, Variant::EmptyWasm, Variant::Weir];
 
     /// The name used on the command line and in the tables.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Variant::NoFilter => "no-filter",
-            Variant::NoFilterSplit => "no-filter-split",
-            Variant::EmptyWasm => "empty-wasm",
-            Variant::Weir => "weir",
-            Variant::WeirNoStats => "weir-nostats",
-            Variant::WeirUncovered => "weir-uncovered",
+            Variant::NoFilter => "no-filter".to_owned(),
+            Variant::NoFilterSplit => "no-filter-split".to_owned(),
+            Variant::EmptyWasm => "empty-wasm".to_owned(),
+            Variant::Weir => "weir".to_owned(),
+            Variant::WeirNoStats => "weir-nostats".to_owned(),
+            Variant::WeirUncovered => "weir-uncovered".to_owned(),
+            Variant::Candidate(n) => format!("candidate-{n}"),
         }
     }
 
@@ -103,8 +108,13 @@ impl Variant {
     fn is_weir(self) -> bool {
         matches!(
             self,
-            Variant::Weir | Variant::WeirNoStats | Variant::WeirUncovered
+            Variant::Weir | Variant::WeirNoStats | Variant::WeirUncovered | Variant::Candidate(_)
         )
+    }
+
+    /// Whether its requests are split and recorded, so its reports carry stats.
+    fn records(self) -> bool {
+        self.is_weir() && self != Variant::WeirUncovered
     }
 
     /// The `Host` wrk sends: the covered service's, except for [`Variant::WeirUncovered`].
@@ -129,6 +139,8 @@ pub struct Options {
     pub variants: Vec<Variant>,
     /// The canary weight of the directive, in percent.
     pub weight_percent: u32,
+    /// Other builds of the filter to compare, each run as a [`Variant::Candidate`].
+    pub candidates: Vec<PathBuf>,
 }
 
 impl Default for Options {
@@ -139,6 +151,7 @@ impl Default for Options {
             warmup_seconds: 1,
             variants: Variant::DEFAULT.to_vec(),
             weight_percent: DEFAULT_WEIGHT_PERCENT,
+            candidates: Vec::new(),
         }
     }
 }
@@ -154,6 +167,8 @@ usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--varia
   --seconds S      length of each measured wrk run (default 3)
   --warmup S       unmeasured load per variant before the first round (default 1)
   --weight P       the directive's canary weight in percent, 0 to 100 (default 50)
+  --candidate PATH another build of the filter (.wasm), run like `weir` as candidate-1, -2, ...
+                   (repeatable): weighs a change to the filter in the same alternating rounds
   --variant NAME   run this variant (repeatable); no-filter always runs as the baseline.
                    Names: no-filter, no-filter-split, empty-wasm, weir, weir-nostats,
                    weir-uncovered, or `all`.
@@ -170,6 +185,7 @@ impl Options {
             warmup_seconds: 0,
             variants: Variant::DEFAULT.to_vec(),
             weight_percent: DEFAULT_WEIGHT_PERCENT,
+            candidates: Vec::new(),
         }
     }
 
@@ -200,6 +216,18 @@ impl Options {
                 "--seconds" => options.seconds = number("--seconds")?,
                 "--warmup" => options.warmup_seconds = number("--warmup")?,
                 "--weight" => options.weight_percent = number("--weight")?,
+                "--candidate" => {
+                    let path = args.next().ok_or("--candidate needs the path of a .wasm")?;
+                    let path = PathBuf::from(path);
+                    if !path.is_file() {
+                        return Err(format!(
+                            "--candidate {}: no such file; build the filter copy with \
+                             `--target wasm32-wasip1 --profile wasm` and pass its .wasm",
+                            path.display()
+                        ));
+                    }
+                    options.candidates.push(path);
+                }
                 "--variant" => {
                     let name = args
                         .next()
@@ -231,6 +259,13 @@ impl Options {
                 .filter(|v| chosen.contains(v))
                 .collect();
         }
+        if options.candidates.len() > usize::from(u8::MAX) {
+            return Err("at most 255 --candidate builds".to_owned());
+        }
+        for n in 1..=options.candidates.len() {
+            // Bounded by the check above.
+            options.variants.push(Variant::Candidate(n as u8));
+        }
         Ok(Some(options))
     }
 
@@ -243,10 +278,19 @@ impl Options {
         if self.warmup_seconds != Options::default().warmup_seconds {
             let _ = write!(args, " --warmup {}", self.warmup_seconds);
         }
-        if self.variants != Variant::DEFAULT {
-            for variant in &self.variants {
+        let fixed: Vec<Variant> = self
+            .variants
+            .iter()
+            .copied()
+            .filter(|v| !matches!(v, Variant::Candidate(_)))
+            .collect();
+        if fixed != Variant::DEFAULT {
+            for variant in &fixed {
                 let _ = write!(args, " --variant {}", variant.name());
             }
+        }
+        for path in &self.candidates {
+            let _ = write!(args, " --candidate {}", path.display());
         }
         args
     }
@@ -606,6 +650,14 @@ impl Outcome {
              upstreams as the Weir split",
             o.weight_percent
         );
+        for (i, path) in o.candidates.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "- candidate-{}: `{}`, run like `weir`",
+                i + 1,
+                path.display()
+            );
+        }
         let _ = writeln!(
             out,
             "- CPU: Envoy's utime + stime from /proc/<pid>/stat (all threads; the worker thread \
@@ -895,6 +947,10 @@ impl Bench {
                     path: binaries::wasm(),
                     config_json: weir_config(variant),
                 }),
+                Variant::Candidate(n) => Some(WasmFilter {
+                    path: options.candidates[usize::from(n) - 1].clone(),
+                    config_json: weir_config(Variant::Weir),
+                }),
             };
             let envoy = bench
                 .start_envoy(variant, wasm)
@@ -1063,13 +1119,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let seen = bench.control.snapshot();
     let mut report_bytes = BTreeMap::new();
-    let with_stats = [Variant::Weir, Variant::WeirNoStats];
-    for variant in options
-        .variants
-        .iter()
-        .copied()
-        .filter(|v| with_stats.contains(v))
-    {
+    for variant in options.variants.iter().copied().filter(|v| v.records()) {
         let node = node_id(variant);
         let sizes: Vec<usize> = seen
             .applied
@@ -1191,6 +1241,24 @@ Transfer/sec:      2.03MB
         assert!(Options::parse(&args("--variant fast")).is_err());
         assert!(Options::parse(&args("--seconds 0")).is_err());
         assert!(Options::parse(&args("--weight 101")).is_err());
+        assert!(Options::parse(&args("--candidate /no/such.wasm")).is_err());
+        let this_file = concat!(env!("CARGO_MANIFEST_DIR"), "/src/bench_filter.rs");
+        let with_candidate = Options::parse(&args(&format!("--candidate {this_file}")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            with_candidate.variants,
+            [
+                Variant::NoFilter,
+                Variant::EmptyWasm,
+                Variant::Weir,
+                Variant::Candidate(1)
+            ]
+        );
+        assert_eq!(Variant::Candidate(1).name(), "candidate-1");
+        assert!(with_candidate
+            .to_args()
+            .ends_with(&format!("--candidate {this_file}")));
         let weighted = Options::parse(&args("--weight 0")).unwrap().unwrap();
         assert_eq!(weighted.weight_percent, 0);
         assert_eq!(weighted.to_args(), "--rounds 5 --seconds 3 --weight 0");
