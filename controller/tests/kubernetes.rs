@@ -209,6 +209,7 @@ fn path_of(object: &Value) -> String {
         "Lease" => format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),
         "Pod" => format!("/api/v1/namespaces/{ns}/pods"),
         "Secret" => format!("/api/v1/namespaces/{ns}/secrets"),
+        "ConfigMap" => format!("/api/v1/namespaces/{ns}/configmaps"),
         other => panic!("the fake does not store {other}"),
     };
     format!("{collection}/{name}")
@@ -1170,6 +1171,74 @@ async fn metric_templates_from_the_cluster_reach_the_prometheus_source_with_thei
         bad.spec.0.provider.kind = "datadog".into();
         templates::store(&cluster.client, &store, &bad).await;
         assert!(store.get(NS, "not-found-percentage").is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_configuration_a_target_uses_is_part_of_its_revision_and_copied_for_the_primary() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        let configmaps = "/api/v1/namespaces/application/configmaps";
+        let secrets = "/api/v1/namespaces/application/secrets";
+        h.cluster
+            .put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "mhs-config", "namespace": NS}, "data": {"MODE": "fast"}}));
+        h.cluster.put(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "mhs-token", "namespace": NS}, "type": "Opaque",
+            "data": {"token": "czNjcjN0"}}));
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            let spec = &mut d["spec"]["template"]["spec"];
+            spec["containers"][0]["envFrom"] = json!([{"configMapRef": {"name": "mhs-config"}}]);
+            spec["volumes"] = json!([{"name": "token", "secret": {"secretName": "mhs-token"}}]);
+        });
+        h.initialized().await;
+
+        let copy = h
+            .cluster
+            .get(&format!("{configmaps}/mhs-config-primary"))
+            .expect("a copy for the primary");
+        assert_eq!(copy["data"], json!({"MODE": "fast"}));
+        owner_is_the_canary(&copy);
+        let secret = h
+            .cluster
+            .get(&format!("{secrets}/mhs-token-primary"))
+            .expect("a copy for the primary");
+        assert_eq!(secret["data"], json!({"token": "czNjcjN0"}));
+        assert_eq!(secret["type"], "Opaque");
+        let primary = h
+            .cluster
+            .get(&format!("{DEPLOYMENTS}/mhs-primary"))
+            .unwrap();
+        let pod = &primary["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["containers"][0]["envFrom"][0]["configMapRef"]["name"],
+            "mhs-config-primary"
+        );
+        assert_eq!(
+            pod["volumes"][0]["secret"]["secretName"],
+            "mhs-token-primary"
+        );
+
+        // Only the ConfigMap changes: a new revision all the same.
+        h.cluster.edit(&format!("{configmaps}/mhs-config"), |c| {
+            c["data"]["MODE"] = json!("safe")
+        });
+        h.until_phase("Progressing").await;
+        let calls = h.until_phase("Succeeded").await;
+        let copied = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", &format!("{configmaps}/mhs-config-primary")))
+            .expect("the promotion copies the configuration again");
+        assert_eq!(copied.body["data"], json!({"MODE": "safe"}));
+        // The primary's copy changed only at promotion: the analysed configuration.
+        assert_eq!(
+            h.cluster
+                .get(&format!("{configmaps}/mhs-config-primary"))
+                .unwrap()["data"]["MODE"],
+            "safe"
+        );
     })
     .await;
 }

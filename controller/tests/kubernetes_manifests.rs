@@ -239,7 +239,12 @@ const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
     ("networking.istio.io", "destinationrules", "create"),
     ("networking.istio.io", "destinationrules", "patch"),
     ("events.k8s.io", "events", "create"),
+    ("", "configmaps", "get"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "patch"),
     ("", "secrets", "get"),
+    ("", "secrets", "create"),
+    ("", "secrets", "patch"),
 ];
 const LEADER_NEEDS: &[(&str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "get"),

@@ -5,7 +5,7 @@
 //! - [`crd`]: the `Canary` resource (`weir.dev/v1alpha1`) and its CRD, generated from
 //!   [`crate::spec`] by `weir crdgen`;
 //! - [`KubernetesPlatform`] (this file): the [`Platform`] over Deployments, Services and Istio,
-//!   built from [`deployments`], [`services`] and [`istio`] (pure object builders);
+//!   built from [`deployments`], [`configs`], [`services`] and [`istio`] (pure object builders);
 //! - [`journal`]: status (server-side apply) and Events;
 //! - [`reconciler`]: the kube-runtime controller: one [`Runner`](crate::runner::Runner) per
 //!   Canary, the finalizer, requeues;
@@ -20,6 +20,7 @@
 //! | object | owner | what |
 //! |---|---|---|
 //! | Deployment `mhs-primary` | Canary | the target's template, selector values suffixed `-primary` |
+//! | ConfigMaps, Secrets `<name>-primary` | Canary | copies of what the target's pods use, for the primary |
 //! | Service `mhs` | none | the apex: selects the primary pods (the target's after a revert) |
 //! | Services `mhs-primary`, `mhs-canary` | Canary | primary pods, target pods |
 //! | DestinationRules `mhs-primary`, `mhs-canary` | Canary | one per routed Service |
@@ -27,6 +28,7 @@
 //!
 //! The apex Service has no owner: clients address it, so deleting the Canary must not delete it.
 
+pub mod configs;
 pub mod crd;
 pub mod deployments;
 pub mod health;
@@ -42,18 +44,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Api, Client};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::analysis::{Event, Route, Severity};
 use crate::ingest::Ingest;
 use crate::spec::CanaryPlan;
 
 use super::{CanaryRef, Platform, PlatformError, Readiness};
+use configs::{ConfigKind, ConfigRef};
 use istio::RoutingMode;
 use journal::Outbox;
 
@@ -209,6 +212,74 @@ impl KubernetesPlatform {
                     self.plan.target.name, self.plan.namespace
                 ),
             })
+    }
+
+    /// Each ConfigMap and Secret `template` uses, with what the revision covers of it (`None`:
+    /// it does not exist).
+    async fn configs(
+        &self,
+        template: &PodTemplateSpec,
+    ) -> Result<Vec<(ConfigRef, Option<Value>)>, PlatformError> {
+        let mut out = Vec::new();
+        for reference in configs::references(template) {
+            let (kind, name) = &reference;
+            let content = match kind {
+                ConfigKind::ConfigMap => {
+                    let api: Api<ConfigMap> =
+                        Api::namespaced(self.client.clone(), &self.plan.namespace);
+                    api.get_opt(name)
+                        .await
+                        .map_err(self.failed("reading a ConfigMap the target uses"))?
+                        .map(|c| json!({"data": c.data, "binaryData": c.binary_data}))
+                }
+                ConfigKind::Secret => {
+                    let api: Api<Secret> =
+                        Api::namespaced(self.client.clone(), &self.plan.namespace);
+                    api.get_opt(name)
+                        .await
+                        .map_err(self.failed("reading a Secret the target uses"))?
+                        .map(|s| json!({"type": s.type_, "data": s.data}))
+                }
+            };
+            out.push((reference, content));
+        }
+        Ok(out)
+    }
+
+    /// Copies one ConfigMap or Secret to `<name>-primary`, owned by the Canary.
+    async fn copy_config(
+        &self,
+        (kind, name): &ConfigRef,
+        content: &Value,
+    ) -> Result<(), PlatformError> {
+        let copy = format!("{name}{}", deployments::PRIMARY_SUFFIX);
+        let mut object = json!({
+            "apiVersion": "v1",
+            "kind": match kind { ConfigKind::ConfigMap => "ConfigMap", ConfigKind::Secret => "Secret" },
+            "metadata": {
+                "name": copy,
+                "namespace": self.plan.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "weir"},
+                "ownerReferences": [self.owner_json()],
+            },
+        });
+        for (key, value) in content.as_object().into_iter().flatten() {
+            if !value.is_null() {
+                object[key] = value.clone();
+            }
+        }
+        match kind {
+            ConfigKind::ConfigMap => {
+                let api: Api<ConfigMap> =
+                    Api::namespaced(self.client.clone(), &self.plan.namespace);
+                self.apply(&api, &copy, &object).await
+            }
+            ConfigKind::Secret => {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.plan.namespace);
+                self.apply(&api, &copy, &object).await
+            }
+        }
+        .map_err(self.failed("copying configuration for the primary"))
     }
 
     /// The apex, primary and canary Services and the DestinationRules, as `route` needs them.
@@ -371,6 +442,29 @@ impl KubernetesPlatform {
                 .map(|_| ()),
         )
         .map_err(self.failed("releasing the primary Deployment"))?;
+        // The primary's pods use the configuration copies: they stay too.
+        if let Some(primary) = self
+            .deployments()
+            .get_opt(&primary)
+            .await
+            .map_err(self.failed("reading the primary Deployment"))?
+        {
+            for (kind, name) in configs::references(&primary.spec.template) {
+                let result = match kind {
+                    ConfigKind::ConfigMap => {
+                        let api: Api<ConfigMap> =
+                            Api::namespaced(self.client.clone(), &self.plan.namespace);
+                        api.patch(&name, &params, &patch).await.map(|_| ())
+                    }
+                    ConfigKind::Secret => {
+                        let api: Api<Secret> =
+                            Api::namespaced(self.client.clone(), &self.plan.namespace);
+                        api.patch(&name, &params, &patch).await.map(|_| ())
+                    }
+                };
+                ignore_missing(result).map_err(self.failed("releasing a configuration copy"))?;
+            }
+        }
         let services: Api<Service> = Api::namespaced(self.client.clone(), &self.plan.namespace);
         let routed = [
             services::primary_name(&self.plan),
@@ -400,13 +494,23 @@ impl KubernetesPlatform {
 impl Platform for KubernetesPlatform {
     async fn target_revision(&self, _canary: &CanaryRef) -> Result<String, PlatformError> {
         let target = self.target().await?;
-        Ok(deployments::revision(&target.spec.template))
+        let configs = self.configs(&target.spec.template).await?;
+        Ok(configs::revision(&target.spec.template, &configs))
     }
 
     async fn promote_to_primary(&self, _canary: &CanaryRef) -> Result<(), PlatformError> {
         let target = self.target().await?;
-        let primary = deployments::primary_deployment(&target, self.owner.clone())
+        let configs = self.configs(&target.spec.template).await?;
+        for (reference, content) in &configs {
+            if let Some(content) = content {
+                self.copy_config(reference, content).await?;
+            }
+        }
+        let mut primary = deployments::primary_deployment(&target, self.owner.clone())
             .map_err(|e| self.invalid(e))?;
+        if !configs.is_empty() {
+            primary.spec.template = configs::to_primary(&primary.spec.template);
+        }
         let name = primary.metadata.name.clone().unwrap_or_default();
         // Returns once applied: the engine waits for the primary's readiness on its next steps
         // instead of holding a reconcile for the length of a rollout.
