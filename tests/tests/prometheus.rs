@@ -51,7 +51,7 @@ async fn the_tutorial_rollout_is_promoted_on_prometheus_data_alone() {
     bounded(async {
         let mut run = FallbackRun::start("prom-rollout", &tutorial("1.1.1")).await?;
         run.start_load(100);
-        run.step_until_phase(Phase::Initialized, Duration::from_secs(10))
+        run.step_until_phase(Phase::Initialized, Duration::from_secs(20))
             .await?;
         assert_eq!(run.primary_version().await?, "1.1.1");
 
@@ -76,7 +76,7 @@ async fn the_tutorial_rollout_is_promoted_on_prometheus_data_alone() {
             .prometheus()
             .wait_for(
                 r#"weir_requests_total{canary="application/mhs",version="canary"}"#,
-                Duration::from_secs(5),
+                Duration::from_secs(10),
                 |v| v > 0.0,
             )
             .await?;
@@ -85,21 +85,21 @@ async fn the_tutorial_rollout_is_promoted_on_prometheus_data_alone() {
         run.prometheus()
             .wait_for(
                 r#"weir_canary_status{name="mhs",namespace="application"}"#,
-                Duration::from_secs(5),
+                Duration::from_secs(10),
                 |v| v == 1.0,
             )
             .await?;
         run.prometheus()
             .wait_for(
                 r#"weir_canary_weight{workload="mhs-primary",namespace="application"}"#,
-                Duration::from_secs(5),
+                Duration::from_secs(10),
                 |v| v == 100.0,
             )
             .await?;
         run.prometheus()
             .wait_for(
                 r#"weir_canary_successes_total{name="mhs",namespace="application"}"#,
-                Duration::from_secs(5),
+                Duration::from_secs(10),
                 |v| v == 1.0,
             )
             .await?;
@@ -114,7 +114,7 @@ async fn the_tutorial_rollback_halts_five_times_on_prometheus_success_rate_and_r
     bounded(async {
         let mut run = FallbackRun::start("prom-rollback", &tutorial("1.1.1")).await?;
         run.start_load(100);
-        run.step_until_phase(Phase::Initialized, Duration::from_secs(10))
+        run.step_until_phase(Phase::Initialized, Duration::from_secs(20))
             .await?;
 
         // Half the traffic asks for a 500, as in the demo's experiment 2.
@@ -143,7 +143,7 @@ async fn the_tutorial_rollback_halts_five_times_on_prometheus_success_rate_and_r
         run.prometheus()
             .wait_for(
                 r#"weir_canary_status{name="mhs",namespace="application"}"#,
-                Duration::from_secs(5),
+                Duration::from_secs(10),
                 |v| v == 2.0,
             )
             .await?;
@@ -212,7 +212,7 @@ async fn a_metric_template_with_custom_promql_promotes_a_healthy_version_and_rol
         };
         let mut run = FallbackRun::start("prom-template", &spec).await?;
         run.start_load(100);
-        run.step_until_phase(Phase::Initialized, Duration::from_secs(10))
+        run.step_until_phase(Phase::Initialized, Duration::from_secs(20))
             .await?;
 
         run.set_version("2.0.1", &[])?;
@@ -259,10 +259,10 @@ async fn prometheus_down_mid_analysis_halts_with_an_error_without_rolling_back_a
         };
         let mut run = FallbackRun::start("prom-outage", &spec).await?;
         run.start_load(100);
-        run.step_until_phase(Phase::Initialized, Duration::from_secs(10))
+        run.step_until_phase(Phase::Initialized, Duration::from_secs(20))
             .await?;
         run.set_version("3.0.1", &[])?;
-        run.step_until("the canary weight is 25", Duration::from_secs(15), |s, _| {
+        run.step_until("the canary weight is 25", Duration::from_secs(25), |s, _| {
             s.canary_weight.percent() == 25
         })
         .await?;
@@ -272,7 +272,7 @@ async fn prometheus_down_mid_analysis_halts_with_an_error_without_rolling_back_a
         let error = format!("could not be checked, prometheus error: Istio query for request-success-rate: cannot reach Prometheus at http://127.0.0.1:{port}");
         run.step_until(
             "two analysis steps failed to reach Prometheus",
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             |_, events| {
                 events
                     .iter()
@@ -334,11 +334,11 @@ async fn bad_promql_halts_with_prometheus_error_naming_the_template() {
         };
         let mut run = FallbackRun::start("prom-bad-promql", &spec).await?;
         run.start_load(50);
-        run.step_until_phase(Phase::Initialized, Duration::from_secs(10))
+        run.step_until_phase(Phase::Initialized, Duration::from_secs(20))
             .await?;
         run.set_version("4.0.1", &[])?;
         let needle = "Halt mhs.application advancement: error-percentage could not be checked, prometheus error: MetricTemplate application/bad-promql: Prometheus at";
-        run.step_until("two halts name the template", Duration::from_secs(25), |_, events| {
+        run.step_until("two halts name the template", Duration::from_secs(40), |_, events| {
             events.iter().filter(|e| e.event.message.contains(needle)).count() >= 2
         })
         .await?;
