@@ -243,4 +243,73 @@ mod tests {
             Choice::Prometheus
         );
     }
+
+    #[test]
+    fn reports_for_the_canary_keep_built_in_checks_on_streamed_data_while_fresh() {
+        use weir_proto::v1::{CanaryRoute, Report, Reporter, Version, VersionStats};
+        let plan = crate::spec::load_yaml(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: app}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    stepWeight: 10\n    metrics: [{name: request-success-rate, thresholdRange: {min: 99}}]\n",
+        )
+        .unwrap()
+        .plan;
+        let ingest = Ingest::try_new(crate::ingest::IngestConfig::default()).unwrap();
+        let generation = ingest
+            .publish(vec![CanaryRoute {
+                key: plan.key(),
+                hosts: vec!["mhs.app".into()],
+                canary_weight_bp: 1000,
+                ..Default::default()
+            }])
+            .unwrap();
+        let global =
+            PrometheusConfig::new(PrometheusAddress::try_new("http://127.0.0.1:9090").unwrap());
+        let source = SelectingSource::new(
+            ingest.clone(),
+            PrometheusSource::new(Some(global), Templates::new()),
+            SourcePolicy::Auto,
+        )
+        .with_freshness(Duration::from_secs(5));
+        let report = |sequence: u64, stats: Vec<VersionStats>| Report {
+            reporter: Some(Reporter {
+                node_id: "envoy-1".into(),
+                namespace: "app".into(),
+                workload: "gateway".into(),
+            }),
+            epoch: 1,
+            sequence,
+            applied_generation: generation,
+            stats,
+        };
+        let at = Instant::now();
+        let mut latency = weir_proto::LatencyHistogram::new();
+        (0..10).for_each(|_| latency.record(1_000));
+        ingest.ingest(&report(0, vec![]), at).unwrap();
+        let check = &plan.analysis.metrics[0];
+        assert_eq!(source.choice(&plan, check, at), Choice::Prometheus);
+        ingest
+            .ingest(
+                &report(
+                    1,
+                    vec![VersionStats {
+                        canary: plan.key(),
+                        version: Version::Canary as i32,
+                        requests: 10,
+                        failures: 0,
+                        latency: Some(latency.encode()),
+                    }],
+                ),
+                at,
+            )
+            .unwrap();
+        assert_eq!(source.choice(&plan, check, at), Choice::Streamed);
+        assert_eq!(
+            source.choice(&plan, check, at + Duration::from_secs(5)),
+            Choice::Streamed
+        );
+        assert_eq!(
+            source.choice(&plan, check, at + Duration::from_secs(6)),
+            Choice::Prometheus,
+            "a report older than the freshness window no longer counts"
+        );
+    }
 }
