@@ -29,35 +29,49 @@ pub enum ConfigKind {
 /// A ConfigMap or Secret named by a pod template.
 pub type ConfigRef = (ConfigKind, String);
 
+/// The value at `path` under `v`, without creating anything on the way (indexing a `Value`
+/// mutably would insert every missing key).
+fn at<'a>(v: &'a mut Value, path: &[&str]) -> Option<&'a mut Value> {
+    path.iter().try_fold(v, |v, key| v.get_mut(*key))
+}
+
+fn items<'a>(v: &'a mut Value, key: &str) -> impl Iterator<Item = &'a mut Value> {
+    v.get_mut(key)
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+}
+
 /// Calls `f` on every string in `pod_spec` that names a ConfigMap or Secret.
 fn visit(pod_spec: &mut Value, f: &mut dyn FnMut(ConfigKind, &mut Value)) {
     use ConfigKind::{ConfigMap, Secret};
-    let mut name = |kind, v: &mut Value| {
-        if v.is_string() {
+    let mut name = |kind, v: Option<&mut Value>| {
+        if let Some(v) = v.filter(|v| v.is_string()) {
             f(kind, v)
         }
     };
-    for volume in pod_spec["volumes"].as_array_mut().into_iter().flatten() {
-        name(ConfigMap, &mut volume["configMap"]["name"]);
-        name(Secret, &mut volume["secret"]["secretName"]);
-        for source in volume["projected"]["sources"]
-            .as_array_mut()
-            .into_iter()
-            .flatten()
-        {
-            name(ConfigMap, &mut source["configMap"]["name"]);
-            name(Secret, &mut source["secret"]["name"]);
+    for volume in items(pod_spec, "volumes") {
+        name(ConfigMap, at(volume, &["configMap", "name"]));
+        name(Secret, at(volume, &["secret", "secretName"]));
+        if let Some(projected) = volume.get_mut("projected") {
+            for source in items(projected, "sources") {
+                name(ConfigMap, at(source, &["configMap", "name"]));
+                name(Secret, at(source, &["secret", "name"]));
+            }
         }
     }
     for list in ["containers", "initContainers"] {
-        for container in pod_spec[list].as_array_mut().into_iter().flatten() {
-            for from in container["envFrom"].as_array_mut().into_iter().flatten() {
-                name(ConfigMap, &mut from["configMapRef"]["name"]);
-                name(Secret, &mut from["secretRef"]["name"]);
+        for container in items(pod_spec, list) {
+            for from in items(container, "envFrom") {
+                name(ConfigMap, at(from, &["configMapRef", "name"]));
+                name(Secret, at(from, &["secretRef", "name"]));
             }
-            for env in container["env"].as_array_mut().into_iter().flatten() {
-                name(ConfigMap, &mut env["valueFrom"]["configMapKeyRef"]["name"]);
-                name(Secret, &mut env["valueFrom"]["secretKeyRef"]["name"]);
+            for env in items(container, "env") {
+                name(
+                    ConfigMap,
+                    at(env, &["valueFrom", "configMapKeyRef", "name"]),
+                );
+                name(Secret, at(env, &["valueFrom", "secretKeyRef", "name"]));
             }
         }
     }
@@ -184,7 +198,10 @@ mod tests {
         assert!(names.iter().all(|n| n.ends_with("-primary")), "{names:?}");
         assert_eq!(names.len(), 8);
         let spec = serde_json::to_value(primary.spec.unwrap()).unwrap();
-        assert_eq!(spec["volumes"][3]["emptyDir"], json!({}));
+        assert_eq!(
+            spec["volumes"][3],
+            json!({"name": "scratch", "emptyDir": {}})
+        );
         assert_eq!(spec["containers"][0]["env"][2]["value"], "x");
     }
 

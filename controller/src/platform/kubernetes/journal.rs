@@ -35,6 +35,9 @@ pub const REPORTING_CONTROLLER: &str = "weir";
 struct Pending {
     events: Vec<Event>,
     status: Option<CanaryStatus>,
+    /// The status the API server has (as last written or read): an equal one is not written
+    /// again, so a step that changed nothing costs no write.
+    written: Option<CanaryStatus>,
 }
 
 /// What a step produced that still has to reach the API server. Shared by the journal, the
@@ -50,6 +53,11 @@ impl Outbox {
     /// Queues an event.
     pub fn event(&self, event: Event) {
         self.lock().events.push(event);
+    }
+
+    /// Records that the API server already has `status` (read with the Canary).
+    pub fn assume_written(&self, status: Option<CanaryStatus>) {
+        self.lock().written = status;
     }
 
     /// Whether a status is waiting to be written.
@@ -100,7 +108,8 @@ impl Journal for KubernetesJournal {
 
     fn save(&mut self, status: &CanaryStatus) -> Result<(), String> {
         self.view().status = Some(status.clone());
-        self.outbox.lock().status = Some(status.clone());
+        let mut pending = self.outbox.lock();
+        pending.status = (pending.written.as_ref() != Some(status)).then(|| status.clone());
         Ok(())
     }
 
@@ -179,6 +188,7 @@ pub async fn flush(
     if pending.status.as_ref() == Some(&status) {
         pending.status = None;
     }
+    pending.written = Some(status);
     Ok(Some(written))
 }
 
@@ -257,6 +267,18 @@ mod tests {
         let status = CanaryStatus {
             failed_checks: 2,
             ..CanaryStatus::default()
+        };
+        journal.save(&status).unwrap();
+        assert!(outbox.has_status());
+        outbox.assume_written(Some(status.clone()));
+        journal.save(&status).unwrap();
+        assert!(
+            !outbox.has_status(),
+            "an unchanged status is not written again"
+        );
+        let status = CanaryStatus {
+            failed_checks: 3,
+            ..status
         };
         journal.save(&status).unwrap();
         journal.event(&Event {

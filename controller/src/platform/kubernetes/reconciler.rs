@@ -84,8 +84,6 @@ pub struct Stats {
 }
 
 struct Entry<M> {
-    uid: String,
-    generation: Option<i64>,
     runner: Runner<KubernetesPlatform, M, KubernetesJournal>,
     view: Arc<Mutex<View>>,
     outbox: Outbox,
@@ -94,6 +92,15 @@ struct Entry<M> {
 
 type Shared<M> = Arc<tokio::sync::Mutex<Entry<M>>>;
 
+/// A runner and what identifies it, readable without waiting for a step in progress.
+struct Slot<M> {
+    uid: String,
+    generation: Option<i64>,
+    view: Arc<Mutex<View>>,
+    outbox: Outbox,
+    entry: Shared<M>,
+}
+
 /// What every reconcile shares.
 pub struct Context<M> {
     client: Client,
@@ -101,7 +108,7 @@ pub struct Context<M> {
     directives: Directives,
     metrics: M,
     confirm_wait: Duration,
-    entries: tokio::sync::Mutex<HashMap<String, Shared<M>>>,
+    entries: Mutex<HashMap<String, Slot<M>>>,
     /// `(uid, generation)` whose validation problems were already reported, per Canary key.
     announced: Mutex<HashMap<String, (String, Option<i64>)>>,
     /// Counters.
@@ -118,7 +125,7 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             directives,
             metrics,
             confirm_wait: Duration::from_secs(3),
-            entries: tokio::sync::Mutex::default(),
+            entries: Mutex::default(),
             announced: Mutex::default(),
             stats: Stats::default(),
         }
@@ -140,8 +147,12 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
         self.entries.try_lock().ok().map(|e| e.len())
     }
 
-    async fn forget(&self, key: &str) {
-        self.entries.lock().await.remove(key);
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot<M>>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget(&self, key: &str) {
+        self.slots().remove(key);
         self.announced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -170,24 +181,23 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             .uid()
             .ok_or_else(|| ReconcileError::NoUid(key.to_owned()))?;
         let generation = canary.metadata.generation;
-        let mut entries = self.entries.lock().await;
         let mut status = canary.status.clone();
         let mut outbox = Outbox::default();
-        if let Some(existing) = entries.get(key) {
-            let e = existing.lock().await;
-            if e.uid == uid && e.generation == generation {
-                return Ok(existing.clone());
+        outbox.assume_written(status.clone());
+        if let Some(slot) = self.slots().get(key) {
+            if slot.uid == uid && slot.generation == generation {
+                return Ok(slot.entry.clone());
             }
-            if e.uid == uid {
+            if slot.uid == uid {
                 // The runner's status is newer than the reflector's copy; keep it, and whatever
                 // is still to be written.
-                status = e
+                status = slot
                     .view
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .status
                     .clone();
-                outbox = e.outbox.clone();
+                outbox = slot.outbox.clone();
             }
         }
         let owner = canary
@@ -221,14 +231,21 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
         })?
         .with_confirm_wait(self.confirm_wait);
         let entry = Arc::new(tokio::sync::Mutex::new(Entry {
-            uid,
-            generation,
             runner,
-            view,
-            outbox,
+            view: view.clone(),
+            outbox: outbox.clone(),
             restored: false,
         }));
-        entries.insert(key.to_owned(), entry.clone());
+        self.slots().insert(
+            key.to_owned(),
+            Slot {
+                uid,
+                generation,
+                view,
+                outbox,
+                entry: entry.clone(),
+            },
+        );
         Ok(entry)
     }
 
@@ -307,7 +324,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     let deleting = canary.metadata.deletion_timestamp.is_some();
     let has_finalizer = canary.finalizers().iter().any(|f| f == FINALIZER);
     if deleting && !has_finalizer {
-        ctx.forget(&key).await;
+        ctx.forget(&key);
         return Ok(Action::requeue(IDLE_REQUEUE));
     }
     let canary = if has_finalizer {
@@ -328,7 +345,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
                 set_finalizer(&api, &canary, false)
                     .await
                     .map_err(kube_error("removing the finalizer", &key))?;
-                ctx.forget(&key).await;
+                ctx.forget(&key);
                 return Ok(Action::requeue(IDLE_REQUEUE));
             }
             if ctx.first_announcement(&key, &canary) {
@@ -422,7 +439,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             .await
             .map_err(kube_error("removing the finalizer", &key))?;
         drop(entry);
-        ctx.forget(&key).await;
+        ctx.forget(&key);
         return Ok(Action::requeue(IDLE_REQUEUE));
     }
     stepped?;

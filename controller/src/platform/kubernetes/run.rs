@@ -129,6 +129,15 @@ where
             KubernetesError::Serve(format!("cannot serve {}: {e}", options.http_address))
         })?;
     tracing::info!(%http_addr, "health and metrics endpoints listening");
+    // One listener for the process's life, so a signal that arrives between two waits is kept.
+    let (term_tx, term_rx) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        terminated().await;
+        term_tx.send_replace(true);
+    });
+    let on_term = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|t| *t).await;
+    };
 
     let identity = options
         .pod_name
@@ -160,20 +169,25 @@ where
                 Err(e) => tracing::warn!(error = %e, "cannot read or take the Lease"),
             }
             tokio::select! {
-                () = terminated() => { http_task.abort(); return Ok(()); }
+                () = on_term(term_rx.clone()) => {
+                    http_task.abort();
+                    signals.abort();
+                    return Ok(());
+                }
                 () = tokio::time::sleep(renew_every) => {}
             }
         }
-        if let Some(pod) = &options.pod_name {
-            leader::label_pod(client.clone(), &options.lease_namespace, pod, true)
-                .await
-                .map_err(|source| KubernetesError::Kube {
-                    action: format!(
-                        "labelling Pod {pod} as the leader (the Service that filters connect to selects it)"
-                    ),
-                    source,
-                })?;
-        }
+    }
+    // Also without leader election: the one replica is the one the Service must select.
+    if let Some(pod) = &options.pod_name {
+        leader::label_pod(client.clone(), &options.lease_namespace, pod, true)
+            .await
+            .map_err(|source| KubernetesError::Kube {
+                action: format!(
+                    "labelling Pod {pod} as the leader (the Service that filters connect to selects it)"
+                ),
+                source,
+            })?;
     }
     health.set_leader(true);
     tracing::info!(%identity, "leading");
@@ -246,7 +260,7 @@ where
 
     tokio::pin!(controllers);
     let outcome = tokio::select! {
-        () = terminated() => {
+        () = on_term(term_rx.clone()) => {
             stop_tx.send_replace(true);
             let _ = tokio::time::timeout(Duration::from_secs(20), &mut controllers).await;
             Ok(())
@@ -260,17 +274,16 @@ where
     stop_tx.send_replace(true);
     template_watchers.iter().for_each(|w| w.abort());
     health.set_leader(false);
-    if options.leader_election {
-        if let Some(pod) = &options.pod_name {
-            let _ = leader::label_pod(client.clone(), &options.lease_namespace, pod, false).await;
-        }
-        if outcome.is_ok() {
-            if let Err(e) = lock.release().await {
-                tracing::warn!(error = %e, "cannot release the Lease; the next leader waits for it to expire");
-            }
+    if let Some(pod) = &options.pod_name {
+        let _ = leader::label_pod(client.clone(), &options.lease_namespace, pod, false).await;
+    }
+    if options.leader_election && outcome.is_ok() {
+        if let Err(e) = lock.release().await {
+            tracing::warn!(error = %e, "cannot release the Lease; the next leader waits for it to expire");
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), served.finished()).await;
     http_task.abort();
+    signals.abort();
     outcome
 }
