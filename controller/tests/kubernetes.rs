@@ -1217,8 +1217,8 @@ async fn the_configuration_a_target_uses_is_part_of_its_revision_and_copied_for_
             "mhs-config-primary"
         );
         assert_eq!(
-            pod["volumes"][0]["secret"]["secretName"],
-            "mhs-token-primary"
+            pod["volumes"][0],
+            json!({"name": "token", "secret": {"secretName": "mhs-token-primary"}})
         );
 
         // Only the ConfigMap changes: a new revision all the same.
