@@ -232,6 +232,12 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 }
             }
             Effect::ScaleCanary(scale) => {
+                if *scale == Scale::Down {
+                    // A rollback routes to the primary and stops the canary in one step: stop it
+                    // only once every filter has stopped sending to it, or the requests routed
+                    // meanwhile meet a closed port.
+                    self.await_confirmation().await;
+                }
                 self.platform
                     .scale_canary(&self.canary, *scale == Scale::Up)
                     .await?;

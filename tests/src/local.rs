@@ -350,6 +350,26 @@ impl LocalRun {
         }
     }
 
+    /// The last `lines` lines of each app process's log (the state folder is removed when the
+    /// test ends with an error, so failure messages carry them).
+    pub fn app_logs(&self, lines: usize) -> String {
+        let Ok(entries) = std::fs::read_dir(self.state().join("logs")) else {
+            return "  (none)".to_owned();
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        paths
+            .iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..].join("\n    ");
+                format!("  {}:\n    {tail}", path.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Status, events (with seconds since start) and traffic, for failure messages.
     pub fn describe(&self) -> String {
         let status = serde_json::to_string(self.mode().status()).unwrap_or_default();
@@ -363,9 +383,10 @@ impl LocalRun {
             .as_ref()
             .map_or("no traffic".to_owned(), |t| format!("{:?}", t.stats()));
         format!(
-            "after {:?}; status: {status}\nevents:\n{}\ntraffic: {traffic}\nstate folder: {}",
+            "after {:?}; status: {status}\nevents:\n{}\ntraffic: {traffic}\napp logs:\n{}\nstate folder: {}",
             self.started.elapsed(),
             events.join("\n"),
+            self.app_logs(5),
             self.state().display()
         )
     }

@@ -25,6 +25,8 @@ use workload::Workload;
 
 /// How long a new primary may take to serve before a promotion fails.
 const PRIMARY_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the old primary keeps serving after the new one is ready.
+const HANDOVER: Duration = Duration::from_secs(1);
 
 /// The ports local mode uses, fixed for the life of the state folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,8 +153,10 @@ impl LocalPlatform {
                 )
             })?;
         if let Some((_, old)) = running.primary.replace((slot, process)) {
-            // Give Envoy's health check a moment to move traffic to the new slot.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Envoy sends to the new slot only once its health check (every 250ms) has found
+            // it serving; until then every attempt of a request meets the old slot, so stopping
+            // the old slot earlier fails requests. Several intervals, for a busy machine.
+            tokio::time::sleep(HANDOVER).await;
             old.stop().await;
         }
         Ok(())
