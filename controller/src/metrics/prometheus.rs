@@ -934,6 +934,124 @@ spec:
         assert!(q.config.credentials.is_some());
     }
 
+    /// A one-shot HTTP server: returns its address and the request head it received, after
+    /// answering `answer` (or never answering, when `None`).
+    async fn one_shot(
+        answer: Option<&'static str>,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+            match answer {
+                Some(body) => {
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(10)).await,
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn a_query_carries_its_credentials_and_reads_the_answer() {
+        let (addr, head) = one_shot(Some(
+            r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"42.5"]}]}}"#,
+        ))
+        .await;
+        let config = PrometheusConfig {
+            credentials: Some(Credentials::Bearer {
+                token: "t0k".into(),
+            }),
+            ..PrometheusConfig::new(
+                PrometheusAddress::try_new(&format!("http://{addr}/prom")).unwrap(),
+            )
+        };
+        let value = PrometheusClient::new()
+            .query(&config, "sum(rate(x[1m]))\n  * 100")
+            .await
+            .unwrap();
+        assert_eq!(value, Some(42.5));
+        let head = head.await.unwrap().to_lowercase();
+        assert!(
+            head.starts_with(
+                "get /prom/api/v1/query?query=sum%28rate%28x%5b1m%5d%29%29%20%2a%20100 http/1.1"
+            ),
+            "{head}"
+        );
+        assert!(head.contains("authorization: bearer t0k"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_does_not_answer_in_time_is_a_timeout_error() {
+        let (addr, _head) = one_shot(None).await;
+        let config = PrometheusConfig {
+            timeout: Duration::from_millis(300),
+            ..PrometheusConfig::new(PrometheusAddress::try_new(&format!("http://{addr}")).unwrap())
+        };
+        let started = Instant::now();
+        let err = PrometheusClient::new()
+            .query(&config, "up")
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(
+            err.to_string(),
+            format!("Prometheus at http://{addr} did not answer within 300ms")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nan_answer_is_measured_as_no_value_and_judged_inconclusive_in_flaggers_words() {
+        let (addr, _head) = one_shot(Some(
+            r#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"NaN"]}]}}"#,
+        ))
+        .await;
+        let plan = load_yaml(CANARY).unwrap().plan;
+        let templates = Templates::new();
+        let (t, _) = serde_yaml::from_str::<MetricTemplate>(&format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: MetricTemplate\nmetadata: {{name: errors}}\nspec: {{provider: {{type: prometheus, address: 'http://{addr}'}}, query: 'sum(x) / sum(y)'}}"
+        ))
+        .unwrap()
+        .compile("application")
+        .unwrap();
+        templates.upsert(t, None);
+        let check = &plan.analysis.metrics[1];
+        let m = PrometheusSource::new(None, templates)
+            .measure(&plan, check, Instant::now())
+            .await;
+        assert_eq!(
+            m.outcome,
+            Ok(crate::analysis::Sample {
+                value: None,
+                sample_count: None
+            })
+        );
+        let verdict = crate::analysis::evaluate(check, Some(&m), 20);
+        assert_eq!(verdict.verdict, crate::analysis::Verdict::Inconclusive);
+        assert_eq!(
+            verdict.halt_message(&plan.id(), &plan.target_id()).unwrap(),
+            "Halt mhs.application advancement no values found for prometheus metric errors probably mhs.application is not receiving traffic (no data in 1m0s from prometheus)"
+        );
+    }
+
     #[tokio::test]
     async fn an_unreachable_server_is_an_error_naming_it() {
         // A port nothing listens on: bind, note, release.
