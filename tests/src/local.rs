@@ -339,7 +339,7 @@ impl LocalRun {
     /// Envoy's upstream counters for the app's clusters (requests, 5xx, connect failures,
     /// retries, health-check results), for failure messages.
     pub fn envoy_counters(&self) -> String {
-        let filter = "^cluster\\.(primary|canary)\\.(upstream_rq_(5xx|503|retry|retry_success|completed)|upstream_cx_connect_fail|health_check\\.(failure|success))$";
+        let filter = "^cluster\\.(primary|canary)\\.(upstream_rq_(5xx|503|retry|retry_success|retry_overflow|completed)|upstream_cx_connect_fail|health_check\\.(failure|success))$";
         match self
             .mode()
             .envoy()

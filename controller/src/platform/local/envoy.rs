@@ -152,6 +152,9 @@ impl EnvoyBootstrap {
                 // whose every attempt meets the stopped slot fail. Apply each change at once.
                 "update_merge_window": "0s",
             });
+            // When a slot stops, every request in flight to it is retried at once; Envoy allows
+            // only 3 retries in flight per cluster by default and fails the rest.
+            primary["circuit_breakers"] = json!({"thresholds": [{"max_retries": 1024}]});
             primary_route["retry_policy"] = json!({
                 "retry_on": "connect-failure,reset",
                 "num_retries": 2,
