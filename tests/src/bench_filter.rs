@@ -269,6 +269,40 @@ impl Options {
         Ok(Some(options))
     }
 
+    /// What a variant runs, in a sentence for the report.
+    pub fn describe(&self, variant: Variant) -> String {
+        let weir = format!(
+            "the Weir filter (`weir_filter.wasm`, from WEIR_WASM or the wasm build), connected to \
+             the in-process test control plane, whose directive covers `{HOST}` at {}% canary \
+             weight; reportInterval {REPORT_INTERVAL}",
+            self.weight_percent
+        );
+        match variant {
+            Variant::NoFilter => "Envoy with the router alone (the baseline)".to_owned(),
+            Variant::NoFilterSplit => format!(
+                "no filter; wrk (a Lua script) alternates `{ROUTING_HEADER}: {PRIMARY_VALUE}` \
+                 and `{CANARY_VALUE}`: the same spread over two upstreams as a 50% split"
+            ),
+            Variant::EmptyWasm => {
+                "`weir_empty_filter.wasm` (bench/empty-filter), a proxy-wasm filter that does \
+                 nothing"
+                    .to_owned()
+            }
+            Variant::Weir => format!("{weir}; Envoy stats on (the default)"),
+            Variant::WeirNoStats => format!("{weir}; `\"envoyStats\": false`"),
+            Variant::WeirUncovered => format!(
+                "{weir}; but wrk sends `Host: {UNCOVERED_HOST}`, which no canary covers (the \
+                 filter only reads the authority and strips the routing header)"
+            ),
+            Variant::Candidate(n) => format!(
+                "`{}`, run like `weir`",
+                self.candidates
+                    .get(usize::from(n).wrapping_sub(1))
+                    .map_or("?".into(), |p| p.display().to_string())
+            ),
+        }
+    }
+
     /// The arguments that reproduce these options.
     pub fn to_args(&self) -> String {
         let mut args = format!("--rounds {} --seconds {}", self.rounds, self.seconds);
@@ -639,24 +673,9 @@ impl Outcome {
             o.seconds,
             o.warmup_seconds
         );
-        let _ = writeln!(
-            out,
-            "- Weir variants: the filter connected to the in-process test control plane, with a \
-             directive covering `{HOST}` at {}% canary weight, reportInterval {REPORT_INTERVAL}; \
-             `weir-nostats` adds `\"envoyStats\": false`; `weir-uncovered` is the `weir` \
-             configuration loaded with `Host: {UNCOVERED_HOST}`, which no canary covers; \
-             `no-filter-split` has no filter, and wrk (a Lua script) alternates \
-             `{ROUTING_HEADER}: {PRIMARY_VALUE}` and `{CANARY_VALUE}`, the same spread over two \
-             upstreams as the Weir split",
-            o.weight_percent
-        );
-        for (i, path) in o.candidates.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "- candidate-{}: `{}`, run like `weir`",
-                i + 1,
-                path.display()
-            );
+        let _ = writeln!(out, "- variants:");
+        for variant in &o.variants {
+            let _ = writeln!(out, "  - `{}`: {}", variant.name(), o.describe(*variant));
         }
         let _ = writeln!(
             out,
