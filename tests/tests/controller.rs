@@ -14,8 +14,9 @@ use weir_e2e::binaries;
 use weir_e2e::local::{advance_weights, weir_binary, CanaryFile, LocalRun};
 use weir_e2e::WorkDir;
 
-/// Requests per second of the tests' traffic: at the first step (10%) a 2s window holds about
-/// 40 canary requests, well above the tests' `minSampleCount` of 10.
+/// Requests per second of the tests' traffic: about 20 a second reach the canary at 10%, so a
+/// 2s window holds more than the tests' `minSampleCount` of 10 once a weight has been routed
+/// for a whole window (the first check after a change may see fewer: an inconclusive halt).
 const RATE: u32 = 200;
 /// Long enough for a loaded machine; a healthy rollout takes about ten seconds.
 const ROLLOUT: Duration = Duration::from_secs(40);
