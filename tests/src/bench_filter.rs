@@ -161,7 +161,8 @@ const VARIANT_NAMES: &str =
 
 /// Command-line help for the benchmark binary.
 pub const USAGE: &str = "\
-usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--variant NAME]... [--smoke]
+usage: cargo xtask bench filter [--rounds N] [--seconds S] [--warmup S] [--weight P]
+                                [--variant NAME]... [--candidate PATH]... [--smoke]
 
   --rounds N       rounds, each running every variant once, alternating (default 5)
   --seconds S      length of each measured wrk run (default 3)
