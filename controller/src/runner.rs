@@ -164,7 +164,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 Outcome::Done(step) => break step,
                 Outcome::Need(need) => {
                     if !need.metrics.is_empty() {
-                        self.await_confirmation().await;
+                        self.await_confirmation("analysing anyway").await;
                         let at = Instant::now();
                         let mut measurements = Vec::with_capacity(need.metrics.len());
                         for check in &need.metrics {
@@ -193,7 +193,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
 
     /// Waits (boundedly) until every connected filter has applied the latest directive, so a
     /// check does not judge a weight the data plane has not taken yet.
-    async fn await_confirmation(&mut self) {
+    async fn await_confirmation(&mut self, then: &str) {
         let Some((generation, published)) = self.pending else {
             return;
         };
@@ -210,7 +210,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                     severity: Severity::Warning,
                     reason: "Synced".to_owned(),
                     message: format!(
-                        "Route for {} confirmed by {} of {} connected filters after {:?}; analysing anyway",
+                        "Route for {} confirmed by {} of {} connected filters after {:?}; {then}",
                         self.plan.id(),
                         confirmation.confirmed,
                         confirmation.connected,
@@ -236,7 +236,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                     // A rollback routes to the primary and stops the canary in one step: stop it
                     // only once every filter has stopped sending to it, or the requests routed
                     // meanwhile meet a closed port.
-                    self.await_confirmation().await;
+                    self.await_confirmation("stopping the canary anyway").await;
                 }
                 self.platform
                     .scale_canary(&self.canary, *scale == Scale::Up)

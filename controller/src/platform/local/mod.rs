@@ -217,11 +217,17 @@ impl Platform for LocalPlatform {
     async fn readiness(&self, _canary: &CanaryRef) -> Readiness {
         let mut running = self.running.lock().await;
         let primary = match running.primary.as_mut() {
-            Some((_, p)) => p.ready().await,
+            Some((_, p)) => match p.restart_if_exited() {
+                Some(why) => Err(why),
+                None => p.ready().await,
+            },
             None => Err("no primary yet".to_owned()),
         };
         let canary = match running.canary.as_mut() {
-            Some(p) => p.ready().await,
+            Some(p) => match p.restart_if_exited() {
+                Some(why) => Err(why),
+                None => p.ready().await,
+            },
             None => Err("canary scaled to zero".to_owned()),
         };
         Readiness { primary, canary }

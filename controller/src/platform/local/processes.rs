@@ -1,6 +1,6 @@
 //! Supervised app processes: start one version of a workload on a port, probe it, stop it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -19,6 +19,10 @@ pub struct AppProcess {
     /// The revision of the definition it runs.
     pub revision: String,
     readiness_path: String,
+    /// What it runs and where it logs, to start it again after an exit.
+    workload: Workload,
+    log: PathBuf,
+    restarts: u32,
 }
 
 impl AppProcess {
@@ -55,7 +59,30 @@ impl AppProcess {
             port,
             revision: workload.revision(),
             readiness_path: workload.readiness_path.clone(),
+            workload: workload.clone(),
+            log: log.to_owned(),
+            restarts: 0,
         })
+    }
+
+    /// Like a kubelet restarting a crashed container: a process that exited is started again
+    /// (same definition, port and log). Returns why it was restarted, or None if it still runs.
+    pub fn restart_if_exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        let restarts = self.restarts + 1;
+        match Self::start(&self.workload, self.port, &self.log) {
+            Ok(fresh) => {
+                *self = fresh;
+                self.restarts = restarts;
+                Some(format!(
+                    "process exited ({status}); restarted ({restarts} restarts, see {})",
+                    self.log.display()
+                ))
+            }
+            Err(e) => Some(format!(
+                "process exited ({status}) and could not be restarted: {e}"
+            )),
+        }
     }
 
     /// Ok when the process runs and its readiness path answers 200; otherwise why not.
@@ -121,4 +148,34 @@ pub fn free_port() -> Result<u16, String> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_exited_process_is_started_again_and_says_why() {
+        let dir = std::env::temp_dir().join(format!("weir-restart-{}", std::process::id()));
+        let workload =
+            Workload::parse("crash", "command: /bin/sh\nargs: [\"-c\", \"exit 3\"]").unwrap();
+        let mut process = AppProcess::start(&workload, 1, &dir.join("crash.log")).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let why = loop {
+            if let Some(why) = process.restart_if_exited() {
+                break why;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the process never exited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            why.contains("exited") && why.contains("restarted (1 restarts"),
+            "{why}"
+        );
+        assert!(process.ready().await.is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
