@@ -182,6 +182,16 @@ pub struct FanOut {
     pub p99_ms: f64,
     /// The slowest stream, ms.
     pub max_ms: f64,
+    /// Controller CPU spent on the publish above its report-only rate just before, ms: what
+    /// sending one directive to every stream costs it.
+    pub controller_cpu_ms: f64,
+}
+
+impl FanOut {
+    /// Controller CPU per stream for this publish, µs.
+    pub fn controller_us_per_stream(&self) -> f64 {
+        self.controller_cpu_ms * 1000.0 / self.streams.max(1) as f64
+    }
 }
 
 /// One N's measurements.
@@ -615,14 +625,32 @@ async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Res
     let mut next_publish = window_start + Duration::from_secs(1);
     let mut weight_bp = 1_000;
     while next_publish + Duration::from_millis(500) < window_start + window {
+        // The controller's CPU rate just before the publish is the baseline (reports alone)
+        // that the publish's own cost is measured above.
+        next_publish = next_publish.max(Instant::now() + Duration::from_millis(500));
+        if next_publish + Duration::from_millis(500) >= window_start + window {
+            break;
+        }
+        let baseline_from = next_publish - Duration::from_millis(500);
+        tokio::time::sleep_until(baseline_from.into()).await;
+        let baseline_cpu = controller.cpu_nanos()?;
         tokio::time::sleep_until(next_publish.into()).await;
+        let before_cpu = controller.cpu_nanos()?;
+        let baseline_rate = before_cpu.saturating_sub(baseline_cpu) as f64
+            / next_publish
+                .saturating_duration_since(baseline_from)
+                .as_secs_f64();
         weight_bp = if weight_bp >= 5_000 {
             1_000
         } else {
             weight_bp + 1_000
         };
         let (started, generation) = controller.publish(weight_bp).await?;
-        fanouts.push(wait_fanout(&shared, &slots, started, generation).await);
+        let mut fanout = wait_fanout(&shared, &slots, started, generation).await;
+        let spent = controller.cpu_nanos()?.saturating_sub(before_cpu) as f64;
+        let excess = spent - baseline_rate * started.elapsed().as_secs_f64();
+        fanout.controller_cpu_ms = (excess / 1e6).max(0.0);
+        fanouts.push(fanout);
         next_publish += Duration::from_secs(u64::from(options.publish_every));
     }
     tokio::time::sleep_until((window_start + window).into()).await;
@@ -690,6 +718,7 @@ async fn wait_fanout(shared: &Shared, slots: &[Slot], started: Instant, generati
         p50_ms: quantile_of(&delays, 0.5),
         p99_ms: quantile_of(&delays, 0.99),
         max_ms: delays.iter().copied().fold(0.0, f64::max),
+        controller_cpu_ms: 0.0,
     }
 }
 
@@ -814,9 +843,9 @@ impl Outcome {
         );
         let _ = writeln!(
             out,
-            "| Envoys | connected (s to connect) | reports/s | controller CPU s per 1,000 reports | controller cores | peak RSS (VmHWM) | fan-out p50 / p99 / max (worst publish) | publishes | ack RTT p50 / p99 | bench-side CPU cores | report size |"
+            "| Envoys | connected (s to connect) | reports/s | controller CPU s per 1,000 reports | controller cores | peak RSS (VmHWM) | fan-out p50 / p99 / max (worst publish) | publishes | controller CPU per fan-out (per stream) | ack RTT p50 / p99 | bench-side CPU cores | report size |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for run in &self.runs {
             let worst = run
                 .fanouts
@@ -837,7 +866,7 @@ impl Outcome {
             });
             let _ = writeln!(
                 out,
-                "| {} | {} ({:.1} s) | {:.0} | {:.4} (ticks: {:.4}) | {:.3} | {:.1} MiB | {} | {} | {:.1} / {:.1} ms | {:.2} | {} B |",
+                "| {} | {} ({:.1} s) | {:.0} | {:.4} (ticks: {:.4}) | {:.3} | {:.1} MiB | {} | {} | {} | {:.1} / {:.1} ms | {:.2} | {} B |",
                 run.envoys,
                 run.connected,
                 run.connect_seconds,
@@ -848,6 +877,7 @@ impl Outcome {
                 run.vm_hwm_kib as f64 / 1024.0,
                 fanout,
                 run.fanouts.len(),
+                fanout_cpu(&run.fanouts),
                 run.ack_rtt_ms.0,
                 run.ack_rtt_ms.1,
                 run.bench_cpu_seconds / run.measured_seconds.max(1e-9),
@@ -885,6 +915,23 @@ impl Outcome {
         }
         out
     }
+}
+
+/// The median controller CPU of the publishes and its cost per stream.
+fn fanout_cpu(fanouts: &[FanOut]) -> String {
+    if fanouts.is_empty() {
+        return "-".to_owned();
+    }
+    let ms: Vec<f64> = fanouts.iter().map(|f| f.controller_cpu_ms).collect();
+    let per_stream: Vec<f64> = fanouts
+        .iter()
+        .map(FanOut::controller_us_per_stream)
+        .collect();
+    format!(
+        "{:.1} ms ({:.1} µs), median",
+        quantile_of(&ms, 0.5),
+        quantile_of(&per_stream, 0.5)
+    )
 }
 
 #[cfg(test)]
