@@ -803,10 +803,20 @@ impl Outcome {
                 "PASS  directive fan-out p99 {p99:.1} ms, worst of {} publishes (target < {FANOUT_P99_TARGET_MS:.0} ms){scale}",
                 run.fanouts.len()
             )),
-            Some(p99) => lines.push(format!(
-                "MISS  directive fan-out p99 {p99:.1} ms, worst of {} publishes, {incomplete} of them not reaching every stream within 10 s (target < {FANOUT_P99_TARGET_MS:.0} ms){scale}",
-                run.fanouts.len()
-            )),
+            Some(p99) => {
+                let p99s: Vec<f64> = run.fanouts.iter().map(|f| f.p99_ms).collect();
+                let cpu: Vec<f64> = run.fanouts.iter().map(|f| f.controller_cpu_ms).collect();
+                let cpu = quantile_of(&cpu, 0.5);
+                lines.push(format!(
+                    "MISS  directive fan-out p99 {p99:.1} ms, worst of {} publishes (median of their p99s {:.1} ms; {incomplete} not reaching every stream within 10 s) (target < {FANOUT_P99_TARGET_MS:.0} ms): over by {:.0} ms. \
+                     One publish costs the controller {cpu:.0} ms of CPU ({:.1} µs per stream), so its two runtime workers need at least {:.0} ms even with both cores to themselves{scale}",
+                    run.fanouts.len(),
+                    quantile_of(&p99s, 0.5),
+                    p99 - FANOUT_P99_TARGET_MS,
+                    cpu * 1000.0 / run.connected.max(1) as f64,
+                    cpu / 2.0,
+                ));
+            }
         }
         lines
     }
@@ -970,6 +980,64 @@ mod tests {
                 assert!(entry.failures <= entry.requests && entry.requests > 0);
             }
         }
+    }
+
+    fn run_of(envoys: usize, p99_ms: f64, cpu_ms: f64) -> Run {
+        Run {
+            envoys,
+            connected: envoys,
+            connect_error: None,
+            connect_seconds: 1.0,
+            measured_seconds: 10.0,
+            reports: envoys as u64 * 10,
+            stream_errors: 0,
+            cpu_seconds: 2.0,
+            cpu_seconds_ticks: 2.0,
+            vm_hwm_kib: 400 * 1024,
+            vm_rss_kib: 300 * 1024,
+            bench_cpu_seconds: 1.0,
+            fanouts: vec![FanOut {
+                generation: 2,
+                received: envoys,
+                streams: envoys,
+                p50_ms: p99_ms / 2.0,
+                p99_ms,
+                max_ms: p99_ms,
+                controller_cpu_ms: cpu_ms,
+            }],
+            ack_rtt_ms: (1.0, 2.0),
+            report_bytes: 366,
+        }
+    }
+
+    #[test]
+    fn verdicts_judge_the_largest_run_and_say_what_a_missed_fanout_costs_the_controller() {
+        let outcome = Outcome {
+            options: Options::default(),
+            machine: Machine::probe(),
+            runs: vec![run_of(100, 5.0, 1.0), run_of(10_000, 300.0, 130.0)],
+        };
+        let lines = outcome.verdicts();
+        assert!(
+            lines[0].starts_with("PASS") && lines[0].contains("0.20 cores"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].starts_with("PASS") && lines[1].contains("400 MiB"),
+            "{lines:?}"
+        );
+        assert!(lines[2].starts_with("MISS"), "{lines:?}");
+        assert!(lines[2].contains("over by 200 ms"), "{lines:?}");
+        assert!(
+            lines[2].contains("130 ms of CPU (13.0 µs per stream)"),
+            "{lines:?}"
+        );
+        assert!(lines[2].contains("at least 65 ms"), "{lines:?}");
+        let table = outcome.render();
+        assert!(
+            table.contains("| 10000 | 10000 (1.0 s) | 1000 |"),
+            "{table}"
+        );
     }
 
     #[test]
