@@ -1035,7 +1035,7 @@ mod tests {
         assert!(lines[2].contains("at least 65 ms"), "{lines:?}");
         let table = outcome.render();
         assert!(
-            table.contains("| 10000 | 10000 (1.0 s) | 1000 |"),
+            table.contains("| 10000 | 10000 (1.0 s) | 10000 | 0.0200 (ticks: 0.0200) | 0.200 |"),
             "{table}"
         );
     }
