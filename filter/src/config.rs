@@ -146,9 +146,17 @@ impl Default for FilterConfig {
 }
 
 const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+const MIN_HANDOVER_INTERVAL: Duration = Duration::from_millis(50);
 const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(60);
 
 impl FilterConfig {
+    /// How often each worker hands its counts to the reporter and re-reads the directive: a
+    /// quarter of the report interval (at least 50 ms), so a sample waits at most that long
+    /// before the next report can carry it, and a new weight reaches every worker as quickly.
+    pub fn handover_interval(&self) -> Duration {
+        (self.report_interval / 4).max(MIN_HANDOVER_INTERVAL)
+    }
+
     /// Parses and validates the plugin configuration. Empty input means all defaults.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -308,6 +316,16 @@ mod tests {
         );
         assert!(!config.envoy_stats);
         assert_eq!(config.reporter_workload.as_deref(), Some("wl"));
+    }
+
+    #[test]
+    fn workers_hand_over_four_times_per_report_but_not_more_often_than_every_50ms() {
+        assert_eq!(
+            FilterConfig::default().handover_interval(),
+            Duration::from_millis(250)
+        );
+        let fast = parse(r#"{"reportInterval":"100ms","directiveGracePeriod":"1s"}"#).unwrap();
+        assert_eq!(fast.handover_interval(), Duration::from_millis(50));
     }
 
     #[test]

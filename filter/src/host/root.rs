@@ -295,7 +295,7 @@ impl Root {
 
     fn configure_filter(&mut self, config: FilterConfig) -> bool {
         let vm_id = props::string(vec!["plugin_vm_id"]).unwrap_or_else(|| "weir".to_string());
-        let interval = config.report_interval;
+        let interval = config.handover_interval();
         let mut rng = crate::routing::Rng::new(self.seed());
         let worker = Worker::new(config, rng.next_u64(), rng.next_u64());
         self.role = Role::Filter(Rc::new(RefCell::new(FilterState {
