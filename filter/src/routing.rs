@@ -1,6 +1,7 @@
 //! Where a request is split: the directive compiled into a routing table, and the per-request
 //! decision (weighted, sticky, or header match) between primary and canary.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -199,12 +200,17 @@ impl RoutingTable {
         if self.routes.is_empty() {
             return None;
         }
-        let authority = authority.to_ascii_lowercase();
-        let index = self.by_authority.get(&authority).or_else(|| {
+        // Authorities are almost always lower case already: copy only when they are not.
+        let authority: Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(authority.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(authority)
+        };
+        let index = self.by_authority.get(authority.as_ref()).or_else(|| {
             let host = match authority.rsplit_once(':') {
                 // Not an IPv6 literal's colon: the part after it is a port.
                 Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-                _ => authority.as_str(),
+                _ => authority.as_ref(),
             };
             self.by_host.get(host)
         })?;

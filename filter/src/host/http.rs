@@ -65,7 +65,7 @@ impl HttpContext for Http {
             .flatten();
         match state.worker.plan(authority.as_deref(), &HostRequestHeaders) {
             RequestPlan::StripOnly { header } => {
-                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, &header);
+                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, header);
             }
             RequestPlan::Route {
                 header,
@@ -73,12 +73,12 @@ impl HttpContext for Http {
                 ticket,
             } => {
                 // Replacing the header also drops any value the client sent: no self-steering.
-                if hostcalls::set_map_value(MapType::HttpRequestHeaders, &header, Some(&value))
+                if hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value))
                     .is_ok()
                 {
                     self.ticket = Some(ticket);
                 } else {
-                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, &header);
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, header);
                 }
             }
         }

@@ -45,7 +45,9 @@ pub struct FilterState {
     vm_id: String,
     queue: Option<u32>,
     unqueued: VecDeque<Vec<u8>>,
-    stats: HashMap<(String, Version), Option<StatIds>>,
+    /// Per canary, per version (by `Version::index`): the stat ids, once defined (None inside:
+    /// the host refused them). Keyed by `Rc<str>` so a request looks up by `&str`, allocation-free.
+    stats: HashMap<Rc<str>, [Option<Option<StatIds>>; 2]>,
 }
 
 impl FilterState {
@@ -55,10 +57,11 @@ impl FilterState {
         if !self.worker.config().envoy_stats {
             return None;
         }
-        *self
-            .stats
-            .entry((canary.to_string(), version))
-            .or_insert_with(|| define_stats(canary, version))
+        if !self.stats.contains_key(canary) {
+            self.stats.insert(Rc::from(canary), [None, None]);
+        }
+        let slot = self.stats.get_mut(canary)?.get_mut(version.index())?;
+        *slot.get_or_insert_with(|| define_stats(canary, version))
     }
 
     fn tick(&mut self) {
