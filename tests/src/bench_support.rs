@@ -1,6 +1,7 @@
-//! What the `p99`, `ingest` and `detect` benchmarks share: the machine they ran on, a seeded
-//! random source, nearest-rank quantiles, `/proc` readings of a process, where the `weir` and
-//! `prometheus` binaries are, and a real Prometheus server run as a child process.
+//! What the benchmarks share: the command line and exit status of every `bench-<name>` binary,
+//! the machine they ran on, a seeded random source, nearest-rank quantiles, `/proc` readings of a
+//! process, where the `weir` and `prometheus` binaries are, and a real Prometheus server run as a
+//! child process.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -368,6 +369,46 @@ pub fn percent_encode(text: &str) -> String {
         }
     }
     out
+}
+
+/// The command line every `bench-<name>` binary shares: `Ok(options)`, or the exit code after
+/// printing the usage (`--help`: 0) or the problem with it (2).
+pub fn parse_args<O>(
+    name: &str,
+    usage: &str,
+    parse: fn(&[String]) -> Result<Option<O>, String>,
+) -> Result<O, std::process::ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match parse(&args) {
+        Ok(Some(options)) => Ok(options),
+        Ok(None) => {
+            print!("{usage}");
+            Err(std::process::ExitCode::SUCCESS)
+        }
+        Err(problem) => {
+            eprintln!("{name}: {problem}\n\n{usage}");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}
+
+/// Prints a benchmark's outcome. A missed target is a result, not a failure: it is printed and
+/// the exit status is 0; only a benchmark that could not run exits 1.
+pub fn finish<R>(
+    name: &str,
+    outcome: anyhow::Result<R>,
+    render: fn(&R) -> String,
+) -> std::process::ExitCode {
+    match outcome {
+        Ok(outcome) => {
+            println!("{}", render(&outcome));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,33 +4,20 @@
 
 use std::process::ExitCode;
 
-use weir_e2e::bench_detect::{self, Options, USAGE};
+use weir_e2e::bench_detect::{self, Options, Outcome, USAGE};
+use weir_e2e::bench_support;
 
 // Two workers: the controller's runner and ingest, the load generator and the Prometheus
 // client share this process.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let options = match Options::parse(&args) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(problem) => {
-            eprintln!("bench-detect: {problem}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let options = match bench_support::parse_args("bench-detect", USAGE, Options::parse) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
-    match bench_detect::run(&options).await {
-        // A missed target is a result, not a failure: it is printed, and the exit status is 0.
-        Ok(outcome) => {
-            println!("{}", outcome.render());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("bench-detect: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_support::finish(
+        "bench-detect",
+        bench_detect::run(&options).await,
+        Outcome::render,
+    )
 }

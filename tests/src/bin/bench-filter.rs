@@ -4,23 +4,16 @@
 
 use std::process::ExitCode;
 
-use weir_e2e::bench_filter::{self, Options, USAGE};
+use weir_e2e::bench_filter::{self, Options, Outcome, USAGE};
+use weir_e2e::bench_support;
 
 // One thread: the in-process control plane is light, and every core left free goes to Envoy, wrk
 // and the mirrors.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let options = match Options::parse(&args) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(problem) => {
-            eprintln!("bench-filter: {problem}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let options = match bench_support::parse_args("bench-filter", USAGE, Options::parse) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
     eprintln!(
         "bench-filter: {} round(s) × {} variant(s) × {} s, after {} s of warm-up per variant",
@@ -29,15 +22,9 @@ async fn main() -> ExitCode {
         options.seconds,
         options.warmup_seconds
     );
-    match bench_filter::run(&options).await {
-        // A missed target is a result, not a failure: it is printed, and the exit status is 0.
-        Ok(outcome) => {
-            println!("{}", outcome.render());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("bench-filter: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_support::finish(
+        "bench-filter",
+        bench_filter::run(&options).await,
+        Outcome::render,
+    )
 }

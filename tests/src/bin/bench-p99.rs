@@ -4,31 +4,14 @@
 
 use std::process::ExitCode;
 
-use weir_e2e::bench_p99::{self, Options, USAGE};
+use weir_e2e::bench_p99::{self, Options, Outcome, USAGE};
+use weir_e2e::bench_support;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let options = match Options::parse(&args) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(problem) => {
-            eprintln!("bench-p99: {problem}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let options = match bench_support::parse_args("bench-p99", USAGE, Options::parse) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
-    match bench_p99::run(&options).await {
-        // A missed target is a result, not a failure: it is printed, and the exit status is 0.
-        Ok(outcome) => {
-            println!("{}", outcome.render());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("bench-p99: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_support::finish("bench-p99", bench_p99::run(&options).await, Outcome::render)
 }
