@@ -402,10 +402,11 @@ impl LocalMode {
             .into_iter()
             .nth(1)
             .unwrap_or_else(|| plan.service.name.clone());
-        bootstrap.wasm = Some(WasmFilter {
-            path: options.wasm.clone(),
+        bootstrap.wasm = Some(WasmFilter::wasm_plugin(
+            options.wasm.clone(),
             config_json,
-        });
+            options.state.join("weir-filter.ecds.json"),
+        ));
         let envoy_binary = options.envoy.clone();
         let work_dir = options.state.clone();
         let envoy = tokio::task::spawn_blocking(move || {

@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use weir_controller::platform::kubernetes::crd::{self, CanaryResource};
 use weir_controller::platform::kubernetes::leader::LEADER_LABEL;
-use weir_controller::platform::local::envoy::{
-    FILTER_ROOT_ID, REPORTER_ROOT_ID, ROUTING_HEADER, WASM_RUNTIME, WASM_VM_ID,
-};
+use weir_controller::platform::local::envoy::{ROUTING_HEADER, WASM_RUNTIME};
+
+// The names manifests/envoyfilter.yaml uses (until the controller installs the filter itself).
+const WASM_VM_ID: &str = "weir";
+const FILTER_ROOT_ID: &str = "weir_filter";
+const REPORTER_ROOT_ID: &str = "weir_reporter";
 
 fn manifests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

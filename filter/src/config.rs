@@ -40,6 +40,7 @@ fn error(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawConfig {
     controller_cluster: Option<String>,
+    controller_authority: Option<String>,
     report_interval: Option<String>,
     directive_grace_period: Option<String>,
     routing_header: Option<String>,
@@ -112,8 +113,12 @@ impl FailurePolicy {
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FilterConfig {
-    /// Envoy cluster (HTTP/2) that reaches the controller's weir.v1 gRPC service.
+    /// Envoy cluster that reaches the controller's weir.v1 gRPC service. Default: the outbound
+    /// cluster Istio builds for the controller's Service.
     pub controller_cluster: String,
+    /// The `:authority` of the stream: the controller Service's host name, derived from an Istio
+    /// outbound cluster name (whose `|` is not valid in an authority), or set explicitly.
+    pub controller_authority: String,
     /// How often each worker hands its counts over, and how often the reporter sends a report.
     pub report_interval: Duration,
     /// Without word from the controller for this long, every canary routes 100% to primary.
@@ -133,7 +138,8 @@ pub struct FilterConfig {
 impl Default for FilterConfig {
     fn default() -> Self {
         Self {
-            controller_cluster: "weir_controller".to_string(),
+            controller_cluster: DEFAULT_CONTROLLER_CLUSTER.to_string(),
+            controller_authority: DEFAULT_CONTROLLER_HOST.to_string(),
             report_interval: Duration::from_secs(1),
             directive_grace_period: Duration::from_secs(10),
             routing_header: "x-weir-route".to_string(),
@@ -144,6 +150,13 @@ impl Default for FilterConfig {
         }
     }
 }
+
+/// The controller's Service as Istio names it (`outbound|<port>|<subset>|<host>`).
+pub const DEFAULT_CONTROLLER_CLUSTER: &str = "outbound|9090||weir.weir-system.svc.cluster.local";
+const DEFAULT_CONTROLLER_HOST: &str = "weir.weir-system.svc.cluster.local";
+/// The encoded `GrpcService` (cluster name and authority) must fit one-byte protobuf lengths,
+/// because the SDK passes it to the host as a `&str` (see [`crate::grpc_service`]).
+const MAX_CLUSTER_AND_AUTHORITY: usize = 123;
 
 const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 const MIN_HANDOVER_INTERVAL: Duration = Duration::from_millis(50);
@@ -184,7 +197,40 @@ impl FilterConfig {
                     "must name an Envoy cluster, got an empty string",
                 ));
             }
+            config.controller_authority = authority_of_cluster(&cluster).unwrap_or_default();
             config.controller_cluster = cluster;
+        }
+        if let Some(authority) = raw.controller_authority {
+            config.controller_authority = authority;
+        }
+        if !is_valid_authority(&config.controller_authority) {
+            let reason = if config.controller_authority.is_empty() {
+                format!(
+                    "`{}` is not a valid HTTP/2 authority (only an Istio outbound cluster name \
+                     `outbound|<port>|<subset>|<host>` yields one); set controllerAuthority to the \
+                     controller Service's host name",
+                    config.controller_cluster
+                )
+            } else {
+                format!(
+                    "`{}` is not a valid authority; use the controller Service's host name, such \
+                     as weir.weir-system.svc.cluster.local",
+                    config.controller_authority
+                )
+            };
+            return Err(error("controllerAuthority", reason));
+        }
+        if config.controller_cluster.len() + config.controller_authority.len()
+            > MAX_CLUSTER_AND_AUTHORITY
+        {
+            return Err(error(
+                "controllerCluster",
+                format!(
+                    "controllerCluster and controllerAuthority together must be at most \
+                     {MAX_CLUSTER_AND_AUTHORITY} bytes, got {}; use a shorter cluster or host name",
+                    config.controller_cluster.len() + config.controller_authority.len()
+                ),
+            ));
         }
         if let Some(text) = raw.report_interval {
             let interval = duration::parse(&text).map_err(|r| error("reportInterval", r))?;
@@ -256,6 +302,55 @@ impl FilterConfig {
     }
 }
 
+/// The authority for a stream over `cluster`: the host of an Istio outbound cluster name, or the
+/// name itself when it is a valid authority (a cluster of one's own, such as `weir_controller`).
+fn authority_of_cluster(cluster: &str) -> Option<String> {
+    let mut parts = cluster.split('|');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("outbound" | "inbound"), Some(_port), Some(_subset), Some(host), None)
+            if !host.is_empty() =>
+        {
+            Some(host.to_string())
+        }
+        _ => Some(cluster.to_string()).filter(|c| is_valid_authority(c)),
+    }
+}
+
+/// RFC 3986's `host[:port]` characters (reg-name: unreserved and sub-delims), which is what an
+/// HTTP/2 server accepts in `:authority`.
+fn is_valid_authority(authority: &str) -> bool {
+    !authority.is_empty()
+        && authority.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
+}
+
 fn parse_status_class(value: &serde_json::Value) -> Result<StatusClass, String> {
     let text = match value {
         serde_json::Value::Number(n) => n.to_string(),
@@ -303,6 +398,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.controller_cluster, "ctl");
+        assert_eq!(config.controller_authority, "ctl");
         assert_eq!(config.report_interval, Duration::from_millis(500));
         assert_eq!(config.directive_grace_period, Duration::from_secs(5));
         assert_eq!(config.routing_header, "x-route");
@@ -326,6 +422,26 @@ mod tests {
         );
         let fast = parse(r#"{"reportInterval":"100ms","directiveGracePeriod":"1s"}"#).unwrap();
         assert_eq!(fast.handover_interval(), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn the_default_controller_is_istios_outbound_cluster_with_the_service_host_as_authority() {
+        let config = FilterConfig::default();
+        assert_eq!(
+            config.controller_cluster,
+            "outbound|9090||weir.weir-system.svc.cluster.local"
+        );
+        assert_eq!(
+            config.controller_authority,
+            "weir.weir-system.svc.cluster.local"
+        );
+        let other =
+            parse(r#"{"controllerCluster":"outbound|7000|v1|ctl.ops.svc.cluster.local"}"#).unwrap();
+        assert_eq!(other.controller_authority, "ctl.ops.svc.cluster.local");
+        let explicit =
+            parse(r#"{"controllerCluster":"outbound|7000||x","controllerAuthority":"y:7000"}"#)
+                .unwrap();
+        assert_eq!(explicit.controller_authority, "y:7000");
     }
 
     #[test]
@@ -355,11 +471,19 @@ mod tests {
                 "failure.grpcStatuses[0]",
             ),
             (r#"{"controllerCluster":" "}"#, "controllerCluster"),
+            (r#"{"controllerCluster":"a|b"}"#, "controllerAuthority"),
+            (
+                r#"{"controllerCluster":"outbound|9090||weir","controllerAuthority":"a b"}"#,
+                "controllerAuthority",
+            ),
         ];
         for (json, field) in cases {
             let err = parse(json).unwrap_err();
             assert_eq!(err.field, field, "{json}: {err}");
         }
+        let long = format!(r#"{{"controllerCluster":"{}"}}"#, "c".repeat(70));
+        let err = parse(&long).unwrap_err();
+        assert_eq!(err.field, "controllerCluster", "{err}");
         assert!(parse("not json").is_err());
     }
 

@@ -5,12 +5,17 @@
 //! - [`routing`]: where a request is split (the directive compiled into a routing table, and the
 //!   weighted / sticky / header-match decision);
 //! - [`worker`]: one worker's state: routing, fail-safe, and per-version recording;
-//! - [`reporter`]: the singleton that merges workers' counts and owns the gRPC stream.
+//! - [`ownership`]: which root context owns the Envoy's one gRPC stream (elected through shared
+//!   data, with the reporter's state kept there for its successor);
+//! - [`reporter`]: the owner's part: merges workers' counts and speaks weir.v1 on the stream;
+//! - [`grpc_service`]: the controller's cluster and authority as Envoy's `GrpcService`.
 //!
 //! The `host` module, compiled for wasm32 only, is the thin glue that makes the host calls.
 
 pub mod config;
 pub mod duration;
+pub mod grpc_service;
+pub mod ownership;
 pub mod reporter;
 pub mod routing;
 pub mod worker;

@@ -1,10 +1,15 @@
-//! The singleton reporter: merges the workers' hand-overs, owns the one gRPC stream to the
-//! controller, and turns what comes back into shared state for the workers.
+//! The reporter: merges the workers' hand-overs, owns the one gRPC stream to the controller, and
+//! turns what comes back into shared state for the workers. It runs in whichever of the filter's
+//! root contexts owns the Envoy's stream ([`crate::ownership`]).
 //!
 //! Exactness: reports are deltas with a sequence number; each one is kept until the controller
 //! acknowledges it and is sent again, in order, on every new stream. The controller applies a
 //! (reporter, epoch, sequence) at most once. Nothing is sealed while the stream is down: samples
 //! accumulate in one pending delta instead, so a long outage costs one report, not thousands.
+//!
+//! The whole state (epoch, next sequence, pending delta, unacknowledged reports) can be taken as a
+//! [`Reporter::snapshot`] and restored in another VM, so a new owner continues the same epoch and
+//! sequence: nothing is lost and the controller's ledger discards what is sent twice.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -60,6 +65,36 @@ pub struct Reporter {
     workers: HashMap<u64, (u64, u64)>,
     /// Hand-overs that did not decode (counted, logged by the glue).
     pub rejected_batches: u64,
+    /// Something a snapshot holds has changed since the last [`Reporter::snapshot`].
+    changed: bool,
+}
+
+/// Everything a reporter must hand to its successor, in the form kept in Envoy's shared data.
+#[derive(Clone, PartialEq, Message)]
+struct Snapshot {
+    #[prost(fixed64, tag = "1")]
+    epoch: u64,
+    #[prost(uint64, tag = "2")]
+    next_sequence: u64,
+    #[prost(uint64, tag = "3")]
+    generation: u64,
+    #[prost(message, repeated, tag = "4")]
+    pending: Vec<v1::VersionStats>,
+    #[prost(message, repeated, tag = "5")]
+    in_flight: Vec<v1::Report>,
+    #[prost(message, repeated, tag = "6")]
+    workers: Vec<WorkerSeen>,
+}
+
+/// One worker's last hand-over, for [`Reporter::applied_generation`].
+#[derive(Clone, PartialEq, Message)]
+struct WorkerSeen {
+    #[prost(fixed64, tag = "1")]
+    id: u64,
+    #[prost(uint64, tag = "2")]
+    generation: u64,
+    #[prost(uint64, tag = "3")]
+    seen_ns: u64,
 }
 
 impl Reporter {
@@ -77,7 +112,87 @@ impl Reporter {
             generation: 0,
             workers: HashMap::new(),
             rejected_batches: 0,
+            changed: true,
         }
+    }
+
+    /// A reporter that continues a predecessor's [`Reporter::snapshot`]: same epoch, next
+    /// sequence, pending delta and unacknowledged reports. Its stream starts closed.
+    pub fn restore(
+        identity: v1::Reporter,
+        snapshot: &[u8],
+        report_interval_ns: u64,
+    ) -> Result<Self, String> {
+        let bad = |what: String| format!("weir: the reporter state in shared data {what}");
+        let snapshot =
+            Snapshot::decode(snapshot).map_err(|e| bad(format!("does not decode ({e})")))?;
+        let mut reporter = Self::new(identity, snapshot.epoch, report_interval_ns);
+        reporter.next_sequence = snapshot.next_sequence.max(1);
+        reporter.generation = snapshot.generation;
+        for stat in snapshot.pending {
+            let latency = match &stat.latency {
+                Some(h) => LatencyHistogram::decode(h)
+                    .map_err(|e| bad(format!("has a bad histogram ({e})")))?,
+                None => LatencyHistogram::new(),
+            };
+            reporter.pending.insert(
+                (stat.canary, stat.version),
+                Pending {
+                    requests: stat.requests,
+                    failures: stat.failures,
+                    latency,
+                },
+            );
+        }
+        reporter.in_flight = snapshot.in_flight.into();
+        reporter.workers = snapshot
+            .workers
+            .into_iter()
+            .map(|w| (w.id, (w.generation, w.seen_ns)))
+            .collect();
+        Ok(reporter)
+    }
+
+    /// The state a successor needs, encoded; clears [`Reporter::changed`].
+    pub fn snapshot(&mut self) -> Vec<u8> {
+        self.changed = false;
+        Snapshot {
+            epoch: self.epoch,
+            next_sequence: self.next_sequence,
+            generation: self.generation,
+            pending: self
+                .pending
+                .iter()
+                .map(|((canary, version), p)| v1::VersionStats {
+                    canary: canary.clone(),
+                    version: *version,
+                    requests: p.requests,
+                    failures: p.failures,
+                    latency: Some(p.latency.encode()),
+                })
+                .collect(),
+            in_flight: self.in_flight.iter().cloned().collect(),
+            workers: self
+                .workers
+                .iter()
+                .map(|(&id, &(generation, seen_ns))| WorkerSeen {
+                    id,
+                    generation,
+                    seen_ns,
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Whether the state changed since the last snapshot (so it must be written again).
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// This reporter life's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The stream token, when a stream is open.
@@ -120,6 +235,7 @@ impl Reporter {
         }
         self.workers
             .insert(batch.epoch, (batch.applied_generation, now_ns));
+        self.changed = true;
         Ok(())
     }
 
@@ -154,6 +270,7 @@ impl Reporter {
     }
 
     fn seal(&mut self, now_ns: u64) -> v1::Report {
+        self.changed = true;
         let stats = std::mem::take(&mut self.pending)
             .into_iter()
             .map(|((canary, version), p)| v1::VersionStats {
@@ -226,10 +343,12 @@ impl Reporter {
                     .is_some_and(|r| r.sequence <= ack.sequence)
                 {
                     self.in_flight.pop_front();
+                    self.changed = true;
                 }
             }
             Some(Kind::Ack(_)) | None => {}
             Some(Kind::Directive(directive)) => {
+                self.changed |= self.generation != directive.generation;
                 self.generation = directive.generation;
                 commands.push(Command::ShareDirective(directive.encode_to_vec()));
             }
@@ -410,6 +529,34 @@ mod tests {
         // Worker 2 goes quiet for longer than three intervals: it no longer holds the report back.
         r.on_worker_batch(&batch(1, 4, 1, 0), 5 * SECOND).unwrap();
         assert_eq!(sent(&r.on_tick(5 * SECOND))[0].applied_generation, 4);
+    }
+
+    #[test]
+    fn a_restored_reporter_continues_the_epoch_sequence_and_unacknowledged_reports() {
+        let mut r = reporter();
+        connect(&mut r, 1, 0);
+        r.on_worker_batch(&batch(1, 3, 10, 1), SECOND).unwrap();
+        r.on_tick(SECOND);
+        r.on_worker_batch(&batch(1, 3, 4, 0), 2 * SECOND).unwrap();
+        assert!(r.changed());
+        let snapshot = r.snapshot();
+        assert!(!r.changed());
+        let identity = v1::Reporter {
+            node_id: "node-1".into(),
+            ..Default::default()
+        };
+        let mut next = Reporter::restore(identity, &snapshot, SECOND).unwrap();
+        assert_eq!((next.epoch(), next.in_flight()), (77, 1));
+        let resent = connect(&mut next, 9, 3 * SECOND);
+        assert_eq!(
+            resent.iter().map(|x| x.sequence).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let report = &sent(&next.on_tick(4 * SECOND))[0];
+        assert_eq!((report.sequence, report.epoch), (2, 77));
+        assert_eq!(report.stats[0].requests, 4);
+        assert_eq!(report.applied_generation, 3);
+        assert!(Reporter::restore(v1::Reporter::default(), &[0xff, 0xff], SECOND).is_err());
     }
 
     #[test]

@@ -957,20 +957,24 @@ impl Bench {
             dir,
         };
         for &variant in &options.variants {
+            // Every filter is installed as Istio installs a WasmPlugin (discovered, no vm_id).
+            let discovery = bench
+                .dir
+                .path()
+                .join(format!("{}.ecds.json", variant.name()));
             let wasm = match variant {
                 Variant::NoFilter | Variant::NoFilterSplit => None,
-                Variant::EmptyWasm => empty.clone().map(|path| WasmFilter {
-                    path,
-                    config_json: "{}".to_owned(),
-                }),
-                Variant::Weir | Variant::WeirNoStats | Variant::WeirUncovered => Some(WasmFilter {
-                    path: binaries::wasm(),
-                    config_json: weir_config(variant),
-                }),
-                Variant::Candidate(n) => Some(WasmFilter {
-                    path: options.candidates[usize::from(n) - 1].clone(),
-                    config_json: weir_config(Variant::Weir),
-                }),
+                Variant::EmptyWasm => empty
+                    .clone()
+                    .map(|path| WasmFilter::wasm_plugin(path, "{}".to_owned(), discovery)),
+                Variant::Weir | Variant::WeirNoStats | Variant::WeirUncovered => Some(
+                    WasmFilter::wasm_plugin(binaries::wasm(), weir_config(variant), discovery),
+                ),
+                Variant::Candidate(n) => Some(WasmFilter::wasm_plugin(
+                    options.candidates[usize::from(n) - 1].clone(),
+                    weir_config(Variant::Weir),
+                    discovery,
+                )),
             };
             let envoy = bench
                 .start_envoy(variant, wasm)
@@ -1016,8 +1020,6 @@ impl Bench {
         bootstrap.host = HOST.to_owned();
         // Every variant gets the controller cluster, so bootstraps differ only in the filter.
         bootstrap.controller = Some(self.control.addr());
-        // The empty module also runs as the (idle) reporter singleton: the bootstrap loads the
-        // same module in both roles. It has no per-request cost.
         bootstrap.wasm = wasm;
         let (binary, work) = (binaries::envoy(), self.dir.path().to_owned());
         Ok(

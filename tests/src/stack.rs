@@ -30,7 +30,6 @@ pub const CANARY_VERSION: &str = "v2";
 /// a 500 ms report interval, so final reports arrive quickly.
 pub fn filter_config() -> serde_json::Value {
     json!({
-        "controllerCluster": "weir_controller",
         "reportInterval": "500ms",
         "directiveGracePeriod": "10s",
         "routingHeader": "x-weir-route",
@@ -111,10 +110,11 @@ impl Stack {
         bootstrap.controller = Some(control.addr());
         let wait_for_reporter = options.filter_config.is_some() && options.wait_for_reporter;
         if let Some(config_json) = options.filter_config {
-            bootstrap.wasm = Some(WasmFilter {
-                path: binaries::wasm(),
+            bootstrap.wasm = Some(WasmFilter::wasm_plugin(
+                binaries::wasm(),
                 config_json,
-            });
+                dir.path().join("weir-filter.ecds.json"),
+            ));
         }
         let (binary, work, concurrency) = (
             binaries::envoy(),

@@ -67,10 +67,9 @@ async fn envoy_that_refuses_its_bootstrap_fails_to_start_with_its_log_in_the_err
         "127.0.0.1:1".parse().unwrap(),
         "127.0.0.1:2".parse().unwrap(),
     );
-    bootstrap.wasm = Some(weir_controller::platform::local::envoy::WasmFilter {
-        path: dir.path().join("missing.wasm"),
-        config_json: "{}".to_owned(),
-    });
+    // A listener port that another program holds: Envoy cannot bind it and exits.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    bootstrap.listener_port = taken.local_addr().unwrap().port();
     let binary = weir_e2e::binaries::envoy();
     let work = dir.path().to_owned();
     let error = tokio::task::spawn_blocking(move || {
@@ -78,11 +77,11 @@ async fn envoy_that_refuses_its_bootstrap_fails_to_start_with_its_log_in_the_err
     })
     .await
     .unwrap()
-    .expect_err("a bootstrap naming a missing .wasm is refused");
+    .expect_err("a listener on a taken port is refused");
     let text = error.to_string();
     assert!(text.contains("exited"), "{text}");
     assert!(
-        text.contains("missing.wasm"),
+        text.contains("ddress already in use"),
         "the log tail names the problem: {text}"
     );
 }

@@ -110,8 +110,5 @@ impl HttpContext for Http {
             self.grpc_status,
             duration_ns,
         );
-        if let Some(ids) = state.stat_ids(&ticket.canary, ticket.version) {
-            let _ = hostcalls::record_metric(ids.duration, duration_ns / 1_000_000);
-        }
     }
 }

@@ -1,6 +1,7 @@
-//! Root contexts. The same module runs in two roles, told apart by the plugin's root id:
-//! `weir_reporter` (the singleton bootstrap service, one per Envoy) and anything else (the HTTP
-//! filter, one root per worker thread plus one on the main thread).
+//! Root contexts: one per worker thread plus one on the main thread, whatever the root id and
+//! `vm_id`. Each runs its worker's part (directive, fail-safe, hand-over) and takes part in the
+//! election of the one context that owns the Envoy's stream to the controller
+//! ([`crate::ownership`]); the owner also runs the reporter.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -15,13 +16,11 @@ use weir_proto::v1;
 use super::http::Http;
 use super::props::{self, log};
 use crate::config::FilterConfig;
-use crate::reporter::{Command, Reporter};
+use crate::ownership::{Action, Ownership, Refused, SharedData, QUEUE};
+use crate::reporter::Command;
 use crate::routing::Version;
 use crate::worker::Worker;
 
-/// Root id of the singleton reporter (the `envoy.bootstrap.wasm` service).
-pub const REPORTER_ROOT_ID: &str = "weir_reporter";
-const QUEUE: &str = "weir.reports";
 const DIRECTIVE_KEY: &str = "weir.directive";
 const CONTACT_KEY: &str = "weir.contact";
 const SERVICE: &str = "weir.v1.Telemetry";
@@ -29,13 +28,14 @@ const METHOD: &str = "Exchange";
 /// Hand-overs a worker keeps when the queue refuses them, before it drops the oldest.
 const MAX_UNQUEUED: usize = 16;
 
-/// Envoy stat ids for one (canary, version).
+/// Envoy stat ids for one (canary, version). Counters only, added to at each hand-over: a latency
+/// histogram would cost one host call per request (`record_metric` takes one sample), and
+/// Prometheus users have Istio's `istio_request_duration_milliseconds` for the same requests while
+/// Weir's own P99 comes from the exact histograms it streams.
 #[derive(Debug, Clone, Copy)]
 pub struct StatIds {
     requests: u32,
     failures: u32,
-    /// Latency histogram, in milliseconds.
-    pub duration: u32,
 }
 
 /// A worker's state, shared by its root context and its HTTP contexts.
@@ -101,8 +101,8 @@ impl FilterState {
         }
     }
 
-    /// Hands this worker's counts to the reporter. A batch the queue refuses is kept for the next
-    /// tick rather than lost.
+    /// Hands this worker's counts to the owner of the stream. A batch the queue refuses is kept for
+    /// the next tick rather than lost.
     fn hand_over(&mut self) {
         if self.queue.is_none() {
             self.queue = hostcalls::resolve_shared_queue(&self.vm_id, QUEUE)
@@ -110,7 +110,7 @@ impl FilterState {
                 .flatten();
         }
         let Some(queue) = self.queue else {
-            // The reporter is not up yet: keep recording; nothing is sealed, nothing is lost.
+            // No owner has registered the queue yet: keep recording; nothing is sealed or lost.
             return;
         };
         let batch = self.worker.seal_batch();
@@ -159,84 +159,152 @@ fn define_stats(canary: &str, version: Version) -> Option<StatIds> {
             &name("weir_request_failures_total"),
         )
         .ok()?,
-        duration: hostcalls::define_metric(
-            MetricType::Histogram,
-            &name("weir_request_duration_milliseconds"),
-        )
-        .ok()?,
     })
 }
 
-struct ReporterState {
-    reporter: Reporter,
-    config: FilterConfig,
-    queue: u32,
-}
+/// Envoy's shared data through the host calls.
+struct HostShared;
 
-impl ReporterState {
-    fn run(&mut self, commands: Vec<Command>) {
-        let mut queue: VecDeque<Command> = commands.into();
-        while let Some(command) = queue.pop_front() {
-            match command {
-                Command::OpenStream => {
-                    let now = props::now_ns();
-                    match hostcalls::open_grpc_stream(
-                        &self.config.controller_cluster,
-                        SERVICE,
-                        METHOD,
-                        Vec::new(),
-                    ) {
-                        Ok(token) => queue.extend(self.reporter.on_stream_opened(token, now)),
-                        Err(status) => {
-                            log(
-                                LogLevel::Warn,
-                                &format!(
-                                    "weir: cannot open the stream to cluster `{}` ({status:?}); is controllerCluster an HTTP/2 cluster in the bootstrap? retrying",
-                                    self.config.controller_cluster
-                                ),
-                            );
-                            self.reporter.on_stream_failed(now);
-                        }
-                    }
-                }
-                Command::Send(bytes) => {
-                    let Some(token) = self.reporter.stream_token() else {
-                        continue;
-                    };
-                    if hostcalls::send_grpc_stream_message(token, Some(&bytes), false).is_err() {
-                        let _ = hostcalls::close_grpc_stream(token);
-                        self.reporter.on_stream_closed(token, props::now_ns());
-                    }
-                }
-                Command::ShareDirective(bytes) => {
-                    if let Err(status) =
-                        hostcalls::set_shared_data(DIRECTIVE_KEY, Some(&bytes), None)
-                    {
-                        log(
-                            LogLevel::Error,
-                            &format!("weir: cannot share the directive ({status:?})"),
-                        );
-                    }
-                }
-                Command::ShareContact(now) => {
-                    let _ = hostcalls::set_shared_data(CONTACT_KEY, Some(&now.to_le_bytes()), None);
-                }
-            }
+impl SharedData for HostShared {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(bytes), Some(cas))) => Some((bytes, cas)),
+            _ => None,
         }
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), Refused> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(|_| Refused)
     }
 }
 
-enum Role {
-    /// No valid configuration: requests pass through, only losing a client-sent routing header.
-    Unconfigured,
-    Filter(Rc<RefCell<FilterState>>),
-    Reporter(Box<ReporterState>),
+/// A root context's part in reporting.
+struct Reporting {
+    ownership: Ownership,
+    config: FilterConfig,
+    /// `open_grpc_stream`'s first argument: the controller's cluster and authority.
+    grpc_service: String,
+    vm_id: String,
+    /// The report queue, once some owner registered it.
+    queue: Option<u32>,
 }
 
-/// A root context in either role.
+impl Reporting {
+    fn dequeue(queue: Option<u32>) -> impl FnMut() -> Option<Vec<u8>> {
+        move || queue.and_then(|q| hostcalls::dequeue_shared_queue(q).ok().flatten())
+    }
+
+    fn tick(&mut self) {
+        if self.queue.is_none() {
+            self.queue = hostcalls::resolve_shared_queue(&self.vm_id, QUEUE)
+                .ok()
+                .flatten();
+        }
+        let now = props::now_ns();
+        let actions = self
+            .ownership
+            .tick(&mut HostShared, now, &mut Self::dequeue(self.queue));
+        self.perform(actions);
+    }
+
+    fn release(&mut self) {
+        let now = props::now_ns();
+        let actions = self
+            .ownership
+            .release(&mut HostShared, now, &mut Self::dequeue(self.queue));
+        self.perform(actions);
+    }
+
+    fn perform(&mut self, actions: Vec<Action>) {
+        let mut pending: VecDeque<Action> = actions.into();
+        while let Some(action) = pending.pop_front() {
+            match action {
+                Action::RegisterQueue => match hostcalls::register_shared_queue(QUEUE) {
+                    Ok(queue) => self.queue = Some(queue),
+                    Err(status) => log(
+                        LogLevel::Error,
+                        &format!("weir: cannot register the report queue ({status:?})"),
+                    ),
+                },
+                Action::Reporter(command) => {
+                    let more = self.run(command);
+                    pending.extend(more.into_iter().map(Action::Reporter));
+                }
+                Action::CloseStream(token) => {
+                    let _ = hostcalls::cancel_grpc_stream(token);
+                }
+                Action::Requeue(batches) => {
+                    for batch in batches {
+                        let queued = self.queue.is_some_and(|q| {
+                            hostcalls::enqueue_shared_queue(q, Some(&batch)).is_ok()
+                        });
+                        if !queued {
+                            log(
+                                LogLevel::Error,
+                                "weir: cannot put a hand-over back on the report queue; its samples are lost",
+                            );
+                        }
+                    }
+                }
+                Action::Info(message) => log(LogLevel::Info, &message),
+                Action::Warn(message) => log(LogLevel::Warn, &message),
+            }
+        }
+    }
+
+    /// Carries out one reporter command; returns the commands that follow from it.
+    fn run(&mut self, command: Command) -> Vec<Command> {
+        let now = props::now_ns();
+        let Some(reporter) = self.ownership.reporter() else {
+            return Vec::new();
+        };
+        match command {
+            Command::OpenStream => {
+                match hostcalls::open_grpc_stream(&self.grpc_service, SERVICE, METHOD, Vec::new()) {
+                    Ok(token) => return reporter.on_stream_opened(token, now),
+                    Err(status) => {
+                        log(
+                            LogLevel::Warn,
+                            &format!(
+                                "weir: cannot open the stream over cluster `{}` ({status:?}); is controllerCluster the controller's cluster (Istio: outbound|<port>||<host>)? retrying",
+                                self.config.controller_cluster
+                            ),
+                        );
+                        reporter.on_stream_failed(now);
+                    }
+                }
+            }
+            Command::Send(bytes) => {
+                if let Some(token) = reporter.stream_token() {
+                    if hostcalls::send_grpc_stream_message(token, Some(&bytes), false).is_err() {
+                        let _ = hostcalls::cancel_grpc_stream(token);
+                        reporter.on_stream_closed(token, now);
+                    }
+                }
+            }
+            Command::ShareDirective(bytes) => {
+                if let Err(status) = hostcalls::set_shared_data(DIRECTIVE_KEY, Some(&bytes), None) {
+                    log(
+                        LogLevel::Error,
+                        &format!("weir: cannot share the directive ({status:?})"),
+                    );
+                }
+            }
+            Command::ShareContact(at) => {
+                let _ = hostcalls::set_shared_data(CONTACT_KEY, Some(&at.to_le_bytes()), None);
+            }
+        }
+        Vec::new()
+    }
+}
+
+/// A root context.
 pub struct Root {
     context_id: u32,
-    role: Role,
+    /// None until a valid configuration arrives: requests then pass through, only losing a
+    /// client-sent routing header.
+    filter: Option<Rc<RefCell<FilterState>>>,
+    reporting: Option<Reporting>,
 }
 
 impl Root {
@@ -244,7 +312,8 @@ impl Root {
     pub fn new(context_id: u32) -> Self {
         Self {
             context_id,
-            role: Role::Unconfigured,
+            filter: None,
+            reporting: None,
         }
     }
 
@@ -252,17 +321,20 @@ impl Root {
         props::now_ns() ^ (u64::from(self.context_id) << 48)
     }
 
-    fn configure_reporter(&mut self, config: FilterConfig) -> bool {
-        let queue = match hostcalls::register_shared_queue(QUEUE) {
-            Ok(queue) => queue,
-            Err(status) => {
-                log(
-                    LogLevel::Error,
-                    &format!("weir: cannot register the report queue ({status:?})"),
-                );
-                return false;
-            }
+    fn configure(&mut self, config: FilterConfig) -> bool {
+        let Some(grpc_service) =
+            crate::grpc_service::encode(&config.controller_cluster, &config.controller_authority)
+        else {
+            // Unreachable for a parsed configuration (it bounds both names); pass through.
+            log(
+                LogLevel::Error,
+                "weir: controllerCluster and controllerAuthority are too long to encode; the filter passes traffic through",
+            );
+            return true;
         };
+        // Istio's WasmPlugin sets no vm_id: then it is empty, and shared data and queues are keyed
+        // by the empty string, which is what every context of this plugin shares.
+        let vm_id = props::string(vec!["plugin_vm_id"]).unwrap_or_default();
         let identity = v1::Reporter {
             node_id: props::string(vec!["xds", "node", "id"])
                 .unwrap_or_else(|| "unknown".to_string()),
@@ -277,72 +349,80 @@ impl Root {
                 .or_else(|| props::string(vec!["xds", "node", "metadata", "WORKLOAD_NAME"]))
                 .unwrap_or_default(),
         };
-        // The epoch only has to differ between VM starts of the same node.
-        let epoch = crate::routing::Rng::new(self.seed()).next_u64();
-        let interval = config.report_interval;
-        log(
-            LogLevel::Info,
-            &format!(
-                "weir: reporter for node `{}` started (epoch {epoch:016x}); reporting every {interval:?} to cluster `{}`",
-                identity.node_id, config.controller_cluster
-            ),
-        );
-        self.role = Role::Reporter(Box::new(ReporterState {
-            reporter: Reporter::new(identity, epoch, interval.as_nanos() as u64),
-            config,
-            queue,
-        }));
-        let _ = hostcalls::set_tick_period(interval);
-        true
-    }
-
-    fn configure_filter(&mut self, config: FilterConfig) -> bool {
-        let vm_id = props::string(vec!["plugin_vm_id"]).unwrap_or_else(|| "weir".to_string());
         let interval = config.handover_interval();
         let mut rng = crate::routing::Rng::new(self.seed());
-        let worker = Worker::new(config, rng.next_u64(), rng.next_u64());
-        self.role = Role::Filter(Rc::new(RefCell::new(FilterState {
+        let ownership = Ownership::new(
+            rng.next_u64(),
+            identity,
+            config.report_interval.as_nanos() as u64,
+            // The epoch only has to differ between reporter lives of the same node.
+            rng.next_u64(),
+        );
+        let worker = Worker::new(config.clone(), rng.next_u64(), rng.next_u64());
+        self.filter = Some(Rc::new(RefCell::new(FilterState {
             worker,
-            vm_id,
+            vm_id: vm_id.clone(),
             queue: None,
             unqueued: VecDeque::new(),
             stats: HashMap::new(),
         })));
+        self.reporting = Some(Reporting {
+            ownership,
+            config,
+            grpc_service,
+            vm_id,
+            queue: None,
+        });
         let _ = hostcalls::set_tick_period(interval);
         true
     }
 }
 
 impl Context for Root {
-    fn on_grpc_stream_message(&mut self, _token_id: u32, message_size: usize) {
-        let Role::Reporter(state) = &mut self.role else {
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        let Some(reporting) = &mut self.reporting else {
             return;
         };
+        let Some(reporter) = reporting.ownership.reporter() else {
+            return;
+        };
+        if reporter.stream_token() != Some(token_id) {
+            return;
+        }
         let Ok(Some(bytes)) = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, message_size)
         else {
             return;
         };
-        match state.reporter.on_message(&bytes, props::now_ns()) {
-            Ok(commands) => state.run(commands),
+        match reporter.on_message(&bytes, props::now_ns()) {
+            Ok(commands) => reporting.perform(commands.into_iter().map(Action::Reporter).collect()),
             Err(e) => log(LogLevel::Warn, &e),
         }
     }
 
     fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
-        let Role::Reporter(state) = &mut self.role else {
+        let _ = hostcalls::close_grpc_stream(token_id);
+        let Some(reporter) = self.reporting.as_mut().and_then(|r| r.ownership.reporter()) else {
             return;
         };
-        let _ = hostcalls::close_grpc_stream(token_id);
-        if state.reporter.stream_token() == Some(token_id) {
+        if reporter.stream_token() == Some(token_id) {
             log(
                 LogLevel::Info,
                 &format!(
                     "weir: stream to the controller closed (gRPC status {status_code}); {} unacknowledged report(s) will be sent again on reconnect",
-                    state.reporter.in_flight()
+                    reporter.in_flight()
                 ),
             );
         }
-        state.reporter.on_stream_closed(token_id, props::now_ns());
+        reporter.on_stream_closed(token_id, props::now_ns());
+    }
+
+    fn on_done(&mut self) -> bool {
+        // The VM is being replaced (a new filter configuration) or Envoy stops: hand the stream
+        // over at once rather than after the heartbeat ages.
+        if let Some(reporting) = &mut self.reporting {
+            reporting.release();
+        }
+        true
     }
 }
 
@@ -363,54 +443,38 @@ impl RootContext for Root {
                 // (even with fail_open), which stops traffic. So the error is logged once and the
                 // plugin stays loaded in pass-through mode instead.
                 log(LogLevel::Error, &e.to_string());
-                self.role = Role::Unconfigured;
+                if let Some(reporting) = &mut self.reporting {
+                    reporting.release();
+                }
+                self.filter = None;
+                self.reporting = None;
                 return true;
             }
         };
-        let root_id = props::string(vec!["plugin_root_id"]).unwrap_or_default();
-        if root_id == REPORTER_ROOT_ID {
-            self.configure_reporter(config)
-        } else {
-            self.configure_filter(config)
+        if let Some(reporting) = &mut self.reporting {
+            // A new configuration for a running context: start over with it.
+            reporting.release();
         }
+        self.configure(config)
     }
 
     fn on_tick(&mut self) {
-        match &mut self.role {
-            Role::Unconfigured => {}
-            Role::Filter(state) => {
-                if let Ok(mut state) = state.try_borrow_mut() {
-                    state.tick();
-                }
+        if let Some(state) = &self.filter {
+            if let Ok(mut state) = state.try_borrow_mut() {
+                state.tick();
             }
-            Role::Reporter(state) => {
-                let commands = state.reporter.on_tick(props::now_ns());
-                state.run(commands);
-            }
+        }
+        if let Some(reporting) = &mut self.reporting {
+            reporting.tick();
         }
     }
 
-    fn on_queue_ready(&mut self, queue_id: u32) {
-        let Role::Reporter(state) = &mut self.role else {
-            return;
-        };
-        if queue_id != state.queue {
-            return;
-        }
-        let now = props::now_ns();
-        while let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(queue_id) {
-            if let Err(e) = state.reporter.on_worker_batch(&bytes, now) {
-                log(LogLevel::Error, &e);
-            }
-        }
-    }
+    // Hand-overs are taken off the queue at the owner's report ticks ([`crate::ownership`]), not
+    // when they arrive, so the default `on_queue_ready` (which does nothing) is what we want.
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Always a context: the SDK panics (killing the VM) if a root context returns None.
-        match &self.role {
-            Role::Filter(state) => Some(Box::new(Http::new(Some(state.clone())))),
-            Role::Unconfigured | Role::Reporter(_) => Some(Box::new(Http::new(None))),
-        }
+        Some(Box::new(Http::new(self.filter.clone())))
     }
 
     fn get_type(&self) -> Option<ContextType> {

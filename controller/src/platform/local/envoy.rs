@@ -22,32 +22,87 @@ pub const ROUTING_HEADER: &str = "x-weir-route";
 pub const CANARY_VALUE: &str = "canary";
 /// Routing-header value for the primary (any value but the canary's routes there).
 pub const PRIMARY_VALUE: &str = "primary";
-/// Name of the cluster that points at the controller's gRPC port.
-pub const CONTROLLER_CLUSTER: &str = "weir_controller";
+/// The controller Service's host name, as in a cluster.
+pub const CONTROLLER_HOST: &str = "weir.weir-system.svc.cluster.local";
+/// Name of the cluster that reaches the controller's gRPC port: the name Istio gives the outbound
+/// cluster of the controller's Service (`outbound|<port>||<host>`), which is the filter's default
+/// `controllerCluster`, so the filter runs here with the configuration it has in a mesh.
+pub const CONTROLLER_CLUSTER: &str = "outbound|9090||weir.weir-system.svc.cluster.local";
+/// Name of the cluster that reaches the controller's HTTP port (the module, for the EnvoyFilter
+/// install): Istio's outbound cluster of the same Service's http port.
+pub const CONTROLLER_HTTP_CLUSTER: &str = "outbound|8080||weir.weir-system.svc.cluster.local";
 /// Name of the cluster for the primary workload.
 pub const PRIMARY_CLUSTER: &str = "primary";
 /// Name of the cluster for the canary workload.
 pub const CANARY_CLUSTER: &str = "canary";
-/// The Wasm VM id shared by the filter and the reporter singleton: shared queues and shared data
-/// are keyed by it, so both must use the same one.
-pub const WASM_VM_ID: &str = "weir";
-/// Root id of the per-request filter.
-pub const FILTER_ROOT_ID: &str = "weir_filter";
-/// Root id of the reporter singleton.
-pub const REPORTER_ROOT_ID: &str = "weir_reporter";
+/// The WasmPlugin's name and namespace, as Istio names the filter it derives from it
+/// (`<namespace>.<name>`).
+pub const PLUGIN_RESOURCE_NAME: &str = "istio-system.weir";
+/// The WasmPlugin's `pluginName`, which Istio makes the filter's root id.
+pub const PLUGIN_NAME: &str = "weir";
+/// The key under which Istio puts the WasmPlugin's resource version into the VM's environment
+/// (so that a new version starts new VMs).
+pub const RESOURCE_VERSION_ENV: &str = "ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION";
 /// The only Wasm runtime in the Envoy builds we use.
 pub const WASM_RUNTIME: &str = "envoy.wasm.runtime.v8";
+/// The Wasm filter's config type.
+pub const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+/// The RBAC filter's type: Istio's agent replaces a WasmPlugin whose module it cannot fetch by an
+/// allow-all (FAIL_OPEN) or deny-all RBAC filter, so the discovered filter may be either.
+pub const RBAC_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
 /// How long [`EnvoyProcess::start`] waits for Envoy to be ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The Weir filter to load: the module and its JSON configuration (the filter's camelCase
-/// schema, e.g. `{"controllerCluster":"weir_controller","reportInterval":"1s",...}`).
+/// The Weir filter to load, and how the mesh would install it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WasmFilter {
-    /// Path of the `.wasm` file.
-    pub path: PathBuf,
-    /// The configuration handed to both the filter and the reporter singleton.
+    /// The filter's JSON configuration (the filter's camelCase schema, e.g.
+    /// `{"reportInterval":"1s",...}`).
     pub config_json: String,
+    /// How it gets into Envoy.
+    pub install: FilterInstall,
+}
+
+/// The two ways a mesh installs the filter; neither has a bootstrap extension or a `vm_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterInstall {
+    /// As Istio delivers a `WasmPlugin`: the listener names a filter that Envoy discovers through
+    /// ECDS (here from `discovery`, a file Envoy watches; in a mesh, from istiod), with `root_id` =
+    /// the plugin name, no `vm_id`, the resource version in the VM's environment, and the module
+    /// as a local file (Istio's agent downloads it and hands Envoy the file).
+    WasmPlugin {
+        /// The `.wasm` file.
+        module: PathBuf,
+        /// The ECDS file (written by [`EnvoyBootstrap::write_filter_discovery`]).
+        discovery: PathBuf,
+        /// The WasmPlugin's resource version; a new one replaces every filter VM.
+        resource_version: String,
+    },
+    /// As `manifests/alternatives/` installs it with an EnvoyFilter: the Wasm filter inline in the
+    /// listener, its module fetched by Envoy itself from the controller (`http_uri` over the
+    /// controller's HTTP cluster, checked against `sha256`).
+    EnvoyFilter {
+        /// Where the controller serves the module.
+        server: SocketAddr,
+        /// The module's path on that server (`/filter/<sha256>.wasm`).
+        path: String,
+        /// The module's sha256, hex.
+        sha256: String,
+    },
+}
+
+impl WasmFilter {
+    /// The filter as a WasmPlugin installs it, discovered from `discovery`.
+    pub fn wasm_plugin(module: PathBuf, config_json: String, discovery: PathBuf) -> Self {
+        Self {
+            config_json,
+            install: FilterInstall::WasmPlugin {
+                module,
+                discovery,
+                resource_version: "1".to_owned(),
+            },
+        }
+    }
 }
 
 /// Everything that varies between the Envoys Weir starts locally. Build one with
@@ -75,7 +130,7 @@ pub struct EnvoyBootstrap {
     pub primary_standby: Option<SocketAddr>,
     /// Where the canary workload listens.
     pub canary: SocketAddr,
-    /// Where the controller's gRPC server listens; None leaves out the `weir_controller` cluster.
+    /// Where the controller's gRPC server listens; None leaves out [`CONTROLLER_CLUSTER`].
     pub controller: Option<SocketAddr>,
     /// The Weir filter; None runs Envoy with the router alone.
     pub wasm: Option<WasmFilter>,
@@ -113,14 +168,28 @@ impl EnvoyBootstrap {
     /// The bootstrap as Envoy's JSON (Envoy reads it from a `.json` file).
     pub fn to_json(&self) -> Value {
         let mut http_filters = Vec::new();
-        if let Some(wasm) = &self.wasm {
-            http_filters.push(json!({
-                "name": "envoy.filters.http.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                    "config": plugin_config(FILTER_ROOT_ID, wasm, true),
-                }
-            }));
+        let mut clusters = Vec::new();
+        match self.wasm.as_ref().map(|w| (w, &w.install)) {
+            None => {}
+            Some((_, FilterInstall::WasmPlugin { discovery, .. })) => {
+                http_filters.push(json!({
+                    "name": PLUGIN_RESOURCE_NAME,
+                    "config_discovery": {
+                        "config_source": {
+                            "path_config_source": {"path": discovery.display().to_string()},
+                            "resource_api_version": "V3",
+                        },
+                        "type_urls": [WASM_FILTER_TYPE, RBAC_FILTER_TYPE],
+                    }
+                }));
+            }
+            Some((wasm, FilterInstall::EnvoyFilter { server, .. })) => {
+                http_filters.push(json!({
+                    "name": "weir",
+                    "typed_config": wasm.filter_config(),
+                }));
+                clusters.push(static_cluster(CONTROLLER_HTTP_CLUSTER, *server));
+            }
         }
         http_filters.push(json!({
             "name": "envoy.filters.http.router",
@@ -161,10 +230,12 @@ impl EnvoyBootstrap {
                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
             });
         }
-        let mut clusters = vec![primary, static_cluster(CANARY_CLUSTER, self.canary)];
+        clusters.insert(0, static_cluster(CANARY_CLUSTER, self.canary));
+        clusters.insert(0, primary);
         if let Some(controller) = self.controller {
             let mut cluster = static_cluster(CONTROLLER_CLUSTER, controller);
-            // The Exchange stream is gRPC, which needs HTTP/2 to the upstream.
+            // The Exchange stream is gRPC, which needs HTTP/2 to the upstream (Istio's outbound
+            // cluster of a port with appProtocol grpc is HTTP/2 too).
             cluster["typed_extension_protocol_options"] = json!({
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -174,7 +245,7 @@ impl EnvoyBootstrap {
             clusters.push(cluster);
         }
 
-        let mut bootstrap = json!({
+        json!({
             // The filter's stats carry the canary and version in their names
             // (`weir_requests_total.canary.<ns>/<name>.version.<v>`); these rules make them tags.
             "stats_config": {"stats_tags": [
@@ -229,24 +300,116 @@ impl EnvoyBootstrap {
                 }],
                 "clusters": clusters,
             },
-        });
-        if let Some(wasm) = &self.wasm {
-            bootstrap["bootstrap_extensions"] = json!([{
-                "name": "envoy.bootstrap.wasm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.wasm.v3.WasmService",
-                    "singleton": true,
-                    "config": plugin_config(REPORTER_ROOT_ID, wasm, false),
-                }
-            }]);
-        }
-        bootstrap
+        })
     }
 
     /// The bootstrap as JSON text (valid YAML too).
     pub fn to_yaml(&self) -> String {
         // A Value of strings and maps always serializes.
         serde_json::to_string_pretty(&self.to_json()).unwrap_or_default()
+    }
+
+    /// For a WasmPlugin install, writes the filter's ECDS resource (a `DiscoveryResponse` with
+    /// the filter under [`PLUGIN_RESOURCE_NAME`]) to its discovery file, replacing the file at
+    /// once (write, then rename: Envoy watches for the move). Writing it again with another
+    /// configuration or resource version is how a test updates the filter while traffic flows.
+    /// Does nothing for other installs.
+    pub fn write_filter_discovery(&self) -> std::io::Result<()> {
+        let Some(wasm) = &self.wasm else {
+            return Ok(());
+        };
+        let FilterInstall::WasmPlugin {
+            discovery,
+            resource_version,
+            ..
+        } = &wasm.install
+        else {
+            return Ok(());
+        };
+        write_discovery(
+            discovery,
+            resource_version,
+            json!({"@type": WASM_FILTER_TYPE, "config": wasm.plugin_config()}),
+        )
+    }
+}
+
+/// Writes an ECDS `DiscoveryResponse` holding one filter config named [`PLUGIN_RESOURCE_NAME`].
+/// `typed_config` is the Wasm filter, or what Istio's agent puts in its place when the module
+/// cannot be fetched (see [`allow_all_filter`]).
+pub fn write_discovery(path: &Path, version: &str, typed_config: Value) -> std::io::Result<()> {
+    let response = json!({
+        "version_info": version,
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": PLUGIN_RESOURCE_NAME,
+            "typed_config": typed_config,
+        }],
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_string_pretty(&response).unwrap_or_default(),
+    )?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The filter Istio's agent installs instead of a FAIL_OPEN WasmPlugin whose module it cannot
+/// fetch: an RBAC filter with no rules, which allows everything (pkg/wasm/convert.go in Istio).
+pub fn allow_all_filter() -> Value {
+    json!({"@type": RBAC_FILTER_TYPE})
+}
+
+impl WasmFilter {
+    /// The Wasm filter's typed config as this install has it (inline in the listener, or the
+    /// discovered resource's).
+    fn filter_config(&self) -> Value {
+        json!({"@type": WASM_FILTER_TYPE, "config": self.plugin_config()})
+    }
+
+    /// The `PluginConfig`, shaped as Istio shapes a WasmPlugin's (or as the EnvoyFilter
+    /// alternative writes it): no `vm_id`, so shared data is keyed by the empty string; the
+    /// filter fails open, so should its VM fail, requests skip it (and reach the primary, the
+    /// default route) instead of failing.
+    fn plugin_config(&self) -> Value {
+        let (name, code, environment) = match &self.install {
+            FilterInstall::WasmPlugin {
+                module,
+                resource_version,
+                ..
+            } => (
+                PLUGIN_RESOURCE_NAME,
+                json!({"local": {"filename": module.display().to_string()}}),
+                json!({"key_values": {RESOURCE_VERSION_ENV: resource_version}}),
+            ),
+            FilterInstall::EnvoyFilter { path, sha256, .. } => (
+                "weir",
+                json!({"remote": {
+                    "http_uri": {
+                        "uri": format!("http://{CONTROLLER_HOST}:8080{path}"),
+                        "cluster": CONTROLLER_HTTP_CLUSTER,
+                        "timeout": "10s",
+                    },
+                    "sha256": sha256,
+                    "retry_policy": {"num_retries": 5},
+                }}),
+                json!({}),
+            ),
+        };
+        json!({
+            "name": name,
+            "root_id": PLUGIN_NAME,
+            "vm_config": {
+                "runtime": WASM_RUNTIME,
+                "code": code,
+                "environment_variables": environment,
+            },
+            "configuration": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": self.config_json,
+            },
+            "failure_policy": "FAIL_OPEN",
+        })
     }
 }
 
@@ -268,28 +431,6 @@ fn static_cluster(name: &str, addr: SocketAddr) -> Value {
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(addr)}}]}],
         },
     })
-}
-
-/// A Wasm `PluginConfig`. The filter fails open: should its VM fail, requests skip the filter
-/// (and reach primary, the default route) instead of failing.
-fn plugin_config(root_id: &str, wasm: &WasmFilter, fail_open: bool) -> Value {
-    let mut config = json!({
-        "name": root_id,
-        "root_id": root_id,
-        "vm_config": {
-            "vm_id": WASM_VM_ID,
-            "runtime": WASM_RUNTIME,
-            "code": {"local": {"filename": wasm.path.display().to_string()}},
-        },
-        "configuration": {
-            "@type": "type.googleapis.com/google.protobuf.StringValue",
-            "value": wasm.config_json,
-        },
-    });
-    if fail_open {
-        config["failure_policy"] = json!("FAIL_OPEN");
-    }
-    config
 }
 
 /// Why an Envoy could not be started or asked something.
@@ -374,6 +515,13 @@ impl EnvoyProcess {
             move |source| EnvoyError::WorkDir { path, source }
         };
         std::fs::write(&config_path, bootstrap.to_yaml()).map_err(work_err(&config_path))?;
+        if let Some(FilterInstall::WasmPlugin { discovery, .. }) =
+            bootstrap.wasm.as_ref().map(|w| &w.install)
+        {
+            bootstrap
+                .write_filter_discovery()
+                .map_err(work_err(discovery))?;
+        }
         let log = File::create(&log_path).map_err(work_err(&log_path))?;
         let log_err = log.try_clone().map_err(work_err(&log_path))?;
 
@@ -609,10 +757,11 @@ mod tests {
             listener_port: 10_000,
             admin_port: 9_901,
             controller: Some(addr(7_000)),
-            wasm: Some(WasmFilter {
-                path: PathBuf::from("/x/weir_filter.wasm"),
-                config_json: r#"{"controllerCluster":"weir_controller"}"#.to_owned(),
-            }),
+            wasm: Some(WasmFilter::wasm_plugin(
+                PathBuf::from("/x/weir_filter.wasm"),
+                r#"{"reportInterval":"1s"}"#.to_owned(),
+                PathBuf::from("/x/weir.ecds.json"),
+            )),
             ..EnvoyBootstrap::new(addr(8_001), addr(8_002))
         }
     }
@@ -682,39 +831,89 @@ mod tests {
         );
     }
 
+    fn http_filters(bootstrap: &Value) -> Vec<Value> {
+        bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"]["http_filters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn assert_plugin_config_is_istios_shape(plugin: &Value) {
+        assert_eq!(plugin["root_id"], PLUGIN_NAME);
+        assert!(plugin["vm_config"].get("vm_id").is_none(), "{plugin}");
+        assert_eq!(plugin["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
+        assert_eq!(plugin["failure_policy"], "FAIL_OPEN");
+        assert_eq!(
+            plugin["configuration"],
+            json!({
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": r#"{"reportInterval":"1s"}"#,
+            })
+        );
+    }
+
     #[test]
-    fn filter_and_reporter_singleton_share_one_vm_and_one_configuration() {
-        let json = with_everything().to_json();
-        let hcm = &json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-            ["typed_config"];
-        let filters = hcm["http_filters"].as_array().unwrap();
+    fn the_filter_is_discovered_as_istio_delivers_a_wasm_plugin_without_a_bootstrap_extension() {
+        let bootstrap = with_everything();
+        let json = bootstrap.to_json();
+        assert!(json.get("bootstrap_extensions").is_none());
+        let filters = http_filters(&json);
         assert_eq!(filters.len(), 2);
-        assert_eq!(filters[0]["name"], "envoy.filters.http.wasm");
+        assert_eq!(filters[0]["name"], "istio-system.weir");
+        let discovery = &filters[0]["config_discovery"];
+        assert_eq!(
+            discovery["config_source"]["path_config_source"]["path"],
+            "/x/weir.ecds.json"
+        );
+        assert_eq!(
+            discovery["type_urls"],
+            json!([WASM_FILTER_TYPE, RBAC_FILTER_TYPE])
+        );
         assert_eq!(filters[1]["name"], "envoy.filters.http.router");
-        let filter = &filters[0]["typed_config"]["config"];
-        assert_eq!(filter["root_id"], "weir_filter");
 
-        let extension = &json["bootstrap_extensions"][0];
-        assert_eq!(extension["name"], "envoy.bootstrap.wasm");
-        assert_eq!(extension["typed_config"]["singleton"], true);
-        let reporter = &extension["typed_config"]["config"];
-        assert_eq!(reporter["root_id"], "weir_reporter");
+        let Some(FilterInstall::WasmPlugin { .. }) = bootstrap.wasm.as_ref().map(|w| &w.install)
+        else {
+            panic!("a WasmPlugin install");
+        };
+        let plugin = bootstrap.wasm.as_ref().unwrap().plugin_config();
+        assert_plugin_config_is_istios_shape(&plugin);
+        assert_eq!(plugin["name"], "istio-system.weir");
+        assert_eq!(
+            plugin["vm_config"]["code"]["local"]["filename"],
+            "/x/weir_filter.wasm"
+        );
+        assert_eq!(
+            plugin["vm_config"]["environment_variables"]["key_values"]
+                ["ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION"],
+            "1"
+        );
+    }
 
-        for plugin in [filter, reporter] {
-            assert_eq!(plugin["vm_config"]["vm_id"], "weir");
-            assert_eq!(plugin["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
-            assert_eq!(
-                plugin["vm_config"]["code"]["local"]["filename"],
-                "/x/weir_filter.wasm"
-            );
-            assert_eq!(
-                plugin["configuration"],
-                json!({
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": r#"{"controllerCluster":"weir_controller"}"#,
-                })
-            );
-        }
+    #[test]
+    fn the_envoy_filter_install_is_inline_and_fetches_the_module_from_the_controller() {
+        let mut bootstrap = with_everything();
+        bootstrap.wasm = Some(WasmFilter {
+            config_json: r#"{"reportInterval":"1s"}"#.to_owned(),
+            install: FilterInstall::EnvoyFilter {
+                server: addr(7_001),
+                path: "/filter/abc.wasm".to_owned(),
+                sha256: "abc".to_owned(),
+            },
+        });
+        let json = bootstrap.to_json();
+        assert!(json.get("bootstrap_extensions").is_none());
+        let filters = http_filters(&json);
+        let plugin = &filters[0]["typed_config"]["config"];
+        assert_plugin_config_is_istios_shape(plugin);
+        let remote = &plugin["vm_config"]["code"]["remote"];
+        assert_eq!(
+            remote["http_uri"]["uri"],
+            "http://weir.weir-system.svc.cluster.local:8080/filter/abc.wasm"
+        );
+        assert_eq!(remote["http_uri"]["cluster"], CONTROLLER_HTTP_CLUSTER);
+        assert_eq!(remote["sha256"], "abc");
+        assert_eq!(cluster_port(&json, CONTROLLER_HTTP_CLUSTER), Some(7001));
     }
 
     #[test]
