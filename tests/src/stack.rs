@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
-use weir_controller::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
+use weir_controller::platform::local::envoy::{
+    EnvoyBootstrap, EnvoyProcess, FilterInstall, WasmFilter,
+};
 use weir_proto::v1::{
     canary_route, header_rule, CanaryRoute, Directive, HeaderMatch, HeaderRule, MatchGroup, Sticky,
     Weighted,
@@ -83,6 +85,9 @@ impl StackOptions {
 pub struct Stack {
     /// The Envoy under test.
     pub envoy: EnvoyProcess,
+    /// What it was started with (its filter is discovered from a file, as Istio delivers a
+    /// WasmPlugin: [`Stack::update_filter`] rewrites it).
+    pub bootstrap: EnvoyBootstrap,
     /// Mirror v1, behind the `primary` cluster.
     pub primary: Upstream,
     /// Mirror v2, behind the `canary` cluster.
@@ -116,18 +121,20 @@ impl Stack {
                 dir.path().join("weir-filter.ecds.json"),
             ));
         }
-        let (binary, work, concurrency) = (
+        let (binary, work, concurrency, started) = (
             binaries::envoy(),
             dir.path().to_owned(),
             options.concurrency,
+            bootstrap.clone(),
         );
         let envoy = tokio::task::spawn_blocking(move || {
-            EnvoyProcess::start(&binary, &bootstrap, &work, concurrency)
+            EnvoyProcess::start(&binary, &started, &work, concurrency)
         })
         .await?
         .context("Envoy did not start")?;
         let stack = Stack {
             envoy,
+            bootstrap,
             primary,
             canary,
             control,
@@ -143,6 +150,37 @@ impl Stack {
                 .with_context(|| format!("Envoy log:\n{}", stack.envoy.log_tail(40)))?;
         }
         Ok(stack)
+    }
+
+    /// Delivers a new filter configuration and resource version, as istiod does when the
+    /// WasmPlugin changes: Envoy replaces every filter VM while traffic flows.
+    pub fn update_filter(&mut self, config_json: String, version: &str) -> anyhow::Result<()> {
+        let wasm = self
+            .bootstrap
+            .wasm
+            .as_mut()
+            .context("this stack runs no filter")?;
+        wasm.config_json = config_json;
+        if let FilterInstall::WasmPlugin {
+            resource_version, ..
+        } = &mut wasm.install
+        {
+            *resource_version = version.to_owned();
+        }
+        self.bootstrap
+            .write_filter_discovery()
+            .context("cannot write the filter's discovery file")
+    }
+
+    /// Envoy's counter of Wasm VMs created so far (one per worker and one on the main thread
+    /// for each filter configuration).
+    pub fn vms_created(&self) -> anyhow::Result<u64> {
+        let body = self
+            .envoy
+            .admin_get("/stats?filter=^wasm\\.envoy\\.wasm\\.runtime\\.v8\\.created$")?;
+        body.lines()
+            .find_map(|line| line.split(": ").nth(1)?.trim().parse().ok())
+            .with_context(|| format!("no VM counter in Envoy's stats: {body}"))
     }
 
     /// A load of `requests` GETs to the Envoy listener for [`HOST`].

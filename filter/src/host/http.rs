@@ -110,5 +110,6 @@ impl HttpContext for Http {
             self.grpc_status,
             duration_ns,
         );
+        state.after_request();
     }
 }

@@ -48,6 +48,9 @@ pub struct FilterState {
     /// Per canary, per version (by `Version::index`): the stat ids, once defined (None inside:
     /// the host refused them). Keyed by `Rc<str>` so a request looks up by `&str`, allocation-free.
     stats: HashMap<Rc<str>, [Option<Option<StatIds>>; 2]>,
+    /// The root context is done (its VM is being replaced) and ticks no more: requests that
+    /// still finish here hand their outcome over at once.
+    draining: bool,
 }
 
 impl FilterState {
@@ -65,14 +68,7 @@ impl FilterState {
     }
 
     fn tick(&mut self) {
-        let now = props::now_ns();
-        self.refresh_directive();
-        let contact = hostcalls::get_shared_data(CONTACT_KEY)
-            .ok()
-            .and_then(|(bytes, _)| bytes)
-            .and_then(|b| b.get(..8).and_then(|s| <[u8; 8]>::try_from(s).ok()))
-            .map(u64::from_le_bytes);
-        if self.worker.observe_contact(contact, now) && self.worker.generation() > 0 {
+        if self.refresh() && self.worker.generation() > 0 {
             if self.worker.fail_safe() {
                 log(
                     LogLevel::Warn,
@@ -88,6 +84,18 @@ impl FilterState {
         self.hand_over();
     }
 
+    /// Reads the directive and the time of the controller's last word from shared data; true
+    /// when the fail-safe changed.
+    fn refresh(&mut self) -> bool {
+        self.refresh_directive();
+        let contact = hostcalls::get_shared_data(CONTACT_KEY)
+            .ok()
+            .and_then(|(bytes, _)| bytes)
+            .and_then(|b| b.get(..8).and_then(|s| <[u8; 8]>::try_from(s).ok()))
+            .map(u64::from_le_bytes);
+        self.worker.observe_contact(contact, props::now_ns())
+    }
+
     fn refresh_directive(&mut self) {
         let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(DIRECTIVE_KEY) else {
             return;
@@ -98,6 +106,13 @@ impl FilterState {
         match self.worker.apply_directive(&bytes, cas) {
             Ok(problems) => problems.iter().for_each(|p| log(LogLevel::Warn, p)),
             Err(e) => log(LogLevel::Error, &e),
+        }
+    }
+
+    /// After the root context is done, hands over what a request that finished since recorded.
+    pub fn after_request(&mut self) {
+        if self.draining {
+            self.hand_over();
         }
     }
 
@@ -359,13 +374,18 @@ impl Root {
             rng.next_u64(),
         );
         let worker = Worker::new(config.clone(), rng.next_u64(), rng.next_u64());
-        self.filter = Some(Rc::new(RefCell::new(FilterState {
+        let mut state = FilterState {
             worker,
             vm_id: vm_id.clone(),
             queue: None,
             unqueued: VecDeque::new(),
             stats: HashMap::new(),
-        })));
+            draining: false,
+        };
+        // A VM that replaces another (a new filter configuration) routes its first request by
+        // the directive in force, not by an empty table until its first tick.
+        state.refresh();
+        self.filter = Some(Rc::new(RefCell::new(state)));
         self.reporting = Some(Reporting {
             ownership,
             config,
@@ -417,8 +437,13 @@ impl Context for Root {
     }
 
     fn on_done(&mut self) -> bool {
-        // The VM is being replaced (a new filter configuration) or Envoy stops: hand the stream
-        // over at once rather than after the heartbeat ages.
+        // The VM is being replaced (a new filter configuration) or Envoy stops: hand this
+        // worker's counts over, then (if this context owns it) the stream, at once rather than
+        // after the heartbeat ages. Requests still running here hand over as they finish.
+        if let Some(Ok(mut state)) = self.filter.as_ref().map(|s| s.try_borrow_mut()) {
+            state.draining = true;
+            state.hand_over();
+        }
         if let Some(reporting) = &mut self.reporting {
             reporting.release();
         }
