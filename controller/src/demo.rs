@@ -108,6 +108,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         report_interval: Duration::from_millis(250),
         time_scale: scale,
         echo_events: true,
+        filter_install: crate::filter_module::InstallKind::default(),
+        envoy_concurrency: 2,
     })
     .await?;
     for warning in local.warnings() {

@@ -34,6 +34,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::filter_module::FilterModule;
 use crate::spec::{CanaryPlan, CanaryStatus, Phase, Strategy, Timestamp};
 
 /// Prometheus' default histogram buckets (client_golang's `DefBuckets`), as Flagger uses.
@@ -333,11 +334,12 @@ fn number(v: f64) -> String {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until `shutdown` completes; returns the bound address (port
-/// 0 picks one) once listening.
+/// Serves `GET /metrics` (and, when given, the filter module at its digest's path) on `addr`
+/// until `shutdown` completes; returns the bound address (port 0 picks one) once listening.
 pub async fn serve(
     addr: SocketAddr,
     recorder: Recorder,
+    module: Option<Arc<FilterModule>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
@@ -360,11 +362,11 @@ pub async fn serve(
                     }
                 },
             };
-            let recorder = recorder.clone();
+            let (recorder, module) = (recorder.clone(), module.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let recorder = recorder.clone();
-                    async move { Ok::<_, Infallible>(respond(&recorder, &request)) }
+                    let (recorder, module) = (recorder.clone(), module.clone());
+                    async move { Ok::<_, Infallible>(respond(&recorder, module.as_deref(), &request)) }
                 });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -375,21 +377,29 @@ pub async fn serve(
     Ok(bound)
 }
 
-fn respond(recorder: &Recorder, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match request.uri().path() {
+fn respond(
+    recorder: &Recorder,
+    module: Option<&FilterModule>,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let (status, content_type, body) = match path {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            recorder.render(),
+            Bytes::from(recorder.render()),
         ),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        other => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("{other} not found; metrics are at /metrics\n"),
-        ),
+        "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        other => match module.and_then(|m| m.serve(other)) {
+            Some(bytes) => (StatusCode::OK, "application/wasm", bytes),
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                Bytes::from(format!("{other} not found; metrics are at /metrics\n")),
+            ),
+        },
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     if let Ok(value) = content_type.parse() {
         response
@@ -513,7 +523,7 @@ mod tests {
             Duration::ZERO,
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let addr = serve(SocketAddr::from(([127, 0, 0, 1], 0)), r, async {
+        let addr = serve(SocketAddr::from(([127, 0, 0, 1], 0)), r, None, async {
             let _ = stopped.await;
         })
         .await

@@ -7,6 +7,7 @@
 //! - [`metrics`]: the metric-source seam (streamed telemetry by default, Prometheus as a fallback
 //!   and for custom PromQL checks).
 //! - [`exporter`]: the controller's own metrics (`/metrics`, Flagger's series under `weir_`).
+//! - [`filter_module`]: the filter module the controller serves to the mesh, and its digest.
 //! - [`platform`]: where workloads live (local processes; Kubernetes later).
 //! - [`traffic`]: routes turned into the directives the filters apply.
 //! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
@@ -15,6 +16,7 @@
 pub mod analysis;
 pub mod demo;
 pub mod exporter;
+pub mod filter_module;
 pub mod ingest;
 pub mod local;
 pub mod metrics;

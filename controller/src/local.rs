@@ -15,13 +15,14 @@ use tokio::sync::oneshot;
 
 use crate::analysis::{Event, Severity};
 use crate::exporter::{self, Recorder};
+use crate::filter_module::{FilterModule, InstallKind};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::metrics::prometheus::{
     Credentials, PrometheusAddress, PrometheusConfig, PrometheusSource, DEFAULT_TIMEOUT,
 };
 use crate::metrics::select::{SelectingSource, SourcePolicy};
 use crate::metrics::template::Templates;
-use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
+use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, FilterInstall, WasmFilter};
 use crate::platform::local::{LocalPlatform, LocalPorts};
 use crate::runner::{Journal, RunError, Runner};
 use crate::spec::{self, CanaryPlan, CanaryStatus, Phase, Timestamp};
@@ -48,6 +49,12 @@ pub struct LocalOptions {
     pub time_scale: u32,
     /// Print each event as it happens.
     pub echo_events: bool,
+    /// How the filter gets into Envoy: as Istio delivers a WasmPlugin (discovered through ECDS),
+    /// or as the EnvoyFilter alternative installs it (Envoy fetches the module from this
+    /// controller's HTTP port, pinned by its sha256).
+    pub filter_install: InstallKind,
+    /// Envoy's worker threads.
+    pub envoy_concurrency: u32,
 }
 
 /// Where local mode's checks get their numbers, and where it publishes its own metrics. The
@@ -251,6 +258,7 @@ pub struct LocalMode {
     warnings: Vec<String>,
     recorder: Recorder,
     metrics_addr: Option<SocketAddr>,
+    module_url: Option<String>,
     stop_metrics: Option<oneshot::Sender<()>>,
 }
 
@@ -335,11 +343,28 @@ impl LocalMode {
         .map_err(|e| LocalError::Setup(e.to_string()))?;
         let source = metric_source(options, metrics, &plan, &ingest, &mut warnings)?;
         let recorder = Recorder::new();
-        let (metrics_addr, stop_metrics) = match metrics.listen_metrics {
+        let module = match options.filter_install {
+            InstallKind::WasmPlugin => None,
+            InstallKind::EnvoyFilter => Some(Arc::new(
+                FilterModule::load(&options.wasm).map_err(|e| LocalError::Setup(e.to_string()))?,
+            )),
+            InstallKind::None => return Err(LocalError::Setup(
+                "local mode installs the filter in its Envoy itself: use wasmplugin or envoyfilter"
+                    .to_owned(),
+            )),
+        };
+        // The controller's HTTP port: /metrics when asked for, and the module for an EnvoyFilter
+        // install (then on a free port of 127.0.0.1 if no metrics address was given).
+        let http_addr = metrics.listen_metrics.or_else(|| {
+            module
+                .as_ref()
+                .map(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        });
+        let (http_bound, stop_metrics) = match http_addr {
             None => (None, None),
             Some(addr) => {
                 let (stop, stopped) = oneshot::channel::<()>();
-                let bound = exporter::serve(addr, recorder.clone(), async {
+                let bound = exporter::serve(addr, recorder.clone(), module.clone(), async {
                     let _ = stopped.await;
                 })
                 .await
@@ -347,6 +372,11 @@ impl LocalMode {
                 (Some(bound), Some(stop))
             }
         };
+        let metrics_addr = http_bound.filter(|_| metrics.listen_metrics.is_some());
+        let module_url = module
+            .as_ref()
+            .zip(http_bound)
+            .map(|(module, addr)| format!("http://{addr}{}", module.url_path()));
         let (stop_tx, stop_rx) = oneshot::channel();
         let served = ingest
             .serve(SocketAddr::from(([127, 0, 0, 1], 0)), async {
@@ -402,15 +432,26 @@ impl LocalMode {
             .into_iter()
             .nth(1)
             .unwrap_or_else(|| plan.service.name.clone());
-        bootstrap.wasm = Some(WasmFilter::wasm_plugin(
-            options.wasm.clone(),
-            config_json,
-            options.state.join("weir-filter.ecds.json"),
-        ));
+        bootstrap.wasm = Some(match (&module, http_bound) {
+            (Some(module), Some(server)) => WasmFilter {
+                config_json,
+                install: FilterInstall::EnvoyFilter {
+                    server,
+                    path: module.url_path(),
+                    sha256: module.sha256().to_owned(),
+                },
+            },
+            _ => WasmFilter::wasm_plugin(
+                options.wasm.clone(),
+                config_json,
+                options.state.join("weir-filter.ecds.json"),
+            ),
+        });
         let envoy_binary = options.envoy.clone();
         let work_dir = options.state.clone();
+        let concurrency = options.envoy_concurrency.max(1);
         let envoy = tokio::task::spawn_blocking(move || {
-            EnvoyProcess::start(&envoy_binary, &bootstrap, &work_dir, 2)
+            EnvoyProcess::start(&envoy_binary, &bootstrap, &work_dir, concurrency)
         })
         .await
         .map_err(|e| LocalError::Setup(e.to_string()))?
@@ -424,6 +465,7 @@ impl LocalMode {
             warnings,
             recorder,
             metrics_addr,
+            module_url,
             stop_metrics,
         })
     }
@@ -472,6 +514,11 @@ impl LocalMode {
     /// Where the controller's own metrics are served (`/metrics`), if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where the controller serves the filter module, for the EnvoyFilter install.
+    pub fn filter_module_url(&self) -> Option<&str> {
+        self.module_url.as_deref()
     }
 
     /// The controller's own metrics.

@@ -192,6 +192,14 @@ enum Command {
         /// Divide the analysis' durations by this.
         #[arg(long, default_value_t = 1)]
         time_scale: u32,
+        /// How the filter gets into Envoy: wasmplugin (as Istio delivers a WasmPlugin) or
+        /// envoyfilter (Envoy fetches the module from the controller, as the EnvoyFilter
+        /// alternative installs it).
+        #[arg(long, default_value = "wasmplugin")]
+        filter_install: weir_controller::filter_module::InstallKind,
+        /// Envoy's worker threads.
+        #[arg(long, default_value_t = 2)]
+        envoy_concurrency: u32,
         #[command(flatten)]
         metrics: MetricsArgs,
     },
@@ -293,6 +301,8 @@ async fn main() -> anyhow::Result<()> {
             port,
             report_interval,
             time_scale,
+            filter_install,
+            envoy_concurrency,
             metrics,
         } => {
             let options = local::LocalOptions {
@@ -305,6 +315,8 @@ async fn main() -> anyhow::Result<()> {
                 report_interval,
                 time_scale,
                 echo_events: true,
+                filter_install,
+                envoy_concurrency,
             };
             let mut mode = local::LocalMode::start_with(&options, &metrics.options()).await?;
             for warning in mode.warnings() {

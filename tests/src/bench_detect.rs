@@ -613,6 +613,8 @@ impl Stage {
             report_interval: options.report_interval,
             time_scale: 1,
             echo_events: false,
+            filter_install: weir_controller::filter_module::InstallKind::default(),
+            envoy_concurrency: 2,
         };
         let metrics = match path {
             MetricPath::Streamed => LocalMetricsOptions {

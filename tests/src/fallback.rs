@@ -118,6 +118,8 @@ impl FallbackRun {
             report_interval: Duration::from_millis(250),
             time_scale: 1,
             echo_events: true,
+            filter_install: weir_controller::filter_module::InstallKind::default(),
+            envoy_concurrency: 2,
         };
         let metrics = LocalMetricsOptions {
             source: spec.source,

@@ -143,6 +143,17 @@ impl LocalRun {
     /// Writes the Canary and a workload running `version`, then starts local mode (not yet
     /// stepped, no traffic).
     pub async fn start(test: &str, canary: &CanaryFile, version: &str) -> anyhow::Result<Self> {
+        Self::start_with(test, canary, version, |_| {}).await
+    }
+
+    /// [`LocalRun::start`] with the options adjusted by `configure` (the filter's install,
+    /// Envoy's concurrency).
+    pub async fn start_with(
+        test: &str,
+        canary: &CanaryFile,
+        version: &str,
+        configure: impl FnOnce(&mut LocalOptions),
+    ) -> anyhow::Result<Self> {
         let dir = WorkDir::new(test)?;
         let workloads = dir.path().join("workloads");
         std::fs::create_dir_all(&workloads)?;
@@ -152,7 +163,7 @@ impl LocalRun {
             workloads.join(format!("{TARGET}.yaml")),
             mirror_workload(version, &[]),
         )?;
-        let options = LocalOptions {
+        let mut options = LocalOptions {
             canary: canary_path,
             workloads,
             state: dir.path().join("state"),
@@ -162,7 +173,10 @@ impl LocalRun {
             report_interval: REPORT_INTERVAL,
             time_scale: 1,
             echo_events: true,
+            filter_install: weir_controller::filter_module::InstallKind::default(),
+            envoy_concurrency: 2,
         };
+        configure(&mut options);
         let mode = LocalMode::start(&options)
             .await
             .context("local mode did not start")?;
@@ -391,6 +405,21 @@ impl LocalRun {
         )
     }
 
+    /// Stops the traffic and waits (boundedly) until the controller has applied a report of every
+    /// request it sent; returns (sent, requests the controller counted).
+    pub async fn stop_traffic_and_count(&mut self) -> anyhow::Result<(u64, u64)> {
+        let traffic = self.traffic.take().context("no traffic was started")?;
+        let sent = traffic.stop().await.sent;
+        let counted = || self.mode().ingest().counters().snapshot().requests_applied;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counted() < sent && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Two more report intervals, so that a count beyond what was sent would show too.
+        tokio::time::sleep(REPORT_INTERVAL * 2).await;
+        Ok((sent, counted()))
+    }
+
     /// Stops the traffic, then local mode.
     pub async fn shutdown(mut self) {
         if let Some(traffic) = self.traffic.take() {
@@ -520,12 +549,13 @@ impl Traffic {
             .clone()
     }
 
-    /// Stops sending and waits for the requests in flight.
-    pub async fn stop(mut self) {
+    /// Stops sending, waits for the requests in flight, and returns what the traffic saw.
+    pub async fn stop(mut self) -> TrafficStats {
         self.shared.stop.store(true, Ordering::Relaxed);
         for task in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+        self.stats()
     }
 }
 

@@ -399,6 +399,8 @@ async fn templates_that_cannot_run_are_refused_at_start_naming_the_template() {
             report_interval: Duration::from_millis(250),
             time_scale: 1,
             echo_events: false,
+            filter_install: weir_controller::filter_module::InstallKind::default(),
+            envoy_concurrency: 2,
         };
         let result = tokio::time::timeout(
             Duration::from_secs(10),
