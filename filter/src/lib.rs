@@ -8,13 +8,15 @@
 //! - [`ownership`]: which root context owns the Envoy's one gRPC stream (elected through shared
 //!   data, with the reporter's state kept there for its successor);
 //! - [`reporter`]: the owner's part: merges workers' counts and speaks weir.v1 on the stream;
-//! - [`grpc_service`]: the controller's cluster and authority as Envoy's `GrpcService`.
+//! - [`grpc_service`]: the controller's cluster and authority as Envoy's `GrpcService`;
+//! - [`instances`]: one acting filter per Envoy, however many times it is installed.
 //!
 //! The `host` module, compiled for wasm32 only, is the thin glue that makes the host calls.
 
 pub mod config;
 pub mod duration;
 pub mod grpc_service;
+pub mod instances;
 pub mod ownership;
 pub mod reporter;
 pub mod routing;

@@ -54,6 +54,9 @@ pub struct StackOptions {
     /// Wait for the reporter's hello before returning (off for a configuration the filter
     /// refuses, which starts no reporter).
     pub wait_for_reporter: bool,
+    /// Install the filter a second time in the same chain, as a WasmPlugin for the namespace
+    /// beside the mesh-wide one (`application.weir` after `istio-system.weir`).
+    pub second_install: bool,
 }
 
 impl Default for StackOptions {
@@ -64,6 +67,7 @@ impl Default for StackOptions {
             canary_args: Vec::new(),
             filter_config: Some(filter_config().to_string()),
             wait_for_reporter: true,
+            second_install: false,
         }
     }
 }
@@ -115,6 +119,17 @@ impl Stack {
         bootstrap.controller = Some(control.addr());
         let wait_for_reporter = options.filter_config.is_some() && options.wait_for_reporter;
         if let Some(config_json) = options.filter_config {
+            if options.second_install {
+                let mut second = WasmFilter::wasm_plugin(
+                    binaries::wasm(),
+                    config_json.clone(),
+                    dir.path().join("weir-filter-namespace.ecds.json"),
+                );
+                if let FilterInstall::WasmPlugin { name, .. } = &mut second.install {
+                    *name = "application.weir".to_owned();
+                }
+                bootstrap.extra_filters.push(second);
+            }
             bootstrap.wasm = Some(WasmFilter::wasm_plugin(
                 binaries::wasm(),
                 config_json,

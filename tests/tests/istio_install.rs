@@ -117,13 +117,14 @@ async fn while_istios_agent_cannot_fetch_the_module_traffic_flows_to_the_primary
     bounded(Duration::from_secs(60), async {
         let mut stack = Stack::start("istio_fail_open", four_workers()).await?;
         stack.apply(weighted(10_000)).await?;
-        let Some(FilterInstall::WasmPlugin { discovery, .. }) =
-            stack.bootstrap.wasm.as_ref().map(|w| w.install.clone())
+        let Some(FilterInstall::WasmPlugin {
+            name, discovery, ..
+        }) = stack.bootstrap.wasm.as_ref().map(|w| w.install.clone())
         else {
             anyhow::bail!("the stack installs the filter as a WasmPlugin");
         };
         // What the agent sends Envoy for a FAIL_OPEN WasmPlugin whose module it cannot fetch.
-        write_discovery(&discovery, "2", allow_all_filter())?;
+        write_discovery(&discovery, &name, "2", allow_all_filter())?;
         stack
             .control
             .wait_for("the filter's stream to go", Duration::from_secs(15), |s| {
@@ -154,6 +155,41 @@ async fn while_istios_agent_cannot_fetch_the_module_traffic_flows_to_the_primary
             100,
             "{:?}",
             back.by_version()
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_installed_twice_in_one_chain_splits_and_counts_each_request_once() {
+    bounded(Duration::from_secs(60), async {
+        // The mesh-wide WasmPlugin for labelled Pods, and one for a labelled namespace.
+        let options = StackOptions {
+            second_install: true,
+            ..four_workers()
+        };
+        let stack = Stack::start("istio_twice", options).await?;
+        stack.apply(weighted(5_000)).await?;
+        let load = stack.load(1_000).concurrency(8).run().await;
+        assert!(load.transport_errors().is_empty() && load.server_errors() == 0);
+        let seen = stack.settle(load.sent()).await?;
+        assert_eq!(seen.requests(CANARY), 1_000, "{}", seen.summary());
+        let canary = load.count_version(CANARY_VERSION);
+        assert!(
+            (350..=650).contains(&canary),
+            "one split at 50%, not two in a row (25%): {canary} of 1000"
+        );
+        assert_eq!(
+            seen.total(CANARY, weir_proto::v1::Version::Canary).requests,
+            canary,
+            "{}",
+            seen.summary()
+        );
+        assert!(
+            stack.envoy.log().contains("passes requests through"),
+            "the second instance says it stands down; Envoy log:\n{}",
+            stack.envoy.log_tail(40)
         );
         Ok(())
     })

@@ -60,6 +60,9 @@ impl HttpContext for Http {
         let Ok(mut state) = state.try_borrow_mut() else {
             return Action::Continue;
         };
+        if !state.acting {
+            return Action::Continue;
+        }
         let authority = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":authority")
             .ok()
             .flatten();

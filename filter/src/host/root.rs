@@ -51,6 +51,11 @@ pub struct FilterState {
     /// The root context is done (its VM is being replaced) and ticks no more: requests that
     /// still finish here hand their outcome over at once.
     draining: bool,
+    /// False while another instance of the filter acts in this Envoy ([`crate::instances`]):
+    /// requests then pass through untouched.
+    pub acting: bool,
+    /// The plugin configuration's name, which orders the instances.
+    plugin_name: String,
 }
 
 impl FilterState {
@@ -68,6 +73,29 @@ impl FilterState {
     }
 
     fn tick(&mut self) {
+        let acting = crate::instances::renew(
+            &mut HostShared,
+            &self.plugin_name,
+            props::now_ns(),
+            self.worker.config().handover_interval().as_nanos() as u64,
+        );
+        if acting != self.acting {
+            self.acting = acting;
+            log(
+                LogLevel::Warn,
+                &if acting {
+                    format!(
+                        "weir: this instance ({}) now splits and measures",
+                        self.plugin_name
+                    )
+                } else {
+                    format!(
+                        "weir: another instance of the Weir filter acts in this Envoy; this one ({}) passes requests through, so none is split or counted twice",
+                        self.plugin_name
+                    )
+                },
+            );
+        }
         if self.refresh() && self.worker.generation() > 0 {
             if self.worker.fail_safe() {
                 log(
@@ -381,10 +409,19 @@ impl Root {
             unqueued: VecDeque::new(),
             stats: HashMap::new(),
             draining: false,
+            acting: true,
+            plugin_name: props::string(vec!["plugin_name"]).unwrap_or_default(),
         };
         // A VM that replaces another (a new filter configuration) routes its first request by
-        // the directive in force, not by an empty table until its first tick.
+        // the directive in force, not by an empty table until its first tick; and an instance
+        // installed beside another that acts stands down before its first request.
         state.refresh();
+        state.acting = crate::instances::renew(
+            &mut HostShared,
+            &state.plugin_name,
+            props::now_ns(),
+            interval.as_nanos() as u64,
+        );
         self.filter = Some(Rc::new(RefCell::new(state)));
         self.reporting = Some(Reporting {
             ownership,

@@ -35,7 +35,7 @@ pub const CONTROLLER_HTTP_CLUSTER: &str = "outbound|8080||weir.weir-system.svc.c
 pub const PRIMARY_CLUSTER: &str = "primary";
 /// Name of the cluster for the canary workload.
 pub const CANARY_CLUSTER: &str = "canary";
-/// The WasmPlugin's name and namespace, as Istio names the filter it derives from it
+/// The name Istio gives the filter it derives from the controller's WasmPlugin
 /// (`<namespace>.<name>`).
 pub const PLUGIN_RESOURCE_NAME: &str = "istio-system.weir";
 /// The WasmPlugin's `pluginName`, which Istio makes the filter's root id.
@@ -71,6 +71,8 @@ pub enum FilterInstall {
     /// the plugin name, no `vm_id`, the resource version in the VM's environment, and the module
     /// as a local file (Istio's agent downloads it and hands Envoy the file).
     WasmPlugin {
+        /// The filter's name, `<namespace>.<name>` of the WasmPlugin.
+        name: String,
         /// The `.wasm` file.
         module: PathBuf,
         /// The ECDS file (written by [`EnvoyBootstrap::write_filter_discovery`]).
@@ -97,6 +99,7 @@ impl WasmFilter {
         Self {
             config_json,
             install: FilterInstall::WasmPlugin {
+                name: PLUGIN_RESOURCE_NAME.to_owned(),
                 module,
                 discovery,
                 resource_version: "1".to_owned(),
@@ -134,6 +137,9 @@ pub struct EnvoyBootstrap {
     pub controller: Option<SocketAddr>,
     /// The Weir filter; None runs Envoy with the router alone.
     pub wasm: Option<WasmFilter>,
+    /// Further installations of the filter in the same chain, after [`Self::wasm`] (a mesh that
+    /// installs it twice, e.g. for a namespace and for a Pod label).
+    pub extra_filters: Vec<WasmFilter>,
     /// The header the canary route matches.
     pub routing_header: String,
     /// The value of [`Self::routing_header`] that selects the canary.
@@ -159,6 +165,7 @@ impl EnvoyBootstrap {
             canary,
             controller: None,
             wasm: None,
+            extra_filters: Vec::new(),
             routing_header: ROUTING_HEADER.to_owned(),
             canary_value: CANARY_VALUE.to_owned(),
             host: "mhs.application".to_owned(),
@@ -168,27 +175,35 @@ impl EnvoyBootstrap {
     /// The bootstrap as Envoy's JSON (Envoy reads it from a `.json` file).
     pub fn to_json(&self) -> Value {
         let mut http_filters = Vec::new();
-        let mut clusters = Vec::new();
-        match self.wasm.as_ref().map(|w| (w, &w.install)) {
-            None => {}
-            Some((_, FilterInstall::WasmPlugin { discovery, .. })) => {
-                http_filters.push(json!({
-                    "name": PLUGIN_RESOURCE_NAME,
-                    "config_discovery": {
-                        "config_source": {
-                            "path_config_source": {"path": discovery.display().to_string()},
-                            "resource_api_version": "V3",
-                        },
-                        "type_urls": [WASM_FILTER_TYPE, RBAC_FILTER_TYPE],
+        let mut clusters: Vec<Value> = Vec::new();
+        for wasm in self.filters() {
+            match &wasm.install {
+                FilterInstall::WasmPlugin {
+                    name, discovery, ..
+                } => {
+                    http_filters.push(json!({
+                        "name": name,
+                        "config_discovery": {
+                            "config_source": {
+                                "path_config_source": {"path": discovery.display().to_string()},
+                                "resource_api_version": "V3",
+                            },
+                            "type_urls": [WASM_FILTER_TYPE, RBAC_FILTER_TYPE],
+                        }
+                    }));
+                }
+                FilterInstall::EnvoyFilter { server, .. } => {
+                    http_filters.push(json!({
+                        "name": "weir",
+                        "typed_config": wasm.filter_config(),
+                    }));
+                    if !clusters
+                        .iter()
+                        .any(|c: &Value| c["name"] == CONTROLLER_HTTP_CLUSTER)
+                    {
+                        clusters.push(static_cluster(CONTROLLER_HTTP_CLUSTER, *server));
                     }
-                }));
-            }
-            Some((wasm, FilterInstall::EnvoyFilter { server, .. })) => {
-                http_filters.push(json!({
-                    "name": "weir",
-                    "typed_config": wasm.filter_config(),
-                }));
-                clusters.push(static_cluster(CONTROLLER_HTTP_CLUSTER, *server));
+                }
             }
         }
         http_filters.push(json!({
@@ -309,40 +324,49 @@ impl EnvoyBootstrap {
         serde_json::to_string_pretty(&self.to_json()).unwrap_or_default()
     }
 
-    /// For a WasmPlugin install, writes the filter's ECDS resource (a `DiscoveryResponse` with
-    /// the filter under [`PLUGIN_RESOURCE_NAME`]) to its discovery file, replacing the file at
-    /// once (write, then rename: Envoy watches for the move). Writing it again with another
+    fn filters(&self) -> impl Iterator<Item = &WasmFilter> {
+        self.wasm.iter().chain(&self.extra_filters)
+    }
+
+    /// For each WasmPlugin install, writes the filter's ECDS resource (a `DiscoveryResponse`
+    /// holding the filter under its name) to its discovery file, replacing the file at once
+    /// (write, then rename: Envoy watches for the move). Writing it again with another
     /// configuration or resource version is how a test updates the filter while traffic flows.
-    /// Does nothing for other installs.
     pub fn write_filter_discovery(&self) -> std::io::Result<()> {
-        let Some(wasm) = &self.wasm else {
-            return Ok(());
-        };
-        let FilterInstall::WasmPlugin {
-            discovery,
-            resource_version,
-            ..
-        } = &wasm.install
-        else {
-            return Ok(());
-        };
-        write_discovery(
-            discovery,
-            resource_version,
-            json!({"@type": WASM_FILTER_TYPE, "config": wasm.plugin_config()}),
-        )
+        for wasm in self.filters() {
+            if let FilterInstall::WasmPlugin {
+                name,
+                discovery,
+                resource_version,
+                ..
+            } = &wasm.install
+            {
+                write_discovery(
+                    discovery,
+                    name,
+                    resource_version,
+                    json!({"@type": WASM_FILTER_TYPE, "config": wasm.plugin_config()}),
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Writes an ECDS `DiscoveryResponse` holding one filter config named [`PLUGIN_RESOURCE_NAME`].
-/// `typed_config` is the Wasm filter, or what Istio's agent puts in its place when the module
-/// cannot be fetched (see [`allow_all_filter`]).
-pub fn write_discovery(path: &Path, version: &str, typed_config: Value) -> std::io::Result<()> {
+/// Writes an ECDS `DiscoveryResponse` holding one filter config named `name`. `typed_config` is
+/// the Wasm filter, or what Istio's agent puts in its place when the module cannot be fetched
+/// (see [`allow_all_filter`]).
+pub fn write_discovery(
+    path: &Path,
+    name: &str,
+    version: &str,
+    typed_config: Value,
+) -> std::io::Result<()> {
     let response = json!({
         "version_info": version,
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": PLUGIN_RESOURCE_NAME,
+            "name": name,
             "typed_config": typed_config,
         }],
     });
@@ -374,11 +398,12 @@ impl WasmFilter {
     fn plugin_config(&self) -> Value {
         let (name, code, environment) = match &self.install {
             FilterInstall::WasmPlugin {
+                name,
                 module,
                 resource_version,
                 ..
             } => (
-                PLUGIN_RESOURCE_NAME,
+                name.as_str(),
                 json!({"local": {"filename": module.display().to_string()}}),
                 json!({"key_values": {RESOURCE_VERSION_ENV: resource_version}}),
             ),
@@ -515,13 +540,9 @@ impl EnvoyProcess {
             move |source| EnvoyError::WorkDir { path, source }
         };
         std::fs::write(&config_path, bootstrap.to_yaml()).map_err(work_err(&config_path))?;
-        if let Some(FilterInstall::WasmPlugin { discovery, .. }) =
-            bootstrap.wasm.as_ref().map(|w| &w.install)
-        {
-            bootstrap
-                .write_filter_discovery()
-                .map_err(work_err(discovery))?;
-        }
+        bootstrap
+            .write_filter_discovery()
+            .map_err(work_err(work_dir))?;
         let log = File::create(&log_path).map_err(work_err(&log_path))?;
         let log_err = log.try_clone().map_err(work_err(&log_path))?;
 
