@@ -84,6 +84,37 @@ impl FilterModule {
     }
 }
 
+/// The Wasm filter's `PluginConfig` for an install that has Envoy fetch the module itself
+/// (the EnvoyFilter alternative, in a cluster and in local mode alike): no `vm_id` (shared data is
+/// then keyed by the empty string, as under a WasmPlugin), root id `weir`, fail open, the module
+/// fetched over `cluster` from `url` and checked against `sha256`, the filter's configuration
+/// as a `StringValue` of its JSON.
+pub fn remote_plugin_config(
+    name: &str,
+    url: &str,
+    cluster: &str,
+    sha256: &str,
+    config_json: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "root_id": "weir",
+        "failure_policy": "FAIL_OPEN",
+        "vm_config": {
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"remote": {
+                "http_uri": {"uri": url, "cluster": cluster, "timeout": "30s"},
+                "sha256": sha256,
+                "retry_policy": {"num_retries": 5},
+            }},
+        },
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": config_json,
+        },
+    })
+}
+
 /// How the filter gets into the mesh's Envoys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum InstallKind {

@@ -107,6 +107,18 @@ struct KubernetesArgs {
     /// Prometheus for Canaries without spec.metricsServer, e.g. http://prometheus.istio-system:9090.
     #[arg(long, env = "WEIR_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
+    /// The filter module this controller serves at /filter/<sha256>.wasm on its HTTP port (the
+    /// image carries the one it was built with).
+    #[arg(long, env = "WEIR_FILTER_MODULE", default_value = weir_controller::filter_module::DEFAULT_PATH)]
+    filter_module: PathBuf,
+    /// How the leader puts the filter into opted-in Pods (label weir.dev/filter=enabled on a Pod
+    /// or a Namespace): wasmplugin (an Istio WasmPlugin), envoyfilter (an EnvoyFilter, for older
+    /// Istio releases), or none (you install it; the module is still served).
+    #[arg(long, env = "WEIR_FILTER_INSTALL", default_value = "wasmplugin")]
+    filter_install: weir_controller::filter_module::InstallKind,
+    /// Istio's root namespace, where the mesh-wide WasmPlugin or EnvoyFilter goes.
+    #[arg(long, env = "WEIR_ISTIO_NAMESPACE", default_value = "istio-system")]
+    istio_namespace: String,
 }
 
 impl KubernetesArgs {
@@ -115,6 +127,9 @@ impl KubernetesArgs {
             PrometheusAddress, PrometheusConfig, PrometheusSource,
         };
         use weir_controller::metrics::select::SelectingSource;
+        use weir_controller::platform::kubernetes::filter_install::{
+            FilterInstallation, InstallSettings,
+        };
         use weir_controller::platform::kubernetes::{run, Settings};
 
         let prometheus = self
@@ -125,6 +140,18 @@ impl KubernetesArgs {
             .map_err(|e| anyhow::anyhow!("--prometheus-address: {e}"))?
             .map(PrometheusConfig::new);
         let policy = self.metric_source;
+        let module = weir_controller::filter_module::FilterModule::load(&self.filter_module)?;
+        let installation = FilterInstallation::new(
+            &module,
+            &InstallSettings {
+                kind: self.filter_install,
+                root_namespace: self.istio_namespace.clone(),
+                controller_namespace: self.lease_namespace.clone(),
+                grpc_port: self.grpc_address.port(),
+                http_port: self.http_address.port(),
+                routing_header: self.routing_header.clone(),
+            },
+        );
         let options = run::KubernetesOptions {
             kubeconfig: self.kubeconfig,
             namespaces: self
@@ -145,6 +172,7 @@ impl KubernetesArgs {
             lease_name: self.lease_name,
             lease_duration: self.lease_duration,
             pod_name: self.pod_name,
+            filter: Some((std::sync::Arc::new(module), installation)),
         };
         run::run(options, move |ingest, templates| {
             SelectingSource::new(ingest, PrometheusSource::new(prometheus, templates), policy)
@@ -209,6 +237,20 @@ enum Command {
         /// Write one file per CRD into this folder instead of printing them.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Print the object the leading controller applies to put the filter into the mesh (the
+    /// mesh-wide one, in Istio's root namespace), for reading or for applying yourself with
+    /// `weir kubernetes --filter-install none`.
+    RenderFilter {
+        /// wasmplugin or envoyfilter.
+        #[arg(long, default_value = "wasmplugin")]
+        install: weir_controller::filter_module::InstallKind,
+        /// The module whose digest to pin (default: a placeholder to replace).
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// The controller's namespace (its Service is `weir` there).
+        #[arg(long, default_value = "weir-system")]
+        controller_namespace: String,
     },
     /// Run the controller in a Kubernetes cluster (Canary resources, Deployments, Istio). Every
     /// flag can also be set through the environment variable named in its help.
@@ -353,6 +395,30 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Kubernetes(args) => args.run().await?,
+        Command::RenderFilter {
+            install,
+            module,
+            controller_namespace,
+        } => {
+            use weir_controller::platform::kubernetes::filter_install::{
+                self, FilterInstallation, InstallSettings,
+            };
+            let settings = InstallSettings {
+                kind: install,
+                controller_namespace,
+                ..InstallSettings::default()
+            };
+            let installation = match module {
+                Some(path) => FilterInstallation::new(
+                    &weir_controller::filter_module::FilterModule::load(&path)?,
+                    &settings,
+                ),
+                None => {
+                    FilterInstallation::for_digest(filter_install::DIGEST_PLACEHOLDER, &settings)
+                }
+            };
+            print!("{}", filter_install::to_yaml(&installation));
+        }
         Command::Retry { state } => {
             let token = local::request_retry(&state).map_err(anyhow::Error::msg)?;
             println!("retry requested (token {token}); the running controller retries the failed version at its next step");

@@ -12,14 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use weir_controller::filter_module::DEFAULT_PATH;
 use weir_controller::platform::kubernetes::crd::{self, CanaryResource};
+use weir_controller::platform::kubernetes::filter_install::{OPT_IN_LABEL, OPT_IN_VALUE};
 use weir_controller::platform::kubernetes::leader::LEADER_LABEL;
-use weir_controller::platform::local::envoy::{ROUTING_HEADER, WASM_RUNTIME};
-
-// The names manifests/envoyfilter.yaml uses (until the controller installs the filter itself).
-const WASM_VM_ID: &str = "weir";
-const FILTER_ROOT_ID: &str = "weir_filter";
-const REPORTER_ROOT_ID: &str = "weir_reporter";
+use weir_controller::platform::local::envoy::ROUTING_HEADER;
 
 fn manifests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -248,6 +245,17 @@ const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
     ("", "secrets", "get"),
     ("", "secrets", "create"),
     ("", "secrets", "patch"),
+    // The filter's installation (platform/kubernetes/filter_install.rs).
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+    ("extensions.istio.io", "wasmplugins", "create"),
+    ("extensions.istio.io", "wasmplugins", "patch"),
+    ("extensions.istio.io", "wasmplugins", "list"),
+    ("extensions.istio.io", "wasmplugins", "delete"),
+    ("networking.istio.io", "envoyfilters", "create"),
+    ("networking.istio.io", "envoyfilters", "patch"),
+    ("networking.istio.io", "envoyfilters", "list"),
+    ("networking.istio.io", "envoyfilters", "delete"),
 ];
 const LEADER_NEEDS: &[(&str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "get"),
@@ -358,24 +366,6 @@ fn port_named(deployment: &Value, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("the container has a port named {name}"))
 }
 
-/// Every wasm plugin configuration in the EnvoyFilter, with the patch context it came from.
-fn plugin_configs(filter: &Value) -> Vec<(String, Value)> {
-    let mut out = Vec::new();
-    for patch in filter["spec"]["configPatches"].as_array().unwrap() {
-        let context = patch["match"]["context"].as_str().unwrap_or("").to_owned();
-        let value = &patch["patch"]["value"];
-        if patch["applyTo"] == "HTTP_FILTER" {
-            out.push((context, value["typed_config"]["config"].clone()));
-        }
-        if patch["applyTo"] == "BOOTSTRAP" {
-            for ext in value["bootstrap_extensions"].as_array().unwrap() {
-                out.push(("BOOTSTRAP".into(), ext["typed_config"]["config"].clone()));
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn the_install_renders_and_its_objects_fit_together() {
     let docs = install(&manifests());
@@ -393,7 +383,6 @@ fn the_install_renders_and_its_objects_fit_together() {
         ("RoleBinding", 1),
         ("Deployment", 1),
         ("Service", 1),
-        ("EnvoyFilter", 1),
     ] {
         assert_eq!(kinds.get(kind), Some(&n), "{kind} in {kinds:?}");
     }
@@ -467,111 +456,82 @@ fn the_install_renders_and_its_objects_fit_together() {
 
     check_rbac(&docs, deployment);
 
-    // The EnvoyFilter: filter before the router in sidecars and gateways, the singleton reporter
-    // on the same VM id, the HTTP/2 cluster that reaches the Service, a configuration the
-    // filter accepts.
-    let filter = one(&docs, "EnvoyFilter", "weir");
-    assert_eq!(filter["metadata"]["namespace"], "istio-system");
-    let opt_in = filter["spec"]["workloadSelector"]["labels"].clone();
-    assert_eq!(opt_in, json!({"weir.dev/filter": "enabled"}));
-    let configs = plugin_configs(filter);
-    let contexts: Vec<&str> = configs.iter().map(|(c, _)| c.as_str()).collect();
-    assert_eq!(contexts, ["SIDECAR_OUTBOUND", "GATEWAY", "BOOTSTRAP"]);
-    for patch in filter["spec"]["configPatches"].as_array().unwrap() {
-        if patch["applyTo"] == "HTTP_FILTER" {
-            assert_eq!(patch["patch"]["operation"], "INSERT_BEFORE");
-            assert_eq!(
-                patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
-                "envoy.filters.http.router"
-            );
-            assert_eq!(
-                patch["patch"]["value"]["typed_config"]["config"]["failure_policy"],
-                "FAIL_OPEN"
-            );
-        }
-        if patch["applyTo"] == "BOOTSTRAP" {
-            let ext = &patch["patch"]["value"]["bootstrap_extensions"][0];
-            assert_eq!(ext["name"], "envoy.bootstrap.wasm");
-            assert_eq!(ext["typed_config"]["singleton"], true);
-        }
-    }
-    let mut cluster_names = BTreeSet::new();
-    let mut module = BTreeSet::new();
-    for (context, config) in &configs {
-        let root = if context == "BOOTSTRAP" {
-            REPORTER_ROOT_ID
-        } else {
-            FILTER_ROOT_ID
-        };
-        assert_eq!(config["root_id"], root, "{context}");
-        assert_eq!(
-            config["vm_config"]["vm_id"], WASM_VM_ID,
-            "{context}: one VM id for all"
-        );
-        assert_eq!(config["vm_config"]["runtime"], WASM_RUNTIME);
-        module.insert(
-            config["vm_config"]["code"]["local"]["filename"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-        let text = config["configuration"]["value"].as_str().unwrap();
-        let parsed = weir_filter::config::FilterConfig::parse(text.as_bytes())
-            .unwrap_or_else(|e| panic!("{context}: the filter refuses its configuration: {e}"));
-        assert_eq!(
-            Some(parsed.routing_header.as_str()),
-            env(deployment, "WEIR_ROUTING_HEADER")["value"].as_str(),
-            "the filter and the controller agree on the routing header"
-        );
-        assert_eq!(parsed.routing_header, ROUTING_HEADER);
-        cluster_names.insert(parsed.controller_cluster);
-    }
-    assert_eq!(
-        module.len(),
-        1,
-        "the filter and the reporter load the same module"
+    // The filter is the controller's to install (a WasmPlugin it applies, with the module it
+    // serves): nothing in the install patches Envoy's bootstrap or mounts a module.
+    let text = serde_json::to_string(&docs).unwrap();
+    assert!(!text.contains("BOOTSTRAP"), "no bootstrap patch");
+    assert!(
+        !text.contains("weir-filter"),
+        "no ConfigMap or volume for the module"
     );
-    assert_eq!(cluster_names.len(), 1);
-    let cluster_patch = filter["spec"]["configPatches"]
+    assert_eq!(kinds.get("EnvoyFilter"), None);
+    assert_eq!(kinds.get("WasmPlugin"), None);
+    assert_eq!(
+        env(deployment, "WEIR_FILTER_INSTALL")["value"],
+        "wasmplugin"
+    );
+    assert_eq!(env(deployment, "WEIR_FILTER_MODULE")["value"], DEFAULT_PATH);
+    assert_eq!(
+        env(deployment, "WEIR_ISTIO_NAMESPACE")["value"],
+        "istio-system"
+    );
+    assert_eq!(
+        env(deployment, "WEIR_ROUTING_HEADER")["value"],
+        ROUTING_HEADER,
+        "the controller writes this header into the filters' configuration"
+    );
+    let dockerfile =
+        std::fs::read_to_string(manifests().join("image/Dockerfile")).expect("the Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("weir_filter.wasm {DEFAULT_PATH}")),
+        "the image carries the module where the controller serves it from"
+    );
+    // The module is served on the Service's http port, which the WasmPlugin's URL names.
+    let http = service["spec"]["ports"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["applyTo"] == "CLUSTER")
-        .expect("a CLUSTER patch");
-    let cluster = &cluster_patch["patch"]["value"];
-    assert_eq!(cluster_patch["patch"]["operation"], "ADD");
-    assert!(cluster_names.contains(cluster["name"].as_str().unwrap()));
-    let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        ["address"]["socket_address"];
-    assert_eq!(
-        address["address"],
-        format!(
-            "{}.{}.svc.cluster.local",
-            service["metadata"]["name"].as_str().unwrap(),
-            service["metadata"]["namespace"].as_str().unwrap()
-        )
-    );
-    assert_eq!(address["port_value"], grpc["port"]);
-    assert!(cluster["typed_extension_protocol_options"]
-        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
-        .get("http2_protocol_options")
-        .is_some());
+        .find(|p| p["name"] == "http-metrics")
+        .expect("an http port");
+    assert_eq!(http["port"], 8080);
+    assert_eq!(grpc["port"], 9090);
 }
 
 #[test]
-fn the_wasm_plugin_alternative_is_a_configuration_the_filter_accepts() {
-    let text = std::fs::read_to_string(manifests().join("alternatives/wasmplugin.yaml")).unwrap();
-    let plugin = documents(&text).remove(0);
-    assert_eq!(plugin["kind"], "WasmPlugin");
-    assert_eq!(plugin["spec"]["pluginName"], FILTER_ROOT_ID);
-    assert_eq!(plugin["spec"]["failStrategy"], "FAIL_OPEN");
-    assert!(
-        text.contains("cannot do"),
-        "the file says what a WasmPlugin cannot do"
-    );
-    let config = serde_json::to_vec(&plugin["spec"]["pluginConfig"]).unwrap();
-    weir_filter::config::FilterConfig::parse(&config)
-        .unwrap_or_else(|e| panic!("the filter refuses the WasmPlugin's configuration: {e}"));
+fn the_alternatives_are_what_the_controller_renders() {
+    use weir_controller::filter_module::InstallKind;
+    use weir_controller::platform::kubernetes::filter_install::{
+        self, FilterInstallation, InstallSettings, DIGEST_PLACEHOLDER,
+    };
+    for (file, kind) in [
+        ("envoyfilter.yaml", InstallKind::EnvoyFilter),
+        ("wasmplugin.yaml", InstallKind::WasmPlugin),
+    ] {
+        let path = manifests().join("alternatives").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let settings = InstallSettings {
+            kind,
+            ..InstallSettings::default()
+        };
+        let rendered = filter_install::to_yaml(&FilterInstallation::for_digest(
+            DIGEST_PLACEHOLDER,
+            &settings,
+        ));
+        let body: String = text
+            .lines()
+            .skip_while(|l| l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            body,
+            rendered,
+            "{} is stale: regenerate its YAML with `weir render-filter --install {}` below the comment",
+            path.display(),
+            file.trim_end_matches(".yaml")
+        );
+        assert!(!text.contains("applyTo: BOOTSTRAP"));
+        assert!(!text.contains("applyTo: CLUSTER"));
+    }
 }
 
 /// Validates `doc` against a CRD's structural schema the way the API server would reject it:
@@ -698,7 +658,7 @@ fn the_example_canary_is_valid_against_the_generated_schema_and_compiles() {
         ]
     );
 
-    // The example app fits its Canary and the EnvoyFilter.
+    // The example app fits its Canary, and its namespace has the filter.
     let app = one(&docs, "Deployment", "mhs");
     assert_eq!(app["metadata"]["namespace"], "application");
     assert_eq!(canary["spec"]["targetRef"]["name"], "mhs");
@@ -709,32 +669,14 @@ fn the_example_canary_is_valid_against_the_generated_schema_and_compiles() {
         .map(|p| &p["containerPort"])
         .collect();
     assert!(container_ports.contains(&&canary["spec"]["service"]["targetPort"]));
-    let install = install(&manifests());
-    let filter = one(&install, "EnvoyFilter", "weir");
-    for (k, v) in filter["spec"]["workloadSelector"]["labels"]
-        .as_object()
-        .unwrap()
-    {
-        assert_eq!(
-            &app["spec"]["template"]["metadata"]["labels"][k], v,
-            "the app opts into the filter"
-        );
-    }
-    let (_, config) = plugin_configs(filter).remove(0);
-    let module = Path::new(
-        config["vm_config"]["code"]["local"]["filename"]
-            .as_str()
-            .unwrap(),
-    );
-    let mounts: Value = serde_json::from_str(
-        app["spec"]["template"]["metadata"]["annotations"]["sidecar.istio.io/userVolumeMount"]
-            .as_str()
-            .expect("the module is mounted into the sidecar"),
-    )
-    .unwrap();
+    let namespace = one(&docs, "Namespace", "application");
     assert_eq!(
-        mounts[0]["mountPath"],
-        module.parent().unwrap().to_str().unwrap()
+        namespace["metadata"]["labels"][OPT_IN_LABEL], OPT_IN_VALUE,
+        "the app's namespace opts into the filter"
+    );
+    assert!(
+        !serde_json::to_string(app).unwrap().contains("userVolume"),
+        "no volume for the module"
     );
     assert_eq!(
         one(&docs, "Namespace", "application")["metadata"]["labels"]["istio-injection"],

@@ -1,14 +1,18 @@
-//! The controller's HTTP port: `/healthz` (liveness), `/readyz` (readiness) and `/metrics`
-//! (Prometheus text). A few lines of HTTP/1.1 over a TCP listener: three fixed paths do not need
-//! a web framework.
+//! The controller's HTTP port: `/healthz` (liveness), `/readyz` (readiness), `/metrics`
+//! (Prometheus text) and the filter module (`/filter/<sha256>.wasm`, see
+//! [`crate::filter_module`]). A few lines of HTTP/1.1 over a TCP listener: four fixed paths do
+//! not need a web framework.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::filter_module::FilterModule;
 
 type Render = Box<dyn Fn() -> String + Send + Sync>;
 
@@ -17,9 +21,19 @@ type Render = Box<dyn Fn() -> String + Send + Sync>;
 pub struct Health {
     leader: AtomicBool,
     metrics: Mutex<Option<Render>>,
+    module: Option<Arc<FilterModule>>,
 }
 
 impl Health {
+    /// Endpoints that also serve `module` (every replica does, so the module is there whichever
+    /// one the Service picks).
+    pub fn with_module(module: Arc<FilterModule>) -> Self {
+        Self {
+            module: Some(module),
+            ..Self::default()
+        }
+    }
+
     /// Records whether this replica leads.
     pub fn set_leader(&self, leader: bool) {
         self.leader.store(leader, Ordering::Relaxed);
@@ -78,20 +92,26 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     }
     let line = String::from_utf8_lossy(&head);
     let path = line.split_whitespace().nth(1).unwrap_or("/");
-    let (status, body) = match path {
+    let text = "text/plain; version=0.0.4";
+    let (status, content_type, body) = match path {
         // The process answers: alive. A standby replica is ready too (it is a candidate).
-        "/healthz" | "/readyz" => ("200 OK", "ok\n".to_owned()),
-        "/metrics" => ("200 OK", health.render()),
-        _ => (
-            "404 Not Found",
-            "try /healthz, /readyz or /metrics\n".to_owned(),
-        ),
+        "/healthz" | "/readyz" => ("200 OK", text, Bytes::from_static(b"ok\n")),
+        "/metrics" => ("200 OK", text, Bytes::from(health.render())),
+        other => match health.module.as_ref().and_then(|m| m.serve(other)) {
+            Some(module) => ("200 OK", "application/wasm", module),
+            None => (
+                "404 Not Found",
+                text,
+                Bytes::from_static(b"try /healthz, /readyz, /metrics or the filter module\n"),
+            ),
+        },
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(response.as_bytes()).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body).await?;
     stream.shutdown().await
 }
 

@@ -11,7 +11,9 @@
 //!   Canary, the finalizer, requeues;
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease;
 //! - [`templates`]: MetricTemplates from the cluster for the Prometheus source;
-//! - [`health`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`filter_install`]: the WasmPlugin (or EnvoyFilter) that puts the filter into opted-in
+//!   Pods and gateways, pointing at the module the controller serves;
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics` and the filter module;
 //! - [`run`]: `weir kubernetes`: client, telemetry ingest, leader election, health endpoints and
 //!   the controller, wired together.
 //!
@@ -31,6 +33,7 @@
 pub mod configs;
 pub mod crd;
 pub mod deployments;
+pub mod filter_install;
 pub mod health;
 pub mod istio;
 pub mod journal;

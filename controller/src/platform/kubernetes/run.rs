@@ -18,11 +18,13 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use tokio::sync::watch;
 
+use crate::filter_module::FilterModule;
 use crate::ingest::{Ingest, IngestConfig};
 use crate::metrics::template::Templates;
 use crate::metrics::MetricSource;
 use crate::traffic::Directives;
 
+use super::filter_install::{self, FilterInstallation};
 use super::health::{self, Health};
 use super::leader::{self, LeaseLock};
 use super::reconciler::{self, Context};
@@ -52,6 +54,8 @@ pub struct KubernetesOptions {
     pub lease_duration: Duration,
     /// This Pod's name: the candidate identity and the Pod that gets the leader label.
     pub pod_name: Option<String>,
+    /// The filter module to serve, and how the leader installs it in the mesh.
+    pub filter: Option<(Arc<FilterModule>, FilterInstallation)>,
 }
 
 /// Why `weir kubernetes` stopped.
@@ -122,7 +126,10 @@ where
     F: FnOnce(Ingest, Templates) -> M,
 {
     let client = client(options.kubeconfig.as_deref()).await?;
-    let health = Arc::new(Health::default());
+    let health = Arc::new(match &options.filter {
+        Some((module, _)) => Health::with_module(module.clone()),
+        None => Health::default(),
+    });
     let (http_addr, http_task) = health::serve(options.http_address, health.clone())
         .await
         .map_err(|e| {
@@ -234,6 +241,10 @@ where
         });
     }
 
+    let installer = options
+        .filter
+        .clone()
+        .map(|(_, installation)| tokio::spawn(filter_install::run(client.clone(), installation)));
     let controllers = futures::future::join_all(namespaces.into_iter().map(|ns| {
         reconciler::run_controller(client.clone(), ns, ctx.clone(), stopped(stop_rx.clone()))
     }));
@@ -273,6 +284,9 @@ where
     };
     stop_tx.send_replace(true);
     template_watchers.iter().for_each(|w| w.abort());
+    if let Some(installer) = &installer {
+        installer.abort();
+    }
     health.set_leader(false);
     if let Some(pod) = &options.pod_name {
         let _ = leader::label_pod(client.clone(), &options.lease_namespace, pod, false).await;

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::filter_module::remote_plugin_config;
+
 /// The header the filter sets and the routes match, unless configured otherwise.
 pub const ROUTING_HEADER: &str = "x-weir-route";
 /// Routing-header value that selects the canary.
@@ -396,45 +398,34 @@ impl WasmFilter {
     /// filter fails open, so should its VM fail, requests skip it (and reach the primary, the
     /// default route) instead of failing.
     fn plugin_config(&self) -> Value {
-        let (name, code, environment) = match &self.install {
+        match &self.install {
             FilterInstall::WasmPlugin {
                 name,
                 module,
                 resource_version,
                 ..
-            } => (
-                name.as_str(),
-                json!({"local": {"filename": module.display().to_string()}}),
-                json!({"key_values": {RESOURCE_VERSION_ENV: resource_version}}),
+            } => json!({
+                "name": name,
+                "root_id": PLUGIN_NAME,
+                "vm_config": {
+                    "runtime": WASM_RUNTIME,
+                    "code": {"local": {"filename": module.display().to_string()}},
+                    "environment_variables": {"key_values": {RESOURCE_VERSION_ENV: resource_version}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": self.config_json,
+                },
+                "failure_policy": "FAIL_OPEN",
+            }),
+            FilterInstall::EnvoyFilter { path, sha256, .. } => remote_plugin_config(
+                "istio-system.weir-envoyfilter",
+                &format!("http://{CONTROLLER_HOST}:8080{path}"),
+                CONTROLLER_HTTP_CLUSTER,
+                sha256,
+                &self.config_json,
             ),
-            FilterInstall::EnvoyFilter { path, sha256, .. } => (
-                "weir",
-                json!({"remote": {
-                    "http_uri": {
-                        "uri": format!("http://{CONTROLLER_HOST}:8080{path}"),
-                        "cluster": CONTROLLER_HTTP_CLUSTER,
-                        "timeout": "10s",
-                    },
-                    "sha256": sha256,
-                    "retry_policy": {"num_retries": 5},
-                }}),
-                json!({}),
-            ),
-        };
-        json!({
-            "name": name,
-            "root_id": PLUGIN_NAME,
-            "vm_config": {
-                "runtime": WASM_RUNTIME,
-                "code": code,
-                "environment_variables": environment,
-            },
-            "configuration": {
-                "@type": "type.googleapis.com/google.protobuf.StringValue",
-                "value": self.config_json,
-            },
-            "failure_policy": "FAIL_OPEN",
-        })
+        }
     }
 }
 
