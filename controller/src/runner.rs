@@ -9,7 +9,7 @@ use crate::analysis::{
 };
 use crate::metrics::MetricSource;
 use crate::platform::{CanaryRef, Platform, PlatformError};
-use crate::spec::{CanaryPlan, CanaryStatus, Timestamp};
+use crate::spec::{CanaryPlan, CanaryStatus, HookKind, Timestamp};
 use crate::traffic::{self, Directives};
 use crate::webhook;
 
@@ -254,31 +254,8 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             }
             Effect::CallWebhook(call) => {
                 let outcome = webhook::call(&self.plan, call).await;
-                let (severity, message) = match outcome {
-                    analysis::WebhookResult::Passed => (
-                        Severity::Normal,
-                        format!(
-                            "{} hook {} passed for {}",
-                            hook_kind(call),
-                            call.webhook.name,
-                            self.plan.id()
-                        ),
-                    ),
-                    analysis::WebhookResult::Failed(why) => (
-                        Severity::Warning,
-                        format!(
-                            "{} hook {} failed for {}: {why}",
-                            hook_kind(call),
-                            call.webhook.name,
-                            self.plan.id()
-                        ),
-                    ),
-                };
-                self.journal.event(&Event {
-                    severity,
-                    reason: "Synced".to_owned(),
-                    message,
-                });
+                let event = called_hook_event(&self.plan, call, &outcome);
+                self.journal.event(&event);
             }
             Effect::Event(event) => self.journal.event(event),
         }
@@ -286,13 +263,81 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
     }
 }
 
-fn hook_kind(call: &analysis::WebhookCall) -> String {
-    format!("{:?}", call.webhook.kind)
+/// The event for a hook called without waiting for it: Flagger's text for `post-rollout` (the
+/// only kind the engine calls this way), a generic one otherwise.
+fn called_hook_event(
+    plan: &CanaryPlan,
+    call: &analysis::WebhookCall,
+    outcome: &analysis::WebhookResult,
+) -> Event {
+    let name = &call.webhook.name;
+    let post_rollout = call.webhook.kind == HookKind::PostRollout;
+    let (severity, message) = match outcome {
+        analysis::WebhookResult::Passed if post_rollout => (
+            Severity::Normal,
+            format!("Post-rollout check {name} passed"),
+        ),
+        analysis::WebhookResult::Failed(why) if post_rollout => (
+            Severity::Warning,
+            format!("Post-rollout hook {name} failed {why}"),
+        ),
+        analysis::WebhookResult::Passed => (
+            Severity::Normal,
+            format!(
+                "{} hook {name} passed for {}",
+                call.webhook.kind.as_str(),
+                plan.id()
+            ),
+        ),
+        analysis::WebhookResult::Failed(why) => (
+            Severity::Warning,
+            format!(
+                "{} hook {name} failed for {}: {why}",
+                call.webhook.kind.as_str(),
+                plan.id()
+            ),
+        ),
+    };
+    Event {
+        severity,
+        reason: "Synced".to_owned(),
+        message,
+    }
 }
 
 fn as_readiness(result: Result<(), String>) -> Readiness {
     match result {
         Ok(()) => Readiness::Ready,
         Err(why) => Readiness::NotReady(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{WebhookCall, WebhookResult};
+    use crate::spec::Phase;
+
+    #[test]
+    fn post_rollout_hook_outcomes_are_recorded_in_flaggers_words() {
+        let plan = crate::spec::load_yaml(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    stepWeight: 10\n    webhooks: [{name: notify, type: post-rollout, url: 'http://notify/'}]\n",
+        )
+        .unwrap()
+        .plan;
+        let call = WebhookCall {
+            webhook: plan.analysis.webhooks[0].clone(),
+            phase: Phase::Succeeded,
+        };
+        let passed = called_hook_event(&plan, &call, &WebhookResult::Passed);
+        assert_eq!(
+            (passed.severity, passed.message.as_str()),
+            (Severity::Normal, "Post-rollout check notify passed")
+        );
+        let failed = called_hook_event(&plan, &call, &WebhookResult::Failed("503".into()));
+        assert_eq!(
+            (failed.severity, failed.message.as_str()),
+            (Severity::Warning, "Post-rollout hook notify failed 503")
+        );
     }
 }

@@ -269,7 +269,7 @@ async fn prometheus_down_mid_analysis_halts_with_an_error_without_rolling_back_a
 
         let port = run.prometheus().port();
         run.prometheus().stop();
-        let error = format!("could not be checked, prometheus error: Istio query for request-success-rate: cannot reach Prometheus at http://127.0.0.1:{port}");
+        let error = format!("Prometheus query failed: Istio query for request-success-rate: cannot reach Prometheus at http://127.0.0.1:{port}");
         run.step_until(
             "two analysis steps failed to reach Prometheus",
             Duration::from_secs(30),
@@ -337,7 +337,7 @@ async fn bad_promql_halts_with_prometheus_error_naming_the_template() {
         run.step_until_phase(Phase::Initialized, Duration::from_secs(20))
             .await?;
         run.set_version("4.0.1", &[])?;
-        let needle = "Halt mhs.application advancement: error-percentage could not be checked, prometheus error: MetricTemplate application/bad-promql: Prometheus at";
+        let needle = "Metric query failed for error-percentage: MetricTemplate application/bad-promql: Prometheus at";
         run.step_until("two halts name the template", Duration::from_secs(40), |_, events| {
             events.iter().filter(|e| e.event.message.contains(needle)).count() >= 2
         })

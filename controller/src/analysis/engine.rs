@@ -500,7 +500,8 @@ impl<'a> Run<'a> {
         let halts: Vec<String> = self
             .checks
             .iter()
-            .filter_map(|c| c.halt_message(&id, &target_id))
+            .zip(&self.plan.analysis.metrics)
+            .filter_map(|(c, m)| c.halt_message(&m.kind, &id, &target_id))
             .collect();
         for message in halts {
             self.warn("Halt", message);

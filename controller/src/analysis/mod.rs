@@ -64,7 +64,7 @@ mod effect;
 mod engine;
 mod observe;
 
-pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict};
+pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict, PROMETHEUS_SOURCE};
 pub use effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
 pub use engine::{desired_route, next_step_at, step};
 pub use observe::{Observations, Readiness, WebhookResult};

@@ -165,7 +165,7 @@ fn no_data_at_all_is_inconclusive_in_flaggers_words() {
     let step = sim.tick();
     assert_eq!(
         messages(&step),
-        vec!["Halt mhs.application advancement no values found for prometheus metric request-duration probably mhs.application is not receiving traffic (no data in 30s from prometheus)"]
+        vec!["Halt advancement no values found for istio metric request-duration probably mhs.application is not receiving traffic (in 30s from prometheus)"]
     );
     assert_eq!(sim.status.failed_checks, 0);
 }
@@ -209,7 +209,7 @@ fn a_broken_source_halts_without_counting_and_names_the_cause() {
     let step = sim.tick();
     assert_eq!(
         messages(&step),
-        vec!["Halt mhs.application advancement: request-success-rate could not be checked, prometheus error: Get \"http://127.0.0.1:9090/api/v1/query\": connection refused"]
+        vec!["Prometheus query failed: Get \"http://127.0.0.1:9090/api/v1/query\": connection refused"]
     );
     let s = &sim.status;
     assert_eq!(
