@@ -6,9 +6,10 @@ use super::check::{evaluate, CheckResult, Verdict};
 use super::effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
 use super::observe::{Observations, Readiness, WebhookResult};
 use crate::spec::{
-    format_go_duration, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, Phase, Strategy,
-    Timestamp, Webhook, Weight,
+    format_go_duration, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, MetricCheck,
+    Phase, Strategy, Timestamp, Webhook, Weight,
 };
+use std::time::Duration;
 
 /// Decides one step. See the [module documentation](super) for how to drive it.
 pub fn step(
@@ -142,7 +143,28 @@ impl<'a> Run<'a> {
             .unwrap_or_else(|| desired_route(self.plan, self.old));
         if current != Some(route) {
             self.effects.push(Effect::Route(route));
+            self.s.routed_since = Some(self.now);
         }
+    }
+
+    /// How far back a check with `window` may look: never before the current step began, so
+    /// a new weight, a retry or a new revision is judged only on what it served. Cut to 100 ms
+    /// (whole milliseconds below a second), never longer than what the step served.
+    fn measurable(&self, window: Duration) -> Duration {
+        let Some(since) = self.old.routed_since else {
+            return window;
+        };
+        let served = self.now.since(since);
+        let unit = if served >= Duration::from_secs(1) {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(1)
+        };
+        let whole = Duration::from_nanos(
+            u64::try_from((served.as_nanos() / unit.as_nanos()) * unit.as_nanos())
+                .unwrap_or(u64::MAX),
+        );
+        window.min(whole.max(Duration::from_millis(1)))
     }
 
     fn due(&self) -> bool {
@@ -432,6 +454,8 @@ impl<'a> Run<'a> {
         self.s.inconclusive_checks = 0;
         self.s.not_ready_since = Some(self.now);
         self.s.primary_not_ready_since = None;
+        // Nothing the canary served before counts for this analysis.
+        self.s.routed_since = Some(self.now);
     }
 
     /// Progressing, WaitingPromotion, Promoting, Finalising: Flagger's advanceCanary from the
@@ -571,7 +595,16 @@ impl<'a> Run<'a> {
         if hook_results.is_err() || metrics_missing {
             let mut need = hook_results.err().unwrap_or_default();
             if metrics_missing {
-                need.metrics = self.plan.analysis.metrics.clone();
+                need.metrics = self
+                    .plan
+                    .analysis
+                    .metrics
+                    .iter()
+                    .map(|m| MetricCheck {
+                        window: self.measurable(m.window),
+                        ..m.clone()
+                    })
+                    .collect();
             }
             return Err(need);
         }
@@ -626,7 +659,15 @@ impl<'a> Run<'a> {
         }
         if any(Verdict::Inconclusive) {
             self.s.inconclusive_checks += 1;
-            if self.plan.analysis.inconclusive_counts_as_failure {
+            // Too little data while the step is younger than the metric's window is the window
+            // still filling, not a verdict: counted only once a full window came up short.
+            let filling = self
+                .checks
+                .iter()
+                .zip(&self.plan.analysis.metrics)
+                .filter(|(c, _)| c.verdict == Verdict::Inconclusive)
+                .all(|(c, m)| c.window < m.window);
+            if self.plan.analysis.inconclusive_counts_as_failure && !filling {
                 self.count_failure()?;
             }
             return Ok(false);

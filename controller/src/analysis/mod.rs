@@ -74,6 +74,16 @@
 //! - A failed query reads as Flagger's (`Prometheus query failed: <cause>`, `Metric query failed
 //!   for <metric>: <cause>`); the cause is Weir's own wording (it names the server and the
 //!   query). A check no source measured (an executor fault) reads `... could not be checked`.
+//! - A check counts only what the current step served: its window is the metric's interval
+//!   cut to the time since the canary's route last changed, or since the analysis started or
+//!   was retried (Flagger always looks back a whole metric interval, into the previous step or
+//!   the failed attempt). The cut range also goes into the PromQL: a range shorter than two
+//!   scrape intervals may answer no values, an Inconclusive halt after which the window grows.
+//!   Streamed data is bucketed by receipt time: a window may also hold up to one bucket plus
+//!   one report interval of requests served just before the step began (at the previous weight
+//!   of the same attempt; after a retry or a new revision the weight was 0 then).
+//! - Too little data while that window is still shorter than the metric's interval is not
+//!   counted as a failure, even with `inconclusiveCountsAsFailure`.
 //! - Metric providers are not probed at initialization (Flagger's "all the metrics providers are
 //!   available!"): each check asks its source at every step, and a broken one is an Error.
 //!
