@@ -84,6 +84,10 @@
 //!   of the same attempt; after a retry or a new revision the weight was 0 then).
 //! - Too little data while that window is still shorter than the metric's interval is not
 //!   counted as a failure, even with `inconclusiveCountsAsFailure`.
+//! - After the controller (re)starts, a step that needs measurements waits for the filters to
+//!   report again (one report interval after the first report for the canary, at most 11s;
+//!   `runner::ReconnectGrace`): the telemetry ingest starts empty, where Flagger's Prometheus
+//!   kept its data.
 //! - Metric providers are not probed at initialization (Flagger's "all the metrics providers are
 //!   available!"): each check asks its source at every step, and a broken one is an Error.
 //!
