@@ -225,6 +225,8 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                             self.announce_reconnect_wait(wait);
                             return Ok(());
                         }
+                        // The engine cut each window to what the current step served; it ends
+                        // here, after the wait, so it still starts within the step.
                         self.await_confirmation("analysing anyway").await;
                         let at = Instant::now();
                         let mut measurements = Vec::with_capacity(need.metrics.len());
