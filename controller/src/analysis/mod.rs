@@ -114,6 +114,8 @@
 //! Status and events:
 //! - `failedChecks` keeps its value in Failed (Flagger resets it), and the status weight is the
 //!   weight being routed (Flagger's status shows 0 while WaitingPromotion/Promoting).
+//! - While WaitingPromotion, A/B testing and blue/green keep their iteration count (Flagger sets
+//!   it back by one, so it announces the last iteration again every other step).
 //! - Event messages of decisions that used metrics end with the numbers, in parentheses.
 //! - Event reasons name the decision (`Advance`, `Halt`, `Rollback`, `Promote`, ...); Flagger
 //!   writes `Synced` for every event. Severities are Flagger's.
