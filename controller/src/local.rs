@@ -25,7 +25,7 @@ use crate::metrics::template::Templates;
 use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, FilterInstall, WasmFilter};
 use crate::platform::local::{LocalPlatform, LocalPorts};
 use crate::runner::{Journal, RunError, Runner};
-use crate::spec::{self, CanaryPlan, CanaryStatus, Phase, Timestamp};
+use crate::spec::{self, CanaryPlan, CanaryStatus, Timestamp};
 use crate::traffic::{self, Directives};
 
 /// Everything local mode needs to start.
@@ -399,12 +399,7 @@ impl LocalMode {
         .with_confirm_wait(options.report_interval * 3);
 
         // Bring back what the persisted status says runs, and its route, before Envoy connects.
-        let canary_running = matches!(
-            runner.status().phase,
-            Some(
-                Phase::Progressing | Phase::WaitingPromotion | Phase::Promoting | Phase::Finalising
-            )
-        );
+        let canary_running = crate::analysis::canary_runs(runner.status());
         let canary_ref = runner.canary().clone();
         runner
             .platform()

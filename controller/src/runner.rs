@@ -9,7 +9,7 @@ use crate::analysis::{
 };
 use crate::metrics::MetricSource;
 use crate::platform::{CanaryRef, Platform, PlatformError};
-use crate::spec::{CanaryPlan, CanaryStatus, Timestamp};
+use crate::spec::{CanaryPlan, CanaryStatus, HookKind, Timestamp};
 use crate::traffic::{self, Directives};
 use crate::webhook;
 
@@ -51,6 +51,30 @@ pub enum RunError {
     },
 }
 
+/// How long the filters get to reconnect after the controller (re)started before a check is
+/// measured. The ingest starts empty, and the filters reconnect on their own backoff; an overdue
+/// step run at once would judge an empty window (an Inconclusive halt, a failure with
+/// `inconclusiveCountsAsFailure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectGrace {
+    /// After the first report for the canary, wait this much more: the other filters lost the
+    /// same stream at the same time and reconnect within about one report interval of it.
+    pub settle: Duration,
+    /// Measure at the latest this long after the controller started, reports or not.
+    pub max: Duration,
+}
+
+impl Default for ReconnectGrace {
+    /// One report interval (the filter's default, 1s) after the first report, at most that plus
+    /// the filter's longest reconnect backoff (10s) after the start.
+    fn default() -> Self {
+        Self {
+            settle: Duration::from_secs(1),
+            max: Duration::from_secs(11),
+        }
+    }
+}
+
 /// Drives one canary.
 pub struct Runner<P, M, J> {
     plan: CanaryPlan,
@@ -65,6 +89,10 @@ pub struct Runner<P, M, J> {
     pending: Option<(u64, Instant)>,
     /// How long to wait for the filters to confirm a new weight before measuring anyway.
     confirm_wait: Duration,
+    /// How long the filters get to reconnect after the controller started.
+    grace: ReconnectGrace,
+    /// Whether the wait for the filters was announced (once per runner).
+    grace_announced: bool,
 }
 
 impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
@@ -92,7 +120,27 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             status,
             pending: None,
             confirm_wait: Duration::from_secs(3),
+            grace: ReconnectGrace::default(),
+            grace_announced: false,
         })
+    }
+
+    /// Sets how long the filters get to reconnect after the controller started.
+    pub fn with_reconnect_grace(mut self, grace: ReconnectGrace) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// How much longer checks wait for the filters after the controller started; `None` once
+    /// they may measure.
+    fn reconnect_wait(&self) -> Option<Duration> {
+        let ingest = self.directives.ingest();
+        let latest = ingest.started_at() + self.grace.max;
+        let until = match ingest.first_report(&self.plan.key()) {
+            Some(first) => (first + self.grace.settle).min(latest),
+            None => latest,
+        };
+        until.checked_duration_since(Instant::now())
     }
 
     /// Sets how long a new weight may wait for the filters' confirmation.
@@ -129,9 +177,16 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
         Ok(())
     }
 
-    /// When the engine next wants to act (it may also act earlier on a retry or a deletion).
+    /// When the engine next wants to act (it may also act earlier on a retry or a deletion); not
+    /// before the filters had their chance to reconnect, looked at again every settle time.
     pub fn next_step_at(&self) -> Timestamp {
-        analysis::next_step_at(&self.plan, &self.status)
+        let next = analysis::next_step_at(&self.plan, &self.status);
+        match self.reconnect_wait() {
+            Some(wait) => next.max(Timestamp::from_system_time(
+                SystemTime::now() + wait.min(self.grace.settle),
+            )),
+            None => next,
+        }
     }
 
     fn publish(&mut self, route: Option<Route>) -> Result<(), RunError> {
@@ -164,6 +219,14 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 Outcome::Done(step) => break step,
                 Outcome::Need(need) => {
                     if !need.metrics.is_empty() {
+                        if let Some(wait) = self.reconnect_wait() {
+                            // Nothing performed, nothing saved: the step runs once the filters
+                            // reported (its hooks are asked again then).
+                            self.announce_reconnect_wait(wait);
+                            return Ok(());
+                        }
+                        // The engine cut each window to what the current step served; it ends
+                        // here, after the wait, so it still starts within the step.
                         self.await_confirmation("analysing anyway").await;
                         let at = Instant::now();
                         let mut measurements = Vec::with_capacity(need.metrics.len());
@@ -189,6 +252,24 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 canary: self.plan.id(),
                 reason,
             })
+    }
+
+    fn announce_reconnect_wait(&mut self, wait: Duration) {
+        if self.grace_announced {
+            return;
+        }
+        self.grace_announced = true;
+        self.journal.event(&Event {
+            severity: Severity::Normal,
+            reason: "Synced".to_owned(),
+            message: format!(
+                "Waiting up to {} for the filters to report after the controller started, before measuring {}",
+                crate::spec::format_go_duration(Duration::from_millis(
+                    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+                )),
+                self.plan.id()
+            ),
+        });
     }
 
     /// Waits (boundedly) until every connected filter has applied the latest directive, so a
@@ -254,31 +335,8 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             }
             Effect::CallWebhook(call) => {
                 let outcome = webhook::call(&self.plan, call).await;
-                let (severity, message) = match outcome {
-                    analysis::WebhookResult::Passed => (
-                        Severity::Normal,
-                        format!(
-                            "{} hook {} passed for {}",
-                            hook_kind(call),
-                            call.webhook.name,
-                            self.plan.id()
-                        ),
-                    ),
-                    analysis::WebhookResult::Failed(why) => (
-                        Severity::Warning,
-                        format!(
-                            "{} hook {} failed for {}: {why}",
-                            hook_kind(call),
-                            call.webhook.name,
-                            self.plan.id()
-                        ),
-                    ),
-                };
-                self.journal.event(&Event {
-                    severity,
-                    reason: "Synced".to_owned(),
-                    message,
-                });
+                let event = called_hook_event(&self.plan, call, &outcome);
+                self.journal.event(&event);
             }
             Effect::Event(event) => self.journal.event(event),
         }
@@ -286,13 +344,257 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
     }
 }
 
-fn hook_kind(call: &analysis::WebhookCall) -> String {
-    format!("{:?}", call.webhook.kind)
+/// The event for a hook called without waiting for it: Flagger's text for `post-rollout` (the
+/// only kind the engine calls this way), a generic one otherwise.
+fn called_hook_event(
+    plan: &CanaryPlan,
+    call: &analysis::WebhookCall,
+    outcome: &analysis::WebhookResult,
+) -> Event {
+    let name = &call.webhook.name;
+    let post_rollout = call.webhook.kind == HookKind::PostRollout;
+    let (severity, message) = match outcome {
+        analysis::WebhookResult::Passed if post_rollout => (
+            Severity::Normal,
+            format!("Post-rollout check {name} passed"),
+        ),
+        analysis::WebhookResult::Failed(why) if post_rollout => (
+            Severity::Warning,
+            format!("Post-rollout hook {name} failed {why}"),
+        ),
+        analysis::WebhookResult::Passed => (
+            Severity::Normal,
+            format!(
+                "{} hook {name} passed for {}",
+                call.webhook.kind.as_str(),
+                plan.id()
+            ),
+        ),
+        analysis::WebhookResult::Failed(why) => (
+            Severity::Warning,
+            format!(
+                "{} hook {name} failed for {}: {why}",
+                call.webhook.kind.as_str(),
+                plan.id()
+            ),
+        ),
+    };
+    Event {
+        severity,
+        reason: "Synced".to_owned(),
+        message,
+    }
 }
 
 fn as_readiness(result: Result<(), String>) -> Readiness {
     match result {
         Ok(()) => Readiness::Ready,
         Err(why) => Readiness::NotReady(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{WebhookCall, WebhookResult};
+    use crate::ingest::{Ingest, IngestConfig};
+    use crate::metrics::streamed::StreamedSource;
+    use crate::platform::Readiness as Ready;
+    use crate::spec::{Phase, Weight};
+    use std::sync::{Arc, Mutex};
+    use weir_proto::v1::{Report, Reporter, Version, VersionStats};
+
+    /// Both workloads serve; the target is at revision r2.
+    struct Serving;
+
+    impl Platform for Serving {
+        async fn target_revision(&self, _: &CanaryRef) -> Result<String, PlatformError> {
+            Ok("r2".into())
+        }
+        async fn promote_to_primary(&self, _: &CanaryRef) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        async fn scale_canary(&self, _: &CanaryRef, _: bool) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        async fn readiness(&self, _: &CanaryRef) -> Ready {
+            Ready {
+                primary: Ok(()),
+                canary: Ok(()),
+            }
+        }
+    }
+
+    /// A status in memory and the events recorded.
+    struct Memory {
+        status: Option<CanaryStatus>,
+        events: Arc<Mutex<Vec<Event>>>,
+    }
+
+    impl Journal for Memory {
+        fn load(&self) -> Result<Option<CanaryStatus>, String> {
+            Ok(self.status.clone())
+        }
+        fn save(&mut self, status: &CanaryStatus) -> Result<(), String> {
+            self.status = Some(status.clone());
+            Ok(())
+        }
+        fn event(&mut self, event: &Event) {
+            self.events.lock().unwrap().push(event.clone());
+        }
+        fn retry_token(&self) -> Option<String> {
+            None
+        }
+        fn deleting(&self) -> bool {
+            false
+        }
+    }
+
+    type Restarted = (
+        Runner<Serving, StreamedSource, Memory>,
+        Ingest,
+        Arc<Mutex<Vec<Event>>>,
+    );
+
+    /// A controller that just restarted (a fresh ingest) on a status persisted mid-rollout at
+    /// 10%, whose next step is long overdue.
+    async fn restarted(grace: ReconnectGrace) -> Restarted {
+        let plan = crate::spec::load_yaml(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    interval: 1m\n    stepWeight: 10\n    maxWeight: 50\n    metrics: [{name: request-success-rate, interval: 1m, thresholdRange: {min: 99}}]\n",
+        )
+        .unwrap()
+        .plan;
+        let long_ago = Timestamp::from_system_time(SystemTime::now() - Duration::from_secs(600));
+        let status = CanaryStatus {
+            phase: Some(Phase::Progressing),
+            canary_weight: Weight::try_new(10).unwrap(),
+            last_applied_spec: Some("r2".into()),
+            last_promoted_spec: Some("r1".into()),
+            last_step_time: Some(long_ago),
+            routed_since: Some(long_ago),
+            ..CanaryStatus::new()
+        };
+        let ingest = Ingest::try_new(IngestConfig::default()).unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let journal = Memory {
+            status: Some(status),
+            events: events.clone(),
+        };
+        let mut runner = Runner::new(
+            plan,
+            Serving,
+            StreamedSource::new(ingest.clone()),
+            Directives::new(ingest.clone()),
+            journal,
+        )
+        .unwrap()
+        .with_reconnect_grace(grace);
+        runner.restore_route().await.unwrap();
+        (runner, ingest, events)
+    }
+
+    /// A filter's report of 100 canary requests, none failed.
+    fn report(ingest: &Ingest) {
+        let mut latency = weir_proto::LatencyHistogram::new();
+        (0..100).for_each(|_| latency.record(2_000));
+        let report = Report {
+            reporter: Some(Reporter {
+                node_id: "envoy-1".into(),
+                namespace: "application".into(),
+                workload: "gateway".into(),
+            }),
+            epoch: 7,
+            sequence: 1,
+            applied_generation: ingest.directive().generation,
+            stats: vec![VersionStats {
+                canary: "application/mhs".into(),
+                version: Version::Canary as i32,
+                requests: 100,
+                failures: 0,
+                latency: Some(latency.encode()),
+            }],
+        };
+        ingest.ingest(&report, Instant::now()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_overdue_step_after_a_restart_waits_for_the_filters_instead_of_judging_an_empty_window(
+    ) {
+        let grace = ReconnectGrace {
+            settle: Duration::ZERO,
+            max: Duration::from_secs(3600),
+        };
+        let (mut runner, ingest, events) = restarted(grace).await;
+        let before = runner.status().clone();
+        runner.tick().await.unwrap();
+        assert_eq!(
+            runner.status(),
+            &before,
+            "nothing decided before a filter reported"
+        );
+        let said: Vec<String> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.message.clone())
+            .collect();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].starts_with("Waiting up to ")
+                && said[0].ends_with(
+                    " for the filters to report after the controller started, before measuring mhs.application"
+                ),
+            "{said:?}"
+        );
+        runner.tick().await.unwrap();
+        assert_eq!(events.lock().unwrap().len(), 1, "said once");
+
+        // The filter reconnects and reports what it served meanwhile.
+        report(&ingest);
+        runner.tick().await.unwrap();
+        let status = runner.status();
+        assert_eq!(status.canary_weight, Weight::try_new(20).unwrap());
+        assert_eq!(status.inconclusive_checks, 0);
+        let checks = &status.decisions.last().unwrap().checks;
+        assert_eq!(checks[0].sample_count, Some(100));
+    }
+
+    #[tokio::test]
+    async fn without_any_report_the_wait_for_the_filters_ends_at_its_limit() {
+        let grace = ReconnectGrace {
+            settle: Duration::from_secs(3600),
+            max: Duration::ZERO,
+        };
+        let (mut runner, _ingest, _events) = restarted(grace).await;
+        runner.tick().await.unwrap();
+        // Measured at once: an empty window halts as Inconclusive (which the grace avoids).
+        let status = runner.status();
+        assert_eq!(
+            (status.canary_weight, status.inconclusive_checks),
+            (Weight::try_new(10).unwrap(), 1)
+        );
+    }
+
+    #[test]
+    fn post_rollout_hook_outcomes_are_recorded_in_flaggers_words() {
+        let plan = crate::spec::load_yaml(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    stepWeight: 10\n    webhooks: [{name: notify, type: post-rollout, url: 'http://notify/'}]\n",
+        )
+        .unwrap()
+        .plan;
+        let call = WebhookCall {
+            webhook: plan.analysis.webhooks[0].clone(),
+            phase: Phase::Succeeded,
+        };
+        let passed = called_hook_event(&plan, &call, &WebhookResult::Passed);
+        assert_eq!(
+            (passed.severity, passed.message.as_str()),
+            (Severity::Normal, "Post-rollout check notify passed")
+        );
+        let failed = called_hook_event(&plan, &call, &WebhookResult::Failed("503".into()));
+        assert_eq!(
+            (failed.severity, failed.message.as_str()),
+            (Severity::Warning, "Post-rollout hook notify failed 503")
+        );
     }
 }

@@ -913,8 +913,9 @@ async fn deleting_with_revert_on_deletion_restores_the_target_before_releasing_t
         );
         let release = done.last().unwrap();
         assert_eq!(release.body["metadata"]["finalizers"], json!([]));
-        assert!(events(&done).iter().any(|e| e.2
-            == "Finalization complete for mhs.application: traffic is back on mhs.application"));
+        assert!(events(&done).iter().any(
+            |e| e.2 == "Terminated canary mhs.application: traffic is back on mhs.application"
+        ));
         assert_eq!(
             h.directive_weight_bp(),
             None,

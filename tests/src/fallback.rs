@@ -31,7 +31,8 @@ pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The Flagger tutorial's Canary with the analysis timed for a 1s scrape: interval 4s (the
 /// tutorial's 1m) and metric windows of 8s (its 30s), long enough for `rate()` to see several
-/// scrapes. Everything else is the tutorial's.
+/// scrapes, also when a check right after a weight change cuts its window to the step's 4s.
+/// Everything else is the tutorial's.
 pub const TUTORIAL_CANARY: &str = r#"apiVersion: weir.dev/v1alpha1
 kind: Canary
 metadata:

@@ -14,9 +14,10 @@ use weir_e2e::binaries;
 use weir_e2e::local::{advance_weights, weir_binary, CanaryFile, LocalRun};
 use weir_e2e::WorkDir;
 
-/// Requests per second of the tests' traffic: about 20 a second reach the canary at 10%, so a
-/// 2s window holds more than the tests' `minSampleCount` of 10 once a weight has been routed
-/// for a whole window (the first check after a change may see fewer: an inconclusive halt).
+/// Requests per second of the tests' traffic: about 20 a second reach the canary at 10%. A check
+/// right after a weight change counts only what that weight served, one 1s interval: about 20
+/// requests, above the tests' `minSampleCount` of 10 (a loaded machine may see fewer: an
+/// inconclusive halt, after which the window grows to the metric's 2s).
 const RATE: u32 = 200;
 /// Long enough for a loaded machine; a healthy rollout takes about ten seconds.
 const ROLLOUT: Duration = Duration::from_secs(40);
@@ -32,6 +33,25 @@ async fn bounded<T>(limit: Duration, body: impl Future<Output = anyhow::Result<T
         Ok(Err(e)) => panic!("{e:#}"),
         Err(_) => panic!("the test did not finish within {limit:?}"),
     }
+}
+
+/// Whether a message names a streamed window of at most the tests' 2s metric interval: a
+/// check right after a weight change counts only what that weight served (about one 1s
+/// interval), a later one up to the whole window.
+fn names_a_streamed_window(message: &str) -> bool {
+    message.split(" requests in ").skip(1).any(|rest| {
+        rest.split_once(" from streamed")
+            .is_some_and(|(window, _)| {
+                window == "2s"
+                    || window == "1s"
+                    || (window.starts_with("1.") && window.ends_with('s'))
+            })
+    })
+}
+
+/// A halt for too little data: too few requests, or none at all (Flagger's "no values found").
+fn inconclusive(halt: &str) -> bool {
+    halt.contains("inconclusive") || halt.contains("no values found")
 }
 
 fn is(phase: Phase) -> impl Fn(&weir_controller::spec::CanaryStatus) -> bool {
@@ -72,7 +92,7 @@ async fn healthy_canary_is_advanced_step_by_step_and_promoted() {
         for message in run.messages_with("canary weight").iter().skip(1) {
             assert!(
                 message.contains("request-success-rate 100.00% (min 99%;")
-                    && message.contains("requests in 2s from streamed")
+                    && names_a_streamed_window(message)
                     && message.contains("(max 500ms;"),
                 "an advance names the success rate, the P99 bound and the sample count: {message}"
             );
@@ -92,7 +112,7 @@ async fn healthy_canary_is_advanced_step_by_step_and_promoted() {
         let failing: Vec<String> = run
             .messages_with("Halt")
             .into_iter()
-            .filter(|m| !m.contains("inconclusive"))
+            .filter(|m| !inconclusive(m))
             .collect();
         assert!(
             failing.is_empty(),
@@ -151,7 +171,7 @@ async fn faulty_canary_is_halted_on_success_rate_and_rolled_back() {
         );
         for halt in &halts {
             assert!(
-                halt.contains("< 99% (") && halt.contains("requests in 2s from streamed"),
+                halt.contains("< 99% (") && names_a_streamed_window(halt),
                 "a halt names the value, the bound and the sample count: {halt}"
             );
         }
@@ -223,7 +243,7 @@ async fn canary_without_traffic_is_inconclusive_not_failed() {
         assert!(halts.len() >= wanted as usize, "{context}");
         for halt in &halts {
             assert!(
-                halt.contains("inconclusive"),
+                inconclusive(halt),
                 "without traffic every halt is inconclusive: {halt}"
             );
         }
@@ -261,7 +281,7 @@ async fn slow_canary_fails_the_latency_check() {
         assert_eq!(halts.len(), 2, "{context}");
         for halt in &halts {
             assert!(
-                halt.contains(" > 500ms (") && halt.contains("requests in 2s from streamed"),
+                halt.contains(" > 500ms (") && names_a_streamed_window(halt),
                 "a halt names the P99, the bound and the sample count: {halt}"
             );
         }
@@ -446,6 +466,72 @@ async fn failed_version_is_retried_without_changing_it() {
         // The token stays in the state folder: seeing it again retries nothing.
         run.step_for(Duration::from_secs(2)).await;
         assert_eq!(run.messages_with("Retrying").len(), 1, "{}", run.describe());
+        run.shutdown().await;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_fixing_the_cause_counts_only_the_new_attempt_and_is_promoted() {
+    bounded(Duration::from_secs(100), async {
+        // Metric windows far longer than the whole first attempt: a window that reached back
+        // past the retry would still hold the failed attempt's errors.
+        let canary = CanaryFile {
+            threshold: 2,
+            window: "30s".to_owned(),
+            ..CanaryFile::default()
+        };
+        let mut run = initialized("retry_after_fix", &canary, RATE).await?;
+        let traffic = |run: &LocalRun, errors: bool| {
+            if let Some(traffic) = run.traffic() {
+                traffic.set_errors(errors);
+            }
+        };
+
+        // The cause: every other request asks for a 500, so the new version fails.
+        traffic(&run, true);
+        run.set_version(NEW, &[])?;
+        run.step_until("the version fails", ROLLOUT, is(Phase::Failed))
+            .await?;
+        let failed_events = run.events().len();
+        // The fix, then the retry of the same version.
+        traffic(&run, false);
+        request_retry(run.state()).map_err(anyhow::Error::msg)?;
+        run.step_until(
+            "the retried version is promoted or fails again",
+            ROLLOUT,
+            |s| s.retry.count == 1 && matches!(s.phase, Some(Phase::Succeeded | Phase::Failed)),
+        )
+        .await?;
+
+        let context = run.describe();
+        assert_eq!(
+            run.status().phase,
+            Some(Phase::Succeeded),
+            "every request after the fix succeeded, so the retry must be promoted: {context}"
+        );
+        let second: Vec<String> = run.events()[failed_events..]
+            .iter()
+            .map(|e| e.event.message.clone())
+            .collect();
+        assert!(
+            second
+                .iter()
+                .all(|m| !m.contains("advancement success rate")),
+            "no check of the retry saw the failed attempt's errors: {context}"
+        );
+        assert!(
+            second
+                .iter()
+                .all(|m| !m.contains("requests in 30s from streamed")),
+            "each check of the retry counts only its own step, never the whole 30s: {context}"
+        );
+        assert_eq!(
+            run.serving_version(10).await?,
+            NEW,
+            "the primary serves v{NEW}"
+        );
         run.shutdown().await;
         Ok(())
     })

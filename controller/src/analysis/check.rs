@@ -156,12 +156,19 @@ pub fn evaluate(
         MetricKind::Duration => Unit::Milliseconds,
         _ => Unit::Number,
     };
+    // Flagger reads a P99 into a Go duration of whole milliseconds (`int64(value)`), and its
+    // bounds too (`time.Duration(*tr.Max)`): a 500.4 ms P99 passes `max: 500`. Weir judges and
+    // shows durations the same way.
+    let whole_ms = |v: f64| match check.kind {
+        MetricKind::Duration => v.trunc(),
+        _ => v,
+    };
     let mut result = CheckResult {
         metric: check.name.clone(),
         verdict: Verdict::Error,
         value: None,
-        min: check.range.min(),
-        max: check.range.max(),
+        min: check.range.min().map(whole_ms),
+        max: check.range.max().map(whole_ms),
         unit,
         window: check.window,
         sample_count: None,
@@ -206,6 +213,7 @@ pub fn evaluate(
         ));
         return result;
     };
+    let v = whole_ms(v);
     result.value = Some(v);
     let below = result.min.is_some_and(|min| v < min);
     let above = result.max.is_some_and(|max| v > max);
@@ -236,8 +244,9 @@ impl CheckResult {
         }
     }
 
+    /// Some requests, but fewer than `minSampleCount` (none at all reads as "no values").
     fn too_few_samples(&self) -> bool {
-        self.sample_count.is_some_and(|n| n < self.min_sample_count)
+        self.value.is_some() && self.sample_count.is_some_and(|n| n < self.min_sample_count)
     }
 
     /// `1523 requests in 30s from streamed`, or `in 30s from prometheus` without a count.
@@ -264,10 +273,20 @@ impl CheckResult {
         format!("{} {value} ({bounds}; {})", self.metric, self.basis())
     }
 
-    /// Flagger's halt message for a non-passing check (Weir's own wording for Inconclusive and
-    /// Error), with the window, sample count and source appended. `None` for Pass.
-    pub fn halt_message(&self, canary_id: &str, target_id: &str) -> Option<String> {
+    /// The halt message for a non-passing check, `None` for Pass: Flagger's text
+    /// (`runBuiltinMetricChecks`, `runMetricChecks`) for a failed value, no values and a failed
+    /// query, Weir's own for too few samples and for a check nothing measured, each followed by
+    /// the numbers in parentheses (window, sample count, source). `kind` is the check's kind,
+    /// which picks Flagger's wording.
+    pub fn halt_message(
+        &self,
+        kind: &MetricKind,
+        canary_id: &str,
+        target_id: &str,
+    ) -> Option<String> {
         let reason = self.reason.as_deref().unwrap_or("unknown");
+        let name = &self.metric;
+        let basis = self.basis();
         match self.verdict {
             Verdict::Pass => None,
             Verdict::Fail => {
@@ -281,31 +300,59 @@ impl CheckResult {
                 let what = match self.unit {
                     Unit::Percent => "success rate".to_string(),
                     Unit::Milliseconds => "request duration".to_string(),
-                    Unit::Number => self.metric.clone(),
+                    Unit::Number => name.clone(),
                 };
                 Some(format!(
-                    "Halt {canary_id} advancement {what} {} {op} {} ({})",
+                    "Halt {canary_id} advancement {what} {} {op} {} ({basis})",
                     self.show(v),
                     self.show_bound(bound),
-                    self.basis()
                 ))
             }
+            // Weir's own: Flagger has no minimum sample count.
             Verdict::Inconclusive if self.too_few_samples() => Some(format!(
-                "Halt {canary_id} advancement: {} inconclusive, {reason} (from {})",
-                self.metric, self.source
+                "Halt {canary_id} advancement: {name} inconclusive, {reason} (from {})",
+                self.source
             )),
-            // Flagger's wording for an empty query result, plus where Weir looked.
-            Verdict::Inconclusive => Some(format!(
-                "Halt {canary_id} advancement no values found for {} metric {} probably {target_id} is not receiving traffic ({reason})",
-                self.source, self.metric
-            )),
+            // Flagger's wording for an empty answer, whichever source gave it.
+            Verdict::Inconclusive => Some(match kind {
+                MetricKind::SuccessRate => format!(
+                    "Halt advancement no values found for {MESH_PROVIDER} metric {name} probably {target_id} is not receiving traffic: running query failed: no values found ({basis})"
+                ),
+                MetricKind::Duration => format!(
+                    "Halt advancement no values found for {MESH_PROVIDER} metric {name} probably {target_id} is not receiving traffic ({basis})"
+                ),
+                MetricKind::Query(_) => {
+                    format!("Halt advancement no values found for metric: {name} ({basis})")
+                }
+                MetricKind::Template { .. } => format!(
+                    "Halt advancement no values found for custom metric: {name}: no values found ({basis})"
+                ),
+            }),
+            // Flagger's wording when Prometheus was asked; the cause is Weir's (it names the
+            // server and the query).
+            Verdict::Error if self.source == PROMETHEUS_SOURCE => Some(match kind {
+                MetricKind::SuccessRate | MetricKind::Duration => {
+                    format!("Prometheus query failed: {reason}")
+                }
+                MetricKind::Query(_) => format!("Prometheus query failed for {name}: {reason}"),
+                MetricKind::Template { .. } => {
+                    format!("Metric query failed for {name}: {reason}")
+                }
+            }),
             Verdict::Error => Some(format!(
-                "Halt {canary_id} advancement: {} could not be checked, {} error: {reason}",
-                self.metric, self.source
+                "Halt {canary_id} advancement: {name} could not be checked, {} error: {reason}",
+                self.source
             )),
         }
     }
 }
+
+/// The mesh provider Flagger names in "no values found" messages: Weir's only one.
+const MESH_PROVIDER: &str = "istio";
+
+/// The Prometheus source's name in measurements (its `NAME`): checks it answered get Flagger's
+/// query-failure wording.
+pub const PROMETHEUS_SOURCE: &str = "prometheus";
 
 fn ms(v: f64) -> Duration {
     if v.is_finite() && v > 0.0 {
@@ -402,12 +449,19 @@ mod tests {
         );
     }
 
+    const ID: &str = "mhs.application";
+
+    fn halt(c: &MetricCheck, m: &Measurement) -> String {
+        evaluate(c, Some(m), 20)
+            .halt_message(&c.kind, ID, ID)
+            .unwrap_or_else(|| panic!("{m:?} passes"))
+    }
+
     #[test]
     fn a_failing_success_rate_reads_like_flagger_plus_the_numbers() {
         let sr = success_rate(99.0);
-        let r = evaluate(&sr, Some(&measure(&sr, 57.142857, 1400)), 20);
         assert_eq!(
-            r.halt_message("mhs.application", "mhs.application").unwrap(),
+            halt(&sr, &measure(&sr, 57.142857, 1400)),
             "Halt mhs.application advancement success rate 57.14% < 99% (1400 requests in 30s from streamed)"
         );
     }
@@ -415,24 +469,42 @@ mod tests {
     #[test]
     fn a_slow_canary_reads_like_flagger_with_go_durations() {
         let d = duration(500.0);
-        let r = evaluate(&d, Some(&measure(&d, 1200.0, 800)), 20);
         assert_eq!(
-            r.halt_message("mhs.application", "mhs.application").unwrap(),
+            halt(&d, &measure(&d, 1200.0, 800)),
             "Halt mhs.application advancement request duration 1.2s > 500ms (800 requests in 30s from streamed)"
         );
     }
 
     #[test]
+    fn a_p99_is_truncated_to_whole_milliseconds_before_it_is_judged_as_flagger_does() {
+        let d = duration(500.0);
+        let cases = [
+            (500.4, Verdict::Pass, 500.0),
+            (500.99, Verdict::Pass, 500.0),
+            (501.0, Verdict::Fail, 501.0),
+            (0.7, Verdict::Pass, 0.0),
+        ];
+        for (p99, verdict, shown) in cases {
+            let r = evaluate(&d, Some(&measure(&d, p99, 800)), 20);
+            assert_eq!((r.verdict, r.value), (verdict, Some(shown)), "P99 {p99} ms");
+        }
+        // The bound is whole milliseconds too, as Flagger's `time.Duration(max)`.
+        let r = evaluate(&duration(500.9), Some(&measure(&d, 500.95, 800)), 20);
+        assert_eq!((r.verdict, r.max), (Verdict::Pass, Some(500.0)));
+        // Only durations: a success rate keeps its fraction.
+        let sr = success_rate(99.5);
+        let r = evaluate(&sr, Some(&measure(&sr, 99.4, 800)), 20);
+        assert_eq!((r.verdict, r.value), (Verdict::Fail, Some(99.4)));
+    }
+
+    #[test]
     fn a_custom_metric_reads_like_flagger() {
         let c = custom(1.0, 2.0);
-        let r = evaluate(
-            &c,
-            Some(&Measurement::value(&c.name, "prometheus", W, 2.345, None)),
-            20,
-        );
         assert_eq!(
-            r.halt_message("mhs.application", "mhs.application")
-                .unwrap(),
+            halt(
+                &c,
+                &Measurement::value(&c.name, "prometheus", W, 2.345, None)
+            ),
             "Halt mhs.application advancement error-budget 2.35 > 2 (in 30s from prometheus)"
         );
     }
@@ -440,35 +512,87 @@ mod tests {
     #[test]
     fn too_little_data_says_how_little() {
         let sr = success_rate(99.0);
-        let r = evaluate(&sr, Some(&measure(&sr, 100.0, 3)), 20);
         assert_eq!(
-            r.halt_message("mhs.application", "mhs.application").unwrap(),
+            halt(&sr, &measure(&sr, 100.0, 3)),
             "Halt mhs.application advancement: request-success-rate inconclusive, 3 requests in 30s < minSampleCount 20 (from streamed)"
-        );
-        let r = evaluate(
-            &sr,
-            Some(&Measurement::no_data(&sr.name, "prometheus", W, None)),
-            20,
-        );
-        assert_eq!(
-            r.halt_message("mhs.application", "mhs.application").unwrap(),
-            "Halt mhs.application advancement no values found for prometheus metric request-success-rate probably mhs.application is not receiving traffic (no data in 30s from prometheus)"
         );
     }
 
     #[test]
-    fn a_broken_source_is_named_with_its_cause() {
+    fn no_values_read_as_flaggers_message_for_each_kind_of_metric() {
+        let template = MetricCheck {
+            kind: MetricKind::Template {
+                name: "error-rate".into(),
+                namespace: "application".into(),
+            },
+            name: "error-rate".into(),
+            ..custom(0.0, 1.0)
+        };
+        let cases = [
+            (
+                success_rate(99.0),
+                "Halt advancement no values found for istio metric request-success-rate probably mhs.application is not receiving traffic: running query failed: no values found (in 30s from prometheus)",
+            ),
+            (
+                duration(500.0),
+                "Halt advancement no values found for istio metric request-duration probably mhs.application is not receiving traffic (in 30s from prometheus)",
+            ),
+            (
+                custom(1.0, 2.0),
+                "Halt advancement no values found for metric: error-budget (in 30s from prometheus)",
+            ),
+            (
+                template,
+                "Halt advancement no values found for custom metric: error-rate: no values found (in 30s from prometheus)",
+            ),
+        ];
+        for (check, want) in cases {
+            let m = Measurement::no_data(&check.name, "prometheus", W, None);
+            assert_eq!(halt(&check, &m), want);
+        }
+        // A streamed window without requests says so in the numbers.
         let sr = success_rate(99.0);
-        let m = Measurement::error(
-            &sr.name,
-            "prometheus",
-            W,
-            "Get http://prom:9090: connection refused",
-        );
-        let r = evaluate(&sr, Some(&m), 20);
+        let m = Measurement::no_data(&sr.name, "streamed", W, Some(0));
+        assert!(halt(&sr, &m).ends_with(
+            "is not receiving traffic: running query failed: no values found (0 requests in 30s from streamed)"
+        ));
+    }
+
+    #[test]
+    fn a_failed_query_reads_as_flaggers_message_with_weirs_cause() {
+        let cause = "Get http://prom:9090: connection refused";
+        let template = MetricCheck {
+            kind: MetricKind::Template {
+                name: "error-rate".into(),
+                namespace: "application".into(),
+            },
+            name: "error-rate".into(),
+            ..custom(0.0, 1.0)
+        };
+        let cases = [
+            (
+                success_rate(99.0),
+                format!("Prometheus query failed: {cause}"),
+            ),
+            (duration(500.0), format!("Prometheus query failed: {cause}")),
+            (
+                custom(1.0, 2.0),
+                format!("Prometheus query failed for error-budget: {cause}"),
+            ),
+            (
+                template,
+                format!("Metric query failed for error-rate: {cause}"),
+            ),
+        ];
+        for (check, want) in cases {
+            let m = Measurement::error(&check.name, "prometheus", W, cause);
+            assert_eq!(halt(&check, &m), want);
+        }
+        // A check nothing measured is Weir's own case.
+        let sr = success_rate(99.0);
         assert_eq!(
-            r.halt_message("mhs.application", "mhs.application").unwrap(),
-            "Halt mhs.application advancement: request-success-rate could not be checked, prometheus error: Get http://prom:9090: connection refused"
+            evaluate(&sr, None, 20).halt_message(&sr.kind, ID, ID).unwrap(),
+            "Halt mhs.application advancement: request-success-rate could not be checked, none error: no measurement was reported for this metric"
         );
     }
 
@@ -476,10 +600,10 @@ mod tests {
     fn a_passing_check_summarises_its_numbers() {
         let d = duration(500.0);
         let r = evaluate(&d, Some(&measure(&d, 230.5, 1523)), 20);
-        assert_eq!(r.halt_message("a.b", "a.b"), None);
+        assert_eq!(r.halt_message(&d.kind, "a.b", "a.b"), None);
         assert_eq!(
             r.summary(),
-            "request-duration 230.5ms (max 500ms; 1523 requests in 30s from streamed)"
+            "request-duration 230ms (max 500ms; 1523 requests in 30s from streamed)"
         );
     }
 

@@ -17,7 +17,8 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Need {
     /// Measure each of these over its `window`, ending now, and put the results in
-    /// `Observations::measurements`.
+    /// `Observations::measurements`. The windows are already cut to what the current step
+    /// served (at most the time since the weight last changed or the analysis restarted).
     pub metrics: Vec<MetricCheck>,
     /// Call each of these and put the results in `Observations::webhooks` under the hook's name.
     pub webhooks: Vec<WebhookCall>,

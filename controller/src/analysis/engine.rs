@@ -6,9 +6,10 @@ use super::check::{evaluate, CheckResult, Verdict};
 use super::effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
 use super::observe::{Observations, Readiness, WebhookResult};
 use crate::spec::{
-    CanaryPlan, CanaryStatus, Condition, Decision, HookKind, Phase, Strategy, Timestamp, Webhook,
-    Weight,
+    format_go_duration, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, MetricCheck,
+    Phase, Strategy, Timestamp, Webhook, Weight,
 };
+use std::time::Duration;
 
 /// Decides one step. See the [module documentation](super) for how to drive it.
 pub fn step(
@@ -26,6 +27,7 @@ pub fn step(
         effects: Vec::new(),
         checks: Vec::new(),
         ticked: false,
+        record_decision: true,
     };
     match run.go() {
         Err(need) => Outcome::Need(need),
@@ -50,11 +52,11 @@ pub fn next_step_at(plan: &CanaryPlan, status: &CanaryStatus) -> Timestamp {
 pub fn desired_route(plan: &CanaryPlan, status: &CanaryStatus) -> Option<Route> {
     match status.phase? {
         Phase::Initializing => None,
-        Phase::Initialized
-        | Phase::Waiting
-        | Phase::Finalising
-        | Phase::Succeeded
-        | Phase::Failed => Some(Route::Primary),
+        Phase::Initialized | Phase::Waiting | Phase::Finalising | Phase::Succeeded => {
+            Some(Route::Primary)
+        }
+        // A rollback leaves the weight at 0; a failed promotion at 100 (all on the canary).
+        Phase::Failed => Some(Route::weighted(status.canary_weight)),
         Phase::Progressing | Phase::WaitingPromotion | Phase::Promoting => {
             Some(match plan.analysis.strategy {
                 Strategy::AbTesting { .. } if status.iterations > 0 => Route::Matches,
@@ -68,6 +70,19 @@ pub fn desired_route(plan: &CanaryPlan, status: &CanaryStatus) -> Option<Route> 
         Phase::Terminating | Phase::Terminated => {
             status.last_promoted_spec.as_ref().map(|_| Route::Primary)
         }
+    }
+}
+
+/// Whether the canary workload runs in this status: during an analysis and a promotion, and
+/// after a failed promotion (it then serves all traffic). After a restart, a platform that has
+/// to start processes again starts the canary when this says so.
+pub fn canary_runs(status: &CanaryStatus) -> bool {
+    match status.phase {
+        Some(
+            Phase::Progressing | Phase::WaitingPromotion | Phase::Promoting | Phase::Finalising,
+        ) => true,
+        Some(Phase::Failed) => status.canary_weight > Weight::ZERO,
+        _ => false,
     }
 }
 
@@ -85,6 +100,8 @@ struct Run<'a> {
     checks: Vec<CheckResult>,
     /// The step ran on its interval (as opposed to handling only a deletion or a retry token).
     ticked: bool,
+    /// Whether the step's events go into the decision history.
+    record_decision: bool,
 }
 
 impl<'a> Run<'a> {
@@ -112,11 +129,42 @@ impl<'a> Run<'a> {
         self.event(Severity::Warning, reason, message);
     }
 
-    /// Routes traffic, unless the old status already routes it this way.
+    /// Routes traffic, unless it is already routed this way (by the old status, or earlier in
+    /// this step).
     fn route_to(&mut self, route: Route) {
-        if desired_route(self.plan, self.old) != Some(route) {
+        let current = self
+            .effects
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Effect::Route(r) => Some(Some(*r)),
+                _ => None,
+            })
+            .unwrap_or_else(|| desired_route(self.plan, self.old));
+        if current != Some(route) {
             self.effects.push(Effect::Route(route));
+            self.s.routed_since = Some(self.now);
         }
+    }
+
+    /// How far back a check with `window` may look: never before the current step began, so
+    /// a new weight, a retry or a new revision is judged only on what it served. Cut to 100 ms
+    /// (whole milliseconds below a second), never longer than what the step served.
+    fn measurable(&self, window: Duration) -> Duration {
+        let Some(since) = self.old.routed_since else {
+            return window;
+        };
+        let served = self.now.since(since);
+        let unit = if served >= Duration::from_secs(1) {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(1)
+        };
+        let whole = Duration::from_nanos(
+            u64::try_from((served.as_nanos() / unit.as_nanos()) * unit.as_nanos())
+                .unwrap_or(u64::MAX),
+        );
+        window.min(whole.max(Duration::from_millis(1)))
     }
 
     fn due(&self) -> bool {
@@ -169,6 +217,16 @@ impl<'a> Run<'a> {
             _ => {}
         }
         if self.plan.suspend {
+            // Flagger says so at every run; nothing else changes, and no decision is recorded
+            // (the history keeps the rollout's real decisions).
+            if self.due() {
+                self.ticked = true;
+                self.record_decision = false;
+                self.info(
+                    "Suspended",
+                    "skipping canary run as object is suspended".to_string(),
+                );
+            }
             return Ok(());
         }
         let retrying = self.take_retry_request();
@@ -212,10 +270,36 @@ impl<'a> Run<'a> {
         false
     }
 
-    fn halt_not_ready(&mut self, who: &str, reason: &str) {
+    /// Flagger's readiness error for the primary (`IsPrimaryReady`).
+    fn primary_not_ready(&self, reason: &str) -> String {
+        format!("{} not ready: {reason}", self.plan.primary_id())
+    }
+
+    /// Flagger's readiness error for the canary (`IsCanaryReady`).
+    fn canary_not_ready(&self, reason: &str) -> String {
+        format!(
+            "canary {} {} not ready: {reason}",
+            self.plan.target.kind.to_ascii_lowercase(),
+            self.target_id()
+        )
+    }
+
+    /// Whether a workload seen not ready since `since` is past the progress deadline: strictly
+    /// after it, as Flagger (`from.Add(deadline).Before(now)`).
+    fn past_deadline(&self, since: Timestamp) -> bool {
+        self.now.since(since) > self.plan.progress_deadline
+    }
+
+    /// A readiness error that ends the rollout: Flagger records the error itself; Weir adds how
+    /// long the workload was not ready.
+    fn deadline_exceeded(&mut self, message: String, since: Timestamp) {
         self.warn(
             "Halt",
-            format!("Halt advancement {who} waiting for rollout to finish: {reason}"),
+            format!(
+                "{message} (not ready for {}, progress deadline {})",
+                format_go_duration(self.now.since(since)),
+                format_go_duration(self.plan.progress_deadline)
+            ),
         );
     }
 
@@ -255,7 +339,9 @@ impl<'a> Run<'a> {
         let obs: &'a Observations = self.obs;
         if !self.plan.skip_analysis {
             if let Readiness::NotReady(reason) = &obs.primary {
-                self.halt_not_ready(&self.plan.primary_id(), reason);
+                // No deadline here (Flagger rolls back): the target still serves all traffic,
+                // and a rollback would scale it to zero while the primary cannot serve.
+                self.warn("Halt", self.primary_not_ready(reason));
                 return Ok(());
             }
         }
@@ -276,6 +362,38 @@ impl<'a> Run<'a> {
         let new_revision = self.old.last_applied_spec.as_ref() != Some(&revision);
         if !(new_revision || retrying || phase == Phase::Waiting) {
             return Ok(());
+        }
+        // Flagger: "do not trigger a canary deployment on manual rollback". Not after a failed
+        // promotion, whose primary does not run the promoted revision.
+        let manual_rollback = new_revision
+            && phase != Phase::Waiting
+            && self.old.last_promoted_spec.as_ref() == Some(&revision)
+            && self.old.canary_weight == Weight::ZERO;
+        if manual_rollback {
+            self.s.last_applied_spec = Some(revision.clone());
+            self.info(
+                "Skipped",
+                format!(
+                    "{} is back at revision {revision}, which {} runs: nothing to analyse",
+                    self.target_id(),
+                    self.plan.primary_id()
+                ),
+            );
+            return Ok(());
+        }
+        // As Flagger, nothing starts while the primary is unready; a new revision stays new and
+        // a retry request pending. No deadline here: nothing has been shifted to roll back.
+        if !self.plan.skip_analysis {
+            if let Readiness::NotReady(reason) = &self.obs.primary {
+                self.s.retry.last_token = self.old.retry.last_token.clone();
+                if self.due() {
+                    self.warn("Halt", self.primary_not_ready(reason));
+                } else {
+                    // A pending retry asks at every call; say it once per interval.
+                    self.ticked = false;
+                }
+                return Ok(());
+            }
         }
         if new_revision {
             self.s.last_applied_spec = Some(revision.clone());
@@ -327,12 +445,17 @@ impl<'a> Run<'a> {
 
     /// A fresh analysis: Progressing at weight 0, counters cleared, readiness clock started.
     fn restart_analysis(&mut self) {
+        // Usually routed so already; not after a failed promotion, which left all on the canary.
+        self.route_to(Route::Primary);
         self.s.phase = Some(Phase::Progressing);
         self.s.canary_weight = Weight::ZERO;
         self.s.failed_checks = 0;
         self.s.iterations = 0;
         self.s.inconclusive_checks = 0;
         self.s.not_ready_since = Some(self.now);
+        self.s.primary_not_ready_since = None;
+        // Nothing the canary served before counts for this analysis.
+        self.s.routed_since = Some(self.now);
     }
 
     /// Progressing, WaitingPromotion, Promoting, Finalising: Flagger's advanceCanary from the
@@ -344,9 +467,24 @@ impl<'a> Run<'a> {
         let obs: &'a Observations = self.obs;
 
         if !self.plan.skip_analysis {
-            if let Readiness::NotReady(reason) = &obs.primary {
-                self.halt_not_ready(&self.plan.primary_id(), reason);
-                return Ok(());
+            match &obs.primary {
+                Readiness::NotReady(reason) => {
+                    let message = self.primary_not_ready(reason);
+                    let since = self.old.primary_not_ready_since.unwrap_or(self.now);
+                    self.s.primary_not_ready_since = Some(since);
+                    if !self.past_deadline(since) {
+                        self.warn("Halt", message);
+                        return Ok(());
+                    }
+                    self.deadline_exceeded(message.clone(), since);
+                    return match phase {
+                        // The canary is the only healthy copy of the new revision: keep serving
+                        // from it rather than roll back onto the unhealthy primary.
+                        Phase::Promoting | Phase::Finalising => self.fail_promotion(&message),
+                        _ => self.rollback(),
+                    };
+                }
+                Readiness::Ready => self.s.primary_not_ready_since = None,
             }
         }
 
@@ -365,24 +503,20 @@ impl<'a> Run<'a> {
             return Ok(());
         }
 
-        if phase != Phase::Finalising {
+        // Promoting and Finalising do not wait for the canary (Flagger does): the primary runs
+        // the promoted template and is ready, so moving traffic off the canary is the cure for
+        // an unready canary, not a reason to halt.
+        if analysing {
             match &obs.canary {
                 Readiness::NotReady(reason) => {
+                    let message = self.canary_not_ready(reason);
                     let since = self.old.not_ready_since.unwrap_or(self.now);
                     self.s.not_ready_since = Some(since);
-                    if analysing && self.now.since(since) >= self.plan.progress_deadline {
-                        self.warn(
-                            "Rollback",
-                            format!(
-                                "Rolling back {} progress deadline exceeded canary {} {} not ready: waiting for rollout to finish: {reason}",
-                                self.id(),
-                                self.plan.target.kind.to_ascii_lowercase(),
-                                self.target_id()
-                            ),
-                        );
+                    if self.past_deadline(since) {
+                        self.deadline_exceeded(message, since);
                         return self.rollback();
                     }
-                    self.halt_not_ready(&self.target_id(), reason);
+                    self.warn("Halt", message);
                     return Ok(());
                 }
                 Readiness::Ready => self.s.not_ready_since = None,
@@ -461,7 +595,16 @@ impl<'a> Run<'a> {
         if hook_results.is_err() || metrics_missing {
             let mut need = hook_results.err().unwrap_or_default();
             if metrics_missing {
-                need.metrics = self.plan.analysis.metrics.clone();
+                need.metrics = self
+                    .plan
+                    .analysis
+                    .metrics
+                    .iter()
+                    .map(|m| MetricCheck {
+                        window: self.measurable(m.window),
+                        ..m.clone()
+                    })
+                    .collect();
             }
             return Err(need);
         }
@@ -500,7 +643,8 @@ impl<'a> Run<'a> {
         let halts: Vec<String> = self
             .checks
             .iter()
-            .filter_map(|c| c.halt_message(&id, &target_id))
+            .zip(&self.plan.analysis.metrics)
+            .filter_map(|(c, m)| c.halt_message(&m.kind, &id, &target_id))
             .collect();
         for message in halts {
             self.warn("Halt", message);
@@ -515,7 +659,15 @@ impl<'a> Run<'a> {
         }
         if any(Verdict::Inconclusive) {
             self.s.inconclusive_checks += 1;
-            if self.plan.analysis.inconclusive_counts_as_failure {
+            // Too little data while the step is younger than the metric's window is the window
+            // still filling, not a verdict: counted only once a full window came up short.
+            let filling = self
+                .checks
+                .iter()
+                .zip(&self.plan.analysis.metrics)
+                .filter(|(c, _)| c.verdict == Verdict::Inconclusive)
+                .all(|(c, m)| c.window < m.window);
+            if self.plan.analysis.inconclusive_counts_as_failure && !filling {
                 self.count_failure()?;
             }
             return Ok(false);
@@ -553,6 +705,28 @@ impl<'a> Run<'a> {
         self.s.canary_weight = Weight::ZERO;
         self.s.iterations = 0;
         self.s.not_ready_since = None;
+        self.s.primary_not_ready_since = None;
+        self.post_rollout(Phase::Failed);
+        Ok(())
+    }
+
+    /// The primary stayed unready past the deadline while promoting (Flagger v1.44's
+    /// `handleFailedPromotion`): all traffic to the canary, the only ready copy of the new
+    /// revision, and Failed at that weight; the canary keeps running.
+    fn fail_promotion(&mut self, readiness: &str) -> Flow {
+        self.warn(
+            "Failed",
+            format!(
+                "Promotion of {} failed, primary not ready: {readiness}",
+                self.target_id()
+            ),
+        );
+        self.route_to(Route::Weighted(Weight::FULL));
+        self.s.phase = Some(Phase::Failed);
+        self.s.canary_weight = Weight::FULL;
+        self.s.iterations = 0;
+        self.s.not_ready_since = None;
+        self.s.primary_not_ready_since = None;
         self.post_rollout(Phase::Failed);
         Ok(())
     }
@@ -585,6 +759,7 @@ impl<'a> Run<'a> {
         self.s.canary_weight = Weight::ZERO;
         self.s.iterations = 0;
         self.s.last_promoted_spec = self.s.last_applied_spec.clone();
+        self.post_rollout(Phase::Succeeded);
         self.info(
             "Succeeded",
             format!(
@@ -657,38 +832,24 @@ impl<'a> Run<'a> {
         let id = self.id();
         let plan: &'a CanaryPlan = self.plan;
         match &plan.analysis.strategy {
-            Strategy::Canary { steps } => match steps.next_after(self.s.canary_weight) {
-                Some(next) => {
-                    if phase == Phase::Progressing {
-                        for (hook, result) in
-                            self.hooks(HookKind::ConfirmTrafficIncrease, Phase::Progressing)?
-                        {
-                            match result {
-                                WebhookResult::Failed(_) => {
-                                    self.warn(
-                                        "Waiting",
-                                        format!(
-                                            "Halt {id} advancement waiting for traffic increase approval {}",
-                                            hook.name
-                                        ),
-                                    );
-                                    return Ok(());
-                                }
-                                WebhookResult::Passed => self.info(
-                                    "Approved",
-                                    format!("Confirm-traffic-increase check {} passed", hook.name),
-                                ),
-                            }
-                        }
-                    }
-                    self.route_to(Route::weighted(next));
-                    self.s.canary_weight = next;
-                    let message = self.with_numbers(format!("Advance {id} canary weight {next}"));
-                    self.info("Advance", message);
-                    Ok(())
+            Strategy::Canary { steps } => {
+                // Flagger runs this gate on every Progressing step of a progressive canary,
+                // the one at maxWeight included: a closed gate holds the promotion too.
+                if phase == Phase::Progressing && !self.confirm_traffic_increase()? {
+                    return Ok(());
                 }
-                None => self.promote(),
-            },
+                match steps.next_after(self.s.canary_weight) {
+                    Some(next) => {
+                        self.route_to(Route::weighted(next));
+                        self.s.canary_weight = next;
+                        let message =
+                            self.with_numbers(format!("Advance {id} canary weight {next}"));
+                        self.info("Advance", message);
+                        Ok(())
+                    }
+                    None => self.promote(),
+                }
+            }
             Strategy::AbTesting { iterations, .. } => {
                 let n = iterations.get();
                 if self.s.iterations < n {
@@ -729,6 +890,30 @@ impl<'a> Run<'a> {
                 }
             }
         }
+    }
+
+    /// The confirm-traffic-increase gate; `Ok(false)` while it holds.
+    fn confirm_traffic_increase(&mut self) -> Result<bool, Need> {
+        for (hook, result) in self.hooks(HookKind::ConfirmTrafficIncrease, Phase::Progressing)? {
+            match result {
+                WebhookResult::Failed(_) => {
+                    self.warn(
+                        "Waiting",
+                        format!(
+                            "Halt {} advancement waiting for traffic increase approval {}",
+                            self.id(),
+                            hook.name
+                        ),
+                    );
+                    return Ok(false);
+                }
+                WebhookResult::Passed => self.info(
+                    "Approved",
+                    format!("Confirm-traffic-increase check {} passed", hook.name),
+                ),
+            }
+        }
+        Ok(true)
     }
 
     /// The confirm-promotion gate; `Ok(false)` while it holds (phase WaitingPromotion).
@@ -772,6 +957,8 @@ impl<'a> Run<'a> {
             revision: self.s.last_applied_spec.clone().unwrap_or_default(),
         });
         self.s.phase = Some(Phase::Promoting);
+        // The primary rolls out the new template from now: its deadline clock starts.
+        self.s.primary_not_ready_since = Some(self.now);
         Ok(())
     }
 
@@ -797,16 +984,13 @@ impl<'a> Run<'a> {
             self.info(
                 "Terminated",
                 format!(
-                    "Finalization complete for {}: traffic is back on {}",
+                    "Terminated canary {}: traffic is back on {}",
                     self.id(),
                     self.target_id()
                 ),
             );
         } else {
-            self.info(
-                "Terminated",
-                format!("Finalization complete for {}", self.id()),
-            );
+            self.info("Terminated", format!("Terminated canary {}", self.id()));
         }
         self.s.phase = Some(Phase::Terminated);
         self.s.not_ready_since = None;
@@ -837,7 +1021,7 @@ impl<'a> Run<'a> {
                 _ => None,
             })
             .collect();
-        if let (false, Some(phase)) = (events.is_empty(), s.phase) {
+        if let (false, true, Some(phase)) = (events.is_empty(), self.record_decision, s.phase) {
             let decision = Decision {
                 time: now,
                 phase,

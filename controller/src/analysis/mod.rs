@@ -47,26 +47,95 @@
 //!
 //! # Differences from Flagger, on purpose
 //!
+//! Compared with Flagger v1.44's scheduler (`pkg/controller/scheduler*.go`, `pkg/canary`). Where
+//! this list says nothing, Weir does what Flagger does, in Flagger's words.
+//!
+//! Traffic and timing:
 //! - The weight never exceeds `maxWeight` (Flagger can overshoot it by up to one step).
 //! - The rollback happens on the step whose failure reaches the threshold, not one interval later.
+//! - `analysis.interval` below 10s is allowed (Flagger raises it to 10s), for fast tests.
+//! - Promoting and Finalising do not wait for the canary to be ready (Flagger halts, and rolls
+//!   back after the progress deadline): the primary already runs the promoted template and is
+//!   ready, so moving traffic off an unready canary is the cure, and a rollback would mark Failed
+//!   a revision the primary runs.
+//!
+//! Checks:
 //! - Every metric is evaluated at every step (Flagger stops at the first failing one) and each
 //!   failing metric gets its own message; one step adds at most one failed check.
 //! - All webhooks of a kind are called in one round, not one by one until the first failure.
 //! - Inconclusive and Error verdicts halt without counting a failure (Flagger counts "no values
-//!   found" as failed); `inconclusiveCountsAsFailure` restores counting for Inconclusive.
+//!   found" and a failed query as failed); `inconclusiveCountsAsFailure` restores counting for
+//!   Inconclusive.
+//! - `minSampleCount` is Weir's own (Flagger has none): fewer requests in the window is
+//!   Inconclusive, in Weir's words (`Halt mhs.application advancement: request-success-rate
+//!   inconclusive, 3 requests in 30s < minSampleCount 20 (from streamed)`).
+//! - Flagger's "no values found" text is used whichever source answered; from the streamed
+//!   source it keeps Flagger's `: running query failed: no values found` although no query ran.
+//! - A failed query reads as Flagger's (`Prometheus query failed: <cause>`, `Metric query failed
+//!   for <metric>: <cause>`); the cause is Weir's own wording (it names the server and the
+//!   query). A check no source measured (an executor fault) reads `... could not be checked`.
+//! - A check counts only what the current step served: its window is the metric's interval
+//!   cut to the time since the canary's route last changed, or since the analysis started or
+//!   was retried (Flagger always looks back a whole metric interval, into the previous step or
+//!   the failed attempt). The cut range also goes into the PromQL: a range shorter than two
+//!   scrape intervals may answer no values, an Inconclusive halt after which the window grows.
+//!   Streamed data is bucketed by receipt time: a window may also hold up to one bucket plus
+//!   one report interval of requests served just before the step began (at the previous weight
+//!   of the same attempt; after a retry or a new revision the weight was 0 then).
+//! - Too little data while that window is still shorter than the metric's interval is not
+//!   counted as a failure, even with `inconclusiveCountsAsFailure`.
+//! - After the controller (re)starts, a step that needs measurements waits for the filters to
+//!   report again (one report interval after the first report for the canary, at most 11s;
+//!   `runner::ReconnectGrace`): the telemetry ingest starts empty, where Flagger's Prometheus
+//!   kept its data.
+//! - Metric providers are not probed at initialization (Flagger's "all the metrics providers are
+//!   available!"): each check asks its source at every step, and a broken one is an Error.
+//!
+//! Readiness and the progress deadline:
+//! - The deadline is timed by the engine (the canary from its scale-up or from the first step
+//!   that saw it unready, the primary from the promotion or from the first step that saw it
+//!   unready; kept in the status), not read from the Deployment's Available condition, so local
+//!   processes get the same rule. A primary scaled to zero is unready like any other (Flagger
+//!   rolls back at once).
+//! - A deadline that ends the rollout records Flagger's readiness error (as Flagger >= 1.36.1)
+//!   followed by `(not ready for 3m0s, progress deadline 2m30s)`.
+//! - An unready primary during initialization halts with no deadline (Flagger rolls back, which
+//!   scales the target to zero while the primary cannot serve). A new revision or a retry waits
+//!   while the primary is unready, also with no deadline (Flagger rolls back: nothing has been
+//!   shifted yet, so that would only mark the canary Failed).
+//!
+//! Revisions and operator requests:
+//! - A target reverted to the promoted revision during an analysis restarts the analysis on it
+//!   (Flagger does not notice, goes on analysing and promotes whatever the target runs). After an
+//!   analysis, such a revert starts nothing, as in Flagger, and Weir says so in an event.
+//! - A retry of a Failed canary without changing it (`weir.dev/retry`, `weir retry`) is Weir's
+//!   own.
+//!
+//! Status and events:
 //! - `failedChecks` keeps its value in Failed (Flagger resets it), and the status weight is the
 //!   weight being routed (Flagger's status shows 0 while WaitingPromotion/Promoting).
-//! - `analysis.interval` below 10s is allowed (Flagger raises it to 10s), for fast tests.
+//! - While WaitingPromotion, A/B testing and blue/green keep their iteration count (Flagger sets
+//!   it back by one, so it announces the last iteration again every other step).
 //! - Event messages of decisions that used metrics end with the numbers, in parentheses.
+//! - Event reasons name the decision (`Advance`, `Halt`, `Rollback`, `Promote`, ...); Flagger
+//!   writes `Synced` for every event. Severities are Flagger's.
+//! - Events Flagger does not have: `New Deployment detected, starting initialization of ...`,
+//!   `New revision of ... detected while initializing, updating ...`, the retry events
+//!   (`Retrying ...`, `Ignoring retry request ...`), the manual-rollback note, and `: traffic is
+//!   back on <target>` after `Terminated canary ...` with `revertOnDeletion`.
+//! - Suspended steps (`skipping canary run as object is suspended`, as Flagger) are not kept in
+//!   the status' decision history, which is Weir's own.
+//! - Spec fields Weir parses but does not implement (alerts, mirroring, session affinity, ...)
+//!   are named in a warning when the Canary is loaded, rather than listed here.
 
 mod check;
 mod effect;
 mod engine;
 mod observe;
 
-pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict};
+pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict, PROMETHEUS_SOURCE};
 pub use effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
-pub use engine::{desired_route, next_step_at, step};
+pub use engine::{canary_runs, desired_route, next_step_at, step};
 pub use observe::{Observations, Readiness, WebhookResult};
 
 #[cfg(test)]

@@ -47,8 +47,10 @@ pub enum Readiness {
     /// Rolled out and available.
     #[default]
     Ready,
-    /// Not (yet) available; the reason completes "waiting for rollout to finish: ...", e.g.
-    /// `0 of 1 updated replicas are available` or `process not listening on 127.0.0.1:8081`.
+    /// Not (yet) available, and why, as Flagger's readiness check says it (the engine prefixes
+    /// the workload: `canary deployment mhs.application not ready: <reason>`), e.g.
+    /// `waiting for rollout to finish: 0 of 1 (readyThreshold 100%) updated replicas are
+    /// available` or `process not listening on 127.0.0.1:8081`.
     NotReady(String),
 }
 

@@ -351,6 +351,17 @@ impl Ingest {
         self.inner.windows.last_report(canary)
     }
 
+    /// When the first report that included the canary arrived since this ingest started; None
+    /// if none did. After a controller restart, the first sign that the filters reconnected.
+    pub fn first_report(&self, canary: &str) -> Option<Instant> {
+        self.inner.windows.first_report(canary)
+    }
+
+    /// When this ingest was built (the controller's start): it holds no sample from before.
+    pub fn started_at(&self) -> Instant {
+        self.inner.windows.origin()
+    }
+
     /// Publishes a complete new directive to every connected Envoy; returns its generation.
     /// Reports for the new canaries are accepted from this moment; canaries left out are
     /// retired (see [`IngestConfig::retired_canary_grace`]).

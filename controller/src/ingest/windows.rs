@@ -213,6 +213,7 @@ impl VersionSeries {
 #[derive(Debug, Default)]
 struct CanaryWindows {
     versions: [VersionSeries; 2],
+    first_report: Option<Instant>,
     last_report: Option<Instant>,
 }
 
@@ -317,6 +318,9 @@ impl Windows {
             if state.last_report.is_none_or(|last| last < now) {
                 state.last_report = Some(now);
             }
+            if state.first_report.is_none_or(|first| first > now) {
+                state.first_report = Some(now);
+            }
             let Some(series) = state.versions.get_mut(entry.version) else {
                 continue;
             };
@@ -394,6 +398,20 @@ impl Windows {
         drop(canaries);
         let last = lock(&cell.state).last_report;
         last
+    }
+
+    /// When the first report for the canary arrived; None if never (or not tracked).
+    pub(crate) fn first_report(&self, key: &str) -> Option<Instant> {
+        let canaries = self.canaries.read().unwrap_or_else(|e| e.into_inner());
+        let cell = canaries.get(key)?.cell.clone();
+        drop(canaries);
+        let first = lock(&cell.state).first_report;
+        first
+    }
+
+    /// Where bucket time starts: when the ingest was built.
+    pub(crate) fn origin(&self) -> Instant {
+        self.origin
     }
 
     /// Drops expired buckets everywhere and forgets retired canaries whose data has expired.
@@ -572,6 +590,7 @@ mod tests {
         assert_eq!(primary, VersionWindow::default());
         assert_eq!(w.window("shop/other", Version::Canary, s(60), t0), None);
         assert_eq!(w.last_report("shop/web"), Some(t0 + s(20)));
+        assert_eq!(w.first_report("shop/web"), Some(t0));
     }
 
     #[test]

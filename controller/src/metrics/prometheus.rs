@@ -32,7 +32,7 @@ use crate::analysis::Measurement;
 use crate::spec::{format_go_duration, CanaryPlan, MetricCheck, MetricKind, QueryTemplate};
 
 /// The source's name in events and decisions.
-pub const NAME: &str = "prometheus";
+pub const NAME: &str = crate::analysis::PROMETHEUS_SOURCE;
 
 /// How long one query may take (Flagger's Prometheus provider uses 5s too).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1047,8 +1047,10 @@ spec:
         let verdict = crate::analysis::evaluate(check, Some(&m), 20);
         assert_eq!(verdict.verdict, crate::analysis::Verdict::Inconclusive);
         assert_eq!(
-            verdict.halt_message(&plan.id(), &plan.target_id()).unwrap(),
-            "Halt mhs.application advancement no values found for prometheus metric errors probably mhs.application is not receiving traffic (no data in 1m0s from prometheus)"
+            verdict
+                .halt_message(&check.kind, &plan.id(), &plan.target_id())
+                .unwrap(),
+            "Halt advancement no values found for custom metric: errors: no values found (in 1m0s from prometheus)"
         );
     }
 

@@ -182,6 +182,15 @@ pub struct CanaryStatus {
     /// measured against the progress deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_ready_since: Option<Timestamp>,
+    /// Weir: since when the canary's traffic has been routed as it is now (set when an analysis
+    /// starts or is retried, and at every route change). Checks count only requests served
+    /// since then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed_since: Option<Timestamp>,
+    /// Weir: since when the primary has been seen not ready (or since the promotion that
+    /// started its rollout); measured against the progress deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_not_ready_since: Option<Timestamp>,
     /// Weir: retry bookkeeping.
     #[serde(default, skip_serializing_if = "RetryState::is_empty")]
     pub retry: RetryState,

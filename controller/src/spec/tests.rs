@@ -596,3 +596,22 @@ fn the_retry_token_comes_from_the_weir_retry_annotation() {
     assert_eq!(canary.retry_token(), Some("2024-05-01T11:00:00Z"));
     assert_eq!(from_yaml(&with_analysis("")).unwrap().retry_token(), None);
 }
+
+#[test]
+fn with_step_weight_and_step_weights_the_last_entry_is_the_maximum_weight_as_in_flagger() {
+    let yaml =
+        with_analysis("analysis:\n  stepWeight: 10\n  stepWeights: [5, 20, 35]\n  maxWeight: 50");
+    let compiled = compile(&yaml).unwrap_or_else(|e| panic!("{e}"));
+    let Strategy::Canary { steps } = &compiled.plan.analysis.strategy else {
+        panic!("expected a progressive canary")
+    };
+    // stepWeight sizes the steps, the last stepWeights entry caps them (never above it).
+    assert_eq!(steps.weights(), &[w(10), w(20), w(30), w(35)]);
+    assert_eq!(
+        warnings(&yaml),
+        vec![
+            "spec.analysis.stepWeights: ignored, stepWeight is set and takes precedence, except that the last entry is the maximum weight, as in Flagger",
+            "spec.analysis.maxWeight: ignored, with stepWeights the last entry is the maximum weight",
+        ]
+    );
+}

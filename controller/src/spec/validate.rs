@@ -792,15 +792,23 @@ impl Checker {
                 );
             }
             let steps = match (step_weight, step_weights) {
-                (Some(step), list) => {
-                    if list.is_some() {
+                (Some(step), Some(list)) => {
+                    // Flagger's maxWeight() is the last stepWeights entry whenever the list is
+                    // set, while stepWeight sizes the steps.
+                    self.warn(
+                        p("stepWeights"),
+                        ignored("stepWeight is set and takes precedence, except that the last entry is the maximum weight, as in Flagger"),
+                    );
+                    if max_weight.is_some() {
                         self.warn(
-                            p("stepWeights"),
-                            ignored("stepWeight is set and takes precedence, as in Flagger"),
+                            p("maxWeight"),
+                            ignored("with stepWeights the last entry is the maximum weight"),
                         );
                     }
-                    Steps::linear(step, max_weight.unwrap_or(Weight::FULL))
+                    let max = list.last().copied().or(max_weight).unwrap_or(Weight::FULL);
+                    Steps::linear(step, max)
                 }
+                (Some(step), None) => Steps::linear(step, max_weight.unwrap_or(Weight::FULL)),
                 (None, Some(list)) => {
                     if max_weight.is_some() {
                         self.warn(

@@ -165,7 +165,7 @@ fn no_data_at_all_is_inconclusive_in_flaggers_words() {
     let step = sim.tick();
     assert_eq!(
         messages(&step),
-        vec!["Halt mhs.application advancement no values found for prometheus metric request-duration probably mhs.application is not receiving traffic (no data in 30s from prometheus)"]
+        vec!["Halt advancement no values found for istio metric request-duration probably mhs.application is not receiving traffic (in 30s from prometheus)"]
     );
     assert_eq!(sim.status.failed_checks, 0);
 }
@@ -209,7 +209,7 @@ fn a_broken_source_halts_without_counting_and_names_the_cause() {
     let step = sim.tick();
     assert_eq!(
         messages(&step),
-        vec!["Halt mhs.application advancement: request-success-rate could not be checked, prometheus error: Get \"http://127.0.0.1:9090/api/v1/query\": connection refused"]
+        vec!["Prometheus query failed: Get \"http://127.0.0.1:9090/api/v1/query\": connection refused"]
     );
     let s = &sim.status;
     assert_eq!(
@@ -233,23 +233,29 @@ fn a_metric_the_executor_did_not_report_is_an_error_not_a_pass() {
 #[test]
 fn a_canary_that_is_not_ready_halts_without_checks_or_failures() {
     let mut sim = Sim::new(mhs()).at_weight(20);
-    sim.obs.canary = Readiness::NotReady("1 of 2 updated replicas are available".into());
+    sim.obs.canary = Readiness::NotReady(
+        "waiting for rollout to finish: 1 of 2 (readyThreshold 100%) updated replicas are available"
+            .into(),
+    );
     let rounds = sim.rounds.len();
     let step = sim.tick();
     assert_eq!(
         messages(&step),
-        vec!["Halt advancement mhs.application waiting for rollout to finish: 1 of 2 updated replicas are available"]
+        vec!["canary deployment mhs.application not ready: waiting for rollout to finish: 1 of 2 (readyThreshold 100%) updated replicas are available"]
     );
     assert_eq!(sim.rounds.len(), rounds, "no metrics asked for");
     let s = &sim.status;
     assert_eq!((s.canary_weight, s.failed_checks), (w(20), 0));
 }
 
+const NOT_AVAILABLE: &str =
+    "waiting for rollout to finish: 0 of 1 (readyThreshold 100%) updated replicas are available";
+
 #[test]
 fn a_canary_not_ready_past_the_progress_deadline_rolls_back() {
     let plan = plan_with("progressDeadlineSeconds: 150", MHS_ANALYSIS);
     let mut sim = Sim::new(plan).progressing();
-    sim.obs.canary = Readiness::NotReady("0 of 1 updated replicas are available".into());
+    sim.obs.canary = Readiness::NotReady(NOT_AVAILABLE.into());
     sim.tick(); // 60s after the scale-up
     sim.tick(); // 120s
     assert_eq!(sim.status.phase, Some(Phase::Progressing));
@@ -257,12 +263,130 @@ fn a_canary_not_ready_past_the_progress_deadline_rolls_back() {
     assert_eq!(
         messages(&step),
         vec![
-            "Rolling back mhs.application progress deadline exceeded canary deployment mhs.application not ready: waiting for rollout to finish: 0 of 1 updated replicas are available",
+            "canary deployment mhs.application not ready: waiting for rollout to finish: 0 of 1 (readyThreshold 100%) updated replicas are available (not ready for 3m0s, progress deadline 2m30s)",
             "Canary failed! Scaling down mhs.application",
         ]
     );
     assert_eq!(sim.status.phase, Some(Phase::Failed));
     assert_eq!(sim.status.not_ready_since, None);
+}
+
+#[test]
+fn a_canary_not_ready_for_exactly_the_deadline_is_not_rolled_back_yet() {
+    // Flagger rolls back only strictly after the deadline (`from.Add(deadline).Before(now)`).
+    let plan = plan_with("progressDeadlineSeconds: 120", MHS_ANALYSIS);
+    let mut sim = Sim::new(plan).progressing();
+    sim.obs.canary = Readiness::NotReady(NOT_AVAILABLE.into());
+    sim.tick(); // 60s after the scale-up
+    let step = sim.tick(); // 120s: at the deadline, not past it
+    assert_eq!(
+        messages(&step),
+        vec![format!(
+            "canary deployment mhs.application not ready: {NOT_AVAILABLE}"
+        )]
+    );
+    assert_eq!(sim.status.phase, Some(Phase::Progressing));
+    sim.tick(); // 180s
+    assert_eq!(sim.status.phase, Some(Phase::Failed));
+}
+
+#[test]
+fn a_primary_not_ready_past_the_progress_deadline_during_analysis_rolls_back() {
+    let plan = plan_with("progressDeadlineSeconds: 150", MHS_ANALYSIS);
+    let mut sim = Sim::new(plan).at_weight(20);
+    sim.obs.primary = Readiness::NotReady(NOT_AVAILABLE.into());
+    for _ in 0..3 {
+        let step = sim.tick(); // first seen, +60s, +120s
+        assert_eq!(
+            messages(&step),
+            vec![format!(
+                "mhs-primary.application not ready: {NOT_AVAILABLE}"
+            )]
+        );
+    }
+    let step = sim.tick(); // +180s > 150s
+    assert_eq!(
+        messages(&step),
+        vec![
+            format!("mhs-primary.application not ready: {NOT_AVAILABLE} (not ready for 3m0s, progress deadline 2m30s)"),
+            "Canary failed! Scaling down mhs.application".to_string(),
+        ]
+    );
+    assert_eq!(
+        actions(&step),
+        vec![
+            Effect::Route(Route::Primary),
+            Effect::ScaleCanary(Scale::Down)
+        ]
+    );
+    let s = &sim.status;
+    assert_eq!(
+        (s.phase, s.canary_weight),
+        (Some(Phase::Failed), Weight::ZERO)
+    );
+    assert_eq!(s.primary_not_ready_since, None);
+}
+
+#[test]
+fn a_primary_not_ready_past_the_deadline_while_promoting_fails_the_promotion_onto_the_canary() {
+    let plan = plan_with(
+        "progressDeadlineSeconds: 150",
+        &format!("{MHS_ANALYSIS}\n  webhooks:\n  - name: notify\n    type: post-rollout\n    url: http://notify/"),
+    );
+    let mut sim = Sim::new(plan).at_weight(50);
+    sim.tick();
+    assert_eq!(sim.status.phase, Some(Phase::Promoting));
+    // The promotion started the primary's rollout: its clock runs from there.
+    sim.obs.primary = Readiness::NotReady(NOT_AVAILABLE.into());
+    sim.tick(); // +60s
+    sim.tick(); // +120s
+    assert_eq!(sim.status.phase, Some(Phase::Promoting));
+    let step = sim.tick(); // +180s > 150s
+    assert_eq!(
+        messages(&step),
+        vec![
+            format!("mhs-primary.application not ready: {NOT_AVAILABLE} (not ready for 3m0s, progress deadline 2m30s)"),
+            format!("Promotion of mhs.application failed, primary not ready: mhs-primary.application not ready: {NOT_AVAILABLE}"),
+        ]
+    );
+    assert_eq!(
+        actions(&step),
+        vec![
+            Effect::Route(Route::Weighted(Weight::FULL)),
+            Effect::CallWebhook(WebhookCall {
+                webhook: sim.plan.analysis.webhooks[0].clone(),
+                phase: Phase::Failed
+            }),
+        ],
+        "all traffic to the canary, which keeps running"
+    );
+    let s = &sim.status;
+    assert_eq!(
+        (s.phase, s.canary_weight),
+        (Some(Phase::Failed), Weight::FULL)
+    );
+    assert_eq!(
+        desired_route(&sim.plan, s),
+        Some(Route::Weighted(Weight::FULL))
+    );
+    assert!(canary_runs(s));
+    assert!(sim.tick().effects.is_empty(), "Failed stays put");
+
+    // Once the primary is fixed, a retry moves traffic back to it and analyses again.
+    sim.obs.primary = Readiness::Ready;
+    sim.obs.retry = Some("t1".into());
+    let step = sim.tick();
+    assert_eq!(
+        actions(&step),
+        vec![
+            Effect::ScaleCanary(Scale::Up),
+            Effect::Route(Route::Primary)
+        ]
+    );
+    assert_eq!(
+        (sim.status.phase, sim.status.canary_weight),
+        (Some(Phase::Progressing), Weight::ZERO)
+    );
 }
 
 #[test]
@@ -288,11 +412,13 @@ fn a_canary_that_becomes_ready_in_time_resets_the_deadline_clock() {
 #[test]
 fn a_primary_that_is_not_ready_halts_the_analysis() {
     let mut sim = Sim::new(mhs()).at_weight(20);
-    sim.obs.primary = Readiness::NotReady("1 old replicas are pending termination".into());
+    sim.obs.primary = Readiness::NotReady(
+        "waiting for rollout to finish: 1 old replicas are pending termination".into(),
+    );
     let step = sim.tick();
     assert_eq!(
         messages(&step),
-        vec!["Halt advancement mhs-primary.application waiting for rollout to finish: 1 old replicas are pending termination"]
+        vec!["mhs-primary.application not ready: waiting for rollout to finish: 1 old replicas are pending termination"]
     );
     assert_eq!(sim.status.canary_weight, w(20));
 }
@@ -314,4 +440,21 @@ fn promotion_waits_for_the_primary_to_roll_out_the_new_template() {
     sim.obs.primary = Readiness::Ready;
     sim.tick();
     assert_eq!(sim.status.phase, Some(Phase::Finalising));
+}
+
+#[test]
+fn an_unready_canary_does_not_hold_a_promotion_that_moves_traffic_off_it() {
+    let mut sim = Sim::new(mhs()).at_weight(50);
+    sim.tick();
+    assert_eq!(sim.status.phase, Some(Phase::Promoting));
+    sim.obs.canary = Readiness::NotReady(NOT_AVAILABLE.into());
+    let step = sim.tick();
+    assert_eq!(messages(&step), vec!["Routing all traffic to primary"]);
+    assert_eq!(sim.status.phase, Some(Phase::Finalising));
+    let step = sim.tick();
+    assert_eq!(
+        messages(&step),
+        vec!["Promotion completed! Scaling down mhs.application"]
+    );
+    assert_eq!(sim.status.phase, Some(Phase::Succeeded));
 }

@@ -161,6 +161,66 @@ fn confirm_traffic_increase_holds_the_weight_until_approved() {
 }
 
 #[test]
+fn confirm_traffic_increase_also_holds_the_promotion_at_max_weight() {
+    let mut sim = Sim::new(mhs_plus(
+        "  webhooks:\n  - name: more\n    type: confirm-traffic-increase\n    url: http://gate/",
+    ))
+    .with_hook("more", WebhookResult::Passed)
+    .at_weight(50);
+    sim.hook("more", failed());
+    let step = sim.tick();
+    assert_eq!(
+        messages(&step),
+        vec!["Halt mhs.application advancement waiting for traffic increase approval more"]
+    );
+    assert_eq!(
+        actions(&step),
+        vec![],
+        "no promotion while the gate is closed"
+    );
+    assert_eq!(
+        (sim.status.phase, sim.status.canary_weight),
+        (Some(Phase::Progressing), w(50))
+    );
+    sim.hook("more", WebhookResult::Passed);
+    let step = sim.tick();
+    assert_eq!(
+        messages(&step)[0],
+        "Confirm-traffic-increase check more passed"
+    );
+    assert_eq!(sim.status.phase, Some(Phase::Promoting));
+}
+
+#[test]
+fn a_canary_waiting_for_promotion_is_not_asked_for_traffic_increase_again() {
+    let hooks = "  webhooks:
+  - name: more
+    type: confirm-traffic-increase
+    url: http://gate/
+  - name: approve
+    type: confirm-promotion
+    url: http://gate/";
+    let mut sim = Sim::new(mhs_plus(hooks))
+        .with_hook("more", WebhookResult::Passed)
+        .with_hook("approve", failed())
+        .at_weight(50);
+    sim.tick();
+    assert_eq!(sim.status.phase, Some(Phase::WaitingPromotion));
+    sim.rounds.clear();
+    sim.tick();
+    let asked: Vec<String> = sim
+        .rounds
+        .iter()
+        .flat_map(|r| r.webhooks.iter().map(|(name, _)| name.clone()))
+        .collect();
+    assert_eq!(
+        asked,
+        vec!["approve"],
+        "as Flagger: the gate is Progressing-only"
+    );
+}
+
+#[test]
 fn confirm_promotion_waits_at_max_weight_while_analysis_goes_on() {
     let mut sim = Sim::new(mhs_plus(
         "  webhooks:\n  - name: approve\n    type: confirm-promotion\n    url: http://gate/",
@@ -258,4 +318,24 @@ fn post_rollout_hooks_are_called_after_success_and_after_failure() {
         sim.rounds.iter().all(|r| r.webhooks.is_empty()),
         "post-rollout is not awaited"
     );
+}
+
+#[test]
+fn skip_analysis_promotion_calls_the_post_rollout_hooks() {
+    let plan = plan_with(
+        "skipAnalysis: true",
+        &format!("{MHS_ANALYSIS}\n  webhooks:\n  - name: notify\n    type: post-rollout\n    url: http://notify/"),
+    );
+    let mut sim = Sim::new(plan).progressing();
+    let step = sim.tick();
+    assert_eq!(sim.status.phase, Some(Phase::Succeeded));
+    let calls: Vec<(String, Phase)> = step
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::CallWebhook(c) => Some((c.webhook.name.clone(), c.phase)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls, vec![("notify".to_string(), Phase::Succeeded)]);
 }

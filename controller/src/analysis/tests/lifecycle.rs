@@ -50,12 +50,15 @@ fn initialization_finishes_once_the_primary_is_ready() {
 fn initialization_waits_while_the_primary_is_not_ready() {
     let mut sim = Sim::new(mhs());
     sim.tick();
-    sim.obs.primary = Readiness::NotReady("0 of 2 updated replicas are available".into());
+    sim.obs.primary = Readiness::NotReady(
+        "waiting for rollout to finish: 0 of 2 (readyThreshold 100%) updated replicas are available"
+            .into(),
+    );
     let step = sim.tick();
     assert_eq!(actions(&step), vec![]);
     assert_eq!(
         messages(&step),
-        vec!["Halt advancement mhs-primary.application waiting for rollout to finish: 0 of 2 updated replicas are available"]
+        vec!["mhs-primary.application not ready: waiting for rollout to finish: 0 of 2 (readyThreshold 100%) updated replicas are available"]
     );
     assert_eq!(sim.status.phase, Some(Phase::Initializing));
 }

@@ -7,6 +7,7 @@ mod hooks;
 mod lifecycle;
 mod restart;
 mod strategies;
+mod windows;
 
 use super::*;
 use crate::spec::{
@@ -206,11 +207,13 @@ impl Sim {
                             need.metrics
                                 .iter()
                                 .filter(|m| !self.unreported.contains(&m.name))
-                                .map(|m| {
-                                    self.metrics
-                                        .get(&m.name)
-                                        .cloned()
-                                        .unwrap_or_else(|| healthy(m))
+                                .map(|m| match self.metrics.get(&m.name) {
+                                    // A source measures over the window it is asked for.
+                                    Some(scripted) => Measurement {
+                                        window: m.window,
+                                        ..scripted.clone()
+                                    },
+                                    None => healthy(m),
                                 })
                                 .collect(),
                         );

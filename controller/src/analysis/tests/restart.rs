@@ -250,10 +250,7 @@ fn deleting_a_canary_moves_traffic_to_primary_and_terminates() {
         "the rest follows at the normal cadence"
     );
     let step = sim.tick();
-    assert_eq!(
-        messages(&step),
-        vec!["Finalization complete for mhs.application"]
-    );
+    assert_eq!(messages(&step), vec!["Terminated canary mhs.application"]);
     assert_eq!(sim.status.phase, Some(Phase::Terminated));
     assert_eq!(desired_route(&sim.plan, &sim.status), Some(Route::Primary));
     sim.obs.revision = "r9".into();
@@ -281,7 +278,7 @@ fn deleting_with_revert_restores_the_target_before_giving_traffic_back() {
     assert_eq!(actions(&step), vec![Effect::RevertRouting]);
     assert_eq!(
         messages(&step),
-        vec!["Finalization complete for mhs.application: traffic is back on mhs.application"]
+        vec!["Terminated canary mhs.application: traffic is back on mhs.application"]
     );
     assert_eq!(sim.status.phase, Some(Phase::Terminated));
     assert_eq!(desired_route(&sim.plan, &sim.status), None);
@@ -308,4 +305,84 @@ fn a_status_written_by_flagger_is_picked_up_where_it_stopped() {
     let step = sim.tick();
     assert_eq!(actions(&step), vec![Effect::Route(Route::Weighted(w(40)))]);
     assert_eq!(sim.status.failed_checks, 1);
+}
+
+#[test]
+fn reverting_the_target_to_the_promoted_revision_after_a_failure_starts_no_analysis() {
+    let mut sim = Sim::new(mhs()).at_weight(20);
+    sim.status.failed_checks = 5;
+    sim.tick();
+    assert_eq!(sim.status.phase, Some(Phase::Failed));
+    // The user rolls the target back to what the primary runs.
+    sim.obs.revision = "r1".into();
+    let step = sim.tick();
+    assert_eq!(
+        messages(&step),
+        vec!["mhs.application is back at revision r1, which mhs-primary.application runs: nothing to analyse"]
+    );
+    assert_eq!(actions(&step), vec![], "the canary is not scaled up");
+    let s = &sim.status;
+    assert_eq!(
+        (
+            s.phase,
+            s.last_applied_spec.as_deref(),
+            s.last_promoted_spec.as_deref()
+        ),
+        (Some(Phase::Failed), Some("r1"), Some("r1"))
+    );
+    assert!(sim.tick().effects.is_empty(), "and stays quiet");
+    // A real new revision is analysed as usual.
+    sim.obs.revision = "r3".into();
+    sim.tick();
+    assert_eq!(sim.status.phase, Some(Phase::Progressing));
+}
+
+#[test]
+fn a_new_revision_waits_while_the_primary_is_not_ready() {
+    let mut sim = Sim::new(mhs());
+    sim.tick();
+    sim.tick();
+    sim.obs.primary = Readiness::NotReady(
+        "waiting for rollout to finish: 1 old replicas are pending termination".into(),
+    );
+    sim.obs.revision = "r2".into();
+    let step = sim.tick();
+    assert_eq!(
+        messages(&step),
+        vec!["mhs-primary.application not ready: waiting for rollout to finish: 1 old replicas are pending termination"]
+    );
+    assert_eq!(actions(&step), vec![], "the canary is not scaled up");
+    assert_eq!(sim.status.phase, Some(Phase::Initialized));
+    assert_eq!(sim.status.last_applied_spec.as_deref(), Some("r1"));
+    sim.obs.primary = Readiness::Ready;
+    let step = sim.tick();
+    assert_eq!(actions(&step), vec![Effect::ScaleCanary(Scale::Up)]);
+    assert_eq!(sim.status.phase, Some(Phase::Progressing));
+}
+
+#[test]
+fn a_retry_waits_while_the_primary_is_not_ready_and_runs_once_it_is() {
+    let mut sim = Sim::new(mhs()).at_weight(20);
+    sim.status.failed_checks = 5;
+    sim.tick();
+    sim.obs.primary = Readiness::NotReady("process not listening on 127.0.0.1:8081".into());
+    sim.obs.retry = Some("t1".into());
+    let step = sim.tick();
+    assert_eq!(
+        messages(&step),
+        vec!["mhs-primary.application not ready: process not listening on 127.0.0.1:8081"]
+    );
+    assert_eq!(sim.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        sim.status.retry.last_token, None,
+        "the request stays pending"
+    );
+    // Asked again before the interval: said once per interval only.
+    sim.now = sim.now.saturating_add(secs(1));
+    assert!(sim.step().effects.is_empty());
+    sim.obs.primary = Readiness::Ready;
+    sim.now = sim.now.saturating_add(secs(1));
+    let step = sim.step();
+    assert!(messages(&step)[0].starts_with("Retrying mhs.application analysis as requested"));
+    assert_eq!(sim.status.phase, Some(Phase::Progressing));
 }

@@ -230,18 +230,32 @@ fn skip_analysis_still_waits_for_the_canary_to_be_ready() {
 }
 
 #[test]
-fn a_suspended_canary_does_nothing_at_all() {
+fn a_suspended_canary_says_so_at_every_step_and_changes_nothing_else() {
     let mut sim = Sim::new(mhs()).at_weight(20);
     sim.plan.suspend = true;
     sim.obs.revision = "r3".into();
     sim.fail_metric(REQUEST_SUCCESS_RATE, 10.0, 1000);
     let before = sim.status.clone();
+    let rounds = sim.rounds.len();
     for _ in 0..3 {
-        sim.now = sim.now.saturating_add(secs(600));
-        let step = sim.step();
-        assert!(step.effects.is_empty());
+        let step = sim.tick();
+        assert_eq!(
+            messages(&step),
+            vec!["skipping canary run as object is suspended"]
+        );
+        assert_eq!(actions(&step), vec![]);
+        // Once per interval, not at every call.
+        assert!(sim.step().effects.is_empty());
     }
-    assert_eq!(sim.status, before);
+    assert_eq!(sim.rounds.len(), rounds, "nothing measured or called");
+    let after = CanaryStatus {
+        last_step_time: before.last_step_time,
+        ..sim.status.clone()
+    };
+    assert_eq!(
+        after, before,
+        "only the step time moved; no decision recorded"
+    );
 }
 
 #[test]
