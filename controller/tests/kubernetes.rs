@@ -349,6 +349,16 @@ struct Harness {
 
 impl Harness {
     fn new(canary_object: Value, fallback_after: Duration) -> Self {
+        Self::with_settings(
+            canary_object,
+            Settings {
+                fallback_after,
+                ..Settings::default()
+            },
+        )
+    }
+
+    fn with_settings(canary_object: Value, settings: Settings) -> Self {
         let cluster = Cluster::start();
         cluster.put(target("ghcr.io/weir/mhs:1.1.1"));
         cluster.put(canary_object);
@@ -356,9 +366,8 @@ impl Harness {
         let ctx = Context::new(
             cluster.client.clone(),
             Settings {
-                fallback_after,
                 instance: "weir-0".into(),
-                ..Settings::default()
+                ..settings
             },
             Directives::new(ingest.clone()),
             StreamedSource::new(ingest.clone()),
@@ -852,6 +861,122 @@ async fn without_filter_reports_the_virtual_service_carries_the_weights_and_an_e
         h.ingest
             .ingest(&canary_report(1, 10, 0, generation), Instant::now())
             .unwrap();
+        let calls = h.reconcile().await;
+        let vs = find(&calls, "PATCH", VS);
+        assert_eq!(
+            vs.body["spec"]["http"][0]["match"][0]["headers"]["x-weir-route"]["exact"],
+            "canary"
+        );
+        assert!(events(&calls).iter().any(|e| e.1 == "RoutingFilters"));
+    })
+    .await;
+}
+
+/// A report from the Envoy of [`canary_report`] that carries nothing for the canary: no stats
+/// at all, or entries with zero requests.
+fn empty_report(sequence: u64, generation: u64, with_zero_entries: bool) -> Report {
+    let mut report = canary_report(sequence, 0, 0, generation);
+    if !with_zero_entries {
+        report.stats.clear();
+    }
+    report
+}
+
+#[tokio::test]
+async fn the_weighted_fallback_engages_when_the_filters_stop_reporting_mid_rollout() {
+    bounded(async {
+        // Checks that never have enough samples: the rollout halts at its first weight.
+        let analysis = json!({"interval": "100ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10,
+            "minSampleCount": 1_000_000,
+            "metrics": [{"name": "request-success-rate", "interval": "1m", "thresholdRange": {"min": 99}}]});
+        let h = Harness::with_settings(
+            canary(false, analysis),
+            Settings {
+                fallback_after: Duration::from_millis(600),
+                report_freshness: Duration::from_millis(150),
+                ..Settings::default()
+            },
+        );
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        // The filters report while the rollout starts: routing by header.
+        let sequence = std::cell::Cell::new(0);
+        let next = || {
+            sequence.set(sequence.get() + 1);
+            sequence.get()
+        };
+        let report = |h: &Harness, requests: u64| {
+            let generation = h.ingest.directive().generation;
+            h.ingest
+                .ingest(&canary_report(next(), requests, 0, generation), Instant::now())
+                .expect("the report is accepted");
+        };
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            if h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"] == 10 {
+                break;
+            }
+            report(&h, 10);
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        assert_eq!(h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"], 10);
+        assert!(events(&calls).iter().all(|e| e.1 != "RoutingFallback"));
+
+        // Then they go away (uninstalled, or their stream is down): after fallback_after
+        // without a report the VirtualService carries the weight the status claims.
+        let mut calls = Vec::new();
+        for _ in 0..30 {
+            if events(&calls).iter().any(|e| e.1 == "RoutingFallback") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        let fallback = events(&calls)
+            .into_iter()
+            .find(|e| e.1 == "RoutingFallback")
+            .expect("the fallback engaged once the filters were silent");
+        assert_eq!(fallback.0, "Warning");
+        assert!(
+            fallback.2.contains("No Weir filter reported for mhs.application"),
+            "{fallback:?}"
+        );
+        let vs = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", VS))
+            .expect("the VirtualService was rewritten");
+        let weight = h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"].clone();
+        let route = &vs.body["spec"]["http"][0]["route"];
+        assert_eq!(route[1]["destination"]["host"], "mhs-canary");
+        assert_eq!(route[1]["weight"], weight);
+        assert!(!vs.body.to_string().contains("x-weir-route"));
+
+        // A filter that is connected but carries nothing for this canary is not reporting for
+        // it: neither an empty report nor entries with zero requests bring header routing back.
+        for with_zero_entries in [false, true] {
+            let generation = h.ingest.directive().generation;
+            h.ingest
+                .ingest(
+                    &empty_report(next(), generation, with_zero_entries),
+                    Instant::now(),
+                )
+                .expect("the report is accepted");
+            let calls = h.reconcile().await;
+            assert!(
+                calls.iter().all(|c| !c.is("PATCH", VS)),
+                "{:#?}",
+                writes(&calls)
+            );
+            assert!(events(&calls).iter().all(|e| e.1 != "RoutingFilters"));
+        }
+
+        // Requests reported again: header routing at once.
+        report(&h, 10);
         let calls = h.reconcile().await;
         let vs = find(&calls, "PATCH", VS);
         assert_eq!(

@@ -77,6 +77,9 @@ pub struct Settings {
     /// How long a routed canary may go without any filter report before the VirtualService
     /// carries the weights itself.
     pub fallback_after: Duration,
+    /// How recent a report must be for the filters to count as reporting for a canary (the
+    /// same window the metric source uses to choose between streamed data and Prometheus).
+    pub report_freshness: Duration,
     /// This controller's instance (pod) name, for events.
     pub instance: String,
 }
@@ -87,6 +90,7 @@ impl Default for Settings {
             routing_header: crate::platform::local::envoy::ROUTING_HEADER.to_owned(),
             canary_value: crate::platform::local::envoy::CANARY_VALUE.to_owned(),
             fallback_after: Duration::from_secs(60),
+            report_freshness: crate::metrics::select::DEFAULT_FRESHNESS,
             instance: "weir".to_owned(),
         }
     }
@@ -339,16 +343,31 @@ impl KubernetesPlatform {
         .map_err(self.failed("applying the VirtualService"))
     }
 
-    /// Filters while any filter has reported for the canary; weights once it has been routed for
-    /// `fallback_after` without a single report. Queues an event when the mode changes.
+    /// Whether a filter reported requests for the canary within the freshness window.
+    fn filters_report(&self, now: Instant) -> bool {
+        self.ingest
+            .last_report(&self.plan.key())
+            .is_some_and(|last| {
+                now.saturating_duration_since(last) <= self.settings.report_freshness
+            })
+    }
+
+    /// Filters while a filter reports for the canary (a report within the freshness window);
+    /// weights once the canary has been routed for `fallback_after` without a report (none at
+    /// all, or the filters went away); in between, the mode stays. Queues an event when the
+    /// mode changes.
     fn decide_mode(&self) -> RoutingMode {
         let now = Instant::now();
         let mut state = self.routing.lock().unwrap_or_else(|p| p.into_inner());
         let since = *state.since.get_or_insert(now);
-        let reported = self.ingest.last_report(&self.plan.key()).is_some();
-        let mode = if reported {
+        // Silent since the last report, or since routing began if no report came after that.
+        let quiet_since = self
+            .ingest
+            .last_report(&self.plan.key())
+            .map_or(since, |last| last.max(since));
+        let mode = if self.filters_report(now) {
             RoutingMode::Filters
-        } else if now.duration_since(since) >= self.settings.fallback_after {
+        } else if now.saturating_duration_since(quiet_since) >= self.settings.fallback_after {
             RoutingMode::Weights
         } else {
             state.mode
@@ -361,7 +380,7 @@ impl KubernetesPlatform {
                     severity: Severity::Warning,
                     reason: "RoutingFallback".to_owned(),
                     message: format!(
-                        "No Weir filter reported for {} within {:?}; VirtualService {vs} now carries the canary weight (Flagger-style routing). Install the Weir EnvoyFilter (manifests/) for per-request splitting and streamed metrics",
+                        "No Weir filter reported for {} in the last {:?}; VirtualService {vs} now carries the canary weight (Flagger-style routing). Install the Weir EnvoyFilter (manifests/) for per-request splitting and streamed metrics",
                         self.plan.id(),
                         self.settings.fallback_after
                     ),
@@ -385,11 +404,17 @@ impl KubernetesPlatform {
         self.routing.lock().unwrap_or_else(|p| p.into_inner()).mode
     }
 
-    /// Whether the routing mode can still change by itself: the canary is routed and no filter
-    /// has reported yet (the reconciler then checks again soon).
+    /// Whether the routing mode may change soon: the canary is routed and no filter reports
+    /// for it now, so it may fall back to weights, or a first report may bring it back (the
+    /// reconciler then checks again soon).
     pub fn routing_unsettled(&self) -> bool {
-        let state = self.routing.lock().unwrap_or_else(|p| p.into_inner());
-        state.since.is_some() && self.ingest.last_report(&self.plan.key()).is_none()
+        let routed = self
+            .routing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .since
+            .is_some();
+        routed && !self.filters_report(Instant::now())
     }
 
     /// Called on every reconcile with the route the status calls for: rewrites the
