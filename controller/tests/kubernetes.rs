@@ -1106,6 +1106,46 @@ async fn deleting_without_revert_on_deletion_keeps_the_primary_serving() {
 }
 
 #[tokio::test]
+async fn deleting_a_canary_finishes_as_soon_as_nothing_waits_not_an_interval_later() {
+    bounded(async {
+        for revert in [false, true] {
+            let h = Harness::new(canary(revert, quick_analysis()), Duration::from_secs(600));
+            h.initialized().await;
+            // An hour between steps: a deletion that waited for the next step would hang.
+            h.cluster.hold_rollout("mhs", true);
+            h.cluster.edit(CANARY, |c| {
+                c["spec"]["analysis"]["interval"] = json!("1h");
+                c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            });
+            let finalizers = || h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"].clone();
+            let mut calls = h.reconcile().await;
+            if revert {
+                // The target is scaled back up; while it is not ready, the deletion waits.
+                calls.extend(h.reconcile().await);
+                assert_ne!(finalizers(), json!([]), "waits for the restored target");
+                h.cluster.hold_rollout("mhs", false);
+                calls.extend(h.reconcile().await);
+            }
+            assert_eq!(finalizers(), json!([]), "revertOnDeletion: {revert}");
+            let notes: Vec<String> = events(&calls).into_iter().map(|e| e.2).collect();
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.starts_with("Terminating canary mhs.application")),
+                "{notes:#?}"
+            );
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.starts_with("Finalization complete for mhs.application")),
+                "{notes:#?}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_invalid_canary_is_reported_once_and_not_acted_on() {
     bounded(async {
         let analysis = json!({"interval": "100ms", "stepWeight": 150});

@@ -159,13 +159,8 @@ impl<'a> Run<'a> {
         }
         match phase {
             Some(Phase::Terminated) => return Ok(()),
-            Some(Phase::Terminating) => {
-                if !self.due() {
-                    return Ok(());
-                }
-                self.ticked = true;
-                return self.finish_termination();
-            }
+            // Nothing here waits for the interval: only, with revertOnDeletion, for the target.
+            Some(Phase::Terminating) => return self.finish_termination(),
             _ => {}
         }
         if self.plan.suspend {
@@ -784,10 +779,14 @@ impl<'a> Run<'a> {
         if self.plan.revert_on_deletion {
             self.effects.push(Effect::ScaleCanary(Scale::Up));
             self.s.not_ready_since = Some(self.now);
+            return Ok(());
         }
-        Ok(())
+        // Nothing to give back: the deletion completes in this step.
+        self.finish_termination()
     }
 
+    /// Terminating: done at once without revertOnDeletion, else as soon as the restored target
+    /// is ready (checked at every call, not once per interval).
     fn finish_termination(&mut self) -> Flow {
         if self.plan.revert_on_deletion {
             if let Readiness::NotReady(_) = self.obs.canary {
@@ -808,6 +807,7 @@ impl<'a> Run<'a> {
                 format!("Finalization complete for {}", self.id()),
             );
         }
+        self.ticked = true;
         self.s.phase = Some(Phase::Terminated);
         self.s.not_ready_since = None;
         Ok(())

@@ -41,9 +41,9 @@
 //!   `weir.dev/retry` annotation ([`Canary::retry_token`](crate::spec::Canary::retry_token)) or a
 //!   CLI nonce. A Failed canary is retried once per new token; a token seen in another phase is
 //!   recorded and ignored (with an event).
-//! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating at once, then
-//!   Terminated on a later step (once the restored target is ready, with `revertOnDeletion`).
-//!   Drop it once Terminated.
+//! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating at once, and
+//!   Terminated in the same step without `revertOnDeletion`; with it, on the first later call
+//!   that sees the restored target ready (not only once per interval). Drop it once Terminated.
 //!
 //! # Differences from Flagger, on purpose
 //!

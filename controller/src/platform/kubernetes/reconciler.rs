@@ -42,7 +42,7 @@ use super::{KubernetesPlatform, Settings, FINALIZER};
 const IDLE_REQUEUE: Duration = Duration::from_secs(300);
 /// Requeue after a failed reconcile.
 const ERROR_REQUEUE: Duration = Duration::from_secs(10);
-/// Requeue while the routing mode waits for a first filter report.
+/// Requeue while the routing mode may change, or a deletion waits for the restored target.
 const UNSETTLED_REQUEUE: Duration = Duration::from_secs(5);
 /// Shortest requeue, so a step due "now" does not spin.
 const MIN_REQUEUE: Duration = Duration::from_millis(200);
@@ -260,7 +260,10 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             Duration::ZERO
         };
         wait = wait.min(runner.plan().analysis.interval);
-        if runner.platform().routing_unsettled() {
+        // A deletion waits for the restored target, not for the interval (a change of the
+        // target's Deployment also reconciles at once; this is the backstop).
+        let terminating = runner.status().phase == Some(Phase::Terminating);
+        if terminating || runner.platform().routing_unsettled() {
             wait = wait.min(UNSETTLED_REQUEUE);
         }
         wait.max(MIN_REQUEUE)
