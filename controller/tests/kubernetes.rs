@@ -456,6 +456,15 @@ fn events(calls: &[Call]) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The status written last among `calls`.
+fn status_of(calls: &[Call]) -> Value {
+    calls
+        .iter()
+        .rfind(|c| c.is("PATCH", &format!("{CANARY}/status")))
+        .map(|c| c.body["status"].clone())
+        .unwrap_or_else(|| panic!("no status written in {:#?}", writes(calls)))
+}
+
 fn owner_is_the_canary(object: &Value) {
     let owner = &object["metadata"]["ownerReferences"][0];
     assert_eq!(owner["kind"], "Canary", "{object}");
@@ -480,6 +489,7 @@ async fn a_new_canary_gets_a_finalizer_and_a_primary_built_from_the_target() {
             ("GET", &target), // the revision
             ("GET", &primary), // readiness
             ("GET", &target),
+            ("GET", &primary),   // does a primary run already? No
             ("GET", &target),    // InitializePrimary: same revision?
             ("GET", &target),    // the template to copy
             ("PATCH", &primary), // server-side apply of the primary
@@ -524,7 +534,18 @@ async fn a_new_canary_gets_a_finalizer_and_a_primary_built_from_the_target() {
             body["spec"]["template"]["spec"]["containers"][0]["image"],
             "ghcr.io/weir/mhs:1.1.1"
         );
-        assert!(body["metadata"].get("annotations").is_none(), "{body}");
+        // Of the target's annotations, none (kubectl's record describes the target); Weir's
+        // own says which target revision the primary runs.
+        let annotations = body["metadata"]["annotations"].as_object().unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            ["weir.dev/revision"],
+            "{body}"
+        );
+        assert_eq!(
+            status_of(&calls)["lastAppliedSpec"],
+            annotations["weir.dev/revision"]
+        );
         owner_is_the_canary(body);
 
         let (kind, action, note) = events(&calls).remove(0);
@@ -1141,6 +1162,72 @@ async fn deleting_a_canary_finishes_as_soon_as_nothing_waits_not_an_interval_lat
                 "{notes:#?}"
             );
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_canary_applied_again_after_a_deletion_mid_rollout_analyses_the_new_revision_first() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        let primary = format!("{DEPLOYMENTS}/mhs-primary");
+        let image = |path: &str| {
+            h.cluster.get(path).unwrap()["spec"]["template"]["spec"]["containers"][0]["image"]
+                .clone()
+        };
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+
+        // Deleted without revertOnDeletion mid-rollout: the primary (1.1.1) stays and serves.
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")
+        });
+        h.reconcile().await;
+        assert_eq!(
+            h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"],
+            json!([])
+        );
+        h.cluster.fake.lock().unwrap().objects.remove(CANARY);
+        assert_eq!(image(&primary), "ghcr.io/weir/mhs:1.1.1");
+
+        // Applied again: a new Canary (new uid, no status).
+        let mut again = canary(false, quick_analysis());
+        again["metadata"]["uid"] = json!("5e1f0c77-mhs");
+        h.cluster.put(again);
+        let mut calls = h.reconcile().await;
+        calls.extend(h.until_phase("Initialized").await);
+        assert_eq!(
+            image(&primary),
+            "ghcr.io/weir/mhs:1.1.1",
+            "initialization keeps the primary that runs"
+        );
+        assert!(calls
+            .iter()
+            .filter(|c| c.is("PATCH", &primary))
+            .all(|c| !c.body.to_string().contains("1.1.2")));
+        let notes: Vec<String> = events(&calls).into_iter().map(|e| e.2).collect();
+        assert!(
+            notes.iter().any(
+                |n| n.starts_with("mhs-primary.application already runs revision ")
+                    && n.ends_with("is analysed as a new revision")
+            ),
+            "{notes:#?}"
+        );
+
+        // The target's 1.1.2 is a new revision: analysed, and only then promoted.
+        let calls = h.until_phase("Progressing").await;
+        assert!(events(&calls)
+            .iter()
+            .any(|e| e.2 == "New revision detected! Scaling up mhs.application"));
+        assert_eq!(image(&primary), "ghcr.io/weir/mhs:1.1.1");
+        h.until_phase("Succeeded").await;
+        assert_eq!(image(&primary), "ghcr.io/weir/mhs:1.1.2");
+        assert_eq!(image(&target), "ghcr.io/weir/mhs:1.1.2");
     })
     .await;
 }

@@ -214,12 +214,11 @@ impl<'a> Run<'a> {
         );
     }
 
-    /// First sighting: create the primary from the target.
+    /// First sighting: create the primary from the target, or keep the primary that already
+    /// runs (then `lastPromotedSpec` is set from the start, which marks the adoption).
     fn initialize(&mut self) -> Flow {
-        let revision = self.obs.revision.clone();
+        let target = self.obs.revision.clone();
         self.s.phase = Some(Phase::Initializing);
-        self.s.last_applied_spec = Some(revision.clone());
-        self.effects.push(Effect::InitializePrimary { revision });
         self.info(
             "Initializing",
             format!(
@@ -228,13 +227,36 @@ impl<'a> Run<'a> {
                 self.id()
             ),
         );
+        let Some(running) = self.obs.primary_revision.clone() else {
+            self.s.last_applied_spec = Some(target.clone());
+            self.effects
+                .push(Effect::InitializePrimary { revision: target });
+            return Ok(());
+        };
+        self.s.last_applied_spec = Some(running.clone());
+        self.s.last_promoted_spec = Some(running.clone());
+        if running != target {
+            self.info(
+                "Initializing",
+                format!(
+                    "{} already runs revision {running}: keeping it as the primary; {} at revision {target} is analysed as a new revision",
+                    self.plan.primary_id(),
+                    self.target_id()
+                ),
+            );
+        }
+        // Applied only while the target still has this revision (the executor checks), so an
+        // unanalysed template never reaches the primary.
+        self.effects
+            .push(Effect::InitializePrimary { revision: running });
         Ok(())
     }
 
     /// Once the primary is ready: route to it and scale the target to zero.
     fn finish_initialization(&mut self) -> Flow {
         let revision = self.obs.revision.clone();
-        if self.old.last_applied_spec.as_ref() != Some(&revision) {
+        let adopted = self.old.last_promoted_spec.is_some();
+        if !adopted && self.old.last_applied_spec.as_ref() != Some(&revision) {
             self.s.last_applied_spec = Some(revision.clone());
             self.effects.push(Effect::InitializePrimary { revision });
             self.info(

@@ -58,6 +58,10 @@
 //!   weight being routed (Flagger's status shows 0 while WaitingPromotion/Promoting).
 //! - `analysis.interval` below 10s is allowed (Flagger raises it to 10s), for fast tests.
 //! - Event messages of decisions that used metrics end with the numbers, in parentheses.
+//! - A Canary whose primary already runs when it is first seen (deleted without
+//!   `revertOnDeletion` and applied again) keeps that primary, and a target that differs is
+//!   analysed as a new revision (`Observations::primary_revision`); Flagger copies the target
+//!   to the primary at initialization, unanalysed.
 
 mod check;
 mod effect;

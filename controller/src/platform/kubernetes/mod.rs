@@ -27,6 +27,11 @@
 //! | VirtualService `mhs` | Canary | routing header `canary` → `mhs-canary`, the rest → `mhs-primary` |
 //!
 //! The apex Service has no owner: clients address it, so deleting the Canary must not delete it.
+//!
+//! The primary carries the target revision it was built from (annotation
+//! [`REVISION_ANNOTATION`]). A Canary deleted without `revertOnDeletion` leaves its primary
+//! serving; applied again, it keeps that primary as it is and analyses a target that differs
+//! as a new revision, instead of copying it to the primary unanalysed at initialization.
 
 pub mod configs;
 pub mod crd;
@@ -66,6 +71,12 @@ pub const FIELD_MANAGER: &str = "weir";
 pub const FINALIZER: &str = "weir.dev/finalizer";
 /// Annotation on the target: the replicas it had when Weir scaled it to zero.
 pub const SCALED_FROM_ANNOTATION: &str = "weir.dev/scaled-from-replicas";
+/// Annotation on the primary: the target revision it was built from, so a Canary applied
+/// again after a deletion knows what the primary runs.
+pub const REVISION_ANNOTATION: &str = "weir.dev/revision";
+/// The revision of a primary Weir did not annotate (made by Flagger, or by an older Weir): it
+/// matches no target, so the target is analysed before it replaces the primary.
+pub const UNRECORDED_REVISION: &str = "unrecorded";
 
 /// Settings shared by every Canary's platform.
 #[derive(Debug, Clone)]
@@ -523,6 +534,21 @@ impl Platform for KubernetesPlatform {
         Ok(configs::revision(&target.spec.template, &configs))
     }
 
+    async fn primary_revision(&self, _canary: &CanaryRef) -> Result<Option<String>, PlatformError> {
+        let name = format!("{}{}", self.plan.target.name, deployments::PRIMARY_SUFFIX);
+        let primary = self
+            .deployments()
+            .get_opt(&name)
+            .await
+            .map_err(self.failed("reading the primary Deployment"))?;
+        Ok(primary.map(|p| {
+            p.metadata
+                .annotations
+                .and_then(|mut a| a.remove(REVISION_ANNOTATION))
+                .unwrap_or_else(|| UNRECORDED_REVISION.to_owned())
+        }))
+    }
+
     async fn promote_to_primary(&self, _canary: &CanaryRef) -> Result<(), PlatformError> {
         let target = self.target().await?;
         let configs = self.configs(&target.spec.template).await?;
@@ -536,6 +562,14 @@ impl Platform for KubernetesPlatform {
         if !configs.is_empty() {
             primary.spec.template = configs::to_primary(&primary.spec.template);
         }
+        primary
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                REVISION_ANNOTATION.to_owned(),
+                configs::revision(&target.spec.template, &configs),
+            );
         let name = primary.metadata.name.clone().unwrap_or_default();
         // Returns once applied: the engine waits for the primary's readiness on its next steps
         // instead of holding a reconcile for the length of a rollout.
