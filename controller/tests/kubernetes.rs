@@ -1240,21 +1240,100 @@ async fn an_invalid_canary_is_reported_once_and_not_acted_on() {
         let first = h.reconcile().await;
         assert_eq!(
             writes(&first),
-            [("PATCH", CANARY), ("POST", EVENTS)]
-                .map(|(m, p)| (m.to_owned(), p.to_owned()))
-                .to_vec()
+            [
+                ("PATCH", CANARY.to_owned()),
+                ("POST", EVENTS.to_owned()),
+                ("PATCH", format!("{CANARY}/status"))
+            ]
+            .map(|(m, p)| (m.to_owned(), p))
+            .to_vec()
         );
-        let note = &find(&first, "POST", EVENTS).body["note"];
+        let note = find(&first, "POST", EVENTS).body["note"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(
-            note.as_str().unwrap().contains("spec.analysis.stepWeight"),
+            note.contains("spec.analysis.stepWeight: must be between 1 and 100, got 150"),
             "{note}"
         );
+        assert_eq!(note.matches("invalid").count(), 1, "{note}");
+        let condition = &status_of(&first)["conditions"][0];
+        assert_eq!(condition["type"], "Valid");
+        assert_eq!(condition["status"], "False");
+        assert_eq!(condition["reason"], "InvalidSpec");
+        assert_eq!(condition["message"], note.as_str());
         let again = h.reconcile().await;
         assert!(again.is_empty(), "{:#?}", writes(&again));
         assert!(h
             .cluster
             .get(&format!("{DEPLOYMENTS}/mhs-primary"))
             .is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_edit_mid_rollout_shows_in_the_status_until_it_is_fixed() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        // stepWeight: 0 is out of range (not "missing").
+        h.cluster
+            .edit(CANARY, |c| c["spec"]["analysis"]["stepWeight"] = json!(0));
+        let calls = h.reconcile().await;
+        let note = find(&calls, "POST", EVENTS).body["note"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            note.starts_with("Canary mhs.application is invalid (1 problem):"),
+            "{note}"
+        );
+        assert!(
+            note.contains("spec.analysis.stepWeight: must be between 1 and 100, got 0"),
+            "{note}"
+        );
+        assert_eq!(note.matches("invalid").count(), 1, "{note}");
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(
+            status["phase"], "Progressing",
+            "the rollout is where it was"
+        );
+        let conditions = status["conditions"].as_array().unwrap();
+        let valid = conditions
+            .iter()
+            .find(|c| c["type"] == "Valid")
+            .expect("a Valid condition");
+        assert_eq!(valid["status"], "False");
+        assert_eq!(valid["message"], note.as_str());
+        assert!(
+            conditions.iter().any(|c| c["type"] == "Promoted"),
+            "the rest of the status stays: {status}"
+        );
+        // Nothing more while it stays invalid: no event, no write.
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        assert!(writes(&h.reconcile().await).is_empty());
+
+        // Fixed: the rollout goes on, and the condition goes.
+        h.cluster
+            .edit(CANARY, |c| c["spec"]["analysis"]["stepWeight"] = json!(10));
+        let calls = h.reconcile().await;
+        let status = status_of(&calls);
+        assert!(
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["type"] != "Valid"),
+            "{status}"
+        );
+        h.until_phase("Succeeded").await;
     })
     .await;
 }

@@ -24,6 +24,39 @@ use crate::spec::CanaryStatus;
 use super::crd::CanaryResource;
 use super::FIELD_MANAGER;
 
+/// The status condition that says the Canary's spec is invalid (`status: "False"`), with
+/// the problems as its message; absent while the spec is valid.
+pub const VALID_CONDITION: &str = "Valid";
+
+/// `status` with the [`VALID_CONDITION`] for `problems` set (`Some`) or removed (`None`).
+pub fn with_validity(
+    mut status: CanaryStatus,
+    problems: Option<&str>,
+    now: crate::spec::Timestamp,
+) -> CanaryStatus {
+    let previous = status
+        .conditions
+        .iter()
+        .find(|c| c.kind == VALID_CONDITION)
+        .cloned();
+    status.conditions.retain(|c| c.kind != VALID_CONDITION);
+    if let Some(problems) = problems {
+        if let Some(same) = previous.filter(|c| c.message == problems) {
+            status.conditions.push(same);
+        } else {
+            status.conditions.push(crate::spec::Condition {
+                kind: VALID_CONDITION.to_owned(),
+                status: "False".to_owned(),
+                last_update_time: Some(now),
+                last_transition_time: Some(now),
+                reason: "InvalidSpec".to_owned(),
+                message: problems.to_owned(),
+            });
+        }
+    }
+    status
+}
+
 /// Kubernetes' limit on an event's note.
 const MAX_NOTE_BYTES: usize = 1024;
 /// The reason of every event, as Flagger records them.
@@ -63,6 +96,12 @@ impl Outbox {
     /// Whether a status is waiting to be written.
     pub fn has_status(&self) -> bool {
         self.lock().status.is_some()
+    }
+
+    /// Queues `status` to be written even if the API server seems to have it already (it has
+    /// something the runner does not know of, such as an invalid-spec condition to clear).
+    pub fn queue_status(&self, status: CanaryStatus) {
+        self.lock().status = Some(status);
     }
 
     /// The queued events (oldest first), for tests and logs.

@@ -31,7 +31,7 @@ use crate::analysis::{self, Event, Severity};
 use crate::metrics::MetricSource;
 use crate::platform::PlatformError;
 use crate::runner::{RunError, Runner};
-use crate::spec::{CanaryPlan, Phase, Timestamp};
+use crate::spec::{CanaryPlan, CanaryStatus, Phase, Timestamp};
 use crate::traffic::Directives;
 
 use super::crd::CanaryResource;
@@ -159,6 +159,21 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             .remove(key);
     }
 
+    /// The status as this controller knows it: the runner's (ahead of the reflector's copy),
+    /// else the Canary's.
+    fn current_status(&self, key: &str, canary: &CanaryResource) -> Option<CanaryStatus> {
+        let uid = canary.uid().unwrap_or_default();
+        match self.slots().get(key) {
+            Some(slot) if slot.uid == uid => slot
+                .view
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .status
+                .clone(),
+            _ => canary.status.clone(),
+        }
+    }
+
     /// Reports validation problems of this uid and generation once.
     fn first_announcement(&self, key: &str, canary: &CanaryResource) -> bool {
         let id = (canary.uid().unwrap_or_default(), canary.metadata.generation);
@@ -184,6 +199,9 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
         let mut status = canary.status.clone();
         let mut outbox = Outbox::default();
         outbox.assume_written(status.clone());
+        // The spec is valid now (this is only called then): the runner resumes without the
+        // invalid-spec condition, and its next write removes it.
+        status = status.map(|s| journal::with_validity(s, None, Timestamp::EPOCH));
         if let Some(slot) = self.slots().get(key) {
             if slot.uid == uid && slot.generation == generation {
                 return Ok(slot.entry.clone());
@@ -351,13 +369,36 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
                 ctx.forget(&key);
                 return Ok(Action::requeue(IDLE_REQUEUE));
             }
+            // `errors` says "Canary <name> is invalid (n problems):" and lists them.
+            let problems = format!(
+                "{errors}\nWeir does not act on it until it is fixed; traffic stays as it is."
+            );
+            let outbox = Outbox::default();
             if ctx.first_announcement(&key, &canary) {
-                let outbox = Outbox::default();
-                outbox.event(warning(format!(
-                    "Canary {name}.{namespace} is invalid and is not acted on until fixed: {errors}"
-                )));
-                journal::flush(&ctx.client, &canary, &outbox, &ctx.settings.instance).await?;
+                outbox.event(warning(problems.clone()));
             }
+            // The problems go into the status too, as a condition: `kubectl describe` shows it
+            // after the event has expired. The rest of the status is the runner's, if any.
+            let mut current = ctx.current_status(&key, &canary).unwrap_or_default();
+            // The condition as written before: kept (with its times) while the problems stay.
+            current
+                .conditions
+                .retain(|c| c.kind != journal::VALID_CONDITION);
+            current.conditions.extend(
+                canary
+                    .status
+                    .iter()
+                    .flat_map(|s| &s.conditions)
+                    .filter(|c| c.kind == journal::VALID_CONDITION)
+                    .cloned(),
+            );
+            let now = Timestamp::from_system_time(SystemTime::now());
+            let wanted = journal::with_validity(current, Some(&problems), now);
+            if canary.status.as_ref() != Some(&wanted) {
+                outbox.assume_written(canary.status.clone());
+                outbox.queue_status(wanted);
+            }
+            journal::flush(&ctx.client, &canary, &outbox, &ctx.settings.instance).await?;
             return Ok(Action::requeue(IDLE_REQUEUE));
         }
     };
@@ -366,6 +407,15 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
 
     let shared = ctx.entry(&key, &canary, plan.clone()).await?;
     let mut entry = shared.lock().await;
+    let was_invalid = canary.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.kind == journal::VALID_CONDITION)
+    });
+    if was_invalid {
+        // Fixed: write the runner's status, which has no invalid-spec condition.
+        entry.outbox.queue_status(entry.runner.status().clone());
+    }
     {
         let mut view = entry.view.lock().unwrap_or_else(|p| p.into_inner());
         view.retry = canary.to_spec_canary().retry_token().map(str::to_owned);
