@@ -1339,6 +1339,80 @@ async fn an_invalid_edit_mid_rollout_shows_in_the_status_until_it_is_fixed() {
 }
 
 #[tokio::test]
+async fn a_halt_that_repeats_joins_one_event_series_and_the_status_says_why() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.cluster.hold_rollout("mhs-primary", true);
+        let mut calls = h.reconcile().await;
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        // The primary's readiness halts every step (the text is the engine's).
+        let created: Vec<&Call> = calls
+            .iter()
+            .filter(|c| {
+                c.is("POST", EVENTS)
+                    && c.body["note"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("Halt advancement mhs-primary.application")
+            })
+            .collect();
+        assert_eq!(
+            created.len(),
+            1,
+            "one Event for the repeated halt: {:#?}",
+            events(&calls)
+        );
+        let halt = created[0].body["note"].as_str().unwrap();
+        let name = created[0].body["metadata"]["name"].as_str().unwrap();
+        let series: Vec<&Call> = calls
+            .iter()
+            .filter(|c| c.is("PATCH", &format!("{EVENTS}/{name}")))
+            .collect();
+        assert_eq!(series.len(), 3, "{:#?}", writes(&calls));
+        for (i, patch) in series.iter().enumerate() {
+            assert_eq!(patch.content_type, "application/merge-patch+json");
+            let body = patch.body.as_object().unwrap();
+            assert_eq!(body.keys().collect::<Vec<_>>(), ["series"]);
+            assert_eq!(patch.body["series"]["count"], i + 2);
+            assert!(patch.body["series"]["lastObservedTime"].is_string());
+        }
+        let event = h.cluster.get(&format!("{EVENTS}/{name}")).unwrap();
+        assert_eq!(event["series"]["count"], 4);
+        assert_eq!(event["note"], halt);
+
+        // kubectl get canary shows why (its Halted column reads this condition).
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        let halted = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Halted")
+            .unwrap_or_else(|| panic!("a Halted condition in {status}"))
+            .clone();
+        assert_eq!(halted["status"], "True");
+        assert_eq!(halted["reason"], "Halt");
+        assert_eq!(halted["message"], halt);
+
+        // Once it advances, the condition goes.
+        h.cluster.hold_rollout("mhs-primary", false);
+        h.until_phase("Initialized").await;
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert!(
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["type"] != "Halted"),
+            "{status}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_status_write_that_failed_is_retried_before_the_next_step() {
     bounded(async {
         let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));

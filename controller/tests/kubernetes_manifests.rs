@@ -213,7 +213,18 @@ fn the_canary_crd_has_flaggers_names_columns_and_a_status_subresource() {
         .collect();
     assert_eq!(
         columns,
-        ["Status", "Weight", "FailedChecks", "LastTransitionTime"]
+        [
+            "Status",
+            "Weight",
+            "FailedChecks",
+            "LastTransitionTime",
+            "Halted"
+        ]
+    );
+    let halted = &version["additionalPrinterColumns"][4];
+    assert_eq!(
+        halted["jsonPath"],
+        r#".status.conditions[?(@.type=="Halted")].message"#
     );
 }
 
@@ -239,6 +250,7 @@ const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
     ("networking.istio.io", "destinationrules", "create"),
     ("networking.istio.io", "destinationrules", "patch"),
     ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
     ("", "configmaps", "get"),
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),

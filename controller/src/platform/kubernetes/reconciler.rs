@@ -109,6 +109,8 @@ pub struct Context<M> {
     metrics: M,
     confirm_wait: Duration,
     entries: Mutex<HashMap<String, Slot<M>>>,
+    /// Where events go (and their series).
+    recorder: journal::Recorder,
     /// `(uid, generation)` whose validation problems were already reported, per Canary key.
     announced: Mutex<HashMap<String, (String, Option<i64>)>>,
     /// Counters.
@@ -119,8 +121,14 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
     /// A context for reconciles through `client`, publishing routes on `directives` and measuring
     /// with `metrics`.
     pub fn new(client: Client, settings: Settings, directives: Directives, metrics: M) -> Self {
+        let recorder = journal::Recorder {
+            client: client.clone(),
+            instance: settings.instance.clone(),
+            series: journal::EventSeriesCache::default(),
+        };
         Self {
             client,
+            recorder,
             settings: Arc::new(settings),
             directives,
             metrics,
@@ -379,7 +387,8 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             }
             // The problems go into the status too, as a condition: `kubectl describe` shows it
             // after the event has expired. The rest of the status is the runner's, if any.
-            let mut current = ctx.current_status(&key, &canary).unwrap_or_default();
+            let mut current =
+                journal::for_api(&ctx.current_status(&key, &canary).unwrap_or_default());
             // The condition as written before: kept (with its times) while the problems stay.
             current
                 .conditions
@@ -398,7 +407,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
                 outbox.assume_written(canary.status.clone());
                 outbox.queue_status(wanted);
             }
-            journal::flush(&ctx.client, &canary, &outbox, &ctx.settings.instance).await?;
+            journal::flush(&ctx.recorder, &canary, &outbox).await?;
             return Ok(Action::requeue(IDLE_REQUEUE));
         }
     };
@@ -414,7 +423,9 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     });
     if was_invalid {
         // Fixed: write the runner's status, which has no invalid-spec condition.
-        entry.outbox.queue_status(entry.runner.status().clone());
+        entry
+            .outbox
+            .queue_status(journal::for_api(entry.runner.status()));
     }
     {
         let mut view = entry.view.lock().unwrap_or_else(|p| p.into_inner());
@@ -434,9 +445,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     let mut latest = canary.clone();
     // A status an earlier reconcile could not write goes first: its effects were performed.
     if entry.outbox.has_status() {
-        if let Some(written) =
-            journal::flush(&ctx.client, &latest, &entry.outbox, &ctx.settings.instance).await?
-        {
+        if let Some(written) = journal::flush(&ctx.recorder, &latest, &entry.outbox).await? {
             latest = Arc::new(written);
         }
     }
@@ -469,9 +478,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             entry.outbox.event(warning(e.to_string()));
         }
     }
-    if let Some(written) =
-        journal::flush(&ctx.client, &latest, &entry.outbox, &ctx.settings.instance).await?
-    {
+    if let Some(written) = journal::flush(&ctx.recorder, &latest, &entry.outbox).await? {
         latest = Arc::new(written);
     }
 
