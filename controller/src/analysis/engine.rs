@@ -601,6 +601,7 @@ impl<'a> Run<'a> {
         self.s.phase = Some(Phase::Succeeded);
         self.s.canary_weight = Weight::ZERO;
         self.s.iterations = 0;
+        self.s.inconclusive_checks = 0;
         self.s.last_promoted_spec = self.s.last_applied_spec.clone();
         self.info(
             "Succeeded",
@@ -651,6 +652,8 @@ impl<'a> Run<'a> {
         self.s.phase = Some(Phase::Succeeded);
         self.s.canary_weight = Weight::ZERO;
         self.s.iterations = 0;
+        // The promoted analysis is over: its halts are no longer pending.
+        self.s.inconclusive_checks = 0;
         self.s.last_promoted_spec = self.s.last_applied_spec.clone();
         self.post_rollout(Phase::Succeeded);
         self.info(
