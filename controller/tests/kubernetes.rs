@@ -666,7 +666,11 @@ async fn a_new_revision_scales_the_canary_up_and_the_weight_reaches_the_filters(
         });
         let calls = h.until_phase("Progressing").await;
         let scale = find(&calls, "PATCH", &target);
-        assert_eq!(scale.body, json!({"spec": {"replicas": 2}}));
+        assert_eq!(
+            scale.body,
+            json!({"metadata": {"annotations": {"weir.dev/scaled-from-replicas": null}},
+                   "spec": {"replicas": 2}})
+        );
         assert!(events(&calls)
             .iter()
             .any(|e| e.2 == "New revision detected! Scaling up mhs.application"));
@@ -1026,6 +1030,16 @@ async fn deleting_with_revert_on_deletion_restores_the_target_before_releasing_t
         assert_eq!(
             scale.body["spec"]["replicas"], 2,
             "restored from the annotation"
+        );
+        assert_eq!(
+            scale.body["metadata"],
+            json!({"annotations": {"weir.dev/scaled-from-replicas": null}}),
+            "which goes with it"
+        );
+        let annotations = h.cluster.get(&target).unwrap()["metadata"]["annotations"].clone();
+        assert!(
+            annotations.get("weir.dev/scaled-from-replicas").is_none(),
+            "{annotations}"
         );
 
         // While the target is not ready, the apex Service keeps selecting the primary.

@@ -583,10 +583,20 @@ impl Platform for KubernetesPlatform {
         let current = target.spec.replicas.unwrap_or(1);
         let patch = if up {
             let wanted = deployments::desired_replicas(&target);
-            if current == wanted {
+            let marked = target
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(SCALED_FROM_ANNOTATION));
+            if current == wanted && !marked {
                 return Ok(());
             }
-            json!({"spec": {"replicas": wanted}})
+            // The annotation only means something while Weir holds the target at zero: once
+            // it runs again (a new revision, or given back on deletion), it goes.
+            json!({
+                "metadata": {"annotations": {SCALED_FROM_ANNOTATION: null}},
+                "spec": {"replicas": wanted},
+            })
         } else {
             if current == 0 {
                 return Ok(());
