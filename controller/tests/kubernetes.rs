@@ -1427,6 +1427,43 @@ async fn a_halt_that_repeats_joins_one_event_series_and_the_status_says_why() {
 }
 
 #[tokio::test]
+async fn an_idle_canary_writes_no_status_at_each_interval() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let before = h.cluster.get(CANARY).unwrap()["metadata"]["resourceVersion"].clone();
+        // Five intervals with nothing new: each step only moves lastStepTime.
+        let mut calls = Vec::new();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        assert!(
+            calls
+                .iter()
+                .all(|c| !c.is("PATCH", &format!("{CANARY}/status"))),
+            "{:#?}",
+            writes(&calls)
+        );
+        assert_eq!(
+            h.cluster.get(CANARY).unwrap()["metadata"]["resourceVersion"],
+            before,
+            "kubectl get canary -w prints nothing"
+        );
+        // A real change is written, with the current step time.
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let calls = h.until_phase("Progressing").await;
+        let status = status_of(&calls);
+        assert_eq!(status["phase"], "Progressing");
+        assert!(status["lastStepTime"].is_string());
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_status_write_that_failed_is_retried_before_the_next_step() {
     bounded(async {
         let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));

@@ -287,7 +287,11 @@ impl Journal for KubernetesJournal {
         self.view().status = Some(status.clone());
         let status = for_api(status);
         let mut pending = self.outbox.lock();
-        pending.status = (pending.written.as_ref() != Some(&status)).then_some(status);
+        let news = pending
+            .written
+            .as_ref()
+            .is_none_or(|written| !same_but_step_time(written, &status));
+        pending.status = news.then_some(status);
         Ok(())
     }
 
@@ -302,6 +306,18 @@ impl Journal for KubernetesJournal {
     fn deleting(&self) -> bool {
         self.view().deleting
     }
+}
+
+/// Whether two statuses differ at most in `lastStepTime`. A step that changed nothing else (an
+/// idle canary checking for a new revision, a gate still closed) is not written: a write per
+/// interval would be a line per interval in `kubectl get canary -w`. The runner keeps the new
+/// step time in memory; after a restart the controller resumes from the older one and may run
+/// that idle step once early, which acts on nothing.
+fn same_but_step_time(a: &CanaryStatus, b: &CanaryStatus) -> bool {
+    CanaryStatus {
+        last_step_time: b.last_step_time,
+        ..a.clone()
+    } == *b
 }
 
 /// Why the outbox could not be written.
@@ -503,6 +519,16 @@ mod tests {
         assert!(
             !outbox.has_status(),
             "an unchanged status is not written again"
+        );
+        journal
+            .save(&CanaryStatus {
+                last_step_time: Some(crate::spec::Timestamp::from_unix_millis(1)),
+                ..status.clone()
+            })
+            .unwrap();
+        assert!(
+            !outbox.has_status(),
+            "nor one where only the step time moved"
         );
         let status = CanaryStatus {
             failed_checks: 3,
