@@ -129,6 +129,13 @@ where
             KubernetesError::Serve(format!("cannot serve {}: {e}", options.http_address))
         })?;
     tracing::info!(%http_addr, "health and metrics endpoints listening");
+    // /readyz follows whether the API server answers.
+    let api_probe = tokio::spawn(health::watch_api(
+        client.clone(),
+        health.clone(),
+        health::API_PROBE_EVERY,
+        health::API_PROBE_TIMEOUT,
+    ));
     // One listener for the process's life, so a signal that arrives between two waits is kept.
     let (term_tx, term_rx) = watch::channel(false);
     let signals = tokio::spawn(async move {
@@ -170,6 +177,7 @@ where
             }
             tokio::select! {
                 () = on_term(term_rx.clone()) => {
+                    api_probe.abort();
                     http_task.abort();
                     signals.abort();
                     return Ok(());
@@ -283,6 +291,7 @@ where
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), served.finished()).await;
+    api_probe.abort();
     http_task.abort();
     signals.abort();
     outcome
