@@ -259,12 +259,20 @@ impl Binaries {
     }
 }
 
+/// Colour in the logs only on a terminal: elsewhere (`kubectl logs`, a file, a pipe) the
+/// escape codes are noise. `NO_COLOR` turns it off on a terminal too.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_ansi(colour_logs())
         .init();
     match Cli::parse().command {
         Command::Demo {
