@@ -97,9 +97,16 @@ struct KubernetesArgs {
     /// How long the Lease holds without renewal.
     #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
-    /// This Pod's name (the downward API's metadata.name): the leader labels its own Pod.
+    /// This Pod's name (the downward API's metadata.name): the leader labels its own Pod, so
+    /// that the controller Service, and through it the filters, reach the leader. Leave it
+    /// unset outside the cluster (a laptop, tests): then, as when no such Pod exists, nothing is
+    /// labelled and the filters must reach this process another way.
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
+    /// How long the reconciles under way may take to finish on SIGTERM (keep it below the Pod's
+    /// terminationGracePeriodSeconds); clean-up (label, Lease) takes at most a few seconds more.
+    #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
     /// Which source the built-in checks use: auto (streamed while filters report, else
     /// Prometheus), streamed, or prometheus.
     #[arg(long, env = "WEIR_METRIC_SOURCE", default_value = "auto")]
@@ -145,6 +152,7 @@ impl KubernetesArgs {
             lease_name: self.lease_name,
             lease_duration: self.lease_duration,
             pod_name: self.pod_name,
+            shutdown_grace: self.shutdown_grace,
         };
         run::run(options, move |ingest, templates| {
             SelectingSource::new(ingest, PrometheusSource::new(prometheus, templates), policy)

@@ -22,6 +22,21 @@ impl Drop for Guard {
 }
 
 #[test]
+fn the_help_says_the_pod_name_may_be_left_out_outside_the_cluster() {
+    let out = weir().args(["kubernetes", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let pod = help
+        .split("--pod-name")
+        .nth(1)
+        .expect("--pod-name is documented");
+    let pod = pod.split("\n  -").next().unwrap().replace('\n', " ");
+    let pod = pod.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(pod.contains("Leave it unset outside the cluster"), "{pod}");
+    assert!(pod.contains("nothing is labelled"), "{pod}");
+}
+
+#[test]
 fn logs_carry_no_colour_codes_when_not_written_to_a_terminal() {
     // A cluster nobody serves: the controller starts, logs, and finds the API unreachable.
     let dir = std::env::temp_dir().join(format!("weir-cli-{}", std::process::id()));

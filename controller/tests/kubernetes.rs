@@ -2,10 +2,12 @@
 //!
 //! No Kubernetes API server can run on these machines, so kube's real client talks to a
 //! `tower_test` mock service (kube-rs/controller-rs's pattern). The handle answers like a small
-//! API server (objects kept by path, JSON merge patches, server-side apply approximated as a
-//! merge, `resourceVersion` conflicts, 404s), marks a Deployment's rollout finished as soon as
-//! it is written (unless the test holds it back), and records every request: the tests assert
-//! method, path, query and body, in order.
+//! API server (objects kept by path, lists of a collection, JSON merge patches, server-side
+//! apply approximated as a merge, `resourceVersion` conflicts, 404s; a watch never sends an
+//! event), marks a Deployment's rollout finished as soon as it is written (unless the test holds
+//! it back), can leave requests under a path unanswered (an API server that stopped
+//! answering), and records every request: the tests assert method, path, query and body, in
+//! order.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -56,7 +58,24 @@ struct Fake {
     version: u64,
     /// Deployments whose rollout the test holds back (their status is left alone).
     stuck: BTreeSet<String>,
+    /// Requests under these paths are never answered.
+    stalled: Vec<String>,
 }
+
+/// The collections the fake can list (the last segment of a list's path).
+const COLLECTIONS: &[&str] = &[
+    "canaries",
+    "metrictemplates",
+    "deployments",
+    "leases",
+    "pods",
+    "services",
+    "configmaps",
+    "secrets",
+    "events",
+    "virtualservices",
+    "destinationrules",
+];
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
     (
@@ -111,6 +130,42 @@ impl Fake {
                 "availableReplicas": replicas, "readyReplicas": replicas,
             });
         }
+    }
+
+    /// The answer to `call`; `None`: it is never answered (a watch, or a stalled path).
+    fn answer(&mut self, call: Call) -> Option<(u16, Value)> {
+        let stalled = self
+            .stalled
+            .iter()
+            .any(|p| call.path.starts_with(p.as_str()));
+        let watch = call
+            .query
+            .split('&')
+            .any(|q| q == "watch=true" || q == "watch=1");
+        if stalled || (call.method == "GET" && watch) {
+            self.log.push(call);
+            return None;
+        }
+        let collection = call.path.rsplit('/').next().unwrap_or_default();
+        if call.method == "GET" && COLLECTIONS.contains(&collection) {
+            self.log.push(call.clone());
+            let prefix = format!("{}/", call.path);
+            let items: Vec<Value> = self
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.strip_prefix(&prefix)
+                        .is_some_and(|rest| !rest.contains('/'))
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            return Some((
+                200,
+                json!({"apiVersion": "v1", "kind": "List",
+                       "metadata": {"resourceVersion": self.version.to_string()}, "items": items}),
+            ));
+        }
+        Some(self.handle(call))
     }
 
     fn handle(&mut self, call: Call) -> (u16, Value) {
@@ -221,6 +276,8 @@ impl Cluster {
         let fake = Arc::new(Mutex::new(Fake::default()));
         let state = fake.clone();
         let server = tokio::spawn(async move {
+            // Requests that are never answered: their responders stay alive, so the client waits.
+            let mut unanswered = Vec::new();
             while let Some((request, respond)) = handle.next_request().await {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect_bytes().await.unwrap_or_default();
@@ -236,7 +293,10 @@ impl Cluster {
                         .to_owned(),
                     body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
                 };
-                let (code, body) = state.lock().unwrap().handle(call);
+                let Some((code, body)) = state.lock().unwrap().answer(call) else {
+                    unanswered.push(respond);
+                    continue;
+                };
                 let response = Response::builder()
                     .status(code)
                     .header("content-type", "application/json")
@@ -291,6 +351,11 @@ impl Cluster {
 
     fn log(&self) -> Vec<Call> {
         self.fake.lock().unwrap().log.clone()
+    }
+
+    /// Leaves every request under `path` unanswered from now on.
+    fn stall(&self, path: &str) {
+        self.fake.lock().unwrap().stalled.push(path.to_owned());
     }
 
     fn canary(&self) -> Arc<CanaryResource> {
@@ -1697,4 +1762,218 @@ async fn the_configuration_a_target_uses_is_part_of_its_revision_and_copied_for_
         );
     })
     .await;
+}
+
+// `weir kubernetes` as a whole (run::serve): leader election, the leader label, the way out.
+
+mod runtime {
+    use super::*;
+    use std::io::Write;
+    use std::net::SocketAddr;
+    use weir_controller::platform::kubernetes::run::{self, KubernetesError, KubernetesOptions};
+
+    const LEASE: &str =
+        "/apis/coordination.k8s.io/v1/namespaces/weir-system/leases/weir-controller";
+    const POD: &str = "/api/v1/namespaces/weir-system/pods/weir-0";
+
+    fn options(leader_election: bool, pod: Option<&str>) -> KubernetesOptions {
+        KubernetesOptions {
+            kubeconfig: None,
+            namespaces: vec![NS.to_owned()],
+            grpc_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            settings: Settings::default(),
+            leader_election,
+            lease_namespace: "weir-system".to_owned(),
+            lease_name: "weir-controller".to_owned(),
+            lease_duration: Duration::from_secs(15),
+            pod_name: pod.map(str::to_owned),
+            shutdown_grace: Duration::from_millis(300),
+        }
+    }
+
+    /// `weir kubernetes` against `cluster` until the returned sender fires.
+    fn start(
+        cluster: &Cluster,
+        options: KubernetesOptions,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), KubernetesError>>,
+    ) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let client = cluster.client.clone();
+        let task = tokio::spawn(run::serve(
+            client,
+            options,
+            |ingest, _templates| StreamedSource::new(ingest),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (stop, task)
+    }
+
+    /// Waits until the fake has seen a request `seen` accepts.
+    async fn until_seen(cluster: &Cluster, what: &str, seen: impl Fn(&Call) -> bool) {
+        for _ in 0..500 {
+            if cluster.log().iter().any(&seen) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never saw {what}: {:#?}", writes(&cluster.log()));
+    }
+
+    fn lists_canaries(c: &Call) -> bool {
+        c.is(
+            "GET",
+            "/apis/weir.dev/v1alpha1/namespaces/application/canaries",
+        )
+    }
+
+    fn holder(cluster: &Cluster) -> Value {
+        cluster.get(LEASE).expect("the Lease exists")["spec"]["holderIdentity"].clone()
+    }
+
+    fn pod(cluster: &Cluster) {
+        cluster.put(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "weir-0", "namespace": "weir-system", "labels": {"app": "weir"}}}));
+    }
+
+    #[tokio::test]
+    async fn outside_the_cluster_a_pod_that_does_not_exist_is_not_fatal_and_nothing_is_labelled() {
+        bounded(async {
+            let cluster = Cluster::start();
+            let laptop = "/api/v1/namespaces/weir-system/pods/weir-laptop";
+            let (stop, task) = start(&cluster, options(false, Some("weir-laptop")));
+            // It leads: the controllers list the Canaries.
+            until_seen(&cluster, "the Canary watch", lists_canaries).await;
+            assert!(!task.is_finished(), "it runs on without its Pod");
+            stop.send(()).unwrap();
+            task.await.unwrap().expect("a clean stop");
+            let labels: Vec<Call> = cluster
+                .log()
+                .into_iter()
+                .filter(|c| c.path == laptop)
+                .collect();
+            assert_eq!(
+                labels.len(),
+                1,
+                "tried once, then forgot the Pod: {labels:#?}"
+            );
+            assert!(labels[0].is("PATCH", laptop));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_lease_is_released_when_serving_the_filters_fails_after_taking_it() {
+        bounded(async {
+            let cluster = Cluster::start();
+            let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut options = options(true, None);
+            options.grpc_address = taken.local_addr().unwrap();
+            let (_stop, task) = start(&cluster, options);
+            let error = task.await.unwrap().expect_err("the gRPC port is taken");
+            assert!(
+                error.to_string().contains("cannot serve the filters on"),
+                "{error}"
+            );
+            assert_eq!(holder(&cluster), Value::Null, "the Lease is free again");
+            let release = cluster
+                .log()
+                .into_iter()
+                .rfind(|c| c.is("PUT", LEASE))
+                .unwrap();
+            assert!(release.body["spec"].get("holderIdentity").is_none());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_stopped_leader_removes_its_label_and_releases_the_lease() {
+        bounded(async {
+            let cluster = Cluster::start();
+            pod(&cluster);
+            let (stop, task) = start(&cluster, options(true, Some("weir-0")));
+            until_seen(&cluster, "the Canary watch", lists_canaries).await;
+            assert_eq!(holder(&cluster), "weir-0");
+            assert_eq!(
+                cluster.get(POD).unwrap()["metadata"]["labels"]["weir.dev/leader"],
+                "true"
+            );
+            stop.send(()).unwrap();
+            task.await.unwrap().expect("a clean stop");
+            assert_eq!(holder(&cluster), Value::Null);
+            assert_eq!(
+                cluster.get(POD).unwrap()["metadata"]["labels"],
+                json!({"app": "weir"})
+            );
+        })
+        .await;
+    }
+
+    /// Log lines, as `weir` writes them, kept for the test.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_while_the_api_server_does_not_answer_says_what_it_waits_for_and_ends_within_its_grace(
+    ) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("weir_controller=info")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test's runtime has one thread: every task logs here.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        bounded(async {
+            let cluster = Cluster::start();
+            pod(&cluster);
+            cluster.put(target("ghcr.io/weir/mhs:1.1.1"));
+            cluster.put(canary(false, quick_analysis()));
+            // The API server stops answering for Deployments: the reconcile hangs in a call.
+            cluster.stall(&format!("{DEPLOYMENTS}/"));
+            let (stop, task) = start(&cluster, options(true, Some("weir-0")));
+            until_seen(&cluster, "the reconcile's read of its target", |c| {
+                c.is("GET", &format!("{DEPLOYMENTS}/mhs"))
+            })
+            .await;
+            stop.send(()).unwrap();
+            task.await.unwrap().expect("a clean stop");
+            let text = logs.text();
+            for line in [
+                "stop requested (SIGTERM or Ctrl-C): stopping",
+                "stopping: waiting for the reconciles under way",
+                "the reconciles under way did not finish within 300ms",
+                "released the Lease",
+            ] {
+                assert!(text.contains(line), "{line:?} in:\n{text}");
+            }
+            assert_eq!(holder(&cluster), Value::Null);
+            assert_eq!(
+                cluster.get(POD).unwrap()["metadata"]["labels"],
+                json!({"app": "weir"})
+            );
+        })
+        .await;
+    }
 }
