@@ -97,9 +97,16 @@ struct KubernetesArgs {
     /// How long the Lease holds without renewal.
     #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
-    /// This Pod's name (the downward API's metadata.name): the leader labels its own Pod.
+    /// This Pod's name (the downward API's metadata.name): the leader labels its own Pod, so
+    /// that the controller Service, and through it the filters, reach the leader. Leave it
+    /// unset outside the cluster (a laptop, tests): then, as when no such Pod exists, nothing is
+    /// labelled and the filters must reach this process another way.
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
+    /// How long the reconciles under way may take to finish on SIGTERM (keep it below the Pod's
+    /// terminationGracePeriodSeconds); clean-up (label, Lease) takes at most a few seconds more.
+    #[arg(long, env = "WEIR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
     /// Which source the built-in checks use: auto (streamed while filters report, else
     /// Prometheus), streamed, or prometheus.
     #[arg(long, env = "WEIR_METRIC_SOURCE", default_value = "auto")]
@@ -107,10 +114,11 @@ struct KubernetesArgs {
     /// Prometheus for Canaries without spec.metricsServer, e.g. http://prometheus.istio-system:9090.
     #[arg(long, env = "WEIR_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
-    /// The filter module this controller serves at /filter/<sha256>.wasm on its HTTP port (the
-    /// image carries the one it was built with).
-    #[arg(long, env = "WEIR_FILTER_MODULE", default_value = weir_controller::filter_module::DEFAULT_PATH)]
-    filter_module: PathBuf,
+    /// The filter module this controller serves at /filter/<sha256>.wasm on its HTTP port
+    /// (default: the one the image carries, /usr/local/lib/weir/weir_filter.wasm, else this
+    /// checkout's build; without either, the filter is neither served nor installed).
+    #[arg(long, env = "WEIR_FILTER_MODULE")]
+    filter_module: Option<PathBuf>,
     /// How the leader puts the filter into opted-in Pods (label weir.dev/filter=enabled on a Pod
     /// or a Namespace): wasmplugin (an Istio WasmPlugin), envoyfilter (an EnvoyFilter, for older
     /// Istio releases), or none (you install it; the module is still served).
@@ -140,18 +148,27 @@ impl KubernetesArgs {
             .map_err(|e| anyhow::anyhow!("--prometheus-address: {e}"))?
             .map(PrometheusConfig::new);
         let policy = self.metric_source;
-        let module = weir_controller::filter_module::FilterModule::load(&self.filter_module)?;
-        let installation = FilterInstallation::new(
-            &module,
-            &InstallSettings {
-                kind: self.filter_install,
-                root_namespace: self.istio_namespace.clone(),
-                controller_namespace: self.lease_namespace.clone(),
-                grpc_port: self.grpc_address.port(),
-                http_port: self.http_address.port(),
-                routing_header: self.routing_header.clone(),
-            },
-        );
+        let settings = InstallSettings {
+            kind: self.filter_install,
+            root_namespace: self.istio_namespace.clone(),
+            controller_namespace: self.lease_namespace.clone(),
+            grpc_port: self.grpc_address.port(),
+            http_port: self.http_address.port(),
+            routing_header: self.routing_header.clone(),
+        };
+        let filter = match filter_module(self.filter_module.as_deref())? {
+            Some(module) => {
+                let installation = FilterInstallation::new(&module, &settings);
+                Some((std::sync::Arc::new(module), installation))
+            }
+            None => {
+                tracing::warn!(
+                    "no filter module at {} or in this checkout: the filter is neither served nor installed, so Canaries are routed by VirtualService weights (pass --filter-module or WEIR_FILTER_MODULE)",
+                    weir_controller::filter_module::DEFAULT_PATH
+                );
+                None
+            }
+        };
         let options = run::KubernetesOptions {
             kubeconfig: self.kubeconfig,
             namespaces: self
@@ -172,7 +189,8 @@ impl KubernetesArgs {
             lease_name: self.lease_name,
             lease_duration: self.lease_duration,
             pod_name: self.pod_name,
-            filter: Some((std::sync::Arc::new(module), installation)),
+            filter,
+            shutdown_grace: self.shutdown_grace,
         };
         run::run(options, move |ingest, templates| {
             SelectingSource::new(ingest, PrometheusSource::new(prometheus, templates), policy)
@@ -281,6 +299,25 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     weir_controller::spec::parse_go_duration(text).map_err(|e| e.to_string())
 }
 
+/// The module `weir kubernetes` serves: the one named (which must load), else the image's, else
+/// this checkout's build, else none.
+fn filter_module(
+    named: Option<&std::path::Path>,
+) -> anyhow::Result<Option<weir_controller::filter_module::FilterModule>> {
+    use weir_controller::filter_module::{FilterModule, DEFAULT_PATH};
+    if let Some(path) = named {
+        return Ok(Some(FilterModule::load(path)?));
+    }
+    let candidates = std::iter::once(PathBuf::from(DEFAULT_PATH))
+        .chain(checkout_root().map(|r| r.join("target/wasm32-wasip1/wasm/weir_filter.wasm")));
+    for path in candidates {
+        if path.is_file() {
+            return Ok(Some(FilterModule::load(&path)?));
+        }
+    }
+    Ok(None)
+}
+
 /// The checkout this binary was built in (target/<profile>/weir → the root), if it is one.
 fn checkout_root() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
@@ -309,12 +346,20 @@ impl Binaries {
     }
 }
 
+/// Colour in the logs only on a terminal: elsewhere (`kubectl logs`, a file, a pipe) the
+/// escape codes are noise. `NO_COLOR` turns it off on a terminal too.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_ansi(colour_logs())
         .init();
     match Cli::parse().command {
         Command::Demo {

@@ -207,11 +207,16 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
         let now = Timestamp::from_system_time(SystemTime::now());
         let revision = self.platform.target_revision(&self.canary).await?;
         let readiness = self.platform.readiness(&self.canary).await;
+        let primary_revision = match self.status.phase {
+            None => self.platform.primary_revision(&self.canary).await?,
+            Some(_) => None,
+        };
         let mut obs = Observations {
             primary: as_readiness(readiness.primary),
             canary: as_readiness(readiness.canary),
             retry: self.journal.retry_token(),
             deleting: self.journal.deleting(),
+            primary_revision,
             ..Observations::new(revision)
         };
         let step = loop {

@@ -2,10 +2,12 @@
 //!
 //! No Kubernetes API server can run on these machines, so kube's real client talks to a
 //! `tower_test` mock service (kube-rs/controller-rs's pattern). The handle answers like a small
-//! API server (objects kept by path, JSON merge patches, server-side apply approximated as a
-//! merge, `resourceVersion` conflicts, 404s), marks a Deployment's rollout finished as soon as
-//! it is written (unless the test holds it back), and records every request: the tests assert
-//! method, path, query and body, in order.
+//! API server (objects kept by path, lists of a collection, JSON merge patches, server-side
+//! apply approximated as a merge, `resourceVersion` conflicts, 404s; a watch never sends an
+//! event), marks a Deployment's rollout finished as soon as it is written (unless the test holds
+//! it back), can leave requests under a path unanswered (an API server that stopped
+//! answering), and records every request: the tests assert method, path, query and body, in
+//! order.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -56,7 +58,24 @@ struct Fake {
     version: u64,
     /// Deployments whose rollout the test holds back (their status is left alone).
     stuck: BTreeSet<String>,
+    /// Requests under these paths are never answered.
+    stalled: Vec<String>,
 }
+
+/// The collections the fake can list (the last segment of a list's path).
+const COLLECTIONS: &[&str] = &[
+    "canaries",
+    "metrictemplates",
+    "deployments",
+    "leases",
+    "pods",
+    "services",
+    "configmaps",
+    "secrets",
+    "events",
+    "virtualservices",
+    "destinationrules",
+];
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
     (
@@ -111,6 +130,42 @@ impl Fake {
                 "availableReplicas": replicas, "readyReplicas": replicas,
             });
         }
+    }
+
+    /// The answer to `call`; `None`: it is never answered (a watch, or a stalled path).
+    fn answer(&mut self, call: Call) -> Option<(u16, Value)> {
+        let stalled = self
+            .stalled
+            .iter()
+            .any(|p| call.path.starts_with(p.as_str()));
+        let watch = call
+            .query
+            .split('&')
+            .any(|q| q == "watch=true" || q == "watch=1");
+        if stalled || (call.method == "GET" && watch) {
+            self.log.push(call);
+            return None;
+        }
+        let collection = call.path.rsplit('/').next().unwrap_or_default();
+        if call.method == "GET" && COLLECTIONS.contains(&collection) {
+            self.log.push(call.clone());
+            let prefix = format!("{}/", call.path);
+            let items: Vec<Value> = self
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.strip_prefix(&prefix)
+                        .is_some_and(|rest| !rest.contains('/'))
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            return Some((
+                200,
+                json!({"apiVersion": "v1", "kind": "List",
+                       "metadata": {"resourceVersion": self.version.to_string()}, "items": items}),
+            ));
+        }
+        Some(self.handle(call))
     }
 
     fn handle(&mut self, call: Call) -> (u16, Value) {
@@ -221,6 +276,8 @@ impl Cluster {
         let fake = Arc::new(Mutex::new(Fake::default()));
         let state = fake.clone();
         let server = tokio::spawn(async move {
+            // Requests that are never answered: their responders stay alive, so the client waits.
+            let mut unanswered = Vec::new();
             while let Some((request, respond)) = handle.next_request().await {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect_bytes().await.unwrap_or_default();
@@ -236,7 +293,10 @@ impl Cluster {
                         .to_owned(),
                     body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
                 };
-                let (code, body) = state.lock().unwrap().handle(call);
+                let Some((code, body)) = state.lock().unwrap().answer(call) else {
+                    unanswered.push(respond);
+                    continue;
+                };
                 let response = Response::builder()
                     .status(code)
                     .header("content-type", "application/json")
@@ -291,6 +351,11 @@ impl Cluster {
 
     fn log(&self) -> Vec<Call> {
         self.fake.lock().unwrap().log.clone()
+    }
+
+    /// Leaves every request under `path` unanswered from now on.
+    fn stall(&self, path: &str) {
+        self.fake.lock().unwrap().stalled.push(path.to_owned());
     }
 
     fn canary(&self) -> Arc<CanaryResource> {
@@ -349,6 +414,16 @@ struct Harness {
 
 impl Harness {
     fn new(canary_object: Value, fallback_after: Duration) -> Self {
+        Self::with_settings(
+            canary_object,
+            Settings {
+                fallback_after,
+                ..Settings::default()
+            },
+        )
+    }
+
+    fn with_settings(canary_object: Value, settings: Settings) -> Self {
         let cluster = Cluster::start();
         cluster.put(target("ghcr.io/weir/mhs:1.1.1"));
         cluster.put(canary_object);
@@ -356,9 +431,8 @@ impl Harness {
         let ctx = Context::new(
             cluster.client.clone(),
             Settings {
-                fallback_after,
                 instance: "weir-0".into(),
-                ..Settings::default()
+                ..settings
             },
             Directives::new(ingest.clone()),
             StreamedSource::new(ingest.clone()),
@@ -447,6 +521,15 @@ fn events(calls: &[Call]) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The status written last among `calls`.
+fn status_of(calls: &[Call]) -> Value {
+    calls
+        .iter()
+        .rfind(|c| c.is("PATCH", &format!("{CANARY}/status")))
+        .map(|c| c.body["status"].clone())
+        .unwrap_or_else(|| panic!("no status written in {:#?}", writes(calls)))
+}
+
 fn owner_is_the_canary(object: &Value) {
     let owner = &object["metadata"]["ownerReferences"][0];
     assert_eq!(owner["kind"], "Canary", "{object}");
@@ -471,6 +554,7 @@ async fn a_new_canary_gets_a_finalizer_and_a_primary_built_from_the_target() {
             ("GET", &target), // the revision
             ("GET", &primary), // readiness
             ("GET", &target),
+            ("GET", &primary),   // does a primary run already? No
             ("GET", &target),    // InitializePrimary: same revision?
             ("GET", &target),    // the template to copy
             ("PATCH", &primary), // server-side apply of the primary
@@ -515,7 +599,18 @@ async fn a_new_canary_gets_a_finalizer_and_a_primary_built_from_the_target() {
             body["spec"]["template"]["spec"]["containers"][0]["image"],
             "ghcr.io/weir/mhs:1.1.1"
         );
-        assert!(body["metadata"].get("annotations").is_none(), "{body}");
+        // Of the target's annotations, none (kubectl's record describes the target); Weir's
+        // own says which target revision the primary runs.
+        let annotations = body["metadata"]["annotations"].as_object().unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            ["weir.dev/revision"],
+            "{body}"
+        );
+        assert_eq!(
+            status_of(&calls)["lastAppliedSpec"],
+            annotations["weir.dev/revision"]
+        );
         owner_is_the_canary(body);
 
         let (kind, action, note) = events(&calls).remove(0);
@@ -636,7 +731,11 @@ async fn a_new_revision_scales_the_canary_up_and_the_weight_reaches_the_filters(
         });
         let calls = h.until_phase("Progressing").await;
         let scale = find(&calls, "PATCH", &target);
-        assert_eq!(scale.body, json!({"spec": {"replicas": 2}}));
+        assert_eq!(
+            scale.body,
+            json!({"metadata": {"annotations": {"weir.dev/scaled-from-replicas": null}},
+                   "spec": {"replicas": 2}})
+        );
         assert!(events(&calls)
             .iter()
             .any(|e| e.2 == "New revision detected! Scaling up mhs.application"));
@@ -863,6 +962,122 @@ async fn without_filter_reports_the_virtual_service_carries_the_weights_and_an_e
     .await;
 }
 
+/// A report from the Envoy of [`canary_report`] that carries nothing for the canary: no stats
+/// at all, or entries with zero requests.
+fn empty_report(sequence: u64, generation: u64, with_zero_entries: bool) -> Report {
+    let mut report = canary_report(sequence, 0, 0, generation);
+    if !with_zero_entries {
+        report.stats.clear();
+    }
+    report
+}
+
+#[tokio::test]
+async fn the_weighted_fallback_engages_when_the_filters_stop_reporting_mid_rollout() {
+    bounded(async {
+        // Checks that never have enough samples: the rollout halts at its first weight.
+        let analysis = json!({"interval": "100ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10,
+            "minSampleCount": 1_000_000,
+            "metrics": [{"name": "request-success-rate", "interval": "1m", "thresholdRange": {"min": 99}}]});
+        let h = Harness::with_settings(
+            canary(false, analysis),
+            Settings {
+                fallback_after: Duration::from_millis(600),
+                report_freshness: Duration::from_millis(150),
+                ..Settings::default()
+            },
+        );
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        // The filters report while the rollout starts: routing by header.
+        let sequence = std::cell::Cell::new(0);
+        let next = || {
+            sequence.set(sequence.get() + 1);
+            sequence.get()
+        };
+        let report = |h: &Harness, requests: u64| {
+            let generation = h.ingest.directive().generation;
+            h.ingest
+                .ingest(&canary_report(next(), requests, 0, generation), Instant::now())
+                .expect("the report is accepted");
+        };
+        let mut calls = Vec::new();
+        for _ in 0..20 {
+            if h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"] == 10 {
+                break;
+            }
+            report(&h, 10);
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        assert_eq!(h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"], 10);
+        assert!(events(&calls).iter().all(|e| e.1 != "RoutingFallback"));
+
+        // Then they go away (uninstalled, or their stream is down): after fallback_after
+        // without a report the VirtualService carries the weight the status claims.
+        let mut calls = Vec::new();
+        for _ in 0..30 {
+            if events(&calls).iter().any(|e| e.1 == "RoutingFallback") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        let fallback = events(&calls)
+            .into_iter()
+            .find(|e| e.1 == "RoutingFallback")
+            .expect("the fallback engaged once the filters were silent");
+        assert_eq!(fallback.0, "Warning");
+        assert!(
+            fallback.2.contains("No Weir filter reported for mhs.application"),
+            "{fallback:?}"
+        );
+        let vs = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", VS))
+            .expect("the VirtualService was rewritten");
+        let weight = h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"].clone();
+        let route = &vs.body["spec"]["http"][0]["route"];
+        assert_eq!(route[1]["destination"]["host"], "mhs-canary");
+        assert_eq!(route[1]["weight"], weight);
+        assert!(!vs.body.to_string().contains("x-weir-route"));
+
+        // A filter that is connected but carries nothing for this canary is not reporting for
+        // it: neither an empty report nor entries with zero requests bring header routing back.
+        for with_zero_entries in [false, true] {
+            let generation = h.ingest.directive().generation;
+            h.ingest
+                .ingest(
+                    &empty_report(next(), generation, with_zero_entries),
+                    Instant::now(),
+                )
+                .expect("the report is accepted");
+            let calls = h.reconcile().await;
+            assert!(
+                calls.iter().all(|c| !c.is("PATCH", VS)),
+                "{:#?}",
+                writes(&calls)
+            );
+            assert!(events(&calls).iter().all(|e| e.1 != "RoutingFilters"));
+        }
+
+        // Requests reported again: header routing at once.
+        report(&h, 10);
+        let calls = h.reconcile().await;
+        let vs = find(&calls, "PATCH", VS);
+        assert_eq!(
+            vs.body["spec"]["http"][0]["match"][0]["headers"]["x-weir-route"]["exact"],
+            "canary"
+        );
+        assert!(events(&calls).iter().any(|e| e.1 == "RoutingFilters"));
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn deleting_with_revert_on_deletion_restores_the_target_before_releasing_the_canary() {
     bounded(async {
@@ -880,6 +1095,16 @@ async fn deleting_with_revert_on_deletion_restores_the_target_before_releasing_t
         assert_eq!(
             scale.body["spec"]["replicas"], 2,
             "restored from the annotation"
+        );
+        assert_eq!(
+            scale.body["metadata"],
+            json!({"annotations": {"weir.dev/scaled-from-replicas": null}}),
+            "which goes with it"
+        );
+        let annotations = h.cluster.get(&target).unwrap()["metadata"]["annotations"].clone();
+        assert!(
+            annotations.get("weir.dev/scaled-from-replicas").is_none(),
+            "{annotations}"
         );
 
         // While the target is not ready, the apex Service keeps selecting the primary.
@@ -982,6 +1207,112 @@ async fn deleting_without_revert_on_deletion_keeps_the_primary_serving() {
 }
 
 #[tokio::test]
+async fn deleting_a_canary_finishes_as_soon_as_nothing_waits_not_an_interval_later() {
+    bounded(async {
+        for revert in [false, true] {
+            let h = Harness::new(canary(revert, quick_analysis()), Duration::from_secs(600));
+            h.initialized().await;
+            // An hour between steps: a deletion that waited for the next step would hang.
+            h.cluster.hold_rollout("mhs", true);
+            h.cluster.edit(CANARY, |c| {
+                c["spec"]["analysis"]["interval"] = json!("1h");
+                c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            });
+            let finalizers = || h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"].clone();
+            let mut calls = h.reconcile().await;
+            if revert {
+                // The target is scaled back up; while it is not ready, the deletion waits.
+                calls.extend(h.reconcile().await);
+                assert_ne!(finalizers(), json!([]), "waits for the restored target");
+                h.cluster.hold_rollout("mhs", false);
+                calls.extend(h.reconcile().await);
+            }
+            assert_eq!(finalizers(), json!([]), "revertOnDeletion: {revert}");
+            let notes: Vec<String> = events(&calls).into_iter().map(|e| e.2).collect();
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.starts_with("Terminating canary mhs.application")),
+                "{notes:#?}"
+            );
+            assert!(
+                notes
+                    .iter()
+                    .any(|n| n.starts_with("Finalization complete for mhs.application")),
+                "{notes:#?}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_canary_applied_again_after_a_deletion_mid_rollout_analyses_the_new_revision_first() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        let primary = format!("{DEPLOYMENTS}/mhs-primary");
+        let image = |path: &str| {
+            h.cluster.get(path).unwrap()["spec"]["template"]["spec"]["containers"][0]["image"]
+                .clone()
+        };
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+
+        // Deleted without revertOnDeletion mid-rollout: the primary (1.1.1) stays and serves.
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")
+        });
+        h.reconcile().await;
+        assert_eq!(
+            h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"],
+            json!([])
+        );
+        h.cluster.fake.lock().unwrap().objects.remove(CANARY);
+        assert_eq!(image(&primary), "ghcr.io/weir/mhs:1.1.1");
+
+        // Applied again: a new Canary (new uid, no status).
+        let mut again = canary(false, quick_analysis());
+        again["metadata"]["uid"] = json!("5e1f0c77-mhs");
+        h.cluster.put(again);
+        let mut calls = h.reconcile().await;
+        calls.extend(h.until_phase("Initialized").await);
+        assert_eq!(
+            image(&primary),
+            "ghcr.io/weir/mhs:1.1.1",
+            "initialization keeps the primary that runs"
+        );
+        assert!(calls
+            .iter()
+            .filter(|c| c.is("PATCH", &primary))
+            .all(|c| !c.body.to_string().contains("1.1.2")));
+        let notes: Vec<String> = events(&calls).into_iter().map(|e| e.2).collect();
+        assert!(
+            notes.iter().any(
+                |n| n.starts_with("mhs-primary.application already runs revision ")
+                    && n.ends_with("is analysed as a new revision")
+            ),
+            "{notes:#?}"
+        );
+
+        // The target's 1.1.2 is a new revision: analysed, and only then promoted.
+        let calls = h.until_phase("Progressing").await;
+        assert!(events(&calls)
+            .iter()
+            .any(|e| e.2 == "New revision detected! Scaling up mhs.application"));
+        assert_eq!(image(&primary), "ghcr.io/weir/mhs:1.1.1");
+        h.until_phase("Succeeded").await;
+        assert_eq!(image(&primary), "ghcr.io/weir/mhs:1.1.2");
+        assert_eq!(image(&target), "ghcr.io/weir/mhs:1.1.2");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_invalid_canary_is_reported_once_and_not_acted_on() {
     bounded(async {
         let analysis = json!({"interval": "100ms", "stepWeight": 150});
@@ -989,21 +1320,211 @@ async fn an_invalid_canary_is_reported_once_and_not_acted_on() {
         let first = h.reconcile().await;
         assert_eq!(
             writes(&first),
-            [("PATCH", CANARY), ("POST", EVENTS)]
-                .map(|(m, p)| (m.to_owned(), p.to_owned()))
-                .to_vec()
+            [
+                ("PATCH", CANARY.to_owned()),
+                ("POST", EVENTS.to_owned()),
+                ("PATCH", format!("{CANARY}/status"))
+            ]
+            .map(|(m, p)| (m.to_owned(), p))
+            .to_vec()
         );
-        let note = &find(&first, "POST", EVENTS).body["note"];
+        let note = find(&first, "POST", EVENTS).body["note"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(
-            note.as_str().unwrap().contains("spec.analysis.stepWeight"),
+            note.contains("spec.analysis.stepWeight: must be between 1 and 100, got 150"),
             "{note}"
         );
+        assert_eq!(note.matches("invalid").count(), 1, "{note}");
+        let condition = &status_of(&first)["conditions"][0];
+        assert_eq!(condition["type"], "Valid");
+        assert_eq!(condition["status"], "False");
+        assert_eq!(condition["reason"], "InvalidSpec");
+        assert_eq!(condition["message"], note.as_str());
         let again = h.reconcile().await;
         assert!(again.is_empty(), "{:#?}", writes(&again));
         assert!(h
             .cluster
             .get(&format!("{DEPLOYMENTS}/mhs-primary"))
             .is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_edit_mid_rollout_shows_in_the_status_until_it_is_fixed() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        // stepWeight: 0 is out of range (not "missing").
+        h.cluster
+            .edit(CANARY, |c| c["spec"]["analysis"]["stepWeight"] = json!(0));
+        let calls = h.reconcile().await;
+        let note = find(&calls, "POST", EVENTS).body["note"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            note.starts_with("Canary mhs.application is invalid (1 problem):"),
+            "{note}"
+        );
+        assert!(
+            note.contains("spec.analysis.stepWeight: must be between 1 and 100, got 0"),
+            "{note}"
+        );
+        assert_eq!(note.matches("invalid").count(), 1, "{note}");
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(
+            status["phase"], "Progressing",
+            "the rollout is where it was"
+        );
+        let conditions = status["conditions"].as_array().unwrap();
+        let valid = conditions
+            .iter()
+            .find(|c| c["type"] == "Valid")
+            .expect("a Valid condition");
+        assert_eq!(valid["status"], "False");
+        assert_eq!(valid["message"], note.as_str());
+        assert!(
+            conditions.iter().any(|c| c["type"] == "Promoted"),
+            "the rest of the status stays: {status}"
+        );
+        // Nothing more while it stays invalid: no event, no write.
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        assert!(writes(&h.reconcile().await).is_empty());
+
+        // Fixed: the rollout goes on, and the condition goes.
+        h.cluster
+            .edit(CANARY, |c| c["spec"]["analysis"]["stepWeight"] = json!(10));
+        let calls = h.reconcile().await;
+        let status = status_of(&calls);
+        assert!(
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["type"] != "Valid"),
+            "{status}"
+        );
+        h.until_phase("Succeeded").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_halt_that_repeats_joins_one_event_series_and_the_status_says_why() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.cluster.hold_rollout("mhs-primary", true);
+        let mut calls = h.reconcile().await;
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        // The primary's readiness halts every step (the text is the engine's).
+        let created: Vec<&Call> = calls
+            .iter()
+            .filter(|c| {
+                c.is("POST", EVENTS)
+                    && c.body["note"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("Halt advancement mhs-primary.application")
+            })
+            .collect();
+        assert_eq!(
+            created.len(),
+            1,
+            "one Event for the repeated halt: {:#?}",
+            events(&calls)
+        );
+        let halt = created[0].body["note"].as_str().unwrap();
+        let name = created[0].body["metadata"]["name"].as_str().unwrap();
+        let series: Vec<&Call> = calls
+            .iter()
+            .filter(|c| c.is("PATCH", &format!("{EVENTS}/{name}")))
+            .collect();
+        assert_eq!(series.len(), 3, "{:#?}", writes(&calls));
+        for (i, patch) in series.iter().enumerate() {
+            assert_eq!(patch.content_type, "application/merge-patch+json");
+            let body = patch.body.as_object().unwrap();
+            assert_eq!(body.keys().collect::<Vec<_>>(), ["series"]);
+            assert_eq!(patch.body["series"]["count"], i + 2);
+            assert!(patch.body["series"]["lastObservedTime"].is_string());
+        }
+        let event = h.cluster.get(&format!("{EVENTS}/{name}")).unwrap();
+        assert_eq!(event["series"]["count"], 4);
+        assert_eq!(event["note"], halt);
+
+        // kubectl get canary shows why (its Halted column reads this condition).
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        let halted = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Halted")
+            .unwrap_or_else(|| panic!("a Halted condition in {status}"))
+            .clone();
+        assert_eq!(halted["status"], "True");
+        assert_eq!(halted["reason"], "Halt");
+        assert_eq!(halted["message"], halt);
+
+        // Once it advances, the condition goes.
+        h.cluster.hold_rollout("mhs-primary", false);
+        h.until_phase("Initialized").await;
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert!(
+            status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["type"] != "Halted"),
+            "{status}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_canary_writes_no_status_at_each_interval() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.initialized().await;
+        let before = h.cluster.get(CANARY).unwrap()["metadata"]["resourceVersion"].clone();
+        // Five intervals with nothing new: each step only moves lastStepTime.
+        let mut calls = Vec::new();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        assert!(
+            calls
+                .iter()
+                .all(|c| !c.is("PATCH", &format!("{CANARY}/status"))),
+            "{:#?}",
+            writes(&calls)
+        );
+        assert_eq!(
+            h.cluster.get(CANARY).unwrap()["metadata"]["resourceVersion"],
+            before,
+            "kubectl get canary -w prints nothing"
+        );
+        // A real change is written, with the current step time.
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let calls = h.until_phase("Progressing").await;
+        let status = status_of(&calls);
+        assert_eq!(status["phase"], "Progressing");
+        assert!(status["lastStepTime"].is_string());
     })
     .await;
 }
@@ -1242,4 +1763,219 @@ async fn the_configuration_a_target_uses_is_part_of_its_revision_and_copied_for_
         );
     })
     .await;
+}
+
+// `weir kubernetes` as a whole (run::serve): leader election, the leader label, the way out.
+
+mod runtime {
+    use super::*;
+    use std::io::Write;
+    use std::net::SocketAddr;
+    use weir_controller::platform::kubernetes::run::{self, KubernetesError, KubernetesOptions};
+
+    const LEASE: &str =
+        "/apis/coordination.k8s.io/v1/namespaces/weir-system/leases/weir-controller";
+    const POD: &str = "/api/v1/namespaces/weir-system/pods/weir-0";
+
+    fn options(leader_election: bool, pod: Option<&str>) -> KubernetesOptions {
+        KubernetesOptions {
+            kubeconfig: None,
+            namespaces: vec![NS.to_owned()],
+            grpc_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            settings: Settings::default(),
+            leader_election,
+            lease_namespace: "weir-system".to_owned(),
+            lease_name: "weir-controller".to_owned(),
+            lease_duration: Duration::from_secs(15),
+            pod_name: pod.map(str::to_owned),
+            filter: None,
+            shutdown_grace: Duration::from_millis(300),
+        }
+    }
+
+    /// `weir kubernetes` against `cluster` until the returned sender fires.
+    fn start(
+        cluster: &Cluster,
+        options: KubernetesOptions,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), KubernetesError>>,
+    ) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let client = cluster.client.clone();
+        let task = tokio::spawn(run::serve(
+            client,
+            options,
+            |ingest, _templates| StreamedSource::new(ingest),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (stop, task)
+    }
+
+    /// Waits until the fake has seen a request `seen` accepts.
+    async fn until_seen(cluster: &Cluster, what: &str, seen: impl Fn(&Call) -> bool) {
+        for _ in 0..500 {
+            if cluster.log().iter().any(&seen) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never saw {what}: {:#?}", writes(&cluster.log()));
+    }
+
+    fn lists_canaries(c: &Call) -> bool {
+        c.is(
+            "GET",
+            "/apis/weir.dev/v1alpha1/namespaces/application/canaries",
+        )
+    }
+
+    fn holder(cluster: &Cluster) -> Value {
+        cluster.get(LEASE).expect("the Lease exists")["spec"]["holderIdentity"].clone()
+    }
+
+    fn pod(cluster: &Cluster) {
+        cluster.put(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "weir-0", "namespace": "weir-system", "labels": {"app": "weir"}}}));
+    }
+
+    #[tokio::test]
+    async fn outside_the_cluster_a_pod_that_does_not_exist_is_not_fatal_and_nothing_is_labelled() {
+        bounded(async {
+            let cluster = Cluster::start();
+            let laptop = "/api/v1/namespaces/weir-system/pods/weir-laptop";
+            let (stop, task) = start(&cluster, options(false, Some("weir-laptop")));
+            // It leads: the controllers list the Canaries.
+            until_seen(&cluster, "the Canary watch", lists_canaries).await;
+            assert!(!task.is_finished(), "it runs on without its Pod");
+            stop.send(()).unwrap();
+            task.await.unwrap().expect("a clean stop");
+            let labels: Vec<Call> = cluster
+                .log()
+                .into_iter()
+                .filter(|c| c.path == laptop)
+                .collect();
+            assert_eq!(
+                labels.len(),
+                1,
+                "tried once, then forgot the Pod: {labels:#?}"
+            );
+            assert!(labels[0].is("PATCH", laptop));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_lease_is_released_when_serving_the_filters_fails_after_taking_it() {
+        bounded(async {
+            let cluster = Cluster::start();
+            let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut options = options(true, None);
+            options.grpc_address = taken.local_addr().unwrap();
+            let (_stop, task) = start(&cluster, options);
+            let error = task.await.unwrap().expect_err("the gRPC port is taken");
+            assert!(
+                error.to_string().contains("cannot serve the filters on"),
+                "{error}"
+            );
+            assert_eq!(holder(&cluster), Value::Null, "the Lease is free again");
+            let release = cluster
+                .log()
+                .into_iter()
+                .rfind(|c| c.is("PUT", LEASE))
+                .unwrap();
+            assert!(release.body["spec"].get("holderIdentity").is_none());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_stopped_leader_removes_its_label_and_releases_the_lease() {
+        bounded(async {
+            let cluster = Cluster::start();
+            pod(&cluster);
+            let (stop, task) = start(&cluster, options(true, Some("weir-0")));
+            until_seen(&cluster, "the Canary watch", lists_canaries).await;
+            assert_eq!(holder(&cluster), "weir-0");
+            assert_eq!(
+                cluster.get(POD).unwrap()["metadata"]["labels"]["weir.dev/leader"],
+                "true"
+            );
+            stop.send(()).unwrap();
+            task.await.unwrap().expect("a clean stop");
+            assert_eq!(holder(&cluster), Value::Null);
+            assert_eq!(
+                cluster.get(POD).unwrap()["metadata"]["labels"],
+                json!({"app": "weir"})
+            );
+        })
+        .await;
+    }
+
+    /// Log lines, as `weir` writes them, kept for the test.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_while_the_api_server_does_not_answer_says_what_it_waits_for_and_ends_within_its_grace(
+    ) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("weir_controller=info")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test's runtime has one thread: every task logs here.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        bounded(async {
+            let cluster = Cluster::start();
+            pod(&cluster);
+            cluster.put(target("ghcr.io/weir/mhs:1.1.1"));
+            cluster.put(canary(false, quick_analysis()));
+            // The API server stops answering for Deployments: the reconcile hangs in a call.
+            cluster.stall(&format!("{DEPLOYMENTS}/"));
+            let (stop, task) = start(&cluster, options(true, Some("weir-0")));
+            until_seen(&cluster, "the reconcile's read of its target", |c| {
+                c.is("GET", &format!("{DEPLOYMENTS}/mhs"))
+            })
+            .await;
+            stop.send(()).unwrap();
+            task.await.unwrap().expect("a clean stop");
+            let text = logs.text();
+            for line in [
+                "stop requested (SIGTERM or Ctrl-C): stopping",
+                "stopping: waiting for the reconciles under way",
+                "the reconciles under way did not finish within 300ms",
+                "released the Lease",
+            ] {
+                assert!(text.contains(line), "{line:?} in:\n{text}");
+            }
+            assert_eq!(holder(&cluster), Value::Null);
+            assert_eq!(
+                cluster.get(POD).unwrap()["metadata"]["labels"],
+                json!({"app": "weir"})
+            );
+        })
+        .await;
+    }
 }

@@ -213,7 +213,18 @@ fn the_canary_crd_has_flaggers_names_columns_and_a_status_subresource() {
         .collect();
     assert_eq!(
         columns,
-        ["Status", "Weight", "FailedChecks", "LastTransitionTime"]
+        [
+            "Status",
+            "Weight",
+            "FailedChecks",
+            "LastTransitionTime",
+            "Halted"
+        ]
+    );
+    let halted = &version["additionalPrinterColumns"][4];
+    assert_eq!(
+        halted["jsonPath"],
+        r#".status.conditions[?(@.type=="Halted")].message"#
     );
 }
 
@@ -239,6 +250,7 @@ const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
     ("networking.istio.io", "destinationrules", "create"),
     ("networking.istio.io", "destinationrules", "patch"),
     ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
     ("", "configmaps", "get"),
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),
@@ -535,7 +547,8 @@ fn the_alternatives_are_what_the_controller_renders() {
 }
 
 /// Validates `doc` against a CRD's structural schema the way the API server would reject it:
-/// types, enums, bounds, required fields, unknown fields where they are not preserved.
+/// types, enums, bounds, string lengths, required fields, unknown fields where they are not
+/// preserved.
 fn validate(schema: &Value, doc: &Value, path: &str, errors: &mut Vec<String>) {
     if doc.is_null() {
         if schema["nullable"] != true {
@@ -585,6 +598,12 @@ fn validate(schema: &Value, doc: &Value, path: &str, errors: &mut Vec<String>) {
             None => errors.push(format!("{path}: must be an array")),
         },
         Some("string") if !doc.is_string() => errors.push(format!("{path}: must be a string")),
+        Some("string") => {
+            let length = doc.as_str().unwrap().chars().count() as u64;
+            if schema["minLength"].as_u64().is_some_and(|min| length < min) {
+                errors.push(format!("{path}: {doc} is too short"));
+            }
+        }
         Some("boolean") if !doc.is_boolean() => errors.push(format!("{path}: must be a boolean")),
         Some(kind @ ("integer" | "number")) => {
             let ok = if kind == "integer" {
@@ -716,4 +735,109 @@ fn the_schema_check_rejects_what_the_api_server_would() {
         "{:?}",
         schema_errors(&status)
     );
+}
+
+/// Sets `value` at the dotted `path` (`null` removes the key), creating objects on the way.
+fn set(doc: &mut Value, path: &str, value: Value) {
+    let mut keys: Vec<&str> = path.split('.').collect();
+    let last = keys.pop().unwrap();
+    let mut node = doc;
+    for key in keys {
+        node = match key.parse::<usize>() {
+            Ok(i) => &mut node[i],
+            Err(_) => &mut node[key],
+        };
+    }
+    if value.is_null() {
+        node.as_object_mut().unwrap().remove(last);
+    } else {
+        node[last] = value;
+    }
+}
+
+#[test]
+fn the_schema_refuses_what_validation_refuses_where_a_schema_can_say_it() {
+    let text = std::fs::read_to_string(manifests().join("examples/canary.yaml")).unwrap();
+    let good = documents(&text).remove(0);
+    let compiles = |doc: &Value| {
+        let resource: CanaryResource = serde_json::from_value(doc.clone()).unwrap();
+        resource.to_spec_canary().compile().is_ok()
+    };
+    assert!(schema_errors(&good).is_empty() && compiles(&good));
+    let webhook = json!([{"name": "gate", "type": "pre-promotion", "url": "http://gate/"}]);
+    // (field, value, valid): the API server (schema) and Weir (validation) must agree.
+    let cases: Vec<(&str, Value, bool)> = vec![
+        ("spec.analysis.stepWeight", json!(0), false),
+        ("spec.analysis.stepWeight", json!(101), false),
+        ("spec.analysis.stepWeight", json!(1), true),
+        ("spec.analysis.maxWeight", json!(150), false),
+        ("spec.analysis.maxWeight", json!(0), false),
+        ("spec.analysis.stepWeights", json!([0, 10]), false),
+        ("spec.analysis.stepWeightPromotion", json!(0), true),
+        ("spec.analysis.stepWeightPromotion", json!(101), false),
+        ("spec.analysis.threshold", json!(-1), false),
+        ("spec.analysis.threshold", json!(0), true),
+        ("spec.analysis.iterations", json!(-1), false),
+        ("spec.analysis.primaryReadyThreshold", json!(0), false),
+        ("spec.analysis.canaryReadyThreshold", json!(101), false),
+        ("spec.analysis.minSampleCount", json!(-5), false),
+        ("spec.progressDeadlineSeconds", json!(0), false),
+        ("spec.provider", json!("linkerd"), false),
+        ("spec.provider", json!("istio"), true),
+        ("spec.targetRef.kind", json!("StatefulSet"), false),
+        ("spec.targetRef.kind", Value::Null, false),
+        ("spec.targetRef.name", json!(""), false),
+        ("spec.targetRef", Value::Null, false),
+        ("spec.service", Value::Null, false),
+        ("spec.service.port", Value::Null, false),
+        ("spec.service.port", json!(70000), false),
+        ("spec.analysis.metrics.0.name", json!(""), false),
+        ("spec.analysis.webhooks", webhook, false),
+    ];
+    for (path, value, valid) in cases {
+        let mut doc = good.clone();
+        set(&mut doc, path, value.clone());
+        let errors = schema_errors(&doc);
+        assert_eq!(
+            errors.is_empty(),
+            valid,
+            "schema on {path} = {value}: {errors:?}"
+        );
+        assert_eq!(compiles(&doc), valid, "validation on {path} = {value}");
+    }
+    // What a schema cannot say is validation's alone: a duration's syntax, for one.
+    let mut doc = good.clone();
+    set(&mut doc, "spec.analysis.interval", json!("1 minute"));
+    assert!(schema_errors(&doc).is_empty());
+    assert!(!compiles(&doc));
+}
+
+/// Every `default` in `schema` (recursively), with the path of its node.
+fn defaults<'a>(schema: &'a Value, path: &str, out: &mut Vec<(String, &'a Value, &'a Value)>) {
+    if let Some(default) = schema.get("default") {
+        out.push((path.to_owned(), schema, default));
+    }
+    for (key, sub) in schema["properties"].as_object().into_iter().flatten() {
+        defaults(sub, &format!("{path}.{key}"), out);
+    }
+    if schema["items"].is_object() {
+        defaults(&schema["items"], &format!("{path}[]"), out);
+    }
+}
+
+#[test]
+fn every_default_in_the_crds_is_valid_against_its_own_schema() {
+    // The API server refuses a CRD whose defaults break their own bounds (an empty default
+    // with minLength 1, say).
+    for (name, text) in crd::crd_files() {
+        let crd = documents(&text).remove(0);
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let mut found = Vec::new();
+        defaults(schema, "", &mut found);
+        for (path, node, default) in found {
+            let mut errors = Vec::new();
+            validate(node, default, &path, &mut errors);
+            assert!(errors.is_empty(), "{name}: {errors:?}");
+        }
+    }
 }

@@ -207,13 +207,8 @@ impl<'a> Run<'a> {
         }
         match phase {
             Some(Phase::Terminated) => return Ok(()),
-            Some(Phase::Terminating) => {
-                if !self.due() {
-                    return Ok(());
-                }
-                self.ticked = true;
-                return self.finish_termination();
-            }
+            // Nothing here waits for the interval: only, with revertOnDeletion, for the target.
+            Some(Phase::Terminating) => return self.finish_termination(),
             _ => {}
         }
         if self.plan.suspend {
@@ -303,12 +298,11 @@ impl<'a> Run<'a> {
         );
     }
 
-    /// First sighting: create the primary from the target.
+    /// First sighting: create the primary from the target, or keep the primary that already
+    /// runs (then `lastPromotedSpec` is set from the start, which marks the adoption).
     fn initialize(&mut self) -> Flow {
-        let revision = self.obs.revision.clone();
+        let target = self.obs.revision.clone();
         self.s.phase = Some(Phase::Initializing);
-        self.s.last_applied_spec = Some(revision.clone());
-        self.effects.push(Effect::InitializePrimary { revision });
         self.info(
             "Initializing",
             format!(
@@ -317,13 +311,36 @@ impl<'a> Run<'a> {
                 self.id()
             ),
         );
+        let Some(running) = self.obs.primary_revision.clone() else {
+            self.s.last_applied_spec = Some(target.clone());
+            self.effects
+                .push(Effect::InitializePrimary { revision: target });
+            return Ok(());
+        };
+        self.s.last_applied_spec = Some(running.clone());
+        self.s.last_promoted_spec = Some(running.clone());
+        if running != target {
+            self.info(
+                "Initializing",
+                format!(
+                    "{} already runs revision {running}: keeping it as the primary; {} at revision {target} is analysed as a new revision",
+                    self.plan.primary_id(),
+                    self.target_id()
+                ),
+            );
+        }
+        // Applied only while the target still has this revision (the executor checks), so an
+        // unanalysed template never reaches the primary.
+        self.effects
+            .push(Effect::InitializePrimary { revision: running });
         Ok(())
     }
 
     /// Once the primary is ready: route to it and scale the target to zero.
     fn finish_initialization(&mut self) -> Flow {
         let revision = self.obs.revision.clone();
-        if self.old.last_applied_spec.as_ref() != Some(&revision) {
+        let adopted = self.old.last_promoted_spec.is_some();
+        if !adopted && self.old.last_applied_spec.as_ref() != Some(&revision) {
             self.s.last_applied_spec = Some(revision.clone());
             self.effects.push(Effect::InitializePrimary { revision });
             self.info(
@@ -758,6 +775,7 @@ impl<'a> Run<'a> {
         self.s.phase = Some(Phase::Succeeded);
         self.s.canary_weight = Weight::ZERO;
         self.s.iterations = 0;
+        self.s.inconclusive_checks = 0;
         self.s.last_promoted_spec = self.s.last_applied_spec.clone();
         self.post_rollout(Phase::Succeeded);
         self.info(
@@ -809,6 +827,8 @@ impl<'a> Run<'a> {
         self.s.phase = Some(Phase::Succeeded);
         self.s.canary_weight = Weight::ZERO;
         self.s.iterations = 0;
+        // The promoted analysis is over: its halts are no longer pending.
+        self.s.inconclusive_checks = 0;
         self.s.last_promoted_spec = self.s.last_applied_spec.clone();
         self.post_rollout(Phase::Succeeded);
         self.info(
@@ -971,10 +991,14 @@ impl<'a> Run<'a> {
         if self.plan.revert_on_deletion {
             self.effects.push(Effect::ScaleCanary(Scale::Up));
             self.s.not_ready_since = Some(self.now);
+            return Ok(());
         }
-        Ok(())
+        // Nothing to give back: the deletion completes in this step.
+        self.finish_termination()
     }
 
+    /// Terminating: done at once without revertOnDeletion, else as soon as the restored target
+    /// is ready (checked at every call, not once per interval).
     fn finish_termination(&mut self) -> Flow {
         if self.plan.revert_on_deletion {
             if let Readiness::NotReady(_) = self.obs.canary {
@@ -992,6 +1016,7 @@ impl<'a> Run<'a> {
         } else {
             self.info("Terminated", format!("Terminated canary {}", self.id()));
         }
+        self.ticked = true;
         self.s.phase = Some(Phase::Terminated);
         self.s.not_ready_since = None;
         Ok(())

@@ -41,9 +41,9 @@
 //!   `weir.dev/retry` annotation ([`Canary::retry_token`](crate::spec::Canary::retry_token)) or a
 //!   CLI nonce. A Failed canary is retried once per new token; a token seen in another phase is
 //!   recorded and ignored (with an event).
-//! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating at once, then
-//!   Terminated on a later step (once the restored target is ready, with `revertOnDeletion`).
-//!   Drop it once Terminated.
+//! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating at once, and
+//!   Terminated in the same step without `revertOnDeletion`; with it, on the first later call
+//!   that sees the restored target ready (not only once per interval). Drop it once Terminated.
 //!
 //! # Differences from Flagger, on purpose
 //!
@@ -110,6 +110,10 @@
 //!   analysis, such a revert starts nothing, as in Flagger, and Weir says so in an event.
 //! - A retry of a Failed canary without changing it (`weir.dev/retry`, `weir retry`) is Weir's
 //!   own.
+//! - A Canary whose primary already runs when it is first seen (deleted without
+//!   `revertOnDeletion` and applied again) keeps that primary, and a target that differs is
+//!   analysed as a new revision (`Observations::primary_revision`); Flagger copies the target
+//!   to the primary at initialization, unanalysed.
 //!
 //! Status and events:
 //! - `failedChecks` keeps its value in Failed (Flagger resets it), and the status weight is the

@@ -28,6 +28,11 @@ pub struct Observations {
     pub retry: Option<String>,
     /// The Canary is being deleted.
     pub deleting: bool,
+    /// Before the first step only: the revision the primary workload already runs, if it
+    /// exists (a Canary deleted without `revertOnDeletion` and applied again leaves it). The
+    /// primary is then kept as it is, and a target that differs is analysed as a new revision
+    /// instead of being copied to the primary unanalysed.
+    pub primary_revision: Option<String>,
 }
 
 impl Observations {

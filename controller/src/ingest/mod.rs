@@ -345,8 +345,10 @@ impl Ingest {
         self.inner.windows.window(canary, version, window, now)
     }
 
-    /// When the newest report that included the canary arrived; None if none did. Tells the
-    /// caller whether any Envoy covers the canary at all (otherwise fall back to Prometheus).
+    /// When the newest report that counted requests for the canary arrived; None if none did.
+    /// Tells the caller whether any Envoy covers the canary at all (otherwise fall back to
+    /// Prometheus, or to weights in the VirtualService). A report without stats for the canary,
+    /// or with an entry of zero requests, does not count.
     pub fn last_report(&self, canary: &str) -> Option<Instant> {
         self.inner.windows.last_report(canary)
     }

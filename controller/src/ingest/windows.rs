@@ -315,7 +315,9 @@ impl Windows {
         let index = self.index_of(now);
         for entry in entries {
             let mut state = lock(&entry.cell.state);
-            if state.last_report.is_none_or(|last| last < now) {
+            // An entry without requests says nothing about this canary's traffic: it must not
+            // make the canary look covered by a filter (routing mode, metric source).
+            if entry.stats.requests > 0 && state.last_report.is_none_or(|last| last < now) {
                 state.last_report = Some(now);
             }
             if state.first_report.is_none_or(|first| first > now) {
@@ -391,7 +393,8 @@ impl Windows {
         Some(result)
     }
 
-    /// When the newest report for the canary arrived; None if never (or not tracked).
+    /// When the newest report with requests for the canary arrived; None if never (or not
+    /// tracked).
     pub(crate) fn last_report(&self, key: &str) -> Option<Instant> {
         let canaries = self.canaries.read().unwrap_or_else(|e| e.into_inner());
         let cell = canaries.get(key)?.cell.clone();
@@ -591,6 +594,18 @@ mod tests {
         assert_eq!(w.window("shop/other", Version::Canary, s(60), t0), None);
         assert_eq!(w.last_report("shop/web"), Some(t0 + s(20)));
         assert_eq!(w.first_report("shop/web"), Some(t0));
+    }
+
+    #[test]
+    fn an_entry_without_requests_does_not_count_as_a_report_for_the_canary() {
+        let t0 = Instant::now();
+        let w = windows(t0);
+        let s = Duration::from_secs;
+        apply(&w, &stats(&[], 0), "a", t0 + s(1));
+        assert_eq!(w.last_report("shop/web"), None);
+        apply(&w, &stats(&[1_000], 0), "a", t0 + s(2));
+        apply(&w, &stats(&[], 0), "a", t0 + s(3));
+        assert_eq!(w.last_report("shop/web"), Some(t0 + s(2)));
     }
 
     #[test]

@@ -79,6 +79,16 @@ pub trait Platform: Send + Sync {
         canary: &CanaryRef,
     ) -> impl Future<Output = Result<String, PlatformError>> + Send;
 
+    /// The revision the primary workload already runs, if there is one (it outlived an earlier
+    /// Canary for the same target). Asked before the first step only.
+    fn primary_revision(
+        &self,
+        _canary: &CanaryRef,
+    ) -> impl Future<Output = Result<Option<String>, PlatformError>> + Send {
+        // Local mode: the primary's processes never outlive the controller's state folder.
+        async { Ok(None) }
+    }
+
     /// Makes the primary run the target's current template (initialization and promotion), and
     /// returns once it serves or fails.
     fn promote_to_primary(

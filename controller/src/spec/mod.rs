@@ -61,7 +61,7 @@ pub use time::{Timestamp, TimestampError};
 pub use validate::{
     Compiled, FieldError, Rule, ValidationErrors, Warning, WarningKind, API_VERSION,
     DEFAULT_INTERVAL, DEFAULT_METRIC_INTERVAL, DEFAULT_PROGRESS_DEADLINE, DEFAULT_WEBHOOK_TIMEOUT,
-    FLAGGER_API_VERSION,
+    FLAGGER_API_VERSION, PROVIDERS, TARGET_KINDS,
 };
 pub use weight::{Weight, WeightError};
 

@@ -76,17 +76,25 @@ pub struct ObjectMeta {
 }
 
 /// `spec`: Flagger's `CanarySpec`.
+///
+/// The `#[schemars]` attributes here and on the types below put the bounds that validation
+/// (`validate.rs`) checks into the generated CRD schema, so the API server refuses what Weir
+/// would refuse: ranges, enums and required fields. What a schema cannot say (a duration's
+/// syntax, `analysis` unless `skipAnalysis`, min <= max, ...) stays with validation alone.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["targetRef", "service"]))]
 pub struct CanarySpec {
     /// Traffic provider; Weir routes in its Envoy filter on Istio, so only `istio` (or nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = super::validate::PROVIDERS))]
     pub provider: Option<String>,
     /// Prometheus URL for the fallback metric source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_server: Option<String>,
     /// The workload to roll out (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "target_ref_schema")]
     pub target_ref: Option<ObjectReference>,
     /// HPA / ScaledObject reference (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,6 +119,7 @@ pub struct CanarySpec {
     pub canary_analysis: Option<CanaryAnalysis>,
     /// How long the canary may stay not ready before the rollout is rolled back (default 600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub progress_deadline_seconds: Option<i64>,
     /// Promote a new revision without analysing it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -129,6 +138,7 @@ pub struct CanarySpec {
 /// A reference to another object (`targetRef`, `templateRef`, ...).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["name"]))]
 pub struct ObjectReference {
     /// API version of the referent, like `apps/v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -138,6 +148,7 @@ pub struct ObjectReference {
     pub kind: Option<String>,
     /// Name of the referent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub name: Option<String>,
     /// Namespace of the referent (for references that may cross namespaces).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,12 +182,14 @@ impl schemars::JsonSchema for IntOrString {
 /// `spec.service`: Flagger's `CanaryService`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["port"]))]
 pub struct CanaryService {
     /// Name of the apex service (default: the target's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Service port (required).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i64>,
     /// Service port name (default `http`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -268,21 +281,27 @@ pub struct CanaryAnalysis {
     pub interval: Option<String>,
     /// Number of iterations for A/B testing and blue/green.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = u32::MAX))]
     pub iterations: Option<i64>,
-    /// Failed checks before rollback (default 1).
+    /// Failed checks before rollback (default 1; 0 means the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = u32::MAX))]
     pub threshold: Option<i64>,
-    /// Largest canary weight during analysis (default 100).
+    /// Largest canary weight during analysis, 1 to 100 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub max_weight: Option<i64>,
-    /// Weight added at each successful step.
+    /// Weight added at each successful step, 1 to 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub step_weight: Option<i64>,
-    /// Explicit list of weights, instead of `stepWeight`.
+    /// Explicit list of weights (each 1 to 100, increasing), instead of `stepWeight`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(range(min = 1, max = 100)))]
     pub step_weights: Option<Vec<i64>>,
-    /// Weight moved back to primary per step during promotion (default: all at once).
+    /// Weight moved back to primary per step during promotion (default, or 0: all at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
     pub step_weight_promotion: Option<i64>,
     /// Mirror traffic to the canary (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -290,11 +309,13 @@ pub struct CanaryAnalysis {
     /// Share of mirrored traffic (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_weight: Option<i64>,
-    /// Percent of primary pods that must be available (default 100).
+    /// Percent of primary pods that must be available, 1 to 100 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub primary_ready_threshold: Option<i64>,
-    /// Percent of canary pods that must be available (default 100).
+    /// Percent of canary pods that must be available, 1 to 100 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub canary_ready_threshold: Option<i64>,
     /// A/B testing: requests matching any entry go to the canary.
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
@@ -314,6 +335,7 @@ pub struct CanaryAnalysis {
     /// Weir: fewest requests a metric window must hold to give a verdict (default 20); with
     /// fewer, the check is Inconclusive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub min_sample_count: Option<i64>,
     /// Weir: count an Inconclusive check as a failed check (default false: it only halts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,10 +387,12 @@ pub struct StringMatch {
 /// One entry of `spec.analysis.metrics`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["name"]))]
 pub struct CanaryMetric {
     /// `request-success-rate`, `request-duration`, or a name of your choice with
     /// `templateRef`/`query`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(min = 1))]
     pub name: String,
     /// Window the metric is computed over (default `1m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -411,16 +435,20 @@ pub struct ThresholdRange {
 /// One entry of `spec.analysis.webhooks`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["name", "url"]))]
 pub struct CanaryWebhook {
     /// Unique name of the hook.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(min = 1))]
     pub name: String,
     /// When it runs: `confirm-rollout`, `pre-rollout`, `rollout` (default), `confirm-traffic-increase`,
     /// `confirm-promotion`, `post-rollout`, `rollback`, `event`.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = webhook_types()))]
     pub kind: Option<String>,
-    /// Where to POST.
+    /// Where to POST (http:// or https://).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub url: Option<String>,
     /// Request timeout (default `10s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -433,6 +461,7 @@ pub struct CanaryWebhook {
     pub mute_alert: bool,
     /// Retries of a failed call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = u32::MAX))]
     pub retries: Option<i64>,
     /// Skip TLS verification.
     #[serde(
@@ -449,17 +478,45 @@ pub struct CanaryWebhook {
 /// `spec.analysis.sessionAffinity`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["cookieName"]))]
 pub struct SessionAffinity {
     /// Cookie set on responses from the canary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub cookie_name: Option<String>,
     /// Cookie set on responses from the primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_cookie_name: Option<String>,
     /// Cookie lifetime in seconds (default 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_age: Option<i64>,
     /// Other cookie attributes (domain, path, secure, ...).
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+}
+
+/// The webhook types the CRD schema allows: Flagger's, and the empty string (`rollout`).
+fn webhook_types() -> Vec<&'static str> {
+    std::iter::once("")
+        .chain(super::plan::HookKind::ALL.iter().map(|(_, name)| *name))
+        .collect()
+}
+
+/// The CRD schema of `spec.targetRef`: an [`ObjectReference`] whose `kind` is one of
+/// [`TARGET_KINDS`](super::validate::TARGET_KINDS), and which must name it.
+fn target_ref_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <ObjectReference as schemars::JsonSchema>::json_schema(generator);
+    schema.insert("required".into(), serde_json::json!(["kind", "name"]));
+    if let Some(kind) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("kind"))
+        .and_then(Value::as_object_mut)
+    {
+        kind.insert(
+            "enum".into(),
+            serde_json::json!(super::validate::TARGET_KINDS),
+        );
+    }
+    schema
 }

@@ -53,15 +53,18 @@ pub struct MetricTemplate {
     pub unknown: Unknown,
 }
 
-/// `spec` of a MetricTemplate.
+/// `spec` of a MetricTemplate. The `#[schemars]` attributes put what validation requires into
+/// the CRD schema.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["provider", "query"]))]
 pub struct MetricTemplateSpec {
     /// Where the query runs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "MetricTemplateProvider::is_unset")]
     pub provider: MetricTemplateProvider,
     /// The query, a Go-style template.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(min = 1))]
     pub query: String,
     /// Keys Flagger does not know.
     #[serde(flatten)]
@@ -71,9 +74,11 @@ pub struct MetricTemplateSpec {
 /// `spec.provider` of a MetricTemplate.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["type"]))]
 pub struct MetricTemplateProvider {
     /// Provider type; Weir implements `prometheus`.
-    #[serde(default, rename = "type")]
+    #[serde(default, rename = "type", skip_serializing_if = "String::is_empty")]
+    #[schemars(extend("enum" = [PROMETHEUS_PROVIDER]))]
     pub kind: String,
     /// The provider's HTTP address, like `http://prometheus.istio-system:9090`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,12 +94,22 @@ pub struct MetricTemplateProvider {
     pub unknown: Unknown,
 }
 
+impl MetricTemplateProvider {
+    /// Nothing set (also why the CRD schema has no `default` for it: an empty provider would
+    /// break its own `required`).
+    fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// A reference to an object in the same namespace (Kubernetes `LocalObjectReference`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["name"]))]
 pub struct LocalObjectReference {
     /// The object's name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(min = 1))]
     pub name: String,
 }
 

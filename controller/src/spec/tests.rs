@@ -213,6 +213,22 @@ fn an_out_of_range_step_weight_names_the_field_and_the_rule() {
 }
 
 #[test]
+fn a_zero_step_weight_or_max_weight_is_out_of_range_not_missing() {
+    let yaml = with_analysis("analysis:\n  stepWeight: 0\n  maxWeight: 0");
+    assert_eq!(
+        errors(&yaml),
+        vec![
+            "spec.analysis.stepWeight: must be between 1 and 100, got 0",
+            "spec.analysis.maxWeight: must be between 1 and 100, got 0"
+        ]
+    );
+    // stepWeightPromotion 0 is Flagger's "all at once", as when it is not set.
+    let yaml = with_analysis("analysis:\n  stepWeight: 10\n  stepWeightPromotion: 0");
+    let plan = compile(&yaml).unwrap_or_else(|e| panic!("{e}")).plan;
+    assert_eq!(plan.analysis.step_weight_promotion, None);
+}
+
+#[test]
 fn every_problem_is_reported_at_once() {
     let yaml = "apiVersion: weir.dev/v1
 kind: Canary

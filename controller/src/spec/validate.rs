@@ -23,6 +23,12 @@ pub const API_VERSION: &str = "weir.dev/v1alpha1";
 /// Flagger's `apiVersion`, accepted (with a warning) so a Flagger Canary can be pasted as is.
 pub const FLAGGER_API_VERSION: &str = "flagger.app/v1beta1";
 
+/// The kinds `spec.targetRef` may name (also the CRD schema's enum).
+pub const TARGET_KINDS: [&str; 3] = ["Deployment", "DaemonSet", "Service"];
+/// The values `spec.provider` may have (also the CRD schema's enum): Weir splits traffic in
+/// its Envoy filter, on Istio.
+pub const PROVIDERS: [&str; 1] = ["istio"];
+
 /// Flagger's default analysis interval.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
 /// Flagger's default metric window.
@@ -304,10 +310,18 @@ impl Checker {
     /// A weight field where 0 (or unset) means "not set", as in Flagger.
     fn optional_weight(&mut self, path: &str, v: Option<i64>) -> Option<Weight> {
         match v {
-            None | Some(0) => None,
+            Some(0) => None,
+            other => self.weight(path, other),
+        }
+    }
+
+    /// A weight of 1 to 100, if set (0 moves no traffic: out of range, not "missing").
+    fn weight(&mut self, path: &str, v: Option<i64>) -> Option<Weight> {
+        match v {
+            None => None,
             Some(p) => match Weight::try_new(p) {
-                Ok(w) => Some(w),
-                Err(_) => {
+                Ok(w) if w > Weight::ZERO => Some(w),
+                _ => {
                     self.error(
                         path,
                         Rule::OutOfRange {
@@ -412,7 +426,8 @@ impl Checker {
     fn spec(&mut self, s: &CanarySpec, name: String, namespace: String) -> CanaryPlan {
         self.unknown("spec", &s.unknown);
         match s.provider.as_deref() {
-            None | Some("istio") => {}
+            None => {}
+            Some(p) if PROVIDERS.contains(&p) => {}
             Some(other) => self.error(
                 "spec.provider",
                 Rule::NotOneOf {
@@ -532,7 +547,6 @@ impl Checker {
             );
         }
         let kind = r.kind.clone().unwrap_or_default();
-        const KINDS: [&str; 3] = ["Deployment", "DaemonSet", "Service"];
         if kind.is_empty() {
             self.error(
                 "spec.targetRef.kind",
@@ -540,7 +554,7 @@ impl Checker {
                     hint: "Deployment, DaemonSet or Service".into(),
                 },
             );
-        } else if !KINDS.contains(&kind.as_str()) {
+        } else if !TARGET_KINDS.contains(&kind.as_str()) {
             self.error(
                 "spec.targetRef.kind",
                 Rule::NotOneOf {
@@ -709,8 +723,8 @@ impl Checker {
             }
             other => NonZeroU32::new(self.count(&p("iterations"), other)),
         };
-        let step_weight = self.optional_weight(&p("stepWeight"), a.step_weight);
-        let max_weight = self.optional_weight(&p("maxWeight"), a.max_weight);
+        let step_weight = self.weight(&p("stepWeight"), a.step_weight);
+        let max_weight = self.weight(&p("maxWeight"), a.max_weight);
         let step_weights = a.step_weights.as_ref().map(|list| {
             let mut ws = Vec::new();
             for (i, v) in list.iter().enumerate() {
@@ -820,7 +834,7 @@ impl Checker {
                 }
                 (None, None) => {
                     // An invalid stepWeight/stepWeights was reported already.
-                    let written = a.step_weight.is_some_and(|v| v != 0) || a.step_weights.is_some();
+                    let written = a.step_weight.is_some() || a.step_weights.is_some();
                     if !skip_analysis && !written {
                         self.error(
                             path,

@@ -155,6 +155,23 @@ fn too_little_data_is_inconclusive_and_only_halts() {
 }
 
 #[test]
+fn inconclusive_steps_are_not_carried_into_a_success() {
+    let mut sim = Sim::new(mhs()).at_weight(20);
+    sim.fail_metric(REQUEST_SUCCESS_RATE, 100.0, 3);
+    sim.tick();
+    assert_eq!(sim.status.inconclusive_checks, 1);
+    sim.metrics.clear();
+    for _ in 0..20 {
+        if sim.status.phase == Some(Phase::Succeeded) {
+            break;
+        }
+        sim.tick();
+    }
+    assert_eq!(sim.status.phase, Some(Phase::Succeeded));
+    assert_eq!(sim.status.inconclusive_checks, 0);
+}
+
+#[test]
 fn no_data_at_all_is_inconclusive_in_flaggers_words() {
     let mut sim = Sim::new(mhs()).at_weight(20);
     let window = sim.window(REQUEST_DURATION);

@@ -22,6 +22,56 @@ fn first_sighting_creates_the_primary_from_the_target() {
 }
 
 #[test]
+fn a_primary_that_already_runs_is_kept_and_a_differing_target_is_analysed_first() {
+    // A Canary deleted without revertOnDeletion mid-rollout, applied again: the primary still
+    // runs r1, the target has the unanalysed r2.
+    let mut sim = Sim::new(mhs());
+    sim.obs.revision = "r2".into();
+    sim.obs.primary_revision = Some("r1".into());
+    let step = sim.tick();
+    assert_eq!(
+        actions(&step),
+        vec![Effect::InitializePrimary {
+            revision: "r1".into()
+        }],
+        "the executor applies it only while the target is at r1"
+    );
+    assert_eq!(
+        messages(&step),
+        vec![
+            "New Deployment detected, starting initialization of mhs.application",
+            "mhs-primary.application already runs revision r1: keeping it as the primary; \
+             mhs.application at revision r2 is analysed as a new revision"
+        ]
+    );
+    sim.obs.primary_revision = None;
+    let step = sim.tick();
+    assert_eq!(
+        actions(&step),
+        vec![
+            Effect::Route(Route::Primary),
+            Effect::ScaleCanary(Scale::Down)
+        ],
+        "no second copy of the target while initializing"
+    );
+    assert_eq!(sim.status.phase, Some(Phase::Initialized));
+    assert_eq!(sim.status.last_promoted_spec.as_deref(), Some("r1"));
+    let step = sim.tick();
+    assert_eq!(actions(&step), vec![Effect::ScaleCanary(Scale::Up)]);
+    assert_eq!(sim.status.phase, Some(Phase::Progressing));
+    assert_eq!(sim.status.last_applied_spec.as_deref(), Some("r2"));
+
+    // The same revision on both: an ordinary initialization, without the extra event.
+    let mut sim = Sim::new(mhs());
+    sim.obs.primary_revision = Some("r1".into());
+    let step = sim.tick();
+    assert_eq!(messages(&step).len(), 1);
+    sim.tick();
+    assert_eq!(sim.status.phase, Some(Phase::Initialized));
+    assert!(sim.tick().effects.is_empty());
+}
+
+#[test]
 fn initialization_finishes_once_the_primary_is_ready() {
     let mut sim = Sim::new(mhs());
     sim.tick();

@@ -32,7 +32,8 @@ use crate::spec::{self, CanarySpec, CanaryStatus, MetricTemplateSpec};
     printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.canaryWeight"}"#,
     printcolumn = r#"{"name":"FailedChecks","type":"integer","jsonPath":".status.failedChecks"}"#,
-    printcolumn = r#"{"name":"LastTransitionTime","type":"string","jsonPath":".status.lastTransitionTime"}"#
+    printcolumn = r#"{"name":"LastTransitionTime","type":"string","jsonPath":".status.lastTransitionTime"}"#,
+    printcolumn = r#"{"name":"Halted","type":"string","description":"Why the rollout does not advance (the Halted condition)","jsonPath":".status.conditions[?(@.type==\"Halted\")].message"}"#
 )]
 #[serde(transparent)]
 pub struct CanaryResourceSpec(pub CanarySpec);

@@ -29,6 +29,11 @@
 //! | VirtualService `mhs` | Canary | routing header `canary` → `mhs-canary`, the rest → `mhs-primary` |
 //!
 //! The apex Service has no owner: clients address it, so deleting the Canary must not delete it.
+//!
+//! The primary carries the target revision it was built from (annotation
+//! [`REVISION_ANNOTATION`]). A Canary deleted without `revertOnDeletion` leaves its primary
+//! serving; applied again, it keeps that primary as it is and analyses a target that differs
+//! as a new revision, instead of copying it to the primary unanalysed at initialization.
 
 pub mod configs;
 pub mod crd;
@@ -69,6 +74,12 @@ pub const FIELD_MANAGER: &str = "weir";
 pub const FINALIZER: &str = "weir.dev/finalizer";
 /// Annotation on the target: the replicas it had when Weir scaled it to zero.
 pub const SCALED_FROM_ANNOTATION: &str = "weir.dev/scaled-from-replicas";
+/// Annotation on the primary: the target revision it was built from, so a Canary applied
+/// again after a deletion knows what the primary runs.
+pub const REVISION_ANNOTATION: &str = "weir.dev/revision";
+/// The revision of a primary Weir did not annotate (made by Flagger, or by an older Weir): it
+/// matches no target, so the target is analysed before it replaces the primary.
+pub const UNRECORDED_REVISION: &str = "unrecorded";
 
 /// Settings shared by every Canary's platform.
 #[derive(Debug, Clone)]
@@ -80,6 +91,9 @@ pub struct Settings {
     /// How long a routed canary may go without any filter report before the VirtualService
     /// carries the weights itself.
     pub fallback_after: Duration,
+    /// How recent a report must be for the filters to count as reporting for a canary (the
+    /// same window the metric source uses to choose between streamed data and Prometheus).
+    pub report_freshness: Duration,
     /// This controller's instance (pod) name, for events.
     pub instance: String,
 }
@@ -90,6 +104,7 @@ impl Default for Settings {
             routing_header: crate::platform::local::envoy::ROUTING_HEADER.to_owned(),
             canary_value: crate::platform::local::envoy::CANARY_VALUE.to_owned(),
             fallback_after: Duration::from_secs(60),
+            report_freshness: crate::metrics::select::DEFAULT_FRESHNESS,
             instance: "weir".to_owned(),
         }
     }
@@ -342,16 +357,31 @@ impl KubernetesPlatform {
         .map_err(self.failed("applying the VirtualService"))
     }
 
-    /// Filters while any filter has reported for the canary; weights once it has been routed for
-    /// `fallback_after` without a single report. Queues an event when the mode changes.
+    /// Whether a filter reported requests for the canary within the freshness window.
+    fn filters_report(&self, now: Instant) -> bool {
+        self.ingest
+            .last_report(&self.plan.key())
+            .is_some_and(|last| {
+                now.saturating_duration_since(last) <= self.settings.report_freshness
+            })
+    }
+
+    /// Filters while a filter reports for the canary (a report within the freshness window);
+    /// weights once the canary has been routed for `fallback_after` without a report (none at
+    /// all, or the filters went away); in between, the mode stays. Queues an event when the
+    /// mode changes.
     fn decide_mode(&self) -> RoutingMode {
         let now = Instant::now();
         let mut state = self.routing.lock().unwrap_or_else(|p| p.into_inner());
         let since = *state.since.get_or_insert(now);
-        let reported = self.ingest.last_report(&self.plan.key()).is_some();
-        let mode = if reported {
+        // Silent since the last report, or since routing began if no report came after that.
+        let quiet_since = self
+            .ingest
+            .last_report(&self.plan.key())
+            .map_or(since, |last| last.max(since));
+        let mode = if self.filters_report(now) {
             RoutingMode::Filters
-        } else if now.duration_since(since) >= self.settings.fallback_after {
+        } else if now.saturating_duration_since(quiet_since) >= self.settings.fallback_after {
             RoutingMode::Weights
         } else {
             state.mode
@@ -364,7 +394,7 @@ impl KubernetesPlatform {
                     severity: Severity::Warning,
                     reason: "RoutingFallback".to_owned(),
                     message: format!(
-                        "No Weir filter reported for {} within {:?}; VirtualService {vs} now carries the canary weight (Flagger-style routing). Install the Weir EnvoyFilter (manifests/) for per-request splitting and streamed metrics",
+                        "No Weir filter reported for {} in the last {:?}; VirtualService {vs} now carries the canary weight (Flagger-style routing). Install the Weir EnvoyFilter (manifests/) for per-request splitting and streamed metrics",
                         self.plan.id(),
                         self.settings.fallback_after
                     ),
@@ -388,11 +418,17 @@ impl KubernetesPlatform {
         self.routing.lock().unwrap_or_else(|p| p.into_inner()).mode
     }
 
-    /// Whether the routing mode can still change by itself: the canary is routed and no filter
-    /// has reported yet (the reconciler then checks again soon).
+    /// Whether the routing mode may change soon: the canary is routed and no filter reports
+    /// for it now, so it may fall back to weights, or a first report may bring it back (the
+    /// reconciler then checks again soon).
     pub fn routing_unsettled(&self) -> bool {
-        let state = self.routing.lock().unwrap_or_else(|p| p.into_inner());
-        state.since.is_some() && self.ingest.last_report(&self.plan.key()).is_none()
+        let routed = self
+            .routing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .since
+            .is_some();
+        routed && !self.filters_report(Instant::now())
     }
 
     /// Called on every reconcile with the route the status calls for: rewrites the
@@ -501,6 +537,21 @@ impl Platform for KubernetesPlatform {
         Ok(configs::revision(&target.spec.template, &configs))
     }
 
+    async fn primary_revision(&self, _canary: &CanaryRef) -> Result<Option<String>, PlatformError> {
+        let name = format!("{}{}", self.plan.target.name, deployments::PRIMARY_SUFFIX);
+        let primary = self
+            .deployments()
+            .get_opt(&name)
+            .await
+            .map_err(self.failed("reading the primary Deployment"))?;
+        Ok(primary.map(|p| {
+            p.metadata
+                .annotations
+                .and_then(|mut a| a.remove(REVISION_ANNOTATION))
+                .unwrap_or_else(|| UNRECORDED_REVISION.to_owned())
+        }))
+    }
+
     async fn promote_to_primary(&self, _canary: &CanaryRef) -> Result<(), PlatformError> {
         let target = self.target().await?;
         let configs = self.configs(&target.spec.template).await?;
@@ -514,6 +565,14 @@ impl Platform for KubernetesPlatform {
         if !configs.is_empty() {
             primary.spec.template = configs::to_primary(&primary.spec.template);
         }
+        primary
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                REVISION_ANNOTATION.to_owned(),
+                configs::revision(&target.spec.template, &configs),
+            );
         let name = primary.metadata.name.clone().unwrap_or_default();
         // Returns once applied: the engine waits for the primary's readiness on its next steps
         // instead of holding a reconcile for the length of a rollout.
@@ -527,10 +586,20 @@ impl Platform for KubernetesPlatform {
         let current = target.spec.replicas.unwrap_or(1);
         let patch = if up {
             let wanted = deployments::desired_replicas(&target);
-            if current == wanted {
+            let marked = target
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(SCALED_FROM_ANNOTATION));
+            if current == wanted && !marked {
                 return Ok(());
             }
-            json!({"spec": {"replicas": wanted}})
+            // The annotation only means something while Weir holds the target at zero: once
+            // it runs again (a new revision, or given back on deletion), it goes.
+            json!({
+                "metadata": {"annotations": {SCALED_FROM_ANNOTATION: null}},
+                "spec": {"replicas": wanted},
+            })
         } else {
             if current == 0 {
                 return Ok(());

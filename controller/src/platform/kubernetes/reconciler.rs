@@ -2,12 +2,14 @@
 //! driving one [`Runner`] per Canary.
 //!
 //! A reconcile: put the finalizer on; compile the spec (an invalid one is reported once per
-//! generation as a Warning event); find the Canary's runner, or build one resuming from the
+//! generation as a Warning event, and as a `Valid=False` status condition until it is fixed);
+//! find the Canary's runner, or build one resuming from the
 //! status (a spec change rebuilds it from the last status written); refresh what the journal
 //! reads (retry annotation, deletion); on a new runner, publish the route the status calls for;
 //! one runner step; check the routing mode; write events and status; after a deletion has been
 //! reverted, drop the finalizer. Every path returns an explicit requeue: the engine's next step
-//! time (see [`Context::requeue_after`]), sooner while the routing mode is unsettled.
+//! time (see [`Context::requeue_after`]), sooner while the routing mode is unsettled or a
+//! deletion waits for the restored target.
 //!
 //! Runners live in memory between reconciles because the runner's status is ahead of the
 //! reflector's copy of the Canary until the watch delivers Weir's own status write; a runner
@@ -31,7 +33,7 @@ use crate::analysis::{self, Event, Severity};
 use crate::metrics::MetricSource;
 use crate::platform::PlatformError;
 use crate::runner::{RunError, Runner};
-use crate::spec::{CanaryPlan, Phase, Timestamp};
+use crate::spec::{CanaryPlan, CanaryStatus, Phase, Timestamp};
 use crate::traffic::Directives;
 
 use super::crd::CanaryResource;
@@ -42,7 +44,7 @@ use super::{KubernetesPlatform, Settings, FINALIZER};
 const IDLE_REQUEUE: Duration = Duration::from_secs(300);
 /// Requeue after a failed reconcile.
 const ERROR_REQUEUE: Duration = Duration::from_secs(10);
-/// Requeue while the routing mode waits for a first filter report.
+/// Requeue while the routing mode may change, or a deletion waits for the restored target.
 const UNSETTLED_REQUEUE: Duration = Duration::from_secs(5);
 /// Shortest requeue, so a step due "now" does not spin.
 const MIN_REQUEUE: Duration = Duration::from_millis(200);
@@ -109,6 +111,8 @@ pub struct Context<M> {
     metrics: M,
     confirm_wait: Duration,
     entries: Mutex<HashMap<String, Slot<M>>>,
+    /// Where events go (and their series).
+    recorder: journal::Recorder,
     /// `(uid, generation)` whose validation problems were already reported, per Canary key.
     announced: Mutex<HashMap<String, (String, Option<i64>)>>,
     /// Counters.
@@ -119,8 +123,14 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
     /// A context for reconciles through `client`, publishing routes on `directives` and measuring
     /// with `metrics`.
     pub fn new(client: Client, settings: Settings, directives: Directives, metrics: M) -> Self {
+        let recorder = journal::Recorder {
+            client: client.clone(),
+            instance: settings.instance.clone(),
+            series: journal::EventSeriesCache::default(),
+        };
         Self {
             client,
+            recorder,
             settings: Arc::new(settings),
             directives,
             metrics,
@@ -159,6 +169,21 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             .remove(key);
     }
 
+    /// The status as this controller knows it: the runner's (ahead of the reflector's copy),
+    /// else the Canary's.
+    fn current_status(&self, key: &str, canary: &CanaryResource) -> Option<CanaryStatus> {
+        let uid = canary.uid().unwrap_or_default();
+        match self.slots().get(key) {
+            Some(slot) if slot.uid == uid => slot
+                .view
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .status
+                .clone(),
+            _ => canary.status.clone(),
+        }
+    }
+
     /// Reports validation problems of this uid and generation once.
     fn first_announcement(&self, key: &str, canary: &CanaryResource) -> bool {
         let id = (canary.uid().unwrap_or_default(), canary.metadata.generation);
@@ -184,6 +209,9 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
         let mut status = canary.status.clone();
         let mut outbox = Outbox::default();
         outbox.assume_written(status.clone());
+        // The spec is valid now (this is only called then): the runner resumes without the
+        // invalid-spec condition, and its next write removes it.
+        status = status.map(|s| journal::with_validity(s, None, Timestamp::EPOCH));
         if let Some(slot) = self.slots().get(key) {
             if slot.uid == uid && slot.generation == generation {
                 return Ok(slot.entry.clone());
@@ -260,7 +288,10 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             Duration::ZERO
         };
         wait = wait.min(runner.plan().analysis.interval);
-        if runner.platform().routing_unsettled() {
+        // A deletion waits for the restored target, not for the interval (a change of the
+        // target's Deployment also reconciles at once; this is the backstop).
+        let terminating = runner.status().phase == Some(Phase::Terminating);
+        if terminating || runner.platform().routing_unsettled() {
             wait = wait.min(UNSETTLED_REQUEUE);
         }
         wait.max(MIN_REQUEUE)
@@ -348,13 +379,37 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
                 ctx.forget(&key);
                 return Ok(Action::requeue(IDLE_REQUEUE));
             }
+            // `errors` says "Canary <name> is invalid (n problems):" and lists them.
+            let problems = format!(
+                "{errors}\nWeir does not act on it until it is fixed; traffic stays as it is."
+            );
+            let outbox = Outbox::default();
             if ctx.first_announcement(&key, &canary) {
-                let outbox = Outbox::default();
-                outbox.event(warning(format!(
-                    "Canary {name}.{namespace} is invalid and is not acted on until fixed: {errors}"
-                )));
-                journal::flush(&ctx.client, &canary, &outbox, &ctx.settings.instance).await?;
+                outbox.event(warning(problems.clone()));
             }
+            // The problems go into the status too, as a condition: `kubectl describe` shows it
+            // after the event has expired. The rest of the status is the runner's, if any.
+            let mut current =
+                journal::for_api(&ctx.current_status(&key, &canary).unwrap_or_default());
+            // The condition as written before: kept (with its times) while the problems stay.
+            current
+                .conditions
+                .retain(|c| c.kind != journal::VALID_CONDITION);
+            current.conditions.extend(
+                canary
+                    .status
+                    .iter()
+                    .flat_map(|s| &s.conditions)
+                    .filter(|c| c.kind == journal::VALID_CONDITION)
+                    .cloned(),
+            );
+            let now = Timestamp::from_system_time(SystemTime::now());
+            let wanted = journal::with_validity(current, Some(&problems), now);
+            if canary.status.as_ref() != Some(&wanted) {
+                outbox.assume_written(canary.status.clone());
+                outbox.queue_status(wanted);
+            }
+            journal::flush(&ctx.recorder, &canary, &outbox).await?;
             return Ok(Action::requeue(IDLE_REQUEUE));
         }
     };
@@ -363,6 +418,17 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
 
     let shared = ctx.entry(&key, &canary, plan.clone()).await?;
     let mut entry = shared.lock().await;
+    let was_invalid = canary.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.kind == journal::VALID_CONDITION)
+    });
+    if was_invalid {
+        // Fixed: write the runner's status, which has no invalid-spec condition.
+        entry
+            .outbox
+            .queue_status(journal::for_api(entry.runner.status()));
+    }
     {
         let mut view = entry.view.lock().unwrap_or_else(|p| p.into_inner());
         view.retry = canary.to_spec_canary().retry_token().map(str::to_owned);
@@ -381,9 +447,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     let mut latest = canary.clone();
     // A status an earlier reconcile could not write goes first: its effects were performed.
     if entry.outbox.has_status() {
-        if let Some(written) =
-            journal::flush(&ctx.client, &latest, &entry.outbox, &ctx.settings.instance).await?
-        {
+        if let Some(written) = journal::flush(&ctx.recorder, &latest, &entry.outbox).await? {
             latest = Arc::new(written);
         }
     }
@@ -416,9 +480,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             entry.outbox.event(warning(e.to_string()));
         }
     }
-    if let Some(written) =
-        journal::flush(&ctx.client, &latest, &entry.outbox, &ctx.settings.instance).await?
-    {
+    if let Some(written) = journal::flush(&ctx.recorder, &latest, &entry.outbox).await? {
         latest = Arc::new(written);
     }
 

@@ -1,13 +1,24 @@
-//! `weir kubernetes`: the controller in a cluster.
+//! `weir kubernetes`: the controller in a cluster, or outside one (a developer's laptop, the
+//! tests) with a kubeconfig.
 //!
 //! Order of things: connect (kubeconfig or in-cluster); serve `/healthz`, `/readyz`,
-//! `/metrics`; stand as a candidate until this replica holds the Lease (see [`super::leader`]);
-//! then label the Pod as the leader, serve the filters' gRPC stream, and run one controller per
-//! watched namespace (or one for all). The Lease is renewed in the background; if it cannot be
-//! renewed within its duration, the replica stops at once with an error (Kubernetes restarts
-//! it as a candidate), so two replicas never act together. On SIGTERM or Ctrl-C it finishes the
-//! reconciles under way, releases the Lease and removes its label.
+//! `/metrics`, and probe the API server for `/readyz`; stand as a candidate until this replica
+//! holds the Lease (see [`super::leader`]); then label its Pod as the leader, serve the filters'
+//! gRPC stream, and run one controller per watched namespace (or one for all). The Lease is
+//! renewed in the background; if it cannot be renewed within its duration, the replica stops
+//! at once with an error (Kubernetes restarts it as a candidate), so two replicas never act
+//! together.
+//!
+//! Without a Pod (`--pod-name` unset, or naming a Pod that does not exist, as outside the
+//! cluster) nothing is labelled, with a warning in the second case: the controller Service then
+//! does not select this process, and filters must reach it some other way.
+//!
+//! On SIGTERM or Ctrl-C it says so, gives the reconciles under way `shutdown_grace`, then
+//! removes its label and releases the Lease, each step bounded and logged when it fails. Once
+//! the Lease may be held, every way out (a stop, a failure to start serving, a lost Lease)
+//! releases it, so the next leader need not wait for it to expire.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,7 +36,7 @@ use crate::metrics::MetricSource;
 use crate::traffic::Directives;
 
 use super::filter_install::{self, FilterInstallation};
-use super::health::{self, Health};
+use super::health::{self, Health, API_PROBE_EVERY, API_PROBE_TIMEOUT};
 use super::leader::{self, LeaseLock};
 use super::reconciler::{self, Context};
 use super::templates;
@@ -52,10 +63,13 @@ pub struct KubernetesOptions {
     pub lease_name: String,
     /// How long a Lease holds without renewal.
     pub lease_duration: Duration,
-    /// This Pod's name: the candidate identity and the Pod that gets the leader label.
+    /// This Pod's name: the candidate identity and the Pod that gets the leader label. `None`
+    /// (outside the cluster): nothing is labelled.
     pub pod_name: Option<String>,
     /// The filter module to serve, and how the leader installs it in the mesh.
     pub filter: Option<(Arc<FilterModule>, FilterInstallation)>,
+    /// How long the reconciles under way may take to finish after a stop is requested.
+    pub shutdown_grace: Duration,
 }
 
 /// Why `weir kubernetes` stopped.
@@ -117,6 +131,36 @@ async fn terminated() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// How long each clean-up call on the way out (label, Lease, gRPC server) may take.
+pub const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+async fn until_stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// `work`'s outcome, or `None` if a stop is requested first.
+async fn unless_stopped<T>(
+    stop: &watch::Receiver<bool>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        () = until_stopped(stop.clone()) => None,
+        done = work => Some(done),
+    }
+}
+
+fn no_pod(pod: &str, namespace: &str) {
+    tracing::warn!(
+        %pod, %namespace,
+        "Pod {pod} does not exist in {namespace}: not labelling it, so the controller Service does \
+         not select this process; outside the cluster, leave --pod-name (POD_NAME) unset"
+    );
+}
+
 /// Runs the controller until SIGTERM/Ctrl-C (Ok) or a lost Lease (Err). `metrics` builds the
 /// metric source from the ingest the filters report to and the MetricTemplates of the cluster
 /// (kept current by a watcher while this replica leads).
@@ -126,6 +170,20 @@ where
     F: FnOnce(Ingest, Templates) -> M,
 {
     let client = client(options.kubeconfig.as_deref()).await?;
+    serve(client, options, metrics, terminated()).await
+}
+
+/// [`run`] through `client`, until `stop` completes (instead of a signal).
+pub async fn serve<M, F>(
+    client: Client,
+    options: KubernetesOptions,
+    metrics: F,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), KubernetesError>
+where
+    M: MetricSource + Clone + 'static,
+    F: FnOnce(Ingest, Templates) -> M,
+{
     let health = Arc::new(match &options.filter {
         Some((module, _)) => Health::with_module(module.clone()),
         None => Health::default(),
@@ -136,16 +194,38 @@ where
             KubernetesError::Serve(format!("cannot serve {}: {e}", options.http_address))
         })?;
     tracing::info!(%http_addr, "health and metrics endpoints listening");
+    let api_probe = tokio::spawn(health::watch_api(
+        client.clone(),
+        health.clone(),
+        API_PROBE_EVERY,
+        API_PROBE_TIMEOUT,
+    ));
     // One listener for the process's life, so a signal that arrives between two waits is kept.
-    let (term_tx, term_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let signals = tokio::spawn(async move {
-        terminated().await;
-        term_tx.send_replace(true);
+        stop.await;
+        tracing::info!("stop requested (SIGTERM or Ctrl-C): stopping");
+        stop_tx.send_replace(true);
     });
-    let on_term = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|t| *t).await;
-    };
+    let outcome = replica(client, &options, &health, stop_rx, metrics).await;
+    api_probe.abort();
+    http_task.abort();
+    signals.abort();
+    outcome
+}
 
+/// A candidate, then the leader, then a replica stepping down.
+async fn replica<M, F>(
+    client: Client,
+    options: &KubernetesOptions,
+    health: &Arc<Health>,
+    stop: watch::Receiver<bool>,
+    metrics: F,
+) -> Result<(), KubernetesError>
+where
+    M: MetricSource + Clone + 'static,
+    F: FnOnce(Ingest, Templates) -> M,
+{
     let identity = options
         .pod_name
         .clone()
@@ -158,57 +238,144 @@ where
         &identity,
         options.lease_duration,
     );
-    let renew_every = options.lease_duration / 3;
+    // The Pod to label as the leader; forgotten if it turns out not to exist.
+    let mut pod = options.pod_name.clone();
+    let namespace = options.lease_namespace.as_str();
     if options.leader_election {
-        if let Some(pod) = &options.pod_name {
+        if let Some(name) = pod.clone() {
             // A restarted container keeps its Pod, and the Pod its labels: drop a stale one.
-            if let Err(e) =
-                leader::label_pod(client.clone(), &options.lease_namespace, pod, false).await
+            match unless_stopped(
+                &stop,
+                leader::label_pod(client.clone(), namespace, &name, false),
+            )
+            .await
             {
-                tracing::warn!(error = %e, "cannot clear the leader label of this Pod");
+                None => return Ok(()),
+                Some(Ok(())) => {}
+                Some(Err(e)) if is_not_found(&e) => {
+                    no_pod(&name, namespace);
+                    pod = None;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot clear the leader label of this Pod")
+                }
             }
         }
         tracing::info!(lease = %options.lease_name, %identity, "waiting to lead");
+        let renew_every = options.lease_duration / 3;
         loop {
-            match lock.try_acquire_or_renew().await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot read or take the Lease"),
-            }
-            tokio::select! {
-                () = on_term(term_rx.clone()) => {
-                    http_task.abort();
-                    signals.abort();
+            match unless_stopped(&stop, lock.try_acquire_or_renew()).await {
+                // A take-over may have been under way: give back whatever this replica holds.
+                None => {
+                    step_down(&client, options, &lock, None).await;
                     return Ok(());
                 }
-                () = tokio::time::sleep(renew_every) => {}
+                Some(Ok(true)) => break,
+                Some(Ok(false)) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "cannot read or take the Lease"),
+            }
+            if unless_stopped(&stop, tokio::time::sleep(renew_every))
+                .await
+                .is_none()
+            {
+                return Ok(());
             }
         }
     }
+    // From here on this replica may hold the Lease: every way out steps down.
+    let outcome = lead(&client, options, health, &stop, &lock, &mut pod, metrics).await;
+    health.set_leader(false);
+    step_down(&client, options, &lock, pod.as_deref()).await;
+    outcome
+}
+
+/// Removes this Pod's leader label and releases the Lease, each bounded by
+/// [`CLEANUP_TIMEOUT`].
+async fn step_down(
+    client: &Client,
+    options: &KubernetesOptions,
+    lock: &LeaseLock,
+    pod: Option<&str>,
+) {
+    if let Some(pod) = pod {
+        let namespace = &options.lease_namespace;
+        match tokio::time::timeout(
+            CLEANUP_TIMEOUT,
+            leader::label_pod(client.clone(), namespace, pod, false),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if is_not_found(&e) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, %pod, "cannot remove the leader label"),
+            Err(_) => {
+                tracing::warn!(%pod, timeout = ?CLEANUP_TIMEOUT, "the leader label could not be removed in time; the API server does not answer")
+            }
+        }
+    }
+    if options.leader_election {
+        match tokio::time::timeout(CLEANUP_TIMEOUT, lock.release()).await {
+            Ok(Ok(())) => tracing::info!(lease = %options.lease_name, "released the Lease"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot release the Lease; the next leader waits for it to expire")
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?CLEANUP_TIMEOUT, "the Lease could not be released in time (the API server does not answer); the next leader waits for it to expire")
+            }
+        }
+    }
+}
+
+/// Leads until stopped, until the Lease is lost, or until serving fails.
+async fn lead<M, F>(
+    client: &Client,
+    options: &KubernetesOptions,
+    health: &Arc<Health>,
+    stop: &watch::Receiver<bool>,
+    lock: &LeaseLock,
+    pod: &mut Option<String>,
+    metrics: F,
+) -> Result<(), KubernetesError>
+where
+    M: MetricSource + Clone + 'static,
+    F: FnOnce(Ingest, Templates) -> M,
+{
+    let namespace = options.lease_namespace.as_str();
     // Also without leader election: the one replica is the one the Service must select.
-    if let Some(pod) = &options.pod_name {
-        leader::label_pod(client.clone(), &options.lease_namespace, pod, true)
-            .await
-            .map_err(|source| KubernetesError::Kube {
-                action: format!(
-                    "labelling Pod {pod} as the leader (the Service that filters connect to selects it)"
-                ),
-                source,
-            })?;
+    if let Some(name) = pod.clone() {
+        match unless_stopped(stop, leader::label_pod(client.clone(), namespace, &name, true)).await
+        {
+            None => return Ok(()),
+            Some(Ok(())) => {}
+            Some(Err(e)) if is_not_found(&e) => {
+                no_pod(&name, namespace);
+                *pod = None;
+            }
+            Some(Err(source)) => {
+                return Err(KubernetesError::Kube {
+                    action: format!(
+                        "labelling Pod {name} as the leader (the Service that filters connect to selects it)"
+                    ),
+                    source,
+                })
+            }
+        }
     }
     health.set_leader(true);
-    tracing::info!(%identity, "leading");
+    tracing::info!(identity = %lock.identity(), "leading");
 
     let ingest = Ingest::try_new(IngestConfig::default())
         .map_err(|e| KubernetesError::Serve(e.to_string()))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let (done_tx, done_rx) = watch::channel(false);
     let served = ingest
-        .serve(options.grpc_address, stopped(stop_rx.clone()))
+        .serve(options.grpc_address, until_stopped(done_rx.clone()))
         .await
-        .map_err(|e| KubernetesError::Serve(e.to_string()))?;
+        .map_err(|e| {
+            KubernetesError::Serve(format!(
+                "cannot serve the filters on {}: {e}",
+                options.grpc_address
+            ))
+        })?;
     tracing::info!(addr = %served.local_addr(), "serving the filters");
 
     let namespaces: Vec<Option<String>> = if options.namespaces.is_empty() {
@@ -246,8 +413,14 @@ where
         .clone()
         .map(|(_, installation)| tokio::spawn(filter_install::run(client.clone(), installation)));
     let controllers = futures::future::join_all(namespaces.into_iter().map(|ns| {
-        reconciler::run_controller(client.clone(), ns, ctx.clone(), stopped(stop_rx.clone()))
+        reconciler::run_controller(
+            client.clone(),
+            ns,
+            ctx.clone(),
+            until_stopped(done_rx.clone()),
+        )
     }));
+    let renew_every = options.lease_duration / 3;
     let renewals = async {
         if !options.leader_election {
             return std::future::pending::<KubernetesError>().await;
@@ -270,34 +443,32 @@ where
     };
 
     tokio::pin!(controllers);
+    let grace = options.shutdown_grace;
     let outcome = tokio::select! {
-        () = on_term(term_rx.clone()) => {
-            stop_tx.send_replace(true);
-            let _ = tokio::time::timeout(Duration::from_secs(20), &mut controllers).await;
+        () = until_stopped(stop.clone()) => {
+            done_tx.send_replace(true);
+            tracing::info!(?grace, "stopping: waiting for the reconciles under way");
+            if tokio::time::timeout(grace, &mut controllers).await.is_err() {
+                tracing::warn!(
+                    ?grace,
+                    "the reconciles under way did not finish within {grace:?} (is the API server reachable?); stopping without them"
+                );
+            }
             Ok(())
         }
-        lost = renewals => {
-            stop_tx.send_replace(true);
-            Err(lost)
-        }
+        lost = renewals => Err(lost),
         _ = &mut controllers => Err(KubernetesError::Serve("the controllers stopped unexpectedly".to_owned())),
     };
-    stop_tx.send_replace(true);
+    done_tx.send_replace(true);
     template_watchers.iter().for_each(|w| w.abort());
     if let Some(installer) = &installer {
         installer.abort();
     }
-    health.set_leader(false);
-    if let Some(pod) = &options.pod_name {
-        let _ = leader::label_pod(client.clone(), &options.lease_namespace, pod, false).await;
+    if tokio::time::timeout(CLEANUP_TIMEOUT, served.finished())
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?CLEANUP_TIMEOUT, "the filters' gRPC server did not stop in time; stopping without it");
     }
-    if options.leader_election && outcome.is_ok() {
-        if let Err(e) = lock.release().await {
-            tracing::warn!(error = %e, "cannot release the Lease; the next leader waits for it to expire");
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), served.finished()).await;
-    http_task.abort();
-    signals.abort();
     outcome
 }

@@ -1,0 +1,100 @@
+//! The `weir` binary itself: what its help says and how it logs.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn weir() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+    cmd.env_remove("NO_COLOR").env_remove("RUST_LOG");
+    cmd
+}
+
+/// Kills the child if the test ends first.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_help_says_the_pod_name_may_be_left_out_outside_the_cluster() {
+    let out = weir().args(["kubernetes", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let pod = help
+        .split("--pod-name")
+        .nth(1)
+        .expect("--pod-name is documented");
+    let pod = pod.split("\n  -").next().unwrap().replace('\n', " ");
+    let pod = pod.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(pod.contains("Leave it unset outside the cluster"), "{pod}");
+    assert!(pod.contains("nothing is labelled"), "{pod}");
+}
+
+#[test]
+fn logs_carry_no_colour_codes_when_not_written_to_a_terminal() {
+    // A cluster nobody serves: the controller starts, logs, and finds the API unreachable.
+    let dir = std::env::temp_dir().join(format!("weir-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\n\
+         clusters: [{name: nowhere, cluster: {server: \"https://127.0.0.1:1\"}}]\n\
+         users: [{name: nobody, user: {token: \"x\"}}]\n\
+         contexts: [{name: nowhere, context: {cluster: nowhere, user: nobody}}]\n\
+         current-context: nowhere\n",
+    )
+    .unwrap();
+    let child = weir()
+        .args(["kubernetes", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .args([
+            "--leader-election",
+            "false",
+            "--http-address",
+            "127.0.0.1:0",
+            "--grpc-address",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child);
+    let stdout = guard.0.stdout.take().unwrap();
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("the Kubernetes API server is unreachable"))
+    {
+        match received.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no such log line within 30 s ({e}); got {seen:#?}"),
+        }
+    }
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("health and metrics endpoints listening")),
+        "{seen:#?}"
+    );
+    for line in &seen {
+        assert!(!line.contains('\u{1b}'), "an escape code in {line:?}");
+    }
+}
