@@ -1238,7 +1238,7 @@ async fn deleting_a_canary_finishes_as_soon_as_nothing_waits_not_an_interval_lat
             assert!(
                 notes
                     .iter()
-                    .any(|n| n.starts_with("Finalization complete for mhs.application")),
+                    .any(|n| n.starts_with("Terminated canary mhs.application")),
                 "{notes:#?}"
             );
         }
@@ -1436,7 +1436,7 @@ async fn a_halt_that_repeats_joins_one_event_series_and_the_status_says_why() {
                     && c.body["note"]
                         .as_str()
                         .unwrap()
-                        .starts_with("Halt advancement mhs-primary.application")
+                        .starts_with("mhs-primary.application not ready")
             })
             .collect();
         assert_eq!(
