@@ -374,6 +374,15 @@ impl EnvoyProcess {
             move |source| EnvoyError::WorkDir { path, source }
         };
         std::fs::write(&config_path, bootstrap.to_yaml()).map_err(work_err(&config_path))?;
+        // A previous run (another process numbers its Envoys from 0 too) may have left this file;
+        // its address is of an Envoy that is gone, or worse, of one that still runs. Only the
+        // file this Envoy writes may be read.
+        match std::fs::remove_file(&admin_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(work_err(&admin_path)(e))
+            }
+            _ => {}
+        }
         let log = File::create(&log_path).map_err(work_err(&log_path))?;
         let log_err = log.try_clone().map_err(work_err(&log_path))?;
 
@@ -408,6 +417,7 @@ impl EnvoyProcess {
 
     fn wait_ready(&mut self, admin_path: &Path, timeout: Duration) -> Result<(), EnvoyError> {
         let started = Instant::now();
+        let admin_fixed = self.admin.port() != 0;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(EnvoyError::Exited {
@@ -416,7 +426,10 @@ impl EnvoyProcess {
                     tail: self.log_tail(30),
                 });
             }
-            if self.admin.port() == 0 {
+            // With an OS-chosen admin port, the address comes from the file Envoy writes; read
+            // it on every round until an admin interface answers there, so an address read
+            // before Envoy wrote the file (or half written) is never kept.
+            if !admin_fixed {
                 if let Some(addr) = std::fs::read_to_string(admin_path)
                     .ok()
                     .and_then(|text| text.trim().parse().ok())
