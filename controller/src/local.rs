@@ -22,6 +22,7 @@ use crate::metrics::prometheus::{
 use crate::metrics::select::{SelectingSource, SourcePolicy};
 use crate::metrics::template::Templates;
 use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, WasmFilter};
+use crate::platform::local::guard::{GuardError, ProcessGuard};
 use crate::platform::local::{LocalPlatform, LocalPorts};
 use crate::runner::{Journal, RunError, Runner};
 use crate::spec::{self, CanaryPlan, CanaryStatus, Phase, Timestamp};
@@ -81,6 +82,40 @@ pub enum LocalError {
     /// Something needed to run could not be set up.
     #[error("{0}")]
     Setup(String),
+    /// The state folder is another controller's, or its processes still run.
+    #[error(transparent)]
+    State(#[from] GuardError),
+}
+
+/// The signals that stop local mode: SIGINT (Ctrl-C), SIGTERM (`kill`, `timeout`, systemd) and
+/// SIGHUP (the terminal closed). Listened to for the life of the process: a signal that
+/// arrives while a step runs is kept until the next wait, where a fresh `ctrl_c()` per wait
+/// would miss it.
+pub struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening (from now on these signals no longer end the process by themselves).
+    pub fn listen() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next stop signal (at once if one came since the last call), by name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP",
+        }
+    }
 }
 
 /// One recorded event, as `kubectl describe canary` lists them.
@@ -252,6 +287,8 @@ pub struct LocalMode {
     recorder: Recorder,
     metrics_addr: Option<SocketAddr>,
     stop_metrics: Option<oneshot::Sender<()>>,
+    // Last: dropped after Envoy and the app processes, it kills whatever of theirs still runs.
+    guard: Arc<ProcessGuard>,
 }
 
 /// The metric source local mode analyses with: MetricTemplates from the Canary's folder, the
@@ -325,6 +362,8 @@ impl LocalMode {
         std::fs::create_dir_all(&options.state).map_err(|e| {
             LocalError::Setup(format!("cannot create {}: {e}", options.state.display()))
         })?;
+        // Before anything starts: one controller per state folder, and its processes die with it.
+        let guard = ProcessGuard::claim(&options.state)?;
         let ports = LocalPorts::load_or_pick(&options.state).map_err(LocalError::Setup)?;
 
         // Buckets as fine as the reports, so short (time-compressed) windows hold whole reports.
@@ -355,7 +394,8 @@ impl LocalMode {
             .await
             .map_err(|e| LocalError::Setup(format!("cannot start the telemetry server: {e}")))?;
 
-        let platform = LocalPlatform::new(options.workloads.clone(), options.state.clone(), ports);
+        let platform = LocalPlatform::new(options.workloads.clone(), options.state.clone(), ports)
+            .with_guard(guard.clone());
         let journal = LocalJournal::new(&options.state, options.echo_events);
         let events = journal.events();
         let mut runner = Runner::new(
@@ -408,8 +448,16 @@ impl LocalMode {
         });
         let envoy_binary = options.envoy.clone();
         let work_dir = options.state.clone();
+        let envoy_guard = guard.clone();
         let envoy = tokio::task::spawn_blocking(move || {
-            EnvoyProcess::start(&envoy_binary, &bootstrap, &work_dir, 2)
+            EnvoyProcess::start_in_group(
+                &envoy_binary,
+                &bootstrap,
+                &work_dir,
+                2,
+                Some(envoy_guard.group()),
+            )
+            .inspect(|envoy| envoy_guard.register("envoy", envoy.pid()))
         })
         .await
         .map_err(|e| LocalError::Setup(e.to_string()))?
@@ -424,6 +472,7 @@ impl LocalMode {
             recorder,
             metrics_addr,
             stop_metrics,
+            guard,
         })
     }
 
@@ -517,15 +566,40 @@ impl LocalMode {
         wait.clamp(Duration::from_millis(50), Duration::from_millis(250))
     }
 
-    /// Stops Envoy, the app processes and the telemetry server.
+    /// The state folder's guard: what this controller runs, and the record of it.
+    pub fn guard(&self) -> &ProcessGuard {
+        &self.guard
+    }
+
+    /// Stops Envoy, the app processes and the telemetry server, and frees the state folder.
     pub async fn shutdown(mut self) {
         self.envoy.kill();
         self.runner.platform().shutdown().await;
+        self.guard.release();
         if let Some(stop) = self.stop_ingest.take() {
             let _ = stop.send(());
         }
         if let Some(stop) = self.stop_metrics.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stop_signal_that_arrives_while_nobody_waits_is_kept_for_the_next_wait() {
+        let mut signals = StopSignals::listen().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-s", "HUP", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        // Nobody waits while it arrives, as while a step runs.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let received = tokio::time::timeout(Duration::from_secs(10), signals.recv()).await;
+        assert_eq!(received.ok(), Some("SIGHUP"));
     }
 }

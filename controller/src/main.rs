@@ -306,7 +306,18 @@ async fn main() -> anyhow::Result<()> {
                 time_scale,
                 echo_events: true,
             };
-            let mut mode = local::LocalMode::start_with(&options, &metrics.options()).await?;
+            // Listening from the start: a signal during the start-up (Envoy, the primary) stops
+            // it too, and its processes with it.
+            let mut stop = local::StopSignals::listen().context("cannot listen for signals")?;
+            let metrics = metrics.options();
+            let mut mode = tokio::select! {
+                biased;
+                signal = stop.recv() => {
+                    println!("weir local: {signal} while starting; stopped");
+                    return Ok(());
+                }
+                started = local::LocalMode::start_with(&options, &metrics) => started?,
+            };
             for warning in mode.warnings() {
                 eprintln!("warning: {warning}");
             }
@@ -318,13 +329,29 @@ async fn main() -> anyhow::Result<()> {
                 mode.listener(),
                 mode.host()
             );
-            loop {
+            // A signal ends a step where it is, like a crash would (the engine resumes from the
+            // persisted status), rather than after it: a step may wait half a minute for a
+            // primary to become ready.
+            let signal = loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break,
-                    () = tokio::time::sleep(mode.until_next_step()) => mode.tick().await,
+                    biased;
+                    signal = stop.recv() => break signal,
+                    () = async {
+                        tokio::time::sleep(mode.until_next_step()).await;
+                        mode.tick().await;
+                    } => {}
                 }
+            };
+            println!("weir local: {signal}: stopping Envoy and the app processes");
+            tokio::select! {
+                biased;
+                again = stop.recv() => {
+                    // The guard's watchdog kills whatever still runs once this process is gone.
+                    println!("weir local: {again} again: exiting at once");
+                    std::process::exit(1);
+                }
+                () = mode.shutdown() => println!("weir local: stopped"),
             }
-            mode.shutdown().await;
         }
         Command::Crdgen { out } => {
             use weir_controller::platform::kubernetes::crd;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use weir_e2e::local::CanaryFile;
-use weir_e2e::local_cli::{LocalFiles, SeenProcess, WeirLocal};
+use weir_e2e::local_cli::{wait_gone, LocalFiles, SeenProcess, WeirLocal};
 
 /// Envoy (with the .wasm) and the first primary start within this on a loaded machine.
 const START: Duration = Duration::from_secs(60);
@@ -55,4 +55,153 @@ fn weir_local_starts_again_on_its_state_folder_after_ctrl_c() {
         second.wait_exit(STOP)?;
         Ok(())
     })());
+}
+
+#[test]
+fn sigterm_stops_weir_local_and_every_process_it_started() {
+    check((|| {
+        let files = LocalFiles::new("sigterm", &CanaryFile::default(), "1.0.0")?;
+        let (mut weir, processes) = initialized(&files, "weir")?;
+        weir.signal("TERM");
+        let status = weir.wait_exit(STOP)?;
+        let running = wait_gone(&processes, Duration::from_secs(5));
+        anyhow::ensure!(
+            running.is_empty(),
+            "still running after weir local stopped ({status}): {running:?}"
+        );
+        let output = weir.output();
+        anyhow::ensure!(
+            status.success() && output.contains("SIGTERM: stopping"),
+            "SIGTERM stops weir local as Ctrl-C does ({status}):\n{output}"
+        );
+        Ok(())
+    })());
+}
+
+#[test]
+fn sigkill_of_weir_local_takes_its_envoy_and_app_processes_with_it() {
+    check((|| {
+        let files = LocalFiles::new("sigkill", &CanaryFile::default(), "1.0.0")?;
+        let (mut weir, processes) = initialized(&files, "weir")?;
+        // SIGKILL runs no code in weir: what stops its processes must be outside it.
+        weir.signal("KILL");
+        weir.wait_exit(STOP)?;
+        let running = wait_gone(&processes, Duration::from_secs(10));
+        anyhow::ensure!(
+            running.is_empty(),
+            "still running 10s after weir local was killed: {running:?}"
+        );
+        Ok(())
+    })());
+}
+
+#[test]
+fn a_second_weir_local_on_a_state_folder_in_use_is_refused() {
+    check((|| {
+        let files = LocalFiles::new("state_in_use", &CanaryFile::default(), "1.0.0")?;
+        let (first, processes) = initialized(&files, "first")?;
+        let mut second = WeirLocal::start(&files, &files.state(), 0, "second")?;
+        let status = second.wait_exit(START)?;
+        let output = second.output();
+        let pid = first.pid();
+        anyhow::ensure!(
+            !status.success()
+                && output.contains(&format!("in use by a running controller: pid {pid}"))
+                && output.contains(&format!("`kill {pid}`"))
+                && !output.contains(LISTENING),
+            "the second controller refuses, naming the first and how to stop it ({status}):\n{output}"
+        );
+        let envoy = processes.iter().find(|p| p.name == "envoy");
+        anyhow::ensure!(
+            envoy.is_some_and(|envoy| output.contains(&format!("envoy (pid {})", envoy.pid))),
+            "the refusal names the Envoy that runs: {output}"
+        );
+        let stopped: Vec<&SeenProcess> = processes.iter().filter(|p| !p.is_running()).collect();
+        anyhow::ensure!(
+            stopped.is_empty(),
+            "the refused controller touched nothing of the first: {stopped:?} stopped"
+        );
+        Ok(())
+    })());
+}
+
+#[test]
+fn processes_left_running_on_a_state_folder_are_named_and_refused() {
+    check((|| {
+        let files = LocalFiles::new("left_over", &CanaryFile::default(), "1.0.0")?;
+        let (mut first, processes) = initialized(&files, "first")?;
+        // Leftovers as an older weir, or a kill of everything but Envoy and the app, would
+        // leave them: the watchdog (if there is one) killed first, then weir itself.
+        for watchdog in processes.iter().filter(|p| p.name == "sh") {
+            watchdog.signal("KILL");
+        }
+        first.signal("KILL");
+        first.wait_exit(STOP)?;
+        let left: Vec<&SeenProcess> = processes
+            .iter()
+            .filter(|p| p.name != "sh" && p.is_running())
+            .collect();
+        anyhow::ensure!(!left.is_empty(), "nothing was left running: {processes:?}");
+
+        let mut second = WeirLocal::start(&files, &files.state(), 0, "second")?;
+        let status = second.wait_exit(START)?;
+        let output = second.output();
+        anyhow::ensure!(
+            !status.success()
+                && output.contains(&format!(
+                    "processes left by a controller that is gone (pid {})",
+                    first.pid()
+                ))
+                && !output.contains(LISTENING),
+            "the second controller refuses the leftovers ({status}):\n{output}"
+        );
+        for process in &left {
+            anyhow::ensure!(
+                output.contains(&format!("(pid {})", process.pid)),
+                "the refusal names {process:?}: {output}"
+            );
+        }
+        Ok(())
+    })());
+}
+
+#[test]
+fn sigint_during_a_long_step_stops_weir_local_without_waiting_for_the_step() {
+    check((|| {
+        // A primary that never listens: the initializing step waits 30s for it to be ready.
+        let files = LocalFiles::with_workload(
+            "sigint_mid_step",
+            &CanaryFile::default(),
+            "command: /bin/sleep\nargs: [\"600\"]\n",
+        )?;
+        let mut weir = WeirLocal::start(&files, &files.state(), 0, "weir")?;
+        weir.wait_for_output(LISTENING, START)?;
+        weir.wait_until("the primary is started", START, |w| {
+            descendants_named(w.pid(), "sleep")
+        })?;
+        let primary: Vec<SeenProcess> = weir
+            .descendants()
+            .into_iter()
+            .filter(|p| p.name == "sleep")
+            .collect();
+        weir.signal("INT");
+        // Well inside the step's 30s: the signal is acted on during the step, not after it.
+        let status = weir.wait_exit(Duration::from_secs(15))?;
+        let output = weir.output();
+        anyhow::ensure!(
+            status.success()
+                && output.contains("SIGINT: stopping")
+                && !output.contains("not ready after 30s"),
+            "SIGINT ends the step where it is ({status}):\n{output}"
+        );
+        let running = wait_gone(&primary, Duration::from_secs(5));
+        anyhow::ensure!(running.is_empty(), "the primary still runs: {running:?}");
+        Ok(())
+    })());
+}
+
+fn descendants_named(pid: u32, name: &str) -> bool {
+    weir_e2e::local_cli::descendants(pid)
+        .iter()
+        .any(|p| p.name == name)
 }

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -366,6 +367,19 @@ impl EnvoyProcess {
         work_dir: &Path,
         concurrency: u32,
     ) -> Result<Self, EnvoyError> {
+        Self::start_in_group(envoy_binary, bootstrap, work_dir, concurrency, None)
+    }
+
+    /// [`EnvoyProcess::start`], with Envoy in the process group `group` when given (local
+    /// mode's guarded group, whose processes die with the controller: see
+    /// [`super::guard::ProcessGuard`]); otherwise in the caller's group.
+    pub fn start_in_group(
+        envoy_binary: &Path,
+        bootstrap: &EnvoyBootstrap,
+        work_dir: &Path,
+        concurrency: u32,
+        group: Option<u32>,
+    ) -> Result<Self, EnvoyError> {
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
         let file = |suffix: &str| work_dir.join(format!("envoy-{n}.{suffix}"));
         let (config_path, log_path, admin_path) = (file("json"), file("log"), file("admin"));
@@ -386,7 +400,11 @@ impl EnvoyProcess {
         let log = File::create(&log_path).map_err(work_err(&log_path))?;
         let log_err = log.try_clone().map_err(work_err(&log_path))?;
 
-        let child = Command::new(envoy_binary)
+        let mut command = Command::new(envoy_binary);
+        if let Some(group) = group {
+            command.process_group(i32::try_from(group).unwrap_or(0));
+        }
+        let child = command
             .arg("-c")
             .arg(&config_path)
             .args(["--concurrency", &concurrency.to_string()])
