@@ -276,6 +276,20 @@ pub fn load_plan(path: &Path) -> Result<(CanaryPlan, Vec<String>), LocalError> {
     ))
 }
 
+/// Refuses a port another program listens on, before anything is started there. Envoy binds
+/// its listener with SO_REUSEPORT, so a second Envoy (an orphan, or another weir local) would
+/// share the port without a word and get half the connections; this bind, without it, fails
+/// on any listener already there.
+fn ensure_port_free(port: u16, what: &str, fix: &str) -> Result<(), LocalError> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|e| {
+            LocalError::Setup(format!(
+                "port {port} on 127.0.0.1, for {what}, is in use by another program ({e}): {fix}"
+            ))
+        })
+}
+
 /// A running local mode.
 pub struct LocalMode {
     runner: Runner<LocalPlatform, SelectingSource, LocalJournal>,
@@ -365,6 +379,29 @@ impl LocalMode {
         // Before anything starts: one controller per state folder, and its processes die with it.
         let guard = ProcessGuard::claim(&options.state)?;
         let ports = LocalPorts::load_or_pick(&options.state).map_err(LocalError::Setup)?;
+        if options.listen_port != 0 {
+            ensure_port_free(
+                options.listen_port,
+                "Envoy's listener",
+                "choose another --port, or stop the program that listens there",
+            )?;
+        }
+        let slots = [
+            (ports.primary[0], "primary slot 0"),
+            (ports.primary[1], "primary slot 1"),
+            (ports.canary, "canary"),
+        ];
+        for (port, role) in slots {
+            ensure_port_free(
+                port,
+                &format!(
+                    "the {} {role} (from {})",
+                    plan.target.name,
+                    options.state.join("ports.json").display()
+                ),
+                "stop that program, or delete that file and new ports are picked",
+            )?;
+        }
 
         // Buckets as fine as the reports, so short (time-compressed) windows hold whole reports.
         let ingest = Ingest::try_new(IngestConfig {
@@ -588,6 +625,23 @@ impl LocalMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_another_program_listens_on_is_refused_with_what_to_do() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let refused = ensure_port_free(port, "Envoy's listener", "choose another --port")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains(&format!(
+                "port {port} on 127.0.0.1, for Envoy's listener, is in use"
+            )) && refused.contains("choose another --port"),
+            "{refused}"
+        );
+        drop(taken);
+        assert!(ensure_port_free(port, "Envoy's listener", "").is_ok());
+    }
 
     #[tokio::test]
     async fn a_stop_signal_that_arrives_while_nobody_waits_is_kept_for_the_next_wait() {

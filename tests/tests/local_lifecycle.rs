@@ -205,3 +205,54 @@ fn descendants_named(pid: u32, name: &str) -> bool {
         .iter()
         .any(|p| p.name == name)
 }
+
+#[test]
+fn weir_local_refuses_a_port_another_envoy_listens_on() {
+    check((|| {
+        let files = LocalFiles::new("port_in_use", &CanaryFile::default(), "1.0.0")?;
+        let port = weir_e2e::free_port()?;
+        let mut first = WeirLocal::start(&files, &files.state(), port, "first")?;
+        first.wait_for_output(LISTENING, START)?;
+        // Another state folder, the same port: Envoys bind with SO_REUSEPORT, so the second
+        // would share the port with the first (each getting some of the connections).
+        let mut second =
+            WeirLocal::start(&files, &files.dir().join("other-state"), port, "second")?;
+        let status = second.wait_exit(START)?;
+        let output = second.output();
+        anyhow::ensure!(
+            !status.success()
+                && output.contains(&format!(
+                    "port {port} on 127.0.0.1, for Envoy's listener, is in use"
+                ))
+                && output.contains("choose another --port")
+                && !output.contains(LISTENING),
+            "the second weir local refuses the port ({status}):\n{output}"
+        );
+        Ok(())
+    })());
+}
+
+#[test]
+fn weir_local_refuses_a_port_any_program_listens_on() {
+    check((|| {
+        let files = LocalFiles::new("port_taken", &CanaryFile::default(), "1.0.0")?;
+        let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = taken.local_addr()?.port();
+        let mut weir = WeirLocal::start(&files, &files.state(), port, "weir")?;
+        let status = weir.wait_exit(START)?;
+        let output = weir.output();
+        anyhow::ensure!(
+            !status.success()
+                && output.contains(&format!(
+                    "port {port} on 127.0.0.1, for Envoy's listener, is in use"
+                ))
+                && output.contains("choose another --port"),
+            "weir local refuses the port before starting anything ({status}):\n{output}"
+        );
+        anyhow::ensure!(
+            !files.state().join("envoy-0.log").exists(),
+            "no Envoy was started: {output}"
+        );
+        Ok(())
+    })());
+}
