@@ -301,6 +301,8 @@ pub struct LocalMode {
     recorder: Recorder,
     metrics_addr: Option<SocketAddr>,
     stop_metrics: Option<oneshot::Sender<()>>,
+    /// The failure recorded last, until a step succeeds.
+    last_error: Option<String>,
     // Last: dropped after Envoy and the app processes, it kills whatever of theirs still runs.
     guard: Arc<ProcessGuard>,
 }
@@ -509,6 +511,7 @@ impl LocalMode {
             recorder,
             metrics_addr,
             stop_metrics,
+            last_error: None,
             guard,
         })
     }
@@ -565,22 +568,35 @@ impl LocalMode {
     }
 
     /// One step of the runner; errors are recorded as Warning events and retried next time.
+    /// A failure that repeats at every step (a missing or invalid workload file fails every
+    /// 50ms until it is fixed) is recorded once, and again only when it changes or comes back
+    /// after a step that succeeded.
     pub async fn tick(&mut self) {
         let started = std::time::Instant::now();
-        if let Err(e) = self.runner.tick().await {
-            self.record_error(&e);
+        match self.runner.tick().await {
+            Ok(()) => self.last_error = None,
+            Err(e) => self.record_error(&e),
         }
         self.recorder
             .record(self.runner.plan(), self.runner.status(), started.elapsed());
     }
 
     fn record_error(&mut self, e: &RunError) {
+        let message = e.to_string();
+        if self.last_error.as_ref() == Some(&message) {
+            return;
+        }
+        self.last_error = Some(message.clone());
+        self.record_warning(message);
+    }
+
+    fn record_warning(&mut self, message: String) {
         let recorded = RecordedEvent {
             time: Timestamp::from_system_time(SystemTime::now()),
             event: Event {
                 severity: Severity::Warning,
                 reason: "Synced".to_owned(),
-                message: e.to_string(),
+                message,
             },
         };
         println!("{}", describe_line(&recorded, None));
