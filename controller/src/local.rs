@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::analysis::{Event, Severity};
+use crate::analysis::{self, Event, Severity};
 use crate::exporter::{self, Recorder};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::metrics::prometheus::{
@@ -290,6 +290,100 @@ fn ensure_port_free(port: u16, what: &str, fix: &str) -> Result<(), LocalError> 
         })
 }
 
+/// What changed among the files a Canary is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edit {
+    /// Nothing (or only their times).
+    None,
+    /// The Canary file.
+    Canary,
+    /// Another YAML file beside it (MetricTemplates and their Secrets are read from there).
+    Beside,
+}
+
+/// Notices edits of the Canary file and of the YAML files beside it. Sizes and modification
+/// times are compared at every step (a few `stat`s); contents are read only when those moved.
+#[derive(Debug)]
+struct CanaryWatch {
+    canary: PathBuf,
+    stamps: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    canary_text: Option<String>,
+    beside: u64,
+}
+
+impl CanaryWatch {
+    /// Watches `canary` from its contents now.
+    fn new(canary: &Path) -> Self {
+        let mut watch = Self {
+            canary: canary.to_owned(),
+            stamps: Vec::new(),
+            canary_text: None,
+            beside: 0,
+        };
+        watch.poll();
+        watch
+    }
+
+    fn folder(&self) -> &Path {
+        self.canary
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
+    fn beside_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.folder())
+            .map(|entries| {
+                entries
+                    .filter_map(|e| Some(e.ok()?.path()))
+                    .filter(|p| {
+                        matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                            && p.file_name() != self.canary.file_name()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
+    /// What changed since the last call.
+    fn poll(&mut self) -> Edit {
+        let mut files = vec![self.canary.clone()];
+        files.extend(self.beside_files());
+        let stamps: Vec<(PathBuf, u64, Option<SystemTime>)> = files
+            .into_iter()
+            .map(|path| {
+                let meta = std::fs::metadata(&path).ok();
+                let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+                let modified = meta.and_then(|m| m.modified().ok());
+                (path, len, modified)
+            })
+            .collect();
+        if stamps == self.stamps {
+            return Edit::None;
+        }
+        self.stamps = stamps;
+        let canary_text = std::fs::read_to_string(&self.canary).ok();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (path, _, _) in self.stamps.iter().skip(1) {
+            std::hash::Hash::hash(&path, &mut hasher);
+            std::hash::Hash::hash(&std::fs::read(path).unwrap_or_default(), &mut hasher);
+        }
+        let beside = std::hash::Hasher::finish(&hasher);
+        let edit = if canary_text != self.canary_text {
+            Edit::Canary
+        } else if beside != self.beside {
+            Edit::Beside
+        } else {
+            Edit::None
+        };
+        self.canary_text = canary_text;
+        self.beside = beside;
+        edit
+    }
+}
+
 /// A running local mode.
 pub struct LocalMode {
     runner: Runner<LocalPlatform, SelectingSource, LocalJournal>,
@@ -303,6 +397,12 @@ pub struct LocalMode {
     stop_metrics: Option<oneshot::Sender<()>>,
     /// The failure recorded last, until a step succeeds.
     last_error: Option<String>,
+    /// What the Canary is read from, to reload it when it is edited.
+    options: LocalOptions,
+    metrics_options: LocalMetricsOptions,
+    watch: CanaryWatch,
+    /// Why the last edit of the Canary could not be used, until one can.
+    last_reload_problem: Option<String>,
     // Last: dropped after Envoy and the app processes, it kills whatever of theirs still runs.
     guard: Arc<ProcessGuard>,
 }
@@ -373,6 +473,8 @@ impl LocalMode {
         options: &LocalOptions,
         metrics: &LocalMetricsOptions,
     ) -> Result<Self, LocalError> {
+        // Before reading it: an edit made meanwhile is then seen at the first step.
+        let watch = CanaryWatch::new(&options.canary);
         let (mut plan, mut warnings) = load_plan(&options.canary)?;
         compress_time(&mut plan, options.time_scale);
         std::fs::create_dir_all(&options.state).map_err(|e| {
@@ -512,6 +614,10 @@ impl LocalMode {
             metrics_addr,
             stop_metrics,
             last_error: None,
+            options: options.clone(),
+            metrics_options: metrics.clone(),
+            watch,
+            last_reload_problem: None,
             guard,
         })
     }
@@ -573,6 +679,7 @@ impl LocalMode {
     /// after a step that succeeded.
     pub async fn tick(&mut self) {
         let started = std::time::Instant::now();
+        self.reload_canary().await;
         match self.runner.tick().await {
             Ok(()) => self.last_error = None,
             Err(e) => self.record_error(&e),
@@ -590,11 +697,108 @@ impl LocalMode {
         self.record_warning(message);
     }
 
+    /// Like Kubernetes mode, which reads the Canary at every reconcile: an edited Canary file
+    /// (or MetricTemplate beside it) is used from the next step on, once it compiles. A Canary
+    /// that names another canary or target is not taken (the Envoy and the state folder are
+    /// this one's); an edit that cannot be used is said once, and the last good one runs on.
+    async fn reload_canary(&mut self) {
+        let edit = self.watch.poll();
+        if edit == Edit::None {
+            return;
+        }
+        let path = self.options.canary.display().to_string();
+        let (plan, source, warnings) = match self.compile_edit() {
+            Ok(compiled) => compiled,
+            Err(problem) => {
+                let message = format!(
+                    "{path} changed but cannot be used: {problem}; still running the Canary as it was"
+                );
+                if self.last_reload_problem.as_ref() != Some(&message) {
+                    self.last_reload_problem = Some(message.clone());
+                    self.record_warning(message);
+                }
+                return;
+            }
+        };
+        self.last_reload_problem = None;
+        let old = self.runner.plan().clone();
+        if plan == old && edit == Edit::Canary {
+            // An edit that changes nothing (a comment, say) needs no word.
+            self.runner.replace_plan(plan, source);
+            return;
+        }
+        for warning in warnings {
+            if !self.warnings.contains(&warning) {
+                self.record_warning(format!("{path}: {warning}"));
+                self.warnings.push(warning);
+            }
+        }
+        let status = self.runner.status().clone();
+        let route_of = |plan: &CanaryPlan| {
+            analysis::desired_route(plan, &status).map(|r| traffic::canary_route(plan, r))
+        };
+        let republish = route_of(&plan) != route_of(&old);
+        self.runner.replace_plan(plan, source);
+        if republish {
+            if let Err(e) = self.runner.restore_route().await {
+                self.record_error(&e);
+            }
+        }
+        let what = match edit {
+            Edit::Beside => format!("the files beside {path} changed"),
+            _ => format!("{path} changed"),
+        };
+        self.record(
+            Severity::Normal,
+            format!(
+                "{what}: {} runs the Canary as it is now written from the next step on",
+                self.runner.plan().id()
+            ),
+        );
+    }
+
+    /// The edited Canary compiled, with its metric source and its warnings.
+    fn compile_edit(&self) -> Result<(CanaryPlan, SelectingSource, Vec<String>), String> {
+        let (mut plan, mut warnings) = load_plan(&self.options.canary).map_err(|e| match e {
+            LocalError::Canary { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        compress_time(&mut plan, self.options.time_scale);
+        let old = self.runner.plan();
+        if (&plan.namespace, &plan.name, &plan.target.name)
+            != (&old.namespace, &old.name, &old.target.name)
+        {
+            return Err(format!(
+                "it now names the Canary {} with target {}, and this controller runs {} with target {} (its Envoy and state folder are that one's): restart weir local to switch",
+                plan.id(),
+                plan.target.name,
+                old.id(),
+                old.target.name
+            ));
+        }
+        let source = metric_source(
+            &self.options,
+            &self.metrics_options,
+            &plan,
+            &self.ingest,
+            &mut warnings,
+        )
+        .map_err(|e| match e {
+            LocalError::Canary { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        Ok((plan, source, warnings))
+    }
+
     fn record_warning(&mut self, message: String) {
+        self.record(Severity::Warning, message);
+    }
+
+    fn record(&mut self, severity: Severity, message: String) {
         let recorded = RecordedEvent {
             time: Timestamp::from_system_time(SystemTime::now()),
             event: Event {
-                severity: Severity::Warning,
+                severity,
                 reason: "Synced".to_owned(),
                 message,
             },
@@ -641,6 +845,33 @@ impl LocalMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edit_of_the_canary_file_or_of_a_file_beside_it_is_noticed_once() {
+        let dir = std::env::temp_dir().join(format!("weir-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let canary = dir.join("canary.yaml");
+        std::fs::write(&canary, "kind: Canary\n").unwrap();
+        std::fs::write(dir.join("template.yaml"), "kind: MetricTemplate\n").unwrap();
+        let mut watch = CanaryWatch::new(&canary);
+        assert_eq!(watch.poll(), Edit::None);
+
+        std::fs::write(&canary, "kind: Canary # edited\n").unwrap();
+        assert_eq!(watch.poll(), Edit::Canary);
+        assert_eq!(watch.poll(), Edit::None, "an edit is noticed once");
+
+        std::fs::write(dir.join("template.yaml"), "kind: MetricTemplate # edited\n").unwrap();
+        assert_eq!(watch.poll(), Edit::Beside);
+        std::fs::write(dir.join("secret.yml"), "kind: Secret\n").unwrap();
+        assert_eq!(watch.poll(), Edit::Beside, "a new file beside it");
+
+        // Written again with the same contents: nothing changed.
+        std::fs::write(&canary, "kind: Canary # edited\n").unwrap();
+        assert_eq!(watch.poll(), Edit::None);
+        std::fs::write(dir.join("notes.txt"), "not YAML").unwrap();
+        assert_eq!(watch.poll(), Edit::None, "only YAML files are read");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_port_another_program_listens_on_is_refused_with_what_to_do() {
