@@ -249,6 +249,88 @@ pub fn request_retry(state: &Path) -> Result<String, String> {
     Ok(token)
 }
 
+/// A retry `weir retry` requested: the controller running on the state folder takes it at its
+/// next step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryRequested {
+    /// The token written into `<state>/retry`.
+    pub token: String,
+    /// The pid of the controller that will act on it.
+    pub controller_pid: u32,
+}
+
+/// Why `weir retry` requested nothing: a retry would not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryRefused {
+    /// The folder holds no status: not a state folder, or its canary was never started.
+    #[error("{} holds no canary status ({} is missing): pass the --state folder of a weir local that ran", .state.display(), .state.join("status.json").display())]
+    NoStatus {
+        /// The state folder.
+        state: PathBuf,
+    },
+    /// The status cannot be read.
+    #[error("{0}")]
+    Unreadable(String),
+    /// Only a Failed canary is retried; the engine would ignore the request.
+    #[error("the canary in {} is {phase}, not Failed: only a failed version can be retried, so nothing was requested", .state.display())]
+    NotFailed {
+        /// The state folder.
+        state: PathBuf,
+        /// Its phase (and weight while it runs).
+        phase: String,
+    },
+    /// No controller runs on the folder, so nobody would act on the request now.
+    #[error("no weir local runs on {}: nothing was requested. Start it on that folder (weir local ... --state {}), then run weir retry again", .state.display(), .state.display())]
+    NoController {
+        /// The state folder.
+        state: PathBuf,
+    },
+    /// The request could not be written.
+    #[error("{0}")]
+    Write(String),
+}
+
+/// `weir retry`: requests a retry of the failed version in `state`, when one would happen: the
+/// canary there is Failed and a controller runs on the folder. Otherwise says why not, and
+/// writes nothing.
+pub fn retry_failed(state: &Path) -> Result<RetryRequested, RetryRefused> {
+    let status = LocalJournal::new(state, false)
+        .load()
+        .map_err(RetryRefused::Unreadable)?
+        .ok_or_else(|| RetryRefused::NoStatus {
+            state: state.to_owned(),
+        })?;
+    match status.phase {
+        Some(Phase::Failed) => {}
+        phase => {
+            let phase = match phase {
+                None => "not started yet".to_owned(),
+                Some(
+                    p @ (Phase::Progressing
+                    | Phase::WaitingPromotion
+                    | Phase::Promoting
+                    | Phase::Finalising),
+                ) => format!("{p} (canary weight {})", status.canary_weight),
+                Some(p) => p.to_string(),
+            };
+            return Err(RetryRefused::NotFailed {
+                state: state.to_owned(),
+                phase,
+            });
+        }
+    }
+    let controller = crate::platform::local::guard::running_controller(state).ok_or_else(|| {
+        RetryRefused::NoController {
+            state: state.to_owned(),
+        }
+    })?;
+    let token = request_retry(state).map_err(RetryRefused::Write)?;
+    Ok(RetryRequested {
+        token,
+        controller_pid: controller.pid,
+    })
+}
+
 /// Divides every duration of the analysis by `factor` (the demo's compressed time).
 pub fn compress_time(plan: &mut CanaryPlan, factor: u32) {
     if factor <= 1 {
@@ -871,6 +953,65 @@ mod tests {
         std::fs::write(dir.join("notes.txt"), "not YAML").unwrap();
         assert_eq!(watch.poll(), Edit::None, "only YAML files are read");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn state_with(name: &str, phase: Option<Phase>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weir-retry-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(phase) = phase {
+            let status = CanaryStatus {
+                phase: Some(phase),
+                ..CanaryStatus::default()
+            };
+            std::fs::write(
+                dir.join("status.json"),
+                serde_json::to_string(&status).unwrap(),
+            )
+            .unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_retry_is_requested_only_of_a_failed_canary_with_a_controller_running() {
+        let failed = state_with("failed", Some(Phase::Failed));
+        let refused = retry_failed(&failed).unwrap_err().to_string();
+        assert!(
+            refused.contains("no weir local runs on") && refused.contains("nothing was requested"),
+            "{refused}"
+        );
+        assert!(!failed.join("retry").exists());
+
+        let controller = ProcessGuard::claim(&failed).unwrap();
+        let requested = retry_failed(&failed).unwrap();
+        assert_eq!(requested.controller_pid, std::process::id());
+        assert_eq!(
+            std::fs::read_to_string(failed.join("retry")).unwrap(),
+            requested.token
+        );
+        drop(controller);
+        let _ = std::fs::remove_dir_all(&failed);
+    }
+
+    #[test]
+    fn a_retry_of_a_canary_that_is_not_failed_says_what_it_is_and_requests_nothing() {
+        let succeeded = state_with("succeeded", Some(Phase::Succeeded));
+        let guard = ProcessGuard::claim(&succeeded).unwrap();
+        let refused = retry_failed(&succeeded).unwrap_err().to_string();
+        assert!(
+            refused.contains("is Succeeded, not Failed")
+                && refused.contains("nothing was requested"),
+            "{refused}"
+        );
+        assert!(!succeeded.join("retry").exists());
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&succeeded);
+
+        let empty = state_with("empty", None);
+        let refused = retry_failed(&empty).unwrap_err().to_string();
+        assert!(refused.contains("holds no canary status"), "{refused}");
+        let _ = std::fs::remove_dir_all(&empty);
     }
 
     #[test]

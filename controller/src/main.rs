@@ -206,7 +206,9 @@ enum Command {
     /// flag can also be set through the environment variable named in its help.
     #[command(alias = "run")]
     Kubernetes(KubernetesArgs),
-    /// Retry the failed version of a local-mode canary without changing it.
+    /// Retry the failed version of a local-mode canary without changing it. The weir local
+    /// running on the state folder does it at its next step; when the canary there is not
+    /// Failed, or no weir local runs on it, nothing is requested and the exit status is 1.
     Retry {
         /// The local mode's state folder.
         #[arg(long, default_value = ".weir/local")]
@@ -368,10 +370,18 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Kubernetes(args) => args.run().await?,
-        Command::Retry { state } => {
-            let token = local::request_retry(&state).map_err(anyhow::Error::msg)?;
-            println!("retry requested (token {token}); the running controller retries the failed version at its next step");
-        }
+        Command::Retry { state } => match local::retry_failed(&state) {
+            Ok(requested) => println!(
+                "retry requested (token {}): the weir local running on {} (pid {}) retries the failed version at its next step",
+                requested.token,
+                state.display(),
+                requested.controller_pid
+            ),
+            Err(refused) => {
+                eprintln!("weir retry: {refused}");
+                std::process::exit(1);
+            }
+        },
         Command::IngestServer { listen, canaries } => ingest_server(listen, canaries).await?,
     }
     Ok(())

@@ -256,3 +256,78 @@ fn weir_local_refuses_a_port_any_program_listens_on() {
         Ok(())
     })());
 }
+
+/// Runs `weir retry --state <state>`; its exit status and everything it printed.
+fn weir_retry(state: &std::path::Path) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    let output = std::process::Command::new(weir_e2e::local::weir_binary())
+        .arg("retry")
+        .arg("--state")
+        .arg(state)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    Ok((output.status, text))
+}
+
+#[test]
+fn weir_retry_says_why_nothing_will_happen_and_exits_1() {
+    check((|| {
+        let files = LocalFiles::new("retry_refused", &CanaryFile::default(), "1.0.0")?;
+        let state = files.state();
+        std::fs::create_dir_all(&state)?;
+
+        std::fs::write(state.join("status.json"), r#"{"phase":"Succeeded"}"#)?;
+        let (status, output) = weir_retry(&state)?;
+        anyhow::ensure!(
+            status.code() == Some(1) && output.contains("is Succeeded, not Failed"),
+            "a canary that is not Failed is not retried ({status}): {output}"
+        );
+
+        std::fs::write(state.join("status.json"), r#"{"phase":"Failed"}"#)?;
+        let (status, output) = weir_retry(&state)?;
+        anyhow::ensure!(
+            status.code() == Some(1) && output.contains("no weir local runs on"),
+            "without a controller nothing retries it ({status}): {output}"
+        );
+        anyhow::ensure!(
+            !state.join("retry").exists(),
+            "no request was left behind to fire at a later start"
+        );
+        Ok(())
+    })());
+}
+
+#[test]
+fn weir_retry_of_a_failed_canary_names_the_controller_that_retries_it() {
+    check((|| {
+        let files = LocalFiles::new("retry_requested", &CanaryFile::default(), "2.0.0")?;
+        let state = files.state();
+        std::fs::create_dir_all(&state)?;
+        // A canary whose analysis of this very workload failed, as a rollback leaves it.
+        let workload = std::fs::read_to_string(files.workloads().join("mhs.yaml"))?;
+        let revision =
+            weir_controller::platform::local::workload::Workload::parse("mhs", &workload)?
+                .revision();
+        std::fs::write(
+            state.join("status.json"),
+            format!(
+                r#"{{"phase":"Failed","lastAppliedSpec":"{revision}","lastPromotedSpec":"0"}}"#
+            ),
+        )?;
+        let mut weir = WeirLocal::start(&files, &state, 0, "weir")?;
+        weir.wait_for_output(LISTENING, START)?;
+
+        let (status, output) = weir_retry(&state)?;
+        anyhow::ensure!(
+            status.success()
+                && output.contains(&format!("(pid {}) retries the failed version", weir.pid())),
+            "the request names the controller that acts on it ({status}): {output}"
+        );
+        weir.wait_for_output("Retrying mhs.application analysis as requested", START)?;
+        weir.signal("INT");
+        weir.wait_exit(STOP)?;
+        Ok(())
+    })());
+}
