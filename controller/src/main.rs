@@ -229,6 +229,13 @@ enum Command {
     },
 }
 
+/// Prints a line, ignoring a closed stdout: after SIGHUP the terminal may be gone, and the stop
+/// must go on.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     weir_controller::spec::parse_go_duration(text).map_err(|e| e.to_string())
 }
@@ -315,8 +322,11 @@ async fn main() -> anyhow::Result<()> {
             let mut mode = tokio::select! {
                 biased;
                 signal = stop.recv() => {
-                    println!("weir local: {signal} while starting; stopped");
-                    return Ok(());
+                    say(&format!("weir local: {signal} while starting; stopped"));
+                    // Exiting closes the guard's pipe: its watchdog kills whatever was started
+                    // (an Envoy still starting in the blocking pool would hold the runtime's
+                    // drop until it is ready).
+                    std::process::exit(0);
                 }
                 started = local::LocalMode::start_with(&options, &metrics) => started?,
             };
@@ -344,15 +354,17 @@ async fn main() -> anyhow::Result<()> {
                     } => {}
                 }
             };
-            println!("weir local: {signal}: stopping Envoy and the app processes");
+            say(&format!(
+                "weir local: {signal}: stopping Envoy and the app processes"
+            ));
             tokio::select! {
                 biased;
                 again = stop.recv() => {
                     // The guard's watchdog kills whatever still runs once this process is gone.
-                    println!("weir local: {again} again: exiting at once");
+                    say(&format!("weir local: {again} again: exiting at once"));
                     std::process::exit(1);
                 }
-                () = mode.shutdown() => println!("weir local: stopped"),
+                () = mode.shutdown() => say("weir local: stopped"),
             }
         }
         Command::Crdgen { out } => {

@@ -331,3 +331,36 @@ fn weir_retry_of_a_failed_canary_names_the_controller_that_retries_it() {
         Ok(())
     })());
 }
+
+#[test]
+fn sigterm_during_the_start_up_stops_weir_local_and_what_it_started() {
+    check((|| {
+        // A state folder whose promoted primary never listens: the start-up itself brings it
+        // back and waits 30s for it, before Envoy starts.
+        let never_ready = "command: /bin/sleep\nargs: [\"600\"]\n";
+        let files =
+            LocalFiles::with_workload("sigterm_start_up", &CanaryFile::default(), never_ready)?;
+        let state = files.state();
+        std::fs::create_dir_all(&state)?;
+        std::fs::write(state.join("mhs.primary.yaml"), never_ready)?;
+        std::fs::write(state.join("status.json"), r#"{"phase":"Initialized"}"#)?;
+        let mut weir = WeirLocal::start(&files, &state, 0, "weir")?;
+        weir.wait_until("the primary is started", START, |w| {
+            descendants_named(w.pid(), "sleep")
+        })?;
+        let started = weir.descendants();
+        weir.signal("TERM");
+        let status = weir.wait_exit(Duration::from_secs(15))?;
+        let running = wait_gone(&started, Duration::from_secs(10));
+        anyhow::ensure!(
+            running.is_empty(),
+            "still running after weir local stopped ({status}): {running:?}"
+        );
+        let output = weir.output();
+        anyhow::ensure!(
+            status.success() && output.contains("SIGTERM while starting; stopped"),
+            "SIGTERM stops the start-up ({status}):\n{output}"
+        );
+        Ok(())
+    })());
+}
