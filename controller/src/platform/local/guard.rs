@@ -14,11 +14,13 @@
 //! ends, not the process: Envoy is started from tokio's blocking pool, whose threads end after
 //! ten idle seconds, which would kill a healthy Envoy. A pipe closes only when the process does.
 //!
-//! **One controller per state folder.** The controller's pid and each child's pid, with its
-//! start time (so a reused pid is not mistaken for it), are kept in `<state>/processes.json`.
-//! [`ProcessGuard::claim`] reads it first and refuses a folder whose controller or children
-//! still run, naming them and saying how to stop them: two Envoys on one port, or an app
-//! crash-looping on a port an orphan holds, are what a second controller would get.
+//! **One controller per state folder.** A controller holds an exclusive lock on
+//! `<state>/controller.lock` for its life (the kernel drops it when the process ends, however it
+//! ends), and keeps its pid and each child's pid, with its start time (so a reused pid is not
+//! mistaken for it), in `<state>/processes.json`. [`ProcessGuard::claim`] refuses a folder that
+//! is locked, or whose recorded children still run, naming them and saying how to stop them:
+//! two Envoys on one port, or an app crash-looping on a port an orphan holds, are what a second
+//! controller would get.
 
 use std::io::Write as _;
 use std::os::unix::process::CommandExt;
@@ -31,6 +33,8 @@ use serde::{Deserialize, Serialize};
 
 /// The record's file name in the state folder.
 pub const RECORD_FILE: &str = "processes.json";
+/// The file a running controller holds locked.
+pub const LOCK_FILE: &str = "controller.lock";
 
 /// The watchdog's script: wait for end-of-file on stdin (the controller's pipe), then kill the
 /// process group it leads (`kill 0`: every process in the caller's group, itself included).
@@ -100,6 +104,16 @@ pub enum GuardError {
         controller: RecordedProcess,
         /// What it runs.
         children: Vec<RecordedProcess>,
+    },
+    /// The folder is locked by a controller whose record is not written yet (it is starting).
+    #[error(
+        "the state folder {state} is in use by another controller that is starting (it holds {lock}); \
+         stop it first, or give this one another --state",
+        state = .state.display(), lock = .state.join(LOCK_FILE).display()
+    )]
+    Locked {
+        /// The state folder.
+        state: PathBuf,
     },
     /// A controller that is gone left processes running.
     #[error(
@@ -180,6 +194,8 @@ pub struct ProcessGuard {
     path: PathBuf,
     watchdog: Mutex<Watchdog>,
     record: Mutex<Record>,
+    /// Held locked for the guard's life (close-on-exec, so no child keeps it).
+    _lock: std::fs::File,
 }
 
 impl ProcessGuard {
@@ -187,6 +203,41 @@ impl ProcessGuard {
     /// there still runs; otherwise starts the watchdog and writes a fresh record.
     pub fn claim(state_dir: &Path) -> Result<Arc<Self>, GuardError> {
         let path = state_dir.join(RECORD_FILE);
+        let lock_path = state_dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| GuardError::Setup(format!("cannot open {}: {e}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(
+                    match read_record(&path).filter(|r| r.controller.is_running()) {
+                        Some(running) => GuardError::InUse {
+                            state: state_dir.to_owned(),
+                            children: running
+                                .children
+                                .iter()
+                                .filter(|c| c.is_running())
+                                .cloned()
+                                .collect(),
+                            controller: running.controller,
+                        },
+                        None => GuardError::Locked {
+                            state: state_dir.to_owned(),
+                        },
+                    },
+                )
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(GuardError::Setup(format!(
+                    "cannot lock {}: {e}",
+                    lock_path.display()
+                )))
+            }
+        }
         if let Some(old) = read_record(&path) {
             let children: Vec<RecordedProcess> = old
                 .children
@@ -227,6 +278,7 @@ impl ProcessGuard {
                     .collect(),
             }),
             watchdog: Mutex::new(watchdog),
+            _lock: lock,
         };
         guard.save(&guard.record())?;
         Ok(Arc::new(guard))
@@ -401,6 +453,23 @@ mod tests {
         drop(first);
         let again = ProcessGuard::claim(&dir).unwrap();
         drop(again);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_folder_locked_by_a_controller_is_refused_even_before_its_record_is_written() {
+        let dir = state("locked");
+        let first = ProcessGuard::claim(&dir).unwrap();
+        // As if the first were between taking the lock and writing its record.
+        std::fs::remove_file(dir.join(RECORD_FILE)).unwrap();
+        let refused = ProcessGuard::claim(&dir).unwrap_err().to_string();
+        assert!(
+            refused.contains("in use by another controller that is starting")
+                && refused.contains(LOCK_FILE),
+            "{refused}"
+        );
+        drop(first);
+        drop(ProcessGuard::claim(&dir).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
