@@ -333,6 +333,9 @@ impl WeirLocal {
 impl Drop for WeirLocal {
     fn drop(&mut self) {
         if self.exited().is_none() {
+            // What it started since the last look (a primary started after the test's last
+            // wait), while they are still its descendants.
+            self.descendants();
             send_signal(self.pid(), "KILL");
             let _ = Command::new("kill")
                 .args(["-s", "KILL", "--", &format!("-{}", self.pid())])
@@ -340,6 +343,15 @@ impl Drop for WeirLocal {
                 .status();
         }
         let _ = self.child.wait();
+        // Its watchdog empties its group within about a second (a child being forked as weir
+        // died joins that group a moment later, unseen here): let it, then kill what is left.
+        let watchdogs: Vec<SeenProcess> = self
+            .seen
+            .iter()
+            .filter(|p| p.name == "sh")
+            .cloned()
+            .collect();
+        wait_gone(&watchdogs, Duration::from_secs(3));
         for process in &self.seen {
             process.signal("KILL");
         }

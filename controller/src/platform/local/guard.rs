@@ -36,9 +36,14 @@ pub const RECORD_FILE: &str = "processes.json";
 /// The file a running controller holds locked.
 pub const LOCK_FILE: &str = "controller.lock";
 
-/// The watchdog's script: wait for end-of-file on stdin (the controller's pipe), then kill the
-/// process group it leads (`kill 0`: every process in the caller's group, itself included).
-const WATCHDOG_SCRIPT: &str = "read -r line; kill -KILL 0";
+/// The watchdog's script: wait for end-of-file on stdin (the controller's pipe), then empty the
+/// process group it leads (`kill 0`: every process in the caller's group). SIGTERM first, ten
+/// times over a second (the watchdog ignores it), then SIGKILL, itself included: a child the
+/// controller was forking when it died joins the group a moment after the controller is gone,
+/// and a single kill could come before it (the group outlives its killed members while they
+/// are zombies, so that late child joins it without error).
+const WATCHDOG_SCRIPT: &str = "trap '' TERM INT HUP; read -r line; \
+    for i in 1 2 3 4 5 6 7 8 9 10; do kill -TERM 0; sleep 0.1; done; kill -KILL 0";
 
 /// A process the record names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,9 +177,17 @@ impl Watchdog {
         })
     }
 
-    /// Closes the pipe (the watchdog then kills its group) and reaps the watchdog.
+    /// Kills the group at once (this controller starts nothing more) and reaps the watchdog.
     fn stop(&mut self) {
-        drop(self.lifeline.take());
+        // Only while the watchdog runs: its pid, which names the group, is then not reused.
+        if matches!(self.process.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{}", self.process.id())])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.abandon();
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if !matches!(self.process.try_wait(), Ok(None)) {
@@ -184,6 +197,11 @@ impl Watchdog {
         }
         let _ = self.process.kill();
         let _ = self.process.wait();
+    }
+
+    /// Closes the controller's end of the pipe, as the controller's death does.
+    fn abandon(&mut self) {
+        drop(self.lifeline.take());
     }
 }
 
@@ -529,6 +547,44 @@ mod tests {
         assert!(wait_gone(&recorded));
         assert!(!dir.join(RECORD_FILE).exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_child_that_joins_the_group_just_after_the_controller_died_is_killed_too() {
+        let mut watchdog = Watchdog::start().unwrap();
+        let group = i32::try_from(watchdog.process.id()).unwrap();
+        let spawn = || {
+            Command::new("sleep")
+                .arg("60")
+                .process_group(group)
+                .spawn()
+                .unwrap()
+        };
+        // Killed but not reaped, a member keeps the group alive (as an Envoy whose controller is
+        // gone stays a zombie until init reaps it).
+        let mut first = spawn();
+        // The controller dies ...
+        watchdog.abandon();
+        std::thread::sleep(Duration::from_millis(200));
+        // ... while a child it was forking joins the group.
+        let mut late = spawn();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = late.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = late.kill();
+        let _ = first.kill();
+        let _ = late.wait();
+        let _ = first.wait();
+        watchdog.stop();
+        let status = status.expect("the late child still runs 10s after the controller died");
+        assert!(!status.success(), "killed: {status}");
     }
 
     #[test]
