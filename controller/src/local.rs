@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::analysis::{Event, Severity};
+use crate::analysis::{self, Event, Severity};
 use crate::exporter::{self, Recorder};
 use crate::filter_module::{FilterModule, InstallKind};
 use crate::ingest::{Ingest, IngestConfig};
@@ -23,9 +23,10 @@ use crate::metrics::prometheus::{
 use crate::metrics::select::{SelectingSource, SourcePolicy};
 use crate::metrics::template::Templates;
 use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, FilterInstall, WasmFilter};
+use crate::platform::local::guard::{GuardError, ProcessGuard};
 use crate::platform::local::{LocalPlatform, LocalPorts};
 use crate::runner::{Journal, RunError, Runner};
-use crate::spec::{self, CanaryPlan, CanaryStatus, Timestamp};
+use crate::spec::{self, CanaryPlan, CanaryStatus, Phase, Timestamp};
 use crate::traffic::{self, Directives};
 
 /// Everything local mode needs to start.
@@ -88,6 +89,40 @@ pub enum LocalError {
     /// Something needed to run could not be set up.
     #[error("{0}")]
     Setup(String),
+    /// The state folder is another controller's, or its processes still run.
+    #[error(transparent)]
+    State(#[from] GuardError),
+}
+
+/// The signals that stop local mode: SIGINT (Ctrl-C), SIGTERM (`kill`, `timeout`, systemd) and
+/// SIGHUP (the terminal closed). Listened to for the life of the process: a signal that
+/// arrives while a step runs is kept until the next wait, where a fresh `ctrl_c()` per wait
+/// would miss it.
+pub struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening (from now on these signals no longer end the process by themselves).
+    pub fn listen() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next stop signal (at once if one came since the last call), by name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP",
+        }
+    }
 }
 
 /// One recorded event, as `kubectl describe canary` lists them.
@@ -221,6 +256,88 @@ pub fn request_retry(state: &Path) -> Result<String, String> {
     Ok(token)
 }
 
+/// A retry `weir retry` requested: the controller running on the state folder takes it at its
+/// next step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryRequested {
+    /// The token written into `<state>/retry`.
+    pub token: String,
+    /// The pid of the controller that will act on it.
+    pub controller_pid: u32,
+}
+
+/// Why `weir retry` requested nothing: a retry would not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryRefused {
+    /// The folder holds no status: not a state folder, or its canary was never started.
+    #[error("{} holds no canary status ({} is missing): pass the --state folder of a weir local that ran", .state.display(), .state.join("status.json").display())]
+    NoStatus {
+        /// The state folder.
+        state: PathBuf,
+    },
+    /// The status cannot be read.
+    #[error("{0}")]
+    Unreadable(String),
+    /// Only a Failed canary is retried; the engine would ignore the request.
+    #[error("the canary in {} is {phase}, not Failed: only a failed version can be retried, so nothing was requested", .state.display())]
+    NotFailed {
+        /// The state folder.
+        state: PathBuf,
+        /// Its phase (and weight while it runs).
+        phase: String,
+    },
+    /// No controller runs on the folder, so nobody would act on the request now.
+    #[error("no weir local runs on {}: nothing was requested. Start it on that folder (weir local ... --state {}), then run weir retry again", .state.display(), .state.display())]
+    NoController {
+        /// The state folder.
+        state: PathBuf,
+    },
+    /// The request could not be written.
+    #[error("{0}")]
+    Write(String),
+}
+
+/// `weir retry`: requests a retry of the failed version in `state`, when one would happen: the
+/// canary there is Failed and a controller runs on the folder. Otherwise says why not, and
+/// writes nothing.
+pub fn retry_failed(state: &Path) -> Result<RetryRequested, RetryRefused> {
+    let status = LocalJournal::new(state, false)
+        .load()
+        .map_err(RetryRefused::Unreadable)?
+        .ok_or_else(|| RetryRefused::NoStatus {
+            state: state.to_owned(),
+        })?;
+    match status.phase {
+        Some(Phase::Failed) => {}
+        phase => {
+            let phase = match phase {
+                None => "not started yet".to_owned(),
+                Some(
+                    p @ (Phase::Progressing
+                    | Phase::WaitingPromotion
+                    | Phase::Promoting
+                    | Phase::Finalising),
+                ) => format!("{p} (canary weight {})", status.canary_weight),
+                Some(p) => p.to_string(),
+            };
+            return Err(RetryRefused::NotFailed {
+                state: state.to_owned(),
+                phase,
+            });
+        }
+    }
+    let controller = crate::platform::local::guard::running_controller(state).ok_or_else(|| {
+        RetryRefused::NoController {
+            state: state.to_owned(),
+        }
+    })?;
+    let token = request_retry(state).map_err(RetryRefused::Write)?;
+    Ok(RetryRequested {
+        token,
+        controller_pid: controller.pid,
+    })
+}
+
 /// Divides every duration of the analysis by `factor` (the demo's compressed time).
 pub fn compress_time(plan: &mut CanaryPlan, factor: u32) {
     if factor <= 1 {
@@ -248,6 +365,114 @@ pub fn load_plan(path: &Path) -> Result<(CanaryPlan, Vec<String>), LocalError> {
     ))
 }
 
+/// Refuses a port another program listens on, before anything is started there. Envoy binds
+/// its listener with SO_REUSEPORT, so a second Envoy (an orphan, or another weir local) would
+/// share the port without a word and get half the connections; this bind, without it, fails
+/// on any listener already there.
+fn ensure_port_free(port: u16, what: &str, fix: &str) -> Result<(), LocalError> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|e| {
+            LocalError::Setup(format!(
+                "port {port} on 127.0.0.1, for {what}, is in use by another program ({e}): {fix}"
+            ))
+        })
+}
+
+/// What changed among the files a Canary is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edit {
+    /// Nothing (or only their times).
+    None,
+    /// The Canary file.
+    Canary,
+    /// Another YAML file beside it (MetricTemplates and their Secrets are read from there).
+    Beside,
+}
+
+/// Notices edits of the Canary file and of the YAML files beside it. Sizes and modification
+/// times are compared at every step (a few `stat`s); contents are read only when those moved.
+#[derive(Debug)]
+struct CanaryWatch {
+    canary: PathBuf,
+    stamps: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    canary_text: Option<String>,
+    beside: u64,
+}
+
+impl CanaryWatch {
+    /// Watches `canary` from its contents now.
+    fn new(canary: &Path) -> Self {
+        let mut watch = Self {
+            canary: canary.to_owned(),
+            stamps: Vec::new(),
+            canary_text: None,
+            beside: 0,
+        };
+        watch.poll();
+        watch
+    }
+
+    fn folder(&self) -> &Path {
+        self.canary
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+
+    fn beside_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.folder())
+            .map(|entries| {
+                entries
+                    .filter_map(|e| Some(e.ok()?.path()))
+                    .filter(|p| {
+                        matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                            && p.file_name() != self.canary.file_name()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
+    /// What changed since the last call.
+    fn poll(&mut self) -> Edit {
+        let mut files = vec![self.canary.clone()];
+        files.extend(self.beside_files());
+        let stamps: Vec<(PathBuf, u64, Option<SystemTime>)> = files
+            .into_iter()
+            .map(|path| {
+                let meta = std::fs::metadata(&path).ok();
+                let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+                let modified = meta.and_then(|m| m.modified().ok());
+                (path, len, modified)
+            })
+            .collect();
+        if stamps == self.stamps {
+            return Edit::None;
+        }
+        self.stamps = stamps;
+        let canary_text = std::fs::read_to_string(&self.canary).ok();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (path, _, _) in self.stamps.iter().skip(1) {
+            std::hash::Hash::hash(&path, &mut hasher);
+            std::hash::Hash::hash(&std::fs::read(path).unwrap_or_default(), &mut hasher);
+        }
+        let beside = std::hash::Hasher::finish(&hasher);
+        let edit = if canary_text != self.canary_text {
+            Edit::Canary
+        } else if beside != self.beside {
+            Edit::Beside
+        } else {
+            Edit::None
+        };
+        self.canary_text = canary_text;
+        self.beside = beside;
+        edit
+    }
+}
+
 /// A running local mode.
 pub struct LocalMode {
     runner: Runner<LocalPlatform, SelectingSource, LocalJournal>,
@@ -260,6 +485,16 @@ pub struct LocalMode {
     metrics_addr: Option<SocketAddr>,
     module_url: Option<String>,
     stop_metrics: Option<oneshot::Sender<()>>,
+    /// The failure recorded last, until a step succeeds.
+    last_error: Option<String>,
+    /// What the Canary is read from, to reload it when it is edited.
+    options: LocalOptions,
+    metrics_options: LocalMetricsOptions,
+    watch: CanaryWatch,
+    /// Why the last edit of the Canary could not be used, until one can.
+    last_reload_problem: Option<String>,
+    // Last: dropped after Envoy and the app processes, it kills whatever of theirs still runs.
+    guard: Arc<ProcessGuard>,
 }
 
 /// The metric source local mode analyses with: MetricTemplates from the Canary's folder, the
@@ -328,12 +563,39 @@ impl LocalMode {
         options: &LocalOptions,
         metrics: &LocalMetricsOptions,
     ) -> Result<Self, LocalError> {
+        // Before reading it: an edit made meanwhile is then seen at the first step.
+        let watch = CanaryWatch::new(&options.canary);
         let (mut plan, mut warnings) = load_plan(&options.canary)?;
         compress_time(&mut plan, options.time_scale);
         std::fs::create_dir_all(&options.state).map_err(|e| {
             LocalError::Setup(format!("cannot create {}: {e}", options.state.display()))
         })?;
+        // Before anything starts: one controller per state folder, and its processes die with it.
+        let guard = ProcessGuard::claim(&options.state)?;
         let ports = LocalPorts::load_or_pick(&options.state).map_err(LocalError::Setup)?;
+        if options.listen_port != 0 {
+            ensure_port_free(
+                options.listen_port,
+                "Envoy's listener",
+                "choose another --port, or stop the program that listens there",
+            )?;
+        }
+        let slots = [
+            (ports.primary[0], "primary slot 0"),
+            (ports.primary[1], "primary slot 1"),
+            (ports.canary, "canary"),
+        ];
+        for (port, role) in slots {
+            ensure_port_free(
+                port,
+                &format!(
+                    "the {} {role} (from {})",
+                    plan.target.name,
+                    options.state.join("ports.json").display()
+                ),
+                "stop that program, or delete that file and new ports are picked",
+            )?;
+        }
 
         // Buckets as fine as the reports, so short (time-compressed) windows hold whole reports.
         let ingest = Ingest::try_new(IngestConfig {
@@ -385,7 +647,8 @@ impl LocalMode {
             .await
             .map_err(|e| LocalError::Setup(format!("cannot start the telemetry server: {e}")))?;
 
-        let platform = LocalPlatform::new(options.workloads.clone(), options.state.clone(), ports);
+        let platform = LocalPlatform::new(options.workloads.clone(), options.state.clone(), ports)
+            .with_guard(guard.clone());
         let journal = LocalJournal::new(&options.state, options.echo_events);
         let events = journal.events();
         let mut runner = Runner::new(
@@ -445,8 +708,16 @@ impl LocalMode {
         let envoy_binary = options.envoy.clone();
         let work_dir = options.state.clone();
         let concurrency = options.envoy_concurrency.max(1);
+        let envoy_guard = guard.clone();
         let envoy = tokio::task::spawn_blocking(move || {
-            EnvoyProcess::start(&envoy_binary, &bootstrap, &work_dir, concurrency)
+            EnvoyProcess::start_in_group(
+                &envoy_binary,
+                &bootstrap,
+                &work_dir,
+                concurrency,
+                Some(envoy_guard.group()),
+            )
+            .inspect(|envoy| envoy_guard.register("envoy", envoy.pid()))
         })
         .await
         .map_err(|e| LocalError::Setup(e.to_string()))?
@@ -462,6 +733,12 @@ impl LocalMode {
             metrics_addr,
             module_url,
             stop_metrics,
+            last_error: None,
+            options: options.clone(),
+            metrics_options: metrics.clone(),
+            watch,
+            last_reload_problem: None,
+            guard,
         })
     }
 
@@ -522,22 +799,133 @@ impl LocalMode {
     }
 
     /// One step of the runner; errors are recorded as Warning events and retried next time.
+    /// A failure that repeats at every step (a missing or invalid workload file fails every
+    /// 50ms until it is fixed) is recorded once, and again only when it changes or comes back
+    /// after a step that succeeded.
     pub async fn tick(&mut self) {
         let started = std::time::Instant::now();
-        if let Err(e) = self.runner.tick().await {
-            self.record_error(&e);
+        self.reload_canary().await;
+        match self.runner.tick().await {
+            Ok(()) => self.last_error = None,
+            Err(e) => self.record_error(&e),
         }
         self.recorder
             .record(self.runner.plan(), self.runner.status(), started.elapsed());
     }
 
     fn record_error(&mut self, e: &RunError) {
+        let message = e.to_string();
+        if self.last_error.as_ref() == Some(&message) {
+            return;
+        }
+        self.last_error = Some(message.clone());
+        self.record_warning(message);
+    }
+
+    /// Like Kubernetes mode, which reads the Canary at every reconcile: an edited Canary file
+    /// (or MetricTemplate beside it) is used from the next step on, once it compiles. A Canary
+    /// that names another canary or target is not taken (the Envoy and the state folder are
+    /// this one's); an edit that cannot be used is said once, and the last good one runs on.
+    async fn reload_canary(&mut self) {
+        let edit = self.watch.poll();
+        if edit == Edit::None {
+            return;
+        }
+        let path = self.options.canary.display().to_string();
+        let (plan, source, warnings) = match self.compile_edit() {
+            Ok(compiled) => compiled,
+            Err(problem) => {
+                let message = format!(
+                    "{path} changed but cannot be used: {problem}; still running the Canary as it was"
+                );
+                if self.last_reload_problem.as_ref() != Some(&message) {
+                    self.last_reload_problem = Some(message.clone());
+                    self.record_warning(message);
+                }
+                return;
+            }
+        };
+        self.last_reload_problem = None;
+        let old = self.runner.plan().clone();
+        if plan == old && edit == Edit::Canary {
+            // An edit that changes nothing (a comment, say) needs no word.
+            self.runner.replace_plan(plan, source);
+            return;
+        }
+        for warning in warnings {
+            if !self.warnings.contains(&warning) {
+                self.record_warning(format!("{path}: {warning}"));
+                self.warnings.push(warning);
+            }
+        }
+        let status = self.runner.status().clone();
+        let route_of = |plan: &CanaryPlan| {
+            analysis::desired_route(plan, &status).map(|r| traffic::canary_route(plan, r))
+        };
+        let republish = route_of(&plan) != route_of(&old);
+        self.runner.replace_plan(plan, source);
+        if republish {
+            if let Err(e) = self.runner.restore_route().await {
+                self.record_error(&e);
+            }
+        }
+        let what = match edit {
+            Edit::Beside => format!("the files beside {path} changed"),
+            _ => format!("{path} changed"),
+        };
+        self.record(
+            Severity::Normal,
+            format!(
+                "{what}: {} runs the Canary as it is now written from the next step on",
+                self.runner.plan().id()
+            ),
+        );
+    }
+
+    /// The edited Canary compiled, with its metric source and its warnings.
+    fn compile_edit(&self) -> Result<(CanaryPlan, SelectingSource, Vec<String>), String> {
+        let (mut plan, mut warnings) = load_plan(&self.options.canary).map_err(|e| match e {
+            LocalError::Canary { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        compress_time(&mut plan, self.options.time_scale);
+        let old = self.runner.plan();
+        if (&plan.namespace, &plan.name, &plan.target.name)
+            != (&old.namespace, &old.name, &old.target.name)
+        {
+            return Err(format!(
+                "it now names the Canary {} with target {}, and this controller runs {} with target {} (its Envoy and state folder are that one's): restart weir local to switch",
+                plan.id(),
+                plan.target.name,
+                old.id(),
+                old.target.name
+            ));
+        }
+        let source = metric_source(
+            &self.options,
+            &self.metrics_options,
+            &plan,
+            &self.ingest,
+            &mut warnings,
+        )
+        .map_err(|e| match e {
+            LocalError::Canary { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        Ok((plan, source, warnings))
+    }
+
+    fn record_warning(&mut self, message: String) {
+        self.record(Severity::Warning, message);
+    }
+
+    fn record(&mut self, severity: Severity, message: String) {
         let recorded = RecordedEvent {
             time: Timestamp::from_system_time(SystemTime::now()),
             event: Event {
-                severity: Severity::Warning,
+                severity,
                 reason: "Synced".to_owned(),
-                message: e.to_string(),
+                message,
             },
         };
         println!("{}", describe_line(&recorded, None));
@@ -560,15 +948,143 @@ impl LocalMode {
         wait.clamp(Duration::from_millis(50), Duration::from_millis(250))
     }
 
-    /// Stops Envoy, the app processes and the telemetry server.
+    /// The state folder's guard: what this controller runs, and the record of it.
+    pub fn guard(&self) -> &ProcessGuard {
+        &self.guard
+    }
+
+    /// Stops Envoy, the app processes and the telemetry server, and frees the state folder.
     pub async fn shutdown(mut self) {
         self.envoy.kill();
         self.runner.platform().shutdown().await;
+        self.guard.release();
         if let Some(stop) = self.stop_ingest.take() {
             let _ = stop.send(());
         }
         if let Some(stop) = self.stop_metrics.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edit_of_the_canary_file_or_of_a_file_beside_it_is_noticed_once() {
+        let dir = std::env::temp_dir().join(format!("weir-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let canary = dir.join("canary.yaml");
+        std::fs::write(&canary, "kind: Canary\n").unwrap();
+        std::fs::write(dir.join("template.yaml"), "kind: MetricTemplate\n").unwrap();
+        let mut watch = CanaryWatch::new(&canary);
+        assert_eq!(watch.poll(), Edit::None);
+
+        std::fs::write(&canary, "kind: Canary # edited\n").unwrap();
+        assert_eq!(watch.poll(), Edit::Canary);
+        assert_eq!(watch.poll(), Edit::None, "an edit is noticed once");
+
+        std::fs::write(dir.join("template.yaml"), "kind: MetricTemplate # edited\n").unwrap();
+        assert_eq!(watch.poll(), Edit::Beside);
+        std::fs::write(dir.join("secret.yml"), "kind: Secret\n").unwrap();
+        assert_eq!(watch.poll(), Edit::Beside, "a new file beside it");
+
+        // Written again with the same contents: nothing changed.
+        std::fs::write(&canary, "kind: Canary # edited\n").unwrap();
+        assert_eq!(watch.poll(), Edit::None);
+        std::fs::write(dir.join("notes.txt"), "not YAML").unwrap();
+        assert_eq!(watch.poll(), Edit::None, "only YAML files are read");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn state_with(name: &str, phase: Option<Phase>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weir-retry-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(phase) = phase {
+            let status = CanaryStatus {
+                phase: Some(phase),
+                ..CanaryStatus::default()
+            };
+            std::fs::write(
+                dir.join("status.json"),
+                serde_json::to_string(&status).unwrap(),
+            )
+            .unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_retry_is_requested_only_of_a_failed_canary_with_a_controller_running() {
+        let failed = state_with("failed", Some(Phase::Failed));
+        let refused = retry_failed(&failed).unwrap_err().to_string();
+        assert!(
+            refused.contains("no weir local runs on") && refused.contains("nothing was requested"),
+            "{refused}"
+        );
+        assert!(!failed.join("retry").exists());
+
+        let controller = ProcessGuard::claim(&failed).unwrap();
+        let requested = retry_failed(&failed).unwrap();
+        assert_eq!(requested.controller_pid, std::process::id());
+        assert_eq!(
+            std::fs::read_to_string(failed.join("retry")).unwrap(),
+            requested.token
+        );
+        drop(controller);
+        let _ = std::fs::remove_dir_all(&failed);
+    }
+
+    #[test]
+    fn a_retry_of_a_canary_that_is_not_failed_says_what_it_is_and_requests_nothing() {
+        let succeeded = state_with("succeeded", Some(Phase::Succeeded));
+        let guard = ProcessGuard::claim(&succeeded).unwrap();
+        let refused = retry_failed(&succeeded).unwrap_err().to_string();
+        assert!(
+            refused.contains("is Succeeded, not Failed")
+                && refused.contains("nothing was requested"),
+            "{refused}"
+        );
+        assert!(!succeeded.join("retry").exists());
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&succeeded);
+
+        let empty = state_with("empty", None);
+        let refused = retry_failed(&empty).unwrap_err().to_string();
+        assert!(refused.contains("holds no canary status"), "{refused}");
+        let _ = std::fs::remove_dir_all(&empty);
+    }
+
+    #[test]
+    fn a_port_another_program_listens_on_is_refused_with_what_to_do() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let refused = ensure_port_free(port, "Envoy's listener", "choose another --port")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains(&format!(
+                "port {port} on 127.0.0.1, for Envoy's listener, is in use"
+            )) && refused.contains("choose another --port"),
+            "{refused}"
+        );
+        drop(taken);
+        assert!(ensure_port_free(port, "Envoy's listener", "").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_stop_signal_that_arrives_while_nobody_waits_is_kept_for_the_next_wait() {
+        let mut signals = StopSignals::listen().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-s", "HUP", &std::process::id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        // Nobody waits while it arrives, as while a step runs.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let received = tokio::time::timeout(Duration::from_secs(10), signals.recv()).await;
+        assert_eq!(received.ok(), Some("SIGHUP"));
     }
 }

@@ -274,7 +274,9 @@ enum Command {
     /// flag can also be set through the environment variable named in its help.
     #[command(alias = "run")]
     Kubernetes(KubernetesArgs),
-    /// Retry the failed version of a local-mode canary without changing it.
+    /// Retry the failed version of a local-mode canary without changing it. The weir local
+    /// running on the state folder does it at its next step; when the canary there is not
+    /// Failed, or no weir local runs on it, nothing is requested and the exit status is 1.
     Retry {
         /// The local mode's state folder.
         #[arg(long, default_value = ".weir/local")]
@@ -293,6 +295,13 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         canaries: u32,
     },
+}
+
+/// Prints a line, ignoring a closed stdout: after SIGHUP the terminal may be gone, and the stop
+/// must go on.
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -405,7 +414,21 @@ async fn main() -> anyhow::Result<()> {
                 filter_install,
                 envoy_concurrency,
             };
-            let mut mode = local::LocalMode::start_with(&options, &metrics.options()).await?;
+            // Listening from the start: a signal during the start-up (Envoy, the primary) stops
+            // it too, and its processes with it.
+            let mut stop = local::StopSignals::listen().context("cannot listen for signals")?;
+            let metrics = metrics.options();
+            let mut mode = tokio::select! {
+                biased;
+                signal = stop.recv() => {
+                    say(&format!("weir local: {signal} while starting; stopped"));
+                    // Exiting closes the guard's pipe: its watchdog kills whatever was started
+                    // (an Envoy still starting in the blocking pool would hold the runtime's
+                    // drop until it is ready).
+                    std::process::exit(0);
+                }
+                started = local::LocalMode::start_with(&options, &metrics) => started?,
+            };
             for warning in mode.warnings() {
                 eprintln!("warning: {warning}");
             }
@@ -417,13 +440,31 @@ async fn main() -> anyhow::Result<()> {
                 mode.listener(),
                 mode.host()
             );
-            loop {
+            // A signal ends a step where it is, like a crash would (the engine resumes from the
+            // persisted status), rather than after it: a step may wait half a minute for a
+            // primary to become ready.
+            let signal = loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => break,
-                    () = tokio::time::sleep(mode.until_next_step()) => mode.tick().await,
+                    biased;
+                    signal = stop.recv() => break signal,
+                    () = async {
+                        tokio::time::sleep(mode.until_next_step()).await;
+                        mode.tick().await;
+                    } => {}
                 }
+            };
+            say(&format!(
+                "weir local: {signal}: stopping Envoy and the app processes"
+            ));
+            tokio::select! {
+                biased;
+                again = stop.recv() => {
+                    // The guard's watchdog kills whatever still runs once this process is gone.
+                    say(&format!("weir local: {again} again: exiting at once"));
+                    std::process::exit(1);
+                }
+                () = mode.shutdown() => say("weir local: stopped"),
             }
-            mode.shutdown().await;
         }
         Command::Crdgen { out } => {
             use weir_controller::platform::kubernetes::crd;
@@ -464,10 +505,18 @@ async fn main() -> anyhow::Result<()> {
             };
             print!("{}", filter_install::to_yaml(&installation));
         }
-        Command::Retry { state } => {
-            let token = local::request_retry(&state).map_err(anyhow::Error::msg)?;
-            println!("retry requested (token {token}); the running controller retries the failed version at its next step");
-        }
+        Command::Retry { state } => match local::retry_failed(&state) {
+            Ok(requested) => println!(
+                "retry requested (token {}): the weir local running on {} (pid {}) retries the failed version at its next step",
+                requested.token,
+                state.display(),
+                requested.controller_pid
+            ),
+            Err(refused) => {
+                eprintln!("weir retry: {refused}");
+                std::process::exit(1);
+            }
+        },
         Command::IngestServer { listen, canaries } => ingest_server(listen, canaries).await?,
     }
     Ok(())

@@ -159,6 +159,15 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
         &self.plan
     }
 
+    /// From the next step on, runs an edited Canary with the metric source built for it. The
+    /// caller keeps the canary's identity (namespace, name, target); the status carries over,
+    /// as in Kubernetes, where each reconcile reads the Canary as it is then. The route is not
+    /// republished here: see [`Runner::restore_route`].
+    pub fn replace_plan(&mut self, plan: CanaryPlan, metrics: M) {
+        self.plan = plan;
+        self.metrics = metrics;
+    }
+
     /// The platform.
     pub fn platform(&self) -> &P {
         &self.platform

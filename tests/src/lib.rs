@@ -7,6 +7,7 @@
 //! - [`control_plane`]: the test control plane (directives down, reports up, exact accounting);
 //! - [`load`]: a bounded load generator that records every response;
 //! - [`local`]: the controller's local mode with its own state folder and steady traffic;
+//! - [`local_cli`]: `weir local` as a user runs it (the binary, real signals, its processes);
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it;
 //! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
 //! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app.
@@ -22,6 +23,7 @@ pub mod fallback;
 pub mod http;
 pub mod load;
 pub mod local;
+pub mod local_cli;
 pub mod prometheus;
 pub mod stack;
 pub mod upstream;

@@ -48,6 +48,8 @@ pub struct CanaryFile {
     pub success_rate_min: Option<u32>,
     /// `request-duration` with `thresholdRange.max` (milliseconds), if any.
     pub duration_max_ms: Option<u32>,
+    /// More of `spec.analysis`, as YAML lines indented by four spaces (`    webhooks:\n...`).
+    pub analysis_extra: String,
 }
 
 impl Default for CanaryFile {
@@ -63,6 +65,7 @@ impl Default for CanaryFile {
             window: "2s".to_owned(),
             success_rate_min: Some(99),
             duration_max_ms: Some(500),
+            analysis_extra: String::new(),
         }
     }
 }
@@ -104,12 +107,13 @@ spec:
     stepWeight: {step_weight}
     minSampleCount: {min_samples}
     metrics:
-{metrics}",
+{metrics}{extra}",
             interval = self.interval,
             threshold = self.threshold,
             max_weight = self.max_weight,
             step_weight = self.step_weight,
             min_samples = self.min_sample_count,
+            extra = self.analysis_extra,
         )
     }
 }

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -523,6 +524,19 @@ impl EnvoyProcess {
         work_dir: &Path,
         concurrency: u32,
     ) -> Result<Self, EnvoyError> {
+        Self::start_in_group(envoy_binary, bootstrap, work_dir, concurrency, None)
+    }
+
+    /// [`EnvoyProcess::start`], with Envoy in the process group `group` when given (local
+    /// mode's guarded group, whose processes die with the controller: see
+    /// [`super::guard::ProcessGuard`]); otherwise in the caller's group.
+    pub fn start_in_group(
+        envoy_binary: &Path,
+        bootstrap: &EnvoyBootstrap,
+        work_dir: &Path,
+        concurrency: u32,
+        group: Option<u32>,
+    ) -> Result<Self, EnvoyError> {
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
         let file = |suffix: &str| work_dir.join(format!("envoy-{n}.{suffix}"));
         let (config_path, log_path, admin_path) = (file("json"), file("log"), file("admin"));
@@ -534,10 +548,23 @@ impl EnvoyProcess {
         bootstrap
             .write_filter_discovery()
             .map_err(work_err(work_dir))?;
+        // A previous run (another process numbers its Envoys from 0 too) may have left this file;
+        // its address is of an Envoy that is gone, or worse, of one that still runs. Only the
+        // file this Envoy writes may be read.
+        match std::fs::remove_file(&admin_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(work_err(&admin_path)(e))
+            }
+            _ => {}
+        }
         let log = File::create(&log_path).map_err(work_err(&log_path))?;
         let log_err = log.try_clone().map_err(work_err(&log_path))?;
 
-        let child = Command::new(envoy_binary)
+        let mut command = Command::new(envoy_binary);
+        if let Some(group) = group {
+            command.process_group(i32::try_from(group).unwrap_or(0));
+        }
+        let child = command
             .arg("-c")
             .arg(&config_path)
             .args(["--concurrency", &concurrency.to_string()])
@@ -568,6 +595,7 @@ impl EnvoyProcess {
 
     fn wait_ready(&mut self, admin_path: &Path, timeout: Duration) -> Result<(), EnvoyError> {
         let started = Instant::now();
+        let admin_fixed = self.admin.port() != 0;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(EnvoyError::Exited {
@@ -576,7 +604,10 @@ impl EnvoyProcess {
                     tail: self.log_tail(30),
                 });
             }
-            if self.admin.port() == 0 {
+            // With an OS-chosen admin port, the address comes from the file Envoy writes; read
+            // it on every round until an admin interface answers there, so an address read
+            // before Envoy wrote the file (or half written) is never kept.
+            if !admin_fixed {
                 if let Some(addr) = std::fs::read_to_string(admin_path)
                     .ok()
                     .and_then(|text| text.trim().parse().ok())

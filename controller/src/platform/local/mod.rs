@@ -2,7 +2,8 @@
 //!
 //! - [`workload`]: the workload file (local mode's pod template) and its revision;
 //! - [`processes`]: starting, probing and stopping app processes;
-//! - [`envoy`]: the Envoy bootstrap and process.
+//! - [`envoy`]: the Envoy bootstrap and process;
+//! - [`guard`]: the state folder's one controller, and its processes dying with it.
 //!
 //! The primary has two slots (two ports, both endpoints of Envoy's `primary` cluster, health
 //! checked): a promotion starts the new version in the idle slot, waits until it serves, then
@@ -10,16 +11,19 @@
 //! in the state folder so a restarted controller brings the same Envoy routes back.
 
 pub mod envoy;
+pub mod guard;
 pub mod processes;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::{CanaryRef, Platform, PlatformError, Readiness};
+use guard::ProcessGuard;
 use processes::{free_port, AppProcess};
 use workload::Workload;
 
@@ -75,6 +79,7 @@ pub struct LocalPlatform {
     state_dir: PathBuf,
     ports: LocalPorts,
     running: Mutex<Running>,
+    guard: Option<Arc<ProcessGuard>>,
 }
 
 impl LocalPlatform {
@@ -85,6 +90,34 @@ impl LocalPlatform {
             state_dir,
             ports,
             running: Mutex::new(Running::default()),
+            guard: None,
+        }
+    }
+
+    /// Starts every app process in `guard`'s process group and records it there, so the
+    /// processes die with the controller (see [`ProcessGuard`]).
+    pub fn with_guard(mut self, guard: Arc<ProcessGuard>) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    fn start_app(
+        &self,
+        canary: &CanaryRef,
+        workload: &Workload,
+        port: u16,
+        log: &Path,
+        role: &str,
+    ) -> Result<AppProcess, String> {
+        match &self.guard {
+            Some(guard) => AppProcess::start_guarded(
+                workload,
+                port,
+                log,
+                guard,
+                &format!("{} {role}", canary.target),
+            ),
+            None => AppProcess::start(workload, port, log),
         }
     }
 
@@ -140,7 +173,14 @@ impl LocalPlatform {
         };
         let port = self.ports.primary[slot];
         let log = self.log_file(canary, &format!("primary-{slot}"));
-        let mut process = AppProcess::start(workload, port, &log)
+        let mut process = self
+            .start_app(
+                canary,
+                workload,
+                port,
+                &log,
+                &format!("primary slot {slot}"),
+            )
             .map_err(|e| Self::failed("starting the primary", canary, e))?;
         process
             .wait_ready(PRIMARY_READY_TIMEOUT)
@@ -208,7 +248,8 @@ impl Platform for LocalPlatform {
             old.stop().await;
         }
         let log = self.log_file(canary, "canary");
-        let process = AppProcess::start(&workload, self.ports.canary, &log)
+        let process = self
+            .start_app(canary, &workload, self.ports.canary, &log, "canary")
             .map_err(|e| Self::failed("starting the canary", canary, e))?;
         running.canary = Some(process);
         Ok(())

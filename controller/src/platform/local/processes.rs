@@ -2,12 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+use super::guard::ProcessGuard;
 use super::workload::Workload;
 
 /// A running version of a workload, killed when dropped.
@@ -23,11 +25,34 @@ pub struct AppProcess {
     workload: Workload,
     log: PathBuf,
     restarts: u32,
+    /// The guard whose process group it runs in, and its role there.
+    guard: Option<(Arc<ProcessGuard>, String)>,
 }
 
 impl AppProcess {
     /// Starts `workload` listening on `port`, its output appended to `log`.
     pub fn start(workload: &Workload, port: u16, log: &Path) -> Result<Self, String> {
+        Self::launch(workload, port, log, None)
+    }
+
+    /// [`AppProcess::start`] in `guard`'s process group, recorded there as `role`: it dies with
+    /// the controller however the controller ends (see [`ProcessGuard`]).
+    pub fn start_guarded(
+        workload: &Workload,
+        port: u16,
+        log: &Path,
+        guard: &Arc<ProcessGuard>,
+        role: &str,
+    ) -> Result<Self, String> {
+        Self::launch(workload, port, log, Some((guard.clone(), role.to_owned())))
+    }
+
+    fn launch(
+        workload: &Workload,
+        port: u16,
+        log: &Path,
+        guard: Option<(Arc<ProcessGuard>, String)>,
+    ) -> Result<Self, String> {
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -39,7 +64,11 @@ impl AppProcess {
             .map_err(|e| format!("cannot open log {}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let program = workload.program();
-        let child = Command::new(&program)
+        let mut command = Command::new(&program);
+        if let Some((guard, _)) = &guard {
+            command.process_group(i32::try_from(guard.group()).unwrap_or(0));
+        }
+        let child = command
             .args(workload.args_for(port))
             .envs(&workload.env)
             .env("PORT", port.to_string())
@@ -54,6 +83,9 @@ impl AppProcess {
                     program.display()
                 )
             })?;
+        if let (Some((guard, role)), Some(pid)) = (&guard, child.id()) {
+            guard.register(role, pid);
+        }
         Ok(Self {
             child,
             port,
@@ -62,7 +94,13 @@ impl AppProcess {
             workload: workload.clone(),
             log: log.to_owned(),
             restarts: 0,
+            guard,
         })
+    }
+
+    /// The operating system's process id (None once it has been reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Like a kubelet restarting a crashed container: a process that exited is started again
@@ -70,7 +108,7 @@ impl AppProcess {
     pub fn restart_if_exited(&mut self) -> Option<String> {
         let status = self.child.try_wait().ok().flatten()?;
         let restarts = self.restarts + 1;
-        match Self::start(&self.workload, self.port, &self.log) {
+        match Self::launch(&self.workload, self.port, &self.log, self.guard.clone()) {
             Ok(fresh) => {
                 *self = fresh;
                 self.restarts = restarts;

@@ -49,7 +49,13 @@ impl Workload {
                 path.display()
             ),
         })?;
-        Self::parse(target, &text)
+        Self::parse(target, &text).map_err(|e| match e {
+            PlatformError::InvalidTarget { target, reason } => PlatformError::InvalidTarget {
+                target,
+                reason: format!("{}: {reason}", path.display()),
+            },
+            other => other,
+        })
     }
 
     /// Parses a workload definition.
@@ -161,5 +167,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(missing.contains("mhs.yaml"), "{missing}");
+    }
+
+    #[test]
+    fn an_invalid_workload_file_is_named_in_its_error() {
+        let dir = std::env::temp_dir().join(format!("weir-workload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("mhs.yaml"), "command: mirror\nimage: x\n").unwrap();
+        let invalid = Workload::load(&dir, "mhs").unwrap_err().to_string();
+        assert!(
+            invalid.contains(&format!(
+                "{}: unknown field `image`",
+                dir.join("mhs.yaml").display()
+            )),
+            "{invalid}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
