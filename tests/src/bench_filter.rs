@@ -1399,6 +1399,7 @@ Transfer/sec:      2.03MB
     #[test]
     fn uncovered_requests_are_judged_against_the_empty_filter() {
         let mut o = outcome(118, 900);
+        o.options.variants.push(Variant::WeirUncovered);
         o.runs.push(run(Variant::WeirUncovered, 10_000, 120));
         let verdicts = o.verdicts();
         assert!(
@@ -1406,6 +1407,7 @@ Transfer/sec:      2.03MB
             "{verdicts:?}"
         );
         let mut o = outcome(118, 900);
+        o.options.variants.push(Variant::WeirUncovered);
         o.runs.push(run(Variant::WeirUncovered, 10_000, 128));
         let verdicts = o.verdicts();
         assert!(

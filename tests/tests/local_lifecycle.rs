@@ -305,15 +305,18 @@ fn weir_retry_of_a_failed_canary_names_the_controller_that_retries_it() {
         let files = LocalFiles::new("retry_requested", &CanaryFile::default(), "2.0.0")?;
         let state = files.state();
         std::fs::create_dir_all(&state)?;
-        // A canary whose analysis of this very workload failed, as a rollback leaves it.
+        // A canary whose analysis of this very workload failed, as a rollback leaves it: the
+        // primary runs the version promoted before (a retry waits for a ready primary).
         let workload = std::fs::read_to_string(files.workloads().join("mhs.yaml"))?;
-        let revision =
-            weir_controller::platform::local::workload::Workload::parse("mhs", &workload)?
-                .revision();
+        let parse = weir_controller::platform::local::workload::Workload::parse;
+        let revision = parse("mhs", &workload)?.revision();
+        let promoted = weir_e2e::local::mirror_workload("1.0.0", &[]);
+        let promoted_revision = parse("mhs", &promoted)?.revision();
+        std::fs::write(state.join("mhs.primary.yaml"), &promoted)?;
         std::fs::write(
             state.join("status.json"),
             format!(
-                r#"{{"phase":"Failed","lastAppliedSpec":"{revision}","lastPromotedSpec":"0"}}"#
+                r#"{{"phase":"Failed","lastAppliedSpec":"{revision}","lastPromotedSpec":"{promoted_revision}"}}"#
             ),
         )?;
         let mut weir = WeirLocal::start(&files, &state, 0, "weir")?;
