@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(grpc)
         .build_client(grpc)
+        // prost's codec with weir.v1's size rules checked before decoding (src/codec.rs).
+        .codec_path("crate::codec::CheckedCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -110,6 +110,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         echo_events: true,
         filter_install: crate::filter_module::InstallKind::default(),
         envoy_concurrency: 2,
+        telemetry_tls: None,
     })
     .await?;
     for warning in local.warnings() {

@@ -16,13 +16,16 @@ use tokio::sync::oneshot;
 use crate::analysis::{self, Event, Severity};
 use crate::exporter::{self, Recorder};
 use crate::filter_module::{FilterModule, InstallKind};
+use crate::ingest::transport::{TlsFiles, Transport};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::metrics::prometheus::{
     Credentials, PrometheusAddress, PrometheusConfig, PrometheusSource, DEFAULT_TIMEOUT,
 };
 use crate::metrics::select::{SelectingSource, SourcePolicy};
 use crate::metrics::template::Templates;
-use crate::platform::local::envoy::{EnvoyBootstrap, EnvoyProcess, FilterInstall, WasmFilter};
+use crate::platform::local::envoy::{
+    ControllerTls, EnvoyBootstrap, EnvoyProcess, FilterInstall, WasmFilter,
+};
 use crate::platform::local::guard::{GuardError, ProcessGuard};
 use crate::platform::local::{LocalPlatform, LocalPorts};
 use crate::runner::{Journal, RunError, Runner};
@@ -56,6 +59,21 @@ pub struct LocalOptions {
     pub filter_install: InstallKind,
     /// Envoy's worker threads.
     pub envoy_concurrency: u32,
+    /// Serve the filters' stream over TLS, with Envoy presenting a workload certificate (as in a
+    /// mesh); None: plaintext on loopback.
+    pub telemetry_tls: Option<LocalTls>,
+}
+
+/// TLS between local mode's Envoy and its controller, as in a mesh: the controller verifies
+/// Envoy's workload certificate (a SPIFFE id) against the CA, and Envoy the controller's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTls {
+    /// The controller's certificate, key and the CA both certificates chain to.
+    pub controller: TlsFiles,
+    /// Envoy's certificate (with its `spiffe://` URI SAN).
+    pub envoy_cert: PathBuf,
+    /// Envoy's private key.
+    pub envoy_key: PathBuf,
 }
 
 /// Where local mode's checks get their numbers, and where it publishes its own metrics. The
@@ -365,6 +383,27 @@ pub fn load_plan(path: &Path) -> Result<(CanaryPlan, Vec<String>), LocalError> {
     ))
 }
 
+/// The canary's secret routing value for this state folder: from `<state>/route-key`, a random
+/// key made on the first start (so that a restarted controller, its Envoy and its routes agree).
+fn route_value(state: &Path) -> Result<String, LocalError> {
+    use ring::rand::SecureRandom;
+    let path = state.join("route-key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(key) if !key.trim().is_empty() => key.trim().to_owned(),
+        _ => {
+            let mut bytes = [0u8; 16];
+            ring::rand::SystemRandom::new()
+                .fill(&mut bytes)
+                .map_err(|_| LocalError::Setup("the system has no random numbers".to_owned()))?;
+            let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&path, &key)
+                .map_err(|e| LocalError::Setup(format!("cannot write {}: {e}", path.display())))?;
+            key
+        }
+    };
+    Ok(traffic::route_secret(key.as_bytes()))
+}
+
 /// Refuses a port another program listens on, before anything is started there. Envoy binds
 /// its listener with SO_REUSEPORT, so a second Envoy (an orphan, or another weir local) would
 /// share the port without a word and get half the connections; this bind, without it, fails
@@ -484,6 +523,7 @@ pub struct LocalMode {
     recorder: Recorder,
     metrics_addr: Option<SocketAddr>,
     module_url: Option<String>,
+    telemetry_addr: SocketAddr,
     stop_metrics: Option<oneshot::Sender<()>>,
     /// The failure recorded last, until a step succeeds.
     last_error: Option<String>,
@@ -570,6 +610,7 @@ impl LocalMode {
         std::fs::create_dir_all(&options.state).map_err(|e| {
             LocalError::Setup(format!("cannot create {}: {e}", options.state.display()))
         })?;
+        plan.canary_route_value = route_value(&options.state)?;
         // Before anything starts: one controller per state folder, and its processes die with it.
         let guard = ProcessGuard::claim(&options.state)?;
         let ports = LocalPorts::load_or_pick(&options.state).map_err(LocalError::Setup)?;
@@ -600,6 +641,10 @@ impl LocalMode {
         // Buckets as fine as the reports, so short (time-compressed) windows hold whole reports.
         let ingest = Ingest::try_new(IngestConfig {
             bucket_width: options.report_interval.min(Duration::from_secs(1)),
+            transport: match &options.telemetry_tls {
+                Some(tls) => Transport::Tls(tls.controller.clone()),
+                None => Transport::PlaintextLoopback,
+            },
             ..IngestConfig::default()
         })
         .map_err(|e| LocalError::Setup(e.to_string()))?;
@@ -684,6 +729,12 @@ impl LocalMode {
         bootstrap.primary_standby = Some(local(ports.primary[1]));
         bootstrap.listener_port = options.listen_port;
         bootstrap.controller = Some(served.local_addr());
+        bootstrap.canary_value = plan.canary_route_value.clone();
+        bootstrap.controller_tls = options.telemetry_tls.as_ref().map(|tls| ControllerTls {
+            cert: tls.envoy_cert.clone(),
+            key: tls.envoy_key.clone(),
+            ca: tls.controller.client_ca.clone(),
+        });
         bootstrap.namespace = plan.namespace.clone();
         bootstrap.workload = plan.target.name.clone();
         bootstrap.host = traffic::hosts(&plan)
@@ -732,6 +783,7 @@ impl LocalMode {
             recorder,
             metrics_addr,
             module_url,
+            telemetry_addr: served.local_addr(),
             stop_metrics,
             last_error: None,
             options: options.clone(),
@@ -786,6 +838,11 @@ impl LocalMode {
     /// Where the controller's own metrics are served (`/metrics`), if they are.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where the filters' telemetry stream is served.
+    pub fn telemetry_addr(&self) -> SocketAddr {
+        self.telemetry_addr
     }
 
     /// Where the controller serves the filter module, for the EnvoyFilter install.
@@ -889,6 +946,7 @@ impl LocalMode {
             other => other.to_string(),
         })?;
         compress_time(&mut plan, self.options.time_scale);
+        plan.canary_route_value = self.runner.plan().canary_route_value.clone();
         let old = self.runner.plan();
         if (&plan.namespace, &plan.name, &plan.target.name)
             != (&old.namespace, &old.name, &old.target.name)

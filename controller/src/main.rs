@@ -127,6 +127,102 @@ struct KubernetesArgs {
     /// Istio's root namespace, where the mesh-wide WasmPlugin or EnvoyFilter goes.
     #[arg(long, env = "WEIR_ISTIO_NAMESPACE", default_value = "istio-system")]
     istio_namespace: String,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+/// Local mode over TLS, as in a mesh: the controller's certificate, key and CA, and Envoy's
+/// workload certificate (all five, or none for plaintext on loopback).
+#[derive(clap::Args, Clone)]
+struct LocalTlsArgs {
+    /// The controller's certificate chain (PEM).
+    #[arg(long = "tls-cert", requires_all = ["local_key", "local_ca", "envoy_cert", "envoy_key"])]
+    local_cert: Option<PathBuf>,
+    /// The controller's private key (PEM).
+    #[arg(long = "tls-key", requires = "local_cert")]
+    local_key: Option<PathBuf>,
+    /// The CA both certificates chain to (PEM).
+    #[arg(long = "tls-client-ca", requires = "local_cert")]
+    local_ca: Option<PathBuf>,
+    /// Envoy's certificate (PEM, with a spiffe://<trust-domain>/ns/<ns>/sa/<sa> URI SAN).
+    #[arg(long = "envoy-tls-cert", requires = "local_cert")]
+    envoy_cert: Option<PathBuf>,
+    /// Envoy's private key (PEM).
+    #[arg(long = "envoy-tls-key", requires = "local_cert")]
+    envoy_key: Option<PathBuf>,
+}
+
+impl LocalTlsArgs {
+    fn local_tls(&self) -> Option<local::LocalTls> {
+        Some(local::LocalTls {
+            controller: weir_controller::ingest::transport::TlsFiles {
+                cert_chain: self.local_cert.clone()?,
+                private_key: self.local_key.clone()?,
+                client_ca: self.local_ca.clone()?,
+            },
+            envoy_cert: self.envoy_cert.clone()?,
+            envoy_key: self.envoy_key.clone()?,
+        })
+    }
+}
+
+/// How the filters authenticate to the controller, and who may report.
+#[derive(clap::Args, Clone)]
+struct TelemetryArgs {
+    /// The controller's certificate chain (PEM) for the filters' stream: in a cluster, the one
+    /// Istio's agent writes for the controller's Pod (OUTPUT_CERTS). Without the three TLS files
+    /// the stream is served in plaintext, which is allowed only on a loopback address.
+    #[arg(long, env = "WEIR_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The controller's private key (PEM).
+    #[arg(long, env = "WEIR_TLS_KEY", requires_all = ["tls_cert", "tls_client_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates the filters' workload certificates must chain to: the mesh's root.
+    #[arg(long, env = "WEIR_TLS_CLIENT_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_client_ca: Option<PathBuf>,
+    /// The mesh's trust domain: workload identities of another are refused.
+    #[arg(long, env = "WEIR_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Identities that may report for every canary, as namespace/service-account or
+    /// namespace/* (comma-separated): the ingress gateways'. A canary hears its own namespace
+    /// and what its spec.analysis.reporters adds.
+    #[arg(
+        long,
+        env = "WEIR_TRUSTED_REPORTERS",
+        value_delimiter = ',',
+        default_value = "istio-system/istio-ingressgateway-service-account"
+    )]
+    trusted_reporters: Vec<String>,
+}
+
+impl TelemetryArgs {
+    fn telemetry(&self) -> anyhow::Result<weir_controller::platform::kubernetes::run::Telemetry> {
+        use weir_controller::ingest::identity::{ReporterPolicy, ReporterRule};
+        use weir_controller::ingest::transport::{TlsFiles, Transport};
+        let transport = match (&self.tls_cert, &self.tls_key, &self.tls_client_ca) {
+            (Some(cert), Some(key), Some(ca)) => Transport::Tls(TlsFiles {
+                cert_chain: cert.clone(),
+                private_key: key.clone(),
+                client_ca: ca.clone(),
+            }),
+            _ => Transport::PlaintextLoopback,
+        };
+        let everywhere = self
+            .trusted_reporters
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                ReporterRule::parse(r).map_err(|e| anyhow::anyhow!("--trusted-reporters: {e}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(weir_controller::platform::kubernetes::run::Telemetry {
+            transport,
+            policy: ReporterPolicy {
+                trust_domain: self.trust_domain.clone(),
+                everywhere,
+            },
+        })
+    }
 }
 
 impl KubernetesArgs {
@@ -191,6 +287,7 @@ impl KubernetesArgs {
             pod_name: self.pod_name,
             filter,
             shutdown_grace: self.shutdown_grace,
+            telemetry: self.telemetry.telemetry()?,
         };
         run::run(options, move |ingest, templates| {
             SelectingSource::new(ingest, PrometheusSource::new(prometheus, templates), policy)
@@ -246,6 +343,8 @@ enum Command {
         /// Envoy's worker threads.
         #[arg(long, default_value_t = 2)]
         envoy_concurrency: u32,
+        #[command(flatten)]
+        tls: LocalTlsArgs,
         #[command(flatten)]
         metrics: MetricsArgs,
     },
@@ -399,6 +498,7 @@ async fn main() -> anyhow::Result<()> {
             time_scale,
             filter_install,
             envoy_concurrency,
+            tls,
             metrics,
         } => {
             let options = local::LocalOptions {
@@ -413,6 +513,7 @@ async fn main() -> anyhow::Result<()> {
                 echo_events: true,
                 filter_install,
                 envoy_concurrency,
+                telemetry_tls: tls.local_tls(),
             };
             // Listening from the start: a signal during the start-up (Envoy, the primary) stops
             // it too, and its processes with it.

@@ -110,6 +110,9 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             name: plan.name.clone(),
             target: plan.target.name.clone(),
         };
+        directives
+            .ingest()
+            .set_reporters(&plan.key(), plan.analysis.reporters.clone());
         Ok(Self {
             plan,
             canary,
@@ -164,6 +167,9 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
     /// as in Kubernetes, where each reconcile reads the Canary as it is then. The route is not
     /// republished here: see [`Runner::restore_route`].
     pub fn replace_plan(&mut self, plan: CanaryPlan, metrics: M) {
+        self.directives
+            .ingest()
+            .set_reporters(&plan.key(), plan.analysis.reporters.clone());
         self.plan = plan;
         self.metrics = metrics;
     }
@@ -213,6 +219,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
 
     /// One step: observe, decide, act, persist.
     pub async fn tick(&mut self) -> Result<(), RunError> {
+        self.announce_refused_reporters();
         let now = Timestamp::from_system_time(SystemTime::now());
         let revision = self.platform.target_revision(&self.canary).await?;
         let readiness = self.platform.readiness(&self.canary).await;
@@ -266,6 +273,23 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 canary: self.plan.id(),
                 reason,
             })
+    }
+
+    /// One Warning event for each identity whose reports for this canary the ingest refused
+    /// since the last step (each identity once per controller life).
+    fn announce_refused_reporters(&mut self) {
+        for refused in self.directives.ingest().new_refusals(&self.plan.key()) {
+            self.journal.event(&Event {
+                severity: Severity::Warning,
+                reason: "Synced".to_owned(),
+                message: format!(
+                    "Refused reports from {} for {} ({} entries so far): only workloads of the canary's namespace and the ingress gateways may report for it; allow others in spec.analysis.reporters",
+                    refused.identity,
+                    self.plan.id(),
+                    refused.entries
+                ),
+            });
+        }
     }
 
     fn announce_reconnect_wait(&mut self, wait: Duration) {

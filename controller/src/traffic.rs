@@ -69,8 +69,21 @@ pub fn canary_route(plan: &CanaryPlan, route: Route) -> v1::CanaryRoute {
         hosts: hosts(plan),
         canary_weight_bp: route.canary_weight_bp(),
         mode: Some(mode),
+        canary_value: plan.canary_route_value.clone(),
         ..Default::default()
     }
+}
+
+/// A canary's secret routing-header value, derived from something only the API (or the state
+/// folder) knows: the Canary's uid in Kubernetes, a random key in local mode. The routes send a
+/// request to the canary only with this value, and the filters set it; a client that sends the
+/// header itself does not know it, so whatever it sends takes the primary. (A filter strips or
+/// overwrites the header for every host it covers anyway; the secret is what protects a
+/// canary from clients without the filter.)
+pub fn route_secret(seed: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, &[b"weir-route:", seed].concat());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("canary-{}", &hex[..32])
 }
 
 /// Every canary's current route, published as one complete directive on each change.

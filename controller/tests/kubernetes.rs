@@ -689,10 +689,12 @@ async fn initialization_creates_the_services_destination_rules_and_virtual_servi
             json!(["istio-system/public-gateway"])
         );
         let http = &vs["spec"]["http"];
+        // The canary's route matches only its secret value (from its uid), never "canary".
         assert_eq!(
             http[0]["match"][0]["headers"]["x-weir-route"]["exact"],
-            "canary"
+            weir_controller::traffic::route_secret(b"0b1c6a52-mhs")
         );
+        assert!(!vs.to_string().contains("\"canary\""), "{vs}");
         assert_eq!(http[0]["route"][0]["destination"]["host"], "mhs-canary");
         assert_eq!(http[1]["route"][0]["destination"]["host"], "mhs-primary");
         assert!(
@@ -955,7 +957,7 @@ async fn without_filter_reports_the_virtual_service_carries_the_weights_and_an_e
         let vs = find(&calls, "PATCH", VS);
         assert_eq!(
             vs.body["spec"]["http"][0]["match"][0]["headers"]["x-weir-route"]["exact"],
-            "canary"
+            weir_controller::traffic::route_secret(b"0b1c6a52-mhs")
         );
         assert!(events(&calls).iter().any(|e| e.1 == "RoutingFilters"));
     })
@@ -1071,7 +1073,7 @@ async fn the_weighted_fallback_engages_when_the_filters_stop_reporting_mid_rollo
         let vs = find(&calls, "PATCH", VS);
         assert_eq!(
             vs.body["spec"]["http"][0]["match"][0]["headers"]["x-weir-route"]["exact"],
-            "canary"
+            weir_controller::traffic::route_secret(b"0b1c6a52-mhs")
         );
         assert!(events(&calls).iter().any(|e| e.1 == "RoutingFilters"));
     })
@@ -1790,6 +1792,7 @@ mod runtime {
             lease_duration: Duration::from_secs(15),
             pod_name: pod.map(str::to_owned),
             filter: None,
+            telemetry: Default::default(),
             shutdown_grace: Duration::from_millis(300),
         }
     }

@@ -14,11 +14,11 @@ use crate::routing::{RequestHeaders, Rng, RoutingTable, Version};
 /// request allocates nothing but the ticket's reference count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestPlan<'a> {
-    /// No canary covers the host: only remove a client-sent routing header.
-    StripOnly {
-        /// The routing header to remove.
-        header: &'a str,
-    },
+    /// No canary covers the host: the request passes untouched. A routing header a client sent
+    /// stays, and routes nowhere: the routes that send a request to a canary match only that
+    /// canary's secret value (see the controller's `traffic::route_secret`), which only the
+    /// filters know.
+    PassThrough,
     /// Set (replacing any client-sent value) the routing header, and record the outcome.
     Route {
         /// The routing header.
@@ -195,6 +195,11 @@ impl Worker {
         changed
     }
 
+    /// True when no canary is routed: then no request needs its authority read.
+    pub fn routes_nothing(&self) -> bool {
+        self.table.routes().is_empty()
+    }
+
     /// Decides what to do with a request for `authority`.
     pub fn plan(
         &mut self,
@@ -202,9 +207,7 @@ impl Worker {
         headers: &impl RequestHeaders,
     ) -> RequestPlan<'_> {
         let Some(route) = authority.and_then(|a| self.table.find(a)) else {
-            return RequestPlan::StripOnly {
-                header: &self.config.routing_header,
-            };
+            return RequestPlan::PassThrough;
         };
         let version = route.decide(headers, &mut self.rng, self.fail_safe);
         let header = if route.routing_header.is_empty() {
@@ -278,20 +281,14 @@ mod tests {
     }
 
     #[test]
-    fn uncovered_hosts_only_lose_the_routing_header() {
+    fn uncovered_hosts_pass_untouched() {
         let mut w = worker();
-        assert_eq!(
-            w.plan(Some("other"), &NoHeaders),
-            RequestPlan::StripOnly {
-                header: "x-weir-route"
-            }
-        );
-        assert_eq!(
-            w.plan(None, &NoHeaders),
-            RequestPlan::StripOnly {
-                header: "x-weir-route"
-            }
-        );
+        assert!(w.routes_nothing());
+        assert_eq!(w.plan(Some("other"), &NoHeaders), RequestPlan::PassThrough);
+        assert_eq!(w.plan(None, &NoHeaders), RequestPlan::PassThrough);
+        w.apply_directive(&directive(3, 10_000), Some(1)).unwrap();
+        assert!(!w.routes_nothing());
+        assert_eq!(w.plan(Some("other"), &NoHeaders), RequestPlan::PassThrough);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! The generated messages build for wasm32 without tonic; enable the `grpc` feature for the tonic
 //! client and server.
 
+#[cfg(feature = "grpc")]
+pub mod codec;
 pub mod latency;
 
 /// Generated from `proto/weir/v1/telemetry.proto`.

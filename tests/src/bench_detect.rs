@@ -615,6 +615,7 @@ impl Stage {
             echo_events: false,
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
+            telemetry_tls: None,
         };
         let metrics = match path {
             MetricPath::Streamed => LocalMetricsOptions {

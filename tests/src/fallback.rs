@@ -121,6 +121,7 @@ impl FallbackRun {
             echo_events: true,
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
+            telemetry_tls: None,
         };
         let metrics = LocalMetricsOptions {
             source: spec.source,

@@ -179,6 +179,7 @@ impl LocalRun {
             echo_events: true,
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
+            telemetry_tls: None,
         };
         configure(&mut options);
         let mode = LocalMode::start(&options)

@@ -23,6 +23,9 @@ use crate::workdir::WorkDir;
 pub const HOST: &str = "mhs.application";
 /// The canary's key in directives and reports.
 pub const CANARY: &str = "application/mhs";
+/// The routing value that selects the canary: a secret, as the controller makes it (the routes
+/// match only it; the directive tells the filter to set it).
+pub const ROUTE_SECRET: &str = "canary-5d1f0c3a9e7b42c8a61f0e2d9b3c7a14";
 /// The primary mirror's version.
 pub const PRIMARY_VERSION: &str = "v1";
 /// The canary mirror's version.
@@ -117,6 +120,7 @@ impl Stack {
         bootstrap.workload = "mhs".to_owned();
         bootstrap.host = HOST.to_owned();
         bootstrap.controller = Some(control.addr());
+        bootstrap.canary_value = ROUTE_SECRET.to_owned();
         let wait_for_reporter = options.filter_config.is_some() && options.wait_for_reporter;
         if let Some(config_json) = options.filter_config {
             if options.second_install {
@@ -285,6 +289,7 @@ fn route(weight_bp: u32, mode: canary_route::Mode) -> CanaryRoute {
         hosts: vec![HOST.to_owned()],
         canary_weight_bp: weight_bp,
         mode: Some(mode),
+        canary_value: ROUTE_SECRET.to_owned(),
         ..CanaryRoute::default()
     }
 }

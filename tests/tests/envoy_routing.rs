@@ -17,7 +17,11 @@ async fn routing_header_selects_the_canary_and_everything_else_goes_to_primary()
 async fn routes() -> anyhow::Result<()> {
     let stack = Stack::start("envoy_routing", StackOptions::without_filter()).await?;
 
-    let to_canary = stack.load(200).header("x-weir-route", "canary").run().await;
+    let to_canary = stack
+        .load(200)
+        .header("x-weir-route", weir_e2e::stack::ROUTE_SECRET)
+        .run()
+        .await;
     let to_primary = stack.load(200).run().await;
     let other_value = stack
         .load(100)

@@ -227,6 +227,36 @@ async fn header_match_sends_matching_requests_to_the_canary_and_all_others_to_pr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_the_filter_cannot_reach_the_canary_with_the_header_it_sends() {
+    bounded(Duration::from_secs(60), async {
+        // An Envoy with the routes Weir writes, and no filter: a client of its own.
+        let stack = Stack::start("no_filter_spoofing", StackOptions::without_filter()).await?;
+        let guessed = stack
+            .load(200)
+            .concurrency(4)
+            .header("x-weir-route", "canary")
+            .run()
+            .await;
+        assert_all_succeeded(&guessed, "requests with the old routing value");
+        assert_eq!(
+            guessed.count_version(PRIMARY_VERSION),
+            200,
+            "the old value routes nowhere: {:?}",
+            guessed.by_version()
+        );
+        // The secret itself does route (which is why only the filters may know it).
+        let secret = stack
+            .load(50)
+            .header("x-weir-route", weir_e2e::stack::ROUTE_SECRET)
+            .run()
+            .await;
+        assert_eq!(secret.count_version(CANARY_VERSION), 50);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_cannot_steer_themselves_onto_the_canary() {
     bounded(Duration::from_secs(60), async {
         let stack = Stack::start("spoofing", StackOptions::default()).await?;
@@ -237,7 +267,8 @@ async fn clients_cannot_steer_themselves_onto_the_canary() {
                 .header("x-weir-route", "canary")
         };
 
-        // No directive at all: the host is covered by no canary, the header is still removed.
+        // No directive at all: the host is covered by no canary and the header passes, but the
+        // routes send only the canary's secret value to the canary.
         let without_directive = spoofed(&stack).run().await;
         assert_all_succeeded(&without_directive, "spoofed load without a directive");
         assert_eq!(

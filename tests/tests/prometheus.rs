@@ -420,6 +420,7 @@ async fn templates_that_cannot_run_are_refused_at_start_naming_the_template() {
             echo_events: false,
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
+            telemetry_tls: None,
         };
         let result = tokio::time::timeout(
             Duration::from_secs(10),

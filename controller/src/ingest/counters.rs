@@ -41,11 +41,27 @@ pub enum RejectReason {
     HistogramCountMismatch,
     /// A stats entry for a canary that is not in the current directive.
     UnknownCanary,
+    /// The stream has no verified client identity (no certificate, or not a workload's). Ends
+    /// the stream with `UNAUTHENTICATED`.
+    Unauthenticated,
+    /// The report claims a namespace other than the certificate's. Ends the stream with
+    /// `PERMISSION_DENIED`.
+    ClaimMismatch,
+    /// Entries for canaries the reporter may not speak for; they were dropped.
+    NotAllowed,
+    /// More requests than one Envoy can serve in the time since its previous report.
+    Implausible,
+    /// A node id beyond the length limit. Ends the stream.
+    BadNodeId,
+    /// A new Envoy while the ledger is full. Ends the stream with `RESOURCE_EXHAUSTED`.
+    TooManyReporters,
+    /// A stream that sent no report within the hello timeout. Ends the stream.
+    SilentStream,
 }
 
 impl RejectReason {
     /// Every reason, in a stable order (for metrics).
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 20] = [
         RejectReason::MissingReporter,
         RejectReason::IdentityChanged,
         RejectReason::StaleEpoch,
@@ -59,6 +75,13 @@ impl RejectReason {
         RejectReason::BadHistogram,
         RejectReason::HistogramCountMismatch,
         RejectReason::UnknownCanary,
+        RejectReason::Unauthenticated,
+        RejectReason::ClaimMismatch,
+        RejectReason::NotAllowed,
+        RejectReason::Implausible,
+        RejectReason::BadNodeId,
+        RejectReason::TooManyReporters,
+        RejectReason::SilentStream,
     ];
 
     /// A snake_case name, for metric labels and logs.
@@ -77,6 +100,13 @@ impl RejectReason {
             RejectReason::BadHistogram => "bad_histogram",
             RejectReason::HistogramCountMismatch => "histogram_count_mismatch",
             RejectReason::UnknownCanary => "unknown_canary",
+            RejectReason::Unauthenticated => "unauthenticated",
+            RejectReason::ClaimMismatch => "claim_mismatch",
+            RejectReason::NotAllowed => "not_allowed",
+            RejectReason::Implausible => "implausible",
+            RejectReason::BadNodeId => "bad_node_id",
+            RejectReason::TooManyReporters => "too_many_reporters",
+            RejectReason::SilentStream => "silent_stream",
         }
     }
 
@@ -90,6 +120,11 @@ impl RejectReason {
                 | RejectReason::StaleEpoch
                 | RejectReason::SequenceGap
                 | RejectReason::Oversized
+                | RejectReason::Unauthenticated
+                | RejectReason::ClaimMismatch
+                | RejectReason::BadNodeId
+                | RejectReason::TooManyReporters
+                | RejectReason::SilentStream
         )
     }
 
@@ -99,6 +134,10 @@ impl RejectReason {
             RejectReason::StaleEpoch => Code::FailedPrecondition,
             RejectReason::SequenceGap => Code::Aborted,
             RejectReason::Oversized => Code::OutOfRange,
+            RejectReason::Unauthenticated => Code::Unauthenticated,
+            RejectReason::ClaimMismatch => Code::PermissionDenied,
+            RejectReason::TooManyReporters => Code::ResourceExhausted,
+            RejectReason::SilentStream => Code::DeadlineExceeded,
             _ => Code::InvalidArgument,
         }
     }
@@ -156,7 +195,15 @@ pub struct IngestCounters {
     stream_errors: AtomicU64,
     rejected: [AtomicU64; RejectReason::ALL.len()],
     last_rejection: Mutex<Option<Rejection>>,
+    /// Per reason, when a warning was last logged (warnings are rate-limited).
+    last_logged: Mutex<[Option<std::time::Instant>; RejectReason::ALL.len()]>,
+    /// Connections closed before any stream: over the connection limit, or a failed TLS
+    /// handshake.
+    pub connections_refused: std::sync::Arc<AtomicU64>,
 }
+
+/// One warning per reason per this long, at most.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A consistent-enough copy of [`IngestCounters`] (each field is read atomically on its own).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -206,6 +253,18 @@ impl IngestCounters {
             stream_errors: read(&self.stream_errors),
             rejected,
         }
+    }
+
+    /// Whether a warning for `reason` may be logged now (one per reason every 10 s): a hostile
+    /// reporter must not be able to flood the controller's log.
+    pub(crate) fn should_log(&self, reason: RejectReason, now: std::time::Instant) -> bool {
+        let mut last = lock(&self.last_logged);
+        let slot = &mut last[reason.index()];
+        if slot.is_some_and(|at| now.saturating_duration_since(at) < LOG_EVERY) {
+            return false;
+        }
+        *slot = Some(now);
+        true
     }
 
     /// The most recent refusal, so an operator can see what a misbehaving reporter sends.

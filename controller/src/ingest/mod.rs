@@ -2,7 +2,10 @@
 //! the exact accounting of those reports, the per-canary windows they merge into, and the
 //! directives pushed back.
 //!
-//! - [`accounting`]: each `(node_id, epoch, sequence)` applied at most once, in order.
+//! - [`transport`]: TLS with a verified client certificate (or plaintext on loopback), and the
+//!   bounds of every connection.
+//! - [`identity`]: who a connection's peer is (its SPIFFE id), and who may report for a canary.
+//! - [`accounting`]: each `(identity, node_id, epoch, sequence)` applied at most once, in order.
 //! - [`validate`]: a report is checked completely before any of it is applied.
 //! - [`windows`]: time-bucketed, per-canary, per-version requests, failures and HDR latency.
 //! - [`directives`]: the current directive, its fan-out, and generation confirmation.
@@ -18,7 +21,12 @@
 //! | sequence beyond the next one (a gap) | `ABORTED`, counted | ends; the reporter reconnects and resends in order |
 //! | epoch replaced by a newer one for the node id | `FAILED_PRECONDITION`, counted | ends |
 //! | no `reporter.node_id`, or another node/epoch than the stream's first report | `INVALID_ARGUMENT`, counted | ends |
-//! | larger than the decoding limit | `OUT_OF_RANGE`, counted | ends |
+//! | a node id longer than the limit, or a `reporter.namespace` other than the certificate's | `INVALID_ARGUMENT` / `PERMISSION_DENIED`, counted | ends |
+//! | a new Envoy when the ledger is full (in all, or for this identity) | `RESOURCE_EXHAUSTED`, counted | ends |
+//! | entries for canaries the peer may not speak for | those entries dropped, the rest applied; counted, and one Warning event per identity on the Canary | stays open |
+//! | more requests than one Envoy can serve since its previous report | **acked and dropped**, counted | stays open |
+//! | larger than the decoding limit, or more stats entries than weir.v1 allows | `OUT_OF_RANGE` / `INVALID_ARGUMENT`, counted | ends |
+//! | a connection without a verified client certificate (TLS) | `UNAUTHENTICATED`, counted | ends |
 //!
 //! Invalid reports are acknowledged and dropped rather than refused with a status because ending
 //! the stream makes the reporter reconnect and resend the same report: a permanently bad report
@@ -29,11 +37,14 @@
 mod accounting;
 mod counters;
 mod directives;
+pub mod identity;
 mod server;
+pub mod transport;
 mod validate;
 mod windows;
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use weir_proto::v1::{Ack, CanaryRoute, Directive, Report, Version};
@@ -43,8 +54,11 @@ pub use directives::{Confirmation, PublishError};
 pub use server::{Served, TelemetryService};
 pub use windows::VersionWindow;
 
-use accounting::{Accounting, Admission, AdmitError};
+use accounting::{Accounting, Admission, AdmitError, LedgerLimits};
+use counters::lock;
 use directives::Publisher;
+use identity::{PeerIdentity, ReporterPolicy, ReporterRule};
+use transport::Transport;
 use windows::Windows;
 
 /// Tuning of the ingest. [`Default`] suits a production controller.
@@ -57,10 +71,40 @@ pub struct IngestConfig {
     /// How long reports for a canary that left the directive are still accepted: reports sealed
     /// under the previous generation are in flight when it changes. Default 60 s.
     pub retired_canary_grace: Duration,
-    /// Largest report message accepted. Default 4 MiB.
+    /// Largest report message accepted. Default 1 MiB: a report of the most entries weir.v1
+    /// allows, each with a realistic histogram (about 700 bytes), fits.
     pub max_message_bytes: usize,
-    /// Most stats entries (canary, version pairs) in one report. Default 1024.
+    /// Most stats entries (canary, version pairs) in one report. Default (and at most) 1024,
+    /// checked on the encoded bytes before anything is decoded (weir_proto::codec).
     pub max_entries_per_report: usize,
+    /// How reporters connect: TLS with verified client certificates, or plaintext on loopback.
+    /// Default: plaintext on loopback.
+    pub transport: Transport,
+    /// Connections open at once. Default 16384.
+    pub max_connections: usize,
+    /// Concurrent streams on one connection (an Envoy opens one; two while its stream changes
+    /// owner). Default 4.
+    pub max_streams_per_connection: u32,
+    /// Time allowed for a TLS handshake. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// A connection that sends nothing for this long is closed (a reporter sends a report every
+    /// report interval, 60 s at most). Default 150 s.
+    pub idle_timeout: Duration,
+    /// A stream whose first report (the hello) does not come within this time is ended.
+    /// Default 30 s.
+    pub hello_timeout: Duration,
+    /// Longest node id accepted. Default 512 bytes (Istio's are under 200).
+    pub max_node_id_bytes: usize,
+    /// Envoys tracked in the ledger, in all. Default 100,000.
+    pub max_reporters: usize,
+    /// Envoys tracked for one identity (one service account). Default 25,000.
+    pub max_reporters_per_identity: usize,
+    /// Requests one Envoy can serve per second, at most: a report claiming more than this rate
+    /// since the Envoy's previous report is implausible and dropped. Default 1,000,000 (ten
+    /// worker threads at 100,000 requests per second each, several times what Envoy serves).
+    pub max_requests_per_second: u64,
+    /// Who may report for which canary.
+    pub reporter_policy: ReporterPolicy,
     /// When a stream has sent nothing for this long, the current directive is sent again, so an
     /// idle Envoy does not take the silence for a lost controller (the filter's grace period
     /// defaults to 10 s). Default 3 s.
@@ -83,8 +127,19 @@ impl Default for IngestConfig {
             bucket_width: Duration::from_secs(1),
             retention: Duration::from_secs(15 * 60),
             retired_canary_grace: Duration::from_secs(60),
-            max_message_bytes: 4 * 1024 * 1024,
-            max_entries_per_report: 1024,
+            max_message_bytes: 1024 * 1024,
+            max_entries_per_report: weir_proto::codec::MAX_STATS_PER_REPORT,
+            transport: Transport::PlaintextLoopback,
+            max_connections: 16_384,
+            max_streams_per_connection: 4,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(150),
+            hello_timeout: Duration::from_secs(30),
+            max_node_id_bytes: 512,
+            max_reporters: 100_000,
+            max_reporters_per_identity: 25_000,
+            max_requests_per_second: 1_000_000,
+            reporter_policy: ReporterPolicy::default(),
             keepalive: Duration::from_secs(3),
             forget_reporter_after: Duration::from_secs(3600),
             initial_generation: millis,
@@ -146,6 +201,28 @@ struct Inner {
     windows: Windows,
     publisher: Publisher,
     counters: IngestCounters,
+    /// Per canary, who may report for it besides its namespace (`spec.analysis.reporters`).
+    reporters: RwLock<HashMap<String, Vec<ReporterRule>>>,
+    /// Per canary, identities whose reports for it were refused.
+    refusals: Mutex<HashMap<String, Refusals>>,
+}
+
+/// Identities refused for one canary: how often, and whether that was announced yet.
+#[derive(Debug, Default)]
+struct Refusals {
+    by_identity: BTreeMap<String, (u64, bool)>,
+}
+
+/// Identities kept per canary in [`Refusals`]; more are counted but not named.
+const MAX_REFUSED_IDENTITIES: usize = 16;
+
+/// One identity refused for a canary, for an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedReporter {
+    /// The identity (a SPIFFE id).
+    pub identity: String,
+    /// Stats entries refused so far.
+    pub entries: u64,
 }
 
 /// The ingest: accounting, windows and directives behind one cheap-to-clone handle.
@@ -176,6 +253,12 @@ impl Ingest {
             Some("max_entries_per_report must be at least 1")
         } else if config.max_message_bytes < 1024 {
             Some("max_message_bytes must be at least 1024")
+        } else if config.max_entries_per_report > weir_proto::codec::MAX_STATS_PER_REPORT {
+            Some("max_entries_per_report must be at most weir.v1's 1024")
+        } else if config.max_connections == 0 || config.max_streams_per_connection == 0 {
+            Some("max_connections and max_streams_per_connection must be at least 1")
+        } else if config.max_reporters == 0 || config.max_reporters_per_identity == 0 {
+            Some("max_reporters and max_reporters_per_identity must be at least 1")
         } else {
             None
         };
@@ -194,6 +277,8 @@ impl Ingest {
                 windows,
                 publisher: Publisher::new(config.initial_generation),
                 counters: IngestCounters::default(),
+                reporters: RwLock::default(),
+                refusals: Mutex::default(),
                 config,
             }),
         })
@@ -204,13 +289,25 @@ impl Ingest {
         &self.inner.config
     }
 
-    /// Accounts for one report received at `now`: the synchronous core of an `Exchange` stream.
+    /// [`Ingest::ingest_from`] the machine itself ([`PeerIdentity::Loopback`]): for reports that
+    /// did not come over the network (tests, benchmarks, in-process reporters).
+    pub fn ingest(&self, report: &Report, now: Instant) -> Result<Ingested, Rejection> {
+        self.ingest_from(report, &PeerIdentity::Loopback, now)
+    }
+
+    /// Accounts for one report from `peer` (the stream's verified identity) received at `now`:
+    /// the synchronous core of an `Exchange` stream.
     ///
     /// `Ok` carries the ack to send (also for duplicates and dropped reports); `Err` means the
     /// stream must end with [`Rejection::status`]. Every refusal is counted.
-    pub fn ingest(&self, report: &Report, now: Instant) -> Result<Ingested, Rejection> {
+    pub fn ingest_from(
+        &self,
+        report: &Report,
+        peer: &PeerIdentity,
+        now: Instant,
+    ) -> Result<Ingested, Rejection> {
         let inner = &*self.inner;
-        let result = self.ingest_uncounted(report, now);
+        let result = self.ingest_uncounted(report, peer, now);
         match &result {
             Err(rejection) => inner.counters.reject(rejection),
             Ok(Ingested {
@@ -218,14 +315,16 @@ impl Ingest {
                 node_id,
                 ..
             }) => {
-                tracing::warn!(
-                    node_id = &**node_id,
-                    epoch = report.epoch,
-                    sequence = report.sequence,
-                    reason = %rejection.reason,
-                    "dropped a report: {}",
-                    rejection.message
-                );
+                if inner.counters.should_log(rejection.reason, now) {
+                    tracing::warn!(
+                        node_id = &**node_id,
+                        epoch = report.epoch,
+                        sequence = report.sequence,
+                        reason = %rejection.reason,
+                        "dropped a report: {} (warnings for this reason are rate-limited)",
+                        rejection.message
+                    );
+                }
                 inner.counters.reject(rejection);
             }
             Ok(_) => {}
@@ -233,7 +332,12 @@ impl Ingest {
         result
     }
 
-    fn ingest_uncounted(&self, report: &Report, now: Instant) -> Result<Ingested, Rejection> {
+    fn ingest_uncounted(
+        &self,
+        report: &Report,
+        peer: &PeerIdentity,
+        now: Instant,
+    ) -> Result<Ingested, Rejection> {
         let inner = &*self.inner;
         let Some(node_id) = report
             .reporter
@@ -247,11 +351,38 @@ impl Ingest {
                  so the controller can account for it exactly",
             ));
         };
+        if node_id.len() > inner.config.max_node_id_bytes {
+            return Err(Rejection::new(
+                RejectReason::BadNodeId,
+                format!(
+                    "reporter.node_id is {} bytes long; the controller accepts at most {} (Envoy's node id, as Istio sets it, is far shorter)",
+                    node_id.len(),
+                    inner.config.max_node_id_bytes
+                ),
+            ));
+        }
+        let claimed = report
+            .reporter
+            .as_ref()
+            .map_or("", |r| r.namespace.as_str());
+        if let Some(namespace) = peer.namespace() {
+            if !claimed.is_empty() && claimed != namespace {
+                return Err(Rejection::new(
+                    RejectReason::ClaimMismatch,
+                    format!(
+                        "the report claims namespace {claimed:?}, but this stream's certificate is {peer}: a reporter speaks only for its own namespace"
+                    ),
+                ));
+            }
+        }
         // Checked before the ledger moves, so nothing is recorded for a report that is refused;
         // wasted work only for duplicates, which are rare.
         let checked = if report.sequence == 0 {
             if report.stats.is_empty() {
-                Ok(Vec::new())
+                Ok(validate::Validated {
+                    entries: Vec::new(),
+                    not_allowed: Vec::new(),
+                })
             } else {
                 Err(Rejection::new(
                     RejectReason::HelloWithStats,
@@ -263,27 +394,53 @@ impl Ingest {
                 ))
             }
         } else {
+            let reporters = inner.reporters.read().unwrap_or_else(|p| p.into_inner());
+            let policy = &inner.config.reporter_policy;
             validate::validate(
                 report,
                 &inner.windows,
                 inner.config.max_entries_per_report,
                 inner.publisher.generation(),
+                |canary| {
+                    let rules = reporters.get(canary).map_or(&[][..], Vec::as_slice);
+                    policy.allows(peer, canary, rules)
+                },
                 now,
             )
         };
-        let (node, admission) = inner
+        let limits = LedgerLimits {
+            max_nodes: inner.config.max_reporters,
+            max_nodes_per_identity: inner.config.max_reporters_per_identity,
+        };
+        let admitted = inner
             .accounting
-            .admit(node_id, report.epoch, report.sequence, now)
+            .admit(peer, node_id, report.epoch, report.sequence, now, limits)
             .map_err(|error| match error {
-                AdmitError::Stale { current } => Rejection::new(
+                // The current epoch is not said: only the reporter that owns it needs it.
+                AdmitError::Stale => Rejection::new(
                     RejectReason::StaleEpoch,
                     format!(
                         "epoch {:#x} of reporter {node_id} is stale: the same node id has since \
-                         reported from epoch {current:#x} (the Envoy restarted), so reports from \
-                         the old process are no longer counted; if two live Envoys share this \
-                         node id, give each a unique one",
+                         reported from a newer epoch (the Envoy restarted), so reports from the \
+                         old process are no longer counted; if two live Envoys share this node \
+                         id, give each a unique one",
                         report.epoch
                     ),
+                ),
+                AdmitError::Full {
+                    limit,
+                    per_identity,
+                } => Rejection::new(
+                    RejectReason::TooManyReporters,
+                    if per_identity {
+                        format!(
+                            "the controller already tracks {limit} Envoys for {peer}, its limit per identity; node {node_id} is refused (Envoys not heard from for an hour are forgotten)"
+                        )
+                    } else {
+                        format!(
+                            "the controller already tracks {limit} Envoys, its limit; node {node_id} is refused (raise the limit or add controller replicas)"
+                        )
+                    },
                 ),
                 AdmitError::Gap { last, sequence } => Rejection::new(
                     RejectReason::SequenceGap,
@@ -297,7 +454,8 @@ impl Ingest {
                     ),
                 ),
             })?;
-        let (ack, outcome) = match admission {
+        let node = admitted.node;
+        let (ack, outcome) = match admitted.admission {
             Admission::Hello { ack } => {
                 inner.counters.hello();
                 let outcome = match checked {
@@ -311,13 +469,47 @@ impl Ingest {
                 (ack, Outcome::Duplicate)
             }
             Admission::Apply { ack } => match checked {
-                Ok(entries) => {
-                    inner.windows.apply(&entries, &node, now);
-                    let requests = entries
+                Ok(validated) => {
+                    self.record_refusals(peer, &validated.not_allowed);
+                    let requests = validated
+                        .entries
                         .iter()
                         .fold(0u64, |sum, e| sum.saturating_add(e.stats.requests));
-                    inner.counters.applied(requests);
-                    (ack, Outcome::Applied)
+                    // What one Envoy can have served since its previous report (or since this
+                    // controller started), at the most.
+                    let since = now.saturating_duration_since(
+                        admitted
+                            .previous_applied
+                            .unwrap_or_else(|| inner.windows.origin()),
+                    );
+                    let span = since.clamp(Duration::from_secs(1), inner.config.retention);
+                    let allowed = u64::try_from(
+                        u128::from(inner.config.max_requests_per_second) * span.as_millis() / 1000,
+                    )
+                    .unwrap_or(u64::MAX);
+                    if requests > allowed {
+                        let rejection = Rejection::new(
+                            RejectReason::Implausible,
+                            format!(
+                                "report {} of reporter {node_id} claims {requests} requests in {:.1}s, more than one Envoy can serve ({} per second at most); dropped",
+                                report.sequence,
+                                span.as_secs_f64(),
+                                inner.config.max_requests_per_second
+                            ),
+                        );
+                        (ack, Outcome::Dropped(rejection))
+                    } else {
+                        inner.windows.apply(&validated.entries, &node, now);
+                        inner.counters.applied(requests);
+                        if validated.not_allowed.is_empty() {
+                            (ack, Outcome::Applied)
+                        } else {
+                            (
+                                ack,
+                                Outcome::Dropped(Self::not_allowed(peer, &validated.not_allowed)),
+                            )
+                        }
+                    }
                 }
                 Err(rejection) => (ack, Outcome::Dropped(rejection)),
             },
@@ -330,6 +522,71 @@ impl Ingest {
             },
             outcome,
         })
+    }
+
+    fn not_allowed(peer: &PeerIdentity, canaries: &[&str]) -> Rejection {
+        Rejection::new(
+            RejectReason::NotAllowed,
+            format!(
+                "{peer} may not report for canary {}: by default only workloads of the canary's namespace and the ingress gateways may; allow others in the Canary's spec.analysis.reporters; those entries were dropped",
+                canaries.join(", ")
+            ),
+        )
+    }
+
+    fn record_refusals(&self, peer: &PeerIdentity, canaries: &[&str]) {
+        if canaries.is_empty() {
+            return;
+        }
+        let identity = peer.to_string();
+        let mut refusals = lock(&self.inner.refusals);
+        for &canary in canaries {
+            // Keys come from the directive (validated before authorisation): a bounded set.
+            let log = refusals.entry(canary.to_owned()).or_default();
+            let known = log.by_identity.len();
+            match log.by_identity.get_mut(&identity) {
+                Some((n, _)) => *n = n.saturating_add(1),
+                None if known < MAX_REFUSED_IDENTITIES => {
+                    log.by_identity.insert(identity.clone(), (1, false));
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Identities whose reports for `canary` were refused and that were not returned before:
+    /// each is returned once, for one Warning event on the Canary.
+    pub fn new_refusals(&self, canary: &str) -> Vec<RefusedReporter> {
+        let mut refusals = lock(&self.inner.refusals);
+        let Some(log) = refusals.get_mut(canary) else {
+            return Vec::new();
+        };
+        log.by_identity
+            .iter_mut()
+            .filter(|(_, (_, announced))| !*announced)
+            .map(|(identity, (entries, announced))| {
+                *announced = true;
+                RefusedReporter {
+                    identity: identity.clone(),
+                    entries: *entries,
+                }
+            })
+            .collect()
+    }
+
+    /// Who may report for `canary` besides its own namespace and the policy's identities
+    /// (`spec.analysis.reporters`).
+    pub fn set_reporters(&self, canary: &str, rules: Vec<ReporterRule>) {
+        let mut reporters = self
+            .inner
+            .reporters
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if rules.is_empty() {
+            reporters.remove(canary);
+        } else {
+            reporters.insert(canary.to_owned(), rules);
+        }
     }
 
     /// One version of one canary over the last `window` before `now` (rounded up to whole
@@ -395,6 +652,8 @@ impl Ingest {
     /// runs this periodically; call it yourself when serving the service another way.
     pub fn sweep(&self, now: Instant) {
         self.inner.windows.sweep(now);
+        let windows = &self.inner.windows;
+        lock(&self.inner.refusals).retain(|canary, _| windows.accepting(canary, now).is_some());
         self.inner
             .accounting
             .forget_idle(now, self.inner.config.forget_reporter_after);

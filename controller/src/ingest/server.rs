@@ -10,13 +10,14 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status, Streaming};
 use weir_proto::v1::controller_message::Kind;
 use weir_proto::v1::telemetry_server::{Telemetry, TelemetryServer};
 use weir_proto::v1::{ControllerMessage, Directive, Report};
 
 use super::counters::{RejectReason, Rejection};
+use super::identity::PeerIdentity;
+use super::transport::{self, Limits, PeerInfo};
 use super::{Ingest, IngestError};
 
 /// Messages buffered towards one Envoy. Small on purpose: a reporter that stops reading stalls
@@ -54,9 +55,10 @@ impl Ingest {
         .max_decoding_message_size(self.config().max_message_bytes)
     }
 
-    /// Binds `addr` (use port 0 for any free port), serves the telemetry service on it until
-    /// `shutdown` completes, and returns at once with the bound address. On shutdown every open
-    /// stream ends with `UNAVAILABLE` so reporters reconnect to the next controller.
+    /// Binds `addr` (use port 0 for any free port), serves the telemetry service on it with the
+    /// configured transport and limits until `shutdown` completes, and returns at once with the
+    /// bound address. On shutdown every open stream ends with `UNAVAILABLE` so reporters
+    /// reconnect to the next controller.
     pub async fn serve(
         &self,
         addr: SocketAddr,
@@ -68,8 +70,21 @@ impl Ingest {
         let local_addr = listener
             .local_addr()
             .map_err(|source| IngestError::Bind { addr, source })?;
+        let config = self.config();
+        let incoming = transport::incoming(
+            listener,
+            &config.transport,
+            Limits {
+                max_connections: config.max_connections,
+                handshake_timeout: config.handshake_timeout,
+                idle_timeout: config.idle_timeout,
+            },
+            self.counters().connections_refused.clone(),
+        )
+        .map_err(|e| IngestError::Config(e.to_string()))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let service = self.service_with_stop(Some(stop_rx.clone()));
+        let streams = config.max_streams_per_connection;
 
         let sweeper = {
             let ingest = self.clone();
@@ -90,8 +105,9 @@ impl Ingest {
         };
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
+                .max_concurrent_streams(streams)
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal)
+                .serve_with_incoming_shutdown(incoming, signal)
                 .await;
             sweeper.abort();
             result
@@ -128,12 +144,44 @@ impl Telemetry for TelemetryService {
         &self,
         request: Request<Streaming<Report>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
+        // The peer as the connection proved it. Without connection info the service is served
+        // in-process (tests, `Ingest::service` under another server): the caller chose the
+        // transport, and the peer counts as the machine's own.
+        let peer = match request.extensions().get::<PeerInfo>() {
+            None => PeerIdentity::Loopback,
+            Some(PeerInfo {
+                identity: Ok(identity),
+                ..
+            }) => identity.clone(),
+            Some(PeerInfo {
+                identity: Err(why),
+                remote,
+            }) => {
+                let rejection = Rejection::new(
+                    RejectReason::Unauthenticated,
+                    format!(
+                        "{why}; the controller accepts reports only from workloads whose certificate chains to the mesh's root (peer {})",
+                        remote.map_or_else(|| "unknown".to_owned(), |r| r.to_string())
+                    ),
+                );
+                self.ingest.counters().reject(&rejection);
+                if self
+                    .ingest
+                    .counters()
+                    .should_log(RejectReason::Unauthenticated, Instant::now())
+                {
+                    tracing::warn!("refused a telemetry stream: {rejection} (rate-limited)");
+                }
+                return Err(rejection.status());
+            }
+        };
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let stream = StreamTask {
             ingest: self.ingest.clone(),
             stop: self.stop.clone(),
             tx,
             session: None,
+            peer,
         };
         tokio::spawn(stream.run(request.into_inner()));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -144,7 +192,10 @@ impl Telemetry for TelemetryService {
 /// keeps it right however the task ends.
 struct Session {
     ingest: Ingest,
+    /// The ledger's key: the identity and the node id.
     node: Arc<str>,
+    /// The node id as the reports name it.
+    node_id: String,
     epoch: u64,
     stream: u64,
 }
@@ -161,6 +212,7 @@ struct StreamTask {
     stop: Option<watch::Receiver<bool>>,
     tx: Outbound,
     session: Option<Session>,
+    peer: PeerIdentity,
 }
 
 /// Why a stream task stops.
@@ -191,6 +243,8 @@ impl StreamTask {
         let keepalive_every = self.ingest.config().keepalive;
         let keepalive = tokio::time::sleep(keepalive_every);
         tokio::pin!(keepalive);
+        let hello = tokio::time::sleep(self.ingest.config().hello_timeout);
+        tokio::pin!(hello);
         let mut stop = self.stop.take();
 
         let end = loop {
@@ -200,10 +254,21 @@ impl StreamTask {
                 _ = stopped(&mut stop) => Err(End::Refuse(Status::unavailable(
                     "the weir controller is shutting down; reconnect to its successor",
                 ))),
+                () = &mut hello, if !registered => {
+                    let rejection = Rejection::new(
+                        RejectReason::SilentStream,
+                        format!(
+                            "no report within {:?} of opening the stream; a reporter says hello (a report with sequence 0) first",
+                            self.ingest.config().hello_timeout
+                        ),
+                    );
+                    self.ingest.counters().reject(&rejection);
+                    Err(End::Refuse(rejection.status()))
+                }
                 received = inbound.next() => match received {
                     None => Err(End::Gone),
                     Some(Err(status)) => Err(self.inbound_error(status)),
-                    Some(Ok(report)) => self.on_report(&report, &mut directives).await,
+                    Some(Ok(report)) => self.on_report(report, &mut directives).await,
                 },
                 changed = directives.changed(), if registered => match changed {
                     Ok(()) => {
@@ -262,20 +327,23 @@ impl StreamTask {
         self.session.as_ref().map_or("", |s| &s.node)
     }
 
+    /// Accounts for one report and answers it. The report is consumed (dropped) before anything
+    /// is awaited, so a reporter that stops reading its acknowledgements holds no decoded report
+    /// in the controller.
     async fn on_report(
         &mut self,
-        report: &Report,
+        report: Report,
         directives: &mut watch::Receiver<Arc<Directive>>,
     ) -> Result<(), End> {
         if let Some(session) = &self.session {
             let node_id = report.reporter.as_ref().map_or("", |r| r.node_id.as_str());
-            if *node_id != *session.node || report.epoch != session.epoch {
+            if node_id != session.node_id || report.epoch != session.epoch {
                 let rejection = Rejection::new(
                     RejectReason::IdentityChanged,
                     format!(
                         "this stream was opened by reporter {} epoch {:#x}, but a report on it \
                          names reporter {node_id:?} epoch {:#x}; open one stream per reporter life",
-                        session.node, session.epoch, report.epoch
+                        session.node_id, session.epoch, report.epoch
                     ),
                 );
                 self.ingest.counters().reject(&rejection);
@@ -284,31 +352,34 @@ impl StreamTask {
         }
         let ingested = self
             .ingest
-            .ingest(report, Instant::now())
+            .ingest_from(&report, &self.peer, Instant::now())
             .map_err(|rejection| {
-                tracing::warn!(
-                    node_id = report.reporter.as_ref().map_or("", |r| r.node_id.as_str()),
-                    "ending a telemetry stream: {rejection}"
-                );
+                if self
+                    .ingest
+                    .counters()
+                    .should_log(rejection.reason, Instant::now())
+                {
+                    tracing::warn!(
+                        peer = %self.peer,
+                        "ending a telemetry stream: {rejection} (warnings for this reason are rate-limited)"
+                    );
+                }
                 End::Refuse(rejection.status())
             })?;
+        let (epoch, applied_generation) = (report.epoch, report.applied_generation);
+        let node_id = report.reporter.map(|r| r.node_id).unwrap_or_default();
         let publisher = self.ingest.publisher();
         match &self.session {
-            Some(session) => {
-                publisher.applied(&session.node, session.stream, report.applied_generation)
-            }
+            Some(session) => publisher.applied(&session.node, session.stream, applied_generation),
             None => {
-                let stream = publisher.connect(ingested.node_id.clone(), report.applied_generation);
+                let stream = publisher.connect(ingested.node_id.clone(), applied_generation);
                 self.ingest.counters().stream_opened();
-                tracing::debug!(
-                    node_id = &*ingested.node_id,
-                    epoch = report.epoch,
-                    "reporter connected"
-                );
+                tracing::debug!(node_id = &*ingested.node_id, epoch, "reporter connected");
                 self.session = Some(Session {
                     ingest: self.ingest.clone(),
                     node: ingested.node_id.clone(),
-                    epoch: report.epoch,
+                    node_id,
+                    epoch,
                     stream,
                 });
                 // The directive goes first, so the reporter routes by it before anything else.

@@ -11,6 +11,8 @@
 //! - the canary is in the current directive (or left it less than the grace period ago).
 //!
 //! and at most `max_entries` entries per report. The first violation rejects the whole report.
+//! Entries for a canary the reporter may not speak for are set aside (the caller drops them and
+//! applies the rest): the report is well-formed, only some of its claims are refused.
 
 use std::time::Instant;
 
@@ -36,15 +38,24 @@ fn describe(stats: &VersionStats) -> String {
     format!("stats for canary {:?} ({version})", stats.canary)
 }
 
+/// A report's entries, checked: those to apply, and the canaries of the entries the reporter may
+/// not speak for.
+pub(crate) struct Validated<'r> {
+    pub(crate) entries: Vec<ValidEntry<'r>>,
+    pub(crate) not_allowed: Vec<&'r str>,
+}
+
 /// Validates every stats entry of `report` (a report with sequence > 0) and binds each to its
-/// canary's windows. `generation` is only used to make the unknown-canary message precise.
+/// canary's windows; `allowed` says whether the reporter may speak for a canary. `generation` is
+/// only used to make the unknown-canary message precise.
 pub(crate) fn validate<'r>(
     report: &'r Report,
     windows: &Windows,
     max_entries: usize,
     generation: u64,
+    allowed: impl Fn(&str) -> bool,
     now: Instant,
-) -> Result<Vec<ValidEntry<'r>>, Rejection> {
+) -> Result<Validated<'r>, Rejection> {
     if report.stats.len() > max_entries {
         return Err(Rejection::new(
             RejectReason::TooManyEntries,
@@ -56,6 +67,7 @@ pub(crate) fn validate<'r>(
         ));
     }
     let mut entries = Vec::with_capacity(report.stats.len());
+    let mut not_allowed = Vec::new();
     for stats in &report.stats {
         if !is_canary_key(&stats.canary) {
             return Err(Rejection::new(
@@ -123,13 +135,22 @@ pub(crate) fn validate<'r>(
                 ),
             ));
         };
+        if !allowed(&stats.canary) {
+            if !not_allowed.contains(&stats.canary.as_str()) {
+                not_allowed.push(stats.canary.as_str());
+            }
+            continue;
+        }
         entries.push(ValidEntry {
             cell,
             version,
             stats,
         });
     }
-    Ok(entries)
+    Ok(Validated {
+        entries,
+        not_allowed,
+    })
 }
 
 #[cfg(test)]

@@ -96,3 +96,7 @@ pub fn load_yaml(text: &str) -> Result<Compiled, SpecError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The canary's routing-header value before a platform makes it secret (tests, Flagger's own
+/// header routing).
+pub const DEFAULT_CANARY_ROUTE_VALUE: &str = "canary";

@@ -37,6 +37,11 @@ pub struct CanaryPlan {
     pub provider: Option<String>,
     /// Prometheus URL for the fallback metric source.
     pub metrics_server: Option<String>,
+    /// The routing header's value that sends a request to the canary, in the directive (which
+    /// the filters set) and in the routes (which match it). Not from the spec: the platform makes
+    /// it a per-canary secret (see [`crate::traffic::route_secret`]), so that a client that
+    /// sends the header itself cannot reach the canary.
+    pub canary_route_value: String,
 }
 
 impl CanaryPlan {
@@ -128,6 +133,8 @@ pub struct AnalysisPlan {
     pub canary_ready_threshold: Weight,
     /// Cookie-based session affinity, parsed but not acted on yet.
     pub session_affinity: Option<SessionAffinityPlan>,
+    /// Who besides the canary's namespace and the trusted identities may report its traffic.
+    pub reporters: Vec<crate::ingest::identity::ReporterRule>,
 }
 
 impl AnalysisPlan {

@@ -340,6 +340,11 @@ pub struct CanaryAnalysis {
     /// Weir: count an Inconclusive check as a failed check (default false: it only halts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inconclusive_counts_as_failure: Option<bool>,
+    /// Weir: who else may report this canary's traffic, as `namespace/serviceAccount` or
+    /// `namespace/*` (callers in other namespaces). The canary's own namespace and the ingress
+    /// gateways may always; reports from anyone else are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reporters: Vec<String>,
     /// Keys Flagger does not know.
     #[serde(flatten)]
     pub unknown: Unknown,

@@ -510,6 +510,7 @@ impl Checker {
             suspend: s.suspend,
             provider: s.provider.clone(),
             metrics_server: s.metrics_server.clone().filter(|m| !m.is_empty()),
+            canary_route_value: super::DEFAULT_CANARY_ROUTE_VALUE.to_owned(),
         }
     }
 
@@ -923,6 +924,14 @@ impl Checker {
             }
         };
 
+        let mut reporters = Vec::new();
+        for (i, text) in a.reporters.iter().enumerate() {
+            match crate::ingest::identity::ReporterRule::parse(text) {
+                Ok(rule) => reporters.push(rule),
+                Err(why) => self.error(format!("{}[{i}]", p("reporters")), Rule::Invalid(why)),
+            }
+        }
+
         AnalysisPlan {
             interval,
             threshold,
@@ -935,6 +944,7 @@ impl Checker {
             primary_ready_threshold,
             canary_ready_threshold,
             session_affinity,
+            reporters,
         }
     }
 

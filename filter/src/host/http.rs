@@ -11,10 +11,6 @@ use super::props::{self, HostRequestHeaders};
 use super::root::FilterState;
 use crate::worker::{RequestPlan, Ticket};
 
-/// The routing header stripped in pass-through mode, when the configuration (and so the configured
-/// header name) could not be read: clients still can't steer themselves.
-const DEFAULT_ROUTING_HEADER: &str = "x-weir-route";
-
 /// One request.
 pub struct Http {
     /// None in pass-through mode (no valid configuration).
@@ -52,24 +48,22 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        // Without a configuration, or with another instance acting, or with no canary routed,
+        // the request passes untouched, with no host call at all.
         let Some(state) = &self.state else {
-            let _ =
-                hostcalls::remove_map_value(MapType::HttpRequestHeaders, DEFAULT_ROUTING_HEADER);
             return Action::Continue;
         };
         let Ok(mut state) = state.try_borrow_mut() else {
             return Action::Continue;
         };
-        if !state.acting {
+        if !state.acting || state.worker.routes_nothing() {
             return Action::Continue;
         }
         let authority = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":authority")
             .ok()
             .flatten();
         match state.worker.plan(authority.as_deref(), &HostRequestHeaders) {
-            RequestPlan::StripOnly { header } => {
-                let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, header);
-            }
+            RequestPlan::PassThrough => {}
             RequestPlan::Route {
                 header,
                 value,

@@ -86,8 +86,6 @@ pub const UNRECORDED_REVISION: &str = "unrecorded";
 pub struct Settings {
     /// The header the filters set and the VirtualService matches (the filter's `routingHeader`).
     pub routing_header: String,
-    /// The routing header's value that selects the canary.
-    pub canary_value: String,
     /// How long a routed canary may go without any filter report before the VirtualService
     /// carries the weights itself.
     pub fallback_after: Duration,
@@ -102,7 +100,6 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             routing_header: crate::platform::local::envoy::ROUTING_HEADER.to_owned(),
-            canary_value: crate::platform::local::envoy::CANARY_VALUE.to_owned(),
             fallback_after: Duration::from_secs(60),
             report_freshness: crate::metrics::select::DEFAULT_FRESHNESS,
             instance: "weir".to_owned(),
@@ -345,7 +342,7 @@ impl KubernetesPlatform {
             route,
             mode,
             &self.settings.routing_header,
-            &self.settings.canary_value,
+            &self.plan.canary_route_value,
             &self.owner_json(),
         );
         self.apply(

@@ -413,7 +413,10 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             return Ok(Action::requeue(IDLE_REQUEUE));
         }
     };
-    let plan = compiled.plan;
+    let mut plan = compiled.plan;
+    // The routing value only the API knows: a client without the filter cannot pick the canary.
+    plan.canary_route_value =
+        crate::traffic::route_secret(canary.metadata.uid.as_deref().unwrap_or(&key).as_bytes());
     let announce_warnings = !compiled.warnings.is_empty() && ctx.first_announcement(&key, &canary);
 
     let shared = ctx.entry(&key, &canary, plan.clone()).await?;

@@ -70,6 +70,18 @@ pub struct KubernetesOptions {
     pub filter: Option<(Arc<FilterModule>, FilterInstallation)>,
     /// How long the reconciles under way may take to finish after a stop is requested.
     pub shutdown_grace: Duration,
+    /// How the filters connect (TLS with their workload certificates in a cluster), and who may
+    /// report for which canary.
+    pub telemetry: Telemetry,
+}
+
+/// The filters' side of the controller: transport and reporter policy.
+#[derive(Debug, Clone, Default)]
+pub struct Telemetry {
+    /// TLS (the Istio agent's certificate files) or plaintext on loopback.
+    pub transport: crate::ingest::transport::Transport,
+    /// Who may report for which canary.
+    pub policy: crate::ingest::identity::ReporterPolicy,
 }
 
 /// Why `weir kubernetes` stopped.
@@ -364,8 +376,12 @@ where
     health.set_leader(true);
     tracing::info!(identity = %lock.identity(), "leading");
 
-    let ingest = Ingest::try_new(IngestConfig::default())
-        .map_err(|e| KubernetesError::Serve(e.to_string()))?;
+    let ingest = Ingest::try_new(IngestConfig {
+        transport: options.telemetry.transport.clone(),
+        reporter_policy: options.telemetry.policy.clone(),
+        ..IngestConfig::default()
+    })
+    .map_err(|e| KubernetesError::Serve(e.to_string()))?;
     let (done_tx, done_rx) = watch::channel(false);
     let served = ingest
         .serve(options.grpc_address, until_stopped(done_rx.clone()))

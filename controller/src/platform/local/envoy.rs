@@ -111,6 +111,18 @@ impl WasmFilter {
     }
 }
 
+/// The controller cluster's TLS: the certificate Envoy presents (its workload identity) and the CA
+/// it verifies the controller's certificate with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerTls {
+    /// Envoy's certificate chain (PEM), with a `spiffe://` URI SAN.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA the controller's certificate chains to (PEM).
+    pub ca: PathBuf,
+}
+
 /// Everything that varies between the Envoys Weir starts locally. Build one with
 /// [`EnvoyBootstrap::new`] and adjust the public fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +150,8 @@ pub struct EnvoyBootstrap {
     pub canary: SocketAddr,
     /// Where the controller's gRPC server listens; None leaves out [`CONTROLLER_CLUSTER`].
     pub controller: Option<SocketAddr>,
+    /// TLS to the controller, as Istio's mTLS does in a mesh; None: plaintext.
+    pub controller_tls: Option<ControllerTls>,
     /// The Weir filter; None runs Envoy with the router alone.
     pub wasm: Option<WasmFilter>,
     /// Further installations of the filter in the same chain, after [`Self::wasm`] (a mesh that
@@ -167,6 +181,7 @@ impl EnvoyBootstrap {
             primary_standby: None,
             canary,
             controller: None,
+            controller_tls: None,
             wasm: None,
             extra_filters: Vec::new(),
             routing_header: ROUTING_HEADER.to_owned(),
@@ -260,6 +275,29 @@ impl EnvoyBootstrap {
                     "explicit_http_config": {"http2_protocol_options": {}}
                 }
             });
+            if let Some(tls) = &self.controller_tls {
+                let file = |p: &PathBuf| json!({"filename": p.display().to_string()});
+                cluster["transport_socket"] = json!({
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "sni": CONTROLLER_HOST,
+                        "common_tls_context": {
+                            "tls_certificates": [{
+                                "certificate_chain": file(&tls.cert),
+                                "private_key": file(&tls.key),
+                            }],
+                            "validation_context": {
+                                "trusted_ca": file(&tls.ca),
+                                "match_typed_subject_alt_names": [{
+                                    "san_type": "DNS",
+                                    "matcher": {"exact": CONTROLLER_HOST},
+                                }],
+                            },
+                        },
+                    },
+                });
+            }
             clusters.push(cluster);
         }
 

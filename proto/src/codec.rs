@@ -1,0 +1,165 @@
+//! The gRPC codec of weir.v1: prost, with the contract's size rules checked on the encoded bytes
+//! before anything is decoded.
+//!
+//! A protobuf message can decode to far more memory than it takes on the wire: an empty
+//! `VersionStats` is two bytes encoded and about a hundred decoded. So a `Report`'s top-level
+//! `stats` entries are counted on the raw bytes first, and a report with more than
+//! [`MAX_STATS_PER_REPORT`] is refused (`INVALID_ARGUMENT`) without being decoded. With the
+//! server's message-size limit, that bounds what one report can make the controller allocate.
+
+use std::marker::PhantomData;
+
+use bytes::Buf;
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
+
+use crate::v1::Report;
+
+/// Most `stats` entries in one report (a reporter with more splits them over several reports).
+pub const MAX_STATS_PER_REPORT: usize = 1024;
+
+/// A check on a message's encoded bytes before it is decoded.
+pub trait Precheck {
+    /// Refuses bytes that must not be decoded.
+    fn precheck(_bytes: &[u8]) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+impl Precheck for crate::v1::ControllerMessage {}
+
+impl Precheck for Report {
+    fn precheck(bytes: &[u8]) -> Result<(), Status> {
+        match count_field(bytes, 5) {
+            Some(n) if n <= MAX_STATS_PER_REPORT => Ok(()),
+            Some(n) => Err(Status::invalid_argument(format!(
+                "report carries {n} stats entries; weir.v1 allows at most {MAX_STATS_PER_REPORT} per report (split the delta over several reports)"
+            ))),
+            None => Err(Status::invalid_argument(
+                "report is not a valid weir.v1 Report (its fields do not parse)",
+            )),
+        }
+    }
+}
+
+/// Counts the occurrences of a length-delimited `field` at the top level of a message; None if
+/// the bytes are not a well-formed sequence of fields.
+fn count_field(mut bytes: &[u8], field: u64) -> Option<usize> {
+    let mut count = 0;
+    while !bytes.is_empty() {
+        let key = prost::encoding::decode_varint(&mut bytes).ok()?;
+        let wire_type = key & 7;
+        let number = key >> 3;
+        match wire_type {
+            0 => {
+                prost::encoding::decode_varint(&mut bytes).ok()?;
+            }
+            1 => bytes = bytes.get(8..)?,
+            5 => bytes = bytes.get(4..)?,
+            2 => {
+                let len = usize::try_from(prost::encoding::decode_varint(&mut bytes).ok()?).ok()?;
+                bytes = bytes.get(len..)?;
+                count += usize::from(number == field);
+            }
+            _ => return None,
+        }
+    }
+    Some(count)
+}
+
+/// prost's codec with [`Precheck`] on every decoded message.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedCodec<T, U> {
+    _types: PhantomData<(T, U)>,
+}
+
+impl<T, U> Default for CheckedCodec<T, U> {
+    fn default() -> Self {
+        Self {
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<T, U> Codec for CheckedCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Precheck + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = CheckedEncoder<T>;
+    type Decoder = CheckedDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        CheckedEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        CheckedDecoder(PhantomData)
+    }
+}
+
+/// The encoder of [`CheckedCodec`]: prost's.
+#[derive(Debug)]
+pub struct CheckedEncoder<T>(PhantomData<T>);
+
+impl<T: Message> Encoder for CheckedEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        item.encode(buf)
+            .map_err(|e| Status::internal(format!("cannot encode a weir.v1 message: {e}")))
+    }
+}
+
+/// The decoder of [`CheckedCodec`]: [`Precheck`], then prost.
+#[derive(Debug)]
+pub struct CheckedDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default + Precheck> Decoder for CheckedDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        // The buffer holds exactly one whole message, contiguous.
+        U::precheck(buf.chunk())?;
+        U::decode(buf)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("not a valid weir.v1 message: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::VersionStats;
+
+    fn report(entries: usize) -> Vec<u8> {
+        Report {
+            sequence: 3,
+            stats: vec![VersionStats::default(); entries],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn stats_entries_are_counted_on_the_wire_before_decoding() {
+        assert_eq!(count_field(&report(0), 5), Some(0));
+        assert_eq!(count_field(&report(7), 5), Some(7));
+        assert!(Report::precheck(&report(MAX_STATS_PER_REPORT)).is_ok());
+        let refused = Report::precheck(&report(MAX_STATS_PER_REPORT + 1)).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("at most 1024"), "{refused:?}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_fields_are_refused() {
+        assert!(Report::precheck(&[0x2a, 0x7f]).is_err()); // field 5, length 127, no bytes
+        assert!(Report::precheck(&[0x0f]).is_err()); // wire type 7
+        assert!(Report::precheck(&[0x80]).is_err()); // truncated varint
+    }
+}
