@@ -236,7 +236,7 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TransportError> {
         .allow_unauthenticated()
         .build()
         .map_err(|e| tls("cannot verify clients with", &files.client_ca, &e))?;
-    ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TransportError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
@@ -247,7 +247,11 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, TransportError> {
                 &files.cert_chain,
                 &e,
             )
-        })
+        })?;
+    // gRPC clients ask for h2 (Istio's mTLS offers "istio" and "h2"); a client that offers no
+    // ALPN at all (Envoy's cluster with prior knowledge of HTTP/2) is served too.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
 impl TlsState {
