@@ -75,6 +75,7 @@ struct State {
 #[derive(Debug, Clone, Default)]
 pub struct Recorder {
     state: Arc<Mutex<State>>,
+    ingest: Arc<Mutex<Option<crate::ingest::Ingest>>>,
 }
 
 fn strategy_name(plan: &CanaryPlan) -> &'static str {
@@ -93,6 +94,11 @@ impl Recorder {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Also renders the telemetry ingest's counters (reports applied and refused, by reason).
+    pub fn include_ingest(&self, ingest: crate::ingest::Ingest) {
+        *self.ingest.lock().unwrap_or_else(|p| p.into_inner()) = Some(ingest);
     }
 
     /// Records a Canary's status after a step. `step_took` is how long the step ran; it is
@@ -308,6 +314,15 @@ impl Recorder {
                     escape(namespace)
                 );
             }
+        }
+        drop(state);
+        if let Some(ingest) = self
+            .ingest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            out.push_str(&ingest.counters().render_prometheus());
         }
         out
     }

@@ -650,6 +650,7 @@ impl LocalMode {
         .map_err(|e| LocalError::Setup(e.to_string()))?;
         let source = metric_source(options, metrics, &plan, &ingest, &mut warnings)?;
         let recorder = Recorder::new();
+        recorder.include_ingest(ingest.clone());
         let module = match options.filter_install {
             InstallKind::WasmPlugin => None,
             InstallKind::EnvoyFilter => Some(Arc::new(

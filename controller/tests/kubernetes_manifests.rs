@@ -395,20 +395,29 @@ fn the_install_renders_and_its_objects_fit_together() {
         ("RoleBinding", 1),
         ("Deployment", 1),
         ("Service", 1),
+        ("NetworkPolicy", 1),
     ] {
         assert_eq!(kinds.get(kind), Some(&n), "{kind} in {kinds:?}");
     }
     let ns = one(&docs, "Namespace", "weir-system");
-    assert_eq!(ns["metadata"]["labels"]["istio-injection"], "disabled");
+    assert!(
+        ns["metadata"]["labels"].get("istio-injection").is_none(),
+        "nothing in weir-system is injected but the controller, which asks for it"
+    );
 
     // The controller Deployment.
     let deployment = one(&docs, "Deployment", "weir");
     assert_eq!(deployment["metadata"]["namespace"], "weir-system");
     let pod = &deployment["spec"]["template"];
-    assert_eq!(
-        pod["metadata"]["labels"],
-        deployment["spec"]["selector"]["matchLabels"]
-    );
+    for (k, v) in deployment["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(
+            &pod["metadata"]["labels"][k], v,
+            "the Pods carry the selector"
+        );
+    }
     let c = container(deployment);
     assert_eq!(c["image"], "weir:0.1.0");
     assert_eq!(c["args"], json!(["kubernetes"]));
@@ -467,6 +476,48 @@ fn the_install_renders_and_its_objects_fit_together() {
     assert_eq!(grpc["appProtocol"], "grpc");
 
     check_rbac(&docs, deployment);
+
+    // The filters' stream over mTLS: a sidecar for the workload certificate, the gRPC and HTTP
+    // ports served by the controller itself, the certificate files on the shared volume.
+    assert_eq!(pod["metadata"]["labels"]["sidecar.istio.io/inject"], "true");
+    let annotations = &pod["metadata"]["annotations"];
+    let excluded = annotations["traffic.sidecar.istio.io/excludeInboundPorts"]
+        .as_str()
+        .unwrap();
+    for port in ["grpc", "http-metrics"] {
+        assert!(
+            excluded
+                .split(',')
+                .any(|p| p == port_named(deployment, port).to_string()),
+            "{port} is served by the controller, not its sidecar: {excluded}"
+        );
+    }
+    let proxy: Value =
+        serde_json::from_str(annotations["proxy.istio.io/config"].as_str().unwrap()).unwrap();
+    let output = proxy["proxyMetadata"]["OUTPUT_CERTS"].as_str().unwrap();
+    for (var, file) in [
+        ("WEIR_TLS_CERT", "cert-chain.pem"),
+        ("WEIR_TLS_KEY", "key.pem"),
+        ("WEIR_TLS_CLIENT_CA", "root-cert.pem"),
+    ] {
+        assert_eq!(env(deployment, var)["value"], format!("{output}/{file}"));
+    }
+    let mounts = &c["volumeMounts"];
+    assert_eq!(mounts[0]["mountPath"], output);
+    let policy = one(&docs, "NetworkPolicy", "weir");
+    let ports: Vec<i64> = policy["spec"]["ingress"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            port_named(deployment, "grpc"),
+            port_named(deployment, "http-metrics")
+        ]
+    );
 
     // The filter is the controller's to install (a WasmPlugin it applies, with the module it
     // serves): nothing in the install patches Envoy's bootstrap or mounts a module.

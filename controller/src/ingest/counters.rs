@@ -267,6 +267,62 @@ impl IngestCounters {
         true
     }
 
+    /// The counters in Prometheus' text format: reports applied and refused (by reason),
+    /// requests applied, duplicates, hellos, streams, and connections refused.
+    pub fn render_prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let snap = self.snapshot();
+        let mut out = String::new();
+        let mut one = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        one(
+            "weir_reports_applied_total",
+            "Filter reports applied to the windows.",
+            snap.reports_applied,
+        );
+        one(
+            "weir_requests_applied_total",
+            "Requests the applied reports carried.",
+            snap.requests_applied,
+        );
+        one(
+            "weir_reports_duplicate_total",
+            "Reports received again after they were applied (not counted again).",
+            snap.duplicates,
+        );
+        one(
+            "weir_reporter_hellos_total",
+            "Hellos (sequence 0).",
+            snap.hellos,
+        );
+        one(
+            "weir_telemetry_streams_total",
+            "Telemetry streams that sent a report.",
+            snap.streams_opened,
+        );
+        one(
+            "weir_telemetry_connections_refused_total",
+            "Connections closed before any stream: over the connection limit, or a failed or slow TLS handshake.",
+            self.connections_refused.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP weir_reports_rejected_total Reports (or their entries, or whole streams) refused, by reason.\n# TYPE weir_reports_rejected_total counter"
+        );
+        for reason in RejectReason::ALL {
+            let _ = writeln!(
+                out,
+                "weir_reports_rejected_total{{reason=\"{reason}\"}} {}",
+                snap.rejected(reason)
+            );
+        }
+        out
+    }
+
     /// The most recent refusal, so an operator can see what a misbehaving reporter sends.
     pub fn last_rejection(&self) -> Option<Rejection> {
         lock(&self.last_rejection).clone()

@@ -71,6 +71,10 @@ impl Ingest {
             .local_addr()
             .map_err(|source| IngestError::Bind { addr, source })?;
         let config = self.config();
+        if let transport::Transport::Tls(files) = &config.transport {
+            // In a Pod, Istio's agent writes the certificate shortly after the start.
+            transport::wait_for_files(files, Duration::from_secs(60)).await;
+        }
         let incoming = transport::incoming(
             listener,
             &config.transport,

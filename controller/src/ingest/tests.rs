@@ -929,3 +929,18 @@ fn reject_reasons_are_listed_in_declaration_order() {
         assert_eq!(*reason as usize, position, "{reason}");
     }
 }
+
+#[test]
+fn the_counters_render_as_prometheus_text_with_every_refusal_reason() {
+    let ingest = Ingest::try_new(IngestConfig::default()).unwrap();
+    let text = ingest.counters().render_prometheus();
+    for reason in RejectReason::ALL {
+        assert!(
+            text.contains(&format!(
+                "weir_reports_rejected_total{{reason=\"{reason}\"}} 0"
+            )),
+            "{reason}: {text}"
+        );
+    }
+    assert!(text.contains("# TYPE weir_requests_applied_total counter"));
+}

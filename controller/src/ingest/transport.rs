@@ -282,6 +282,25 @@ impl TlsState {
     }
 }
 
+/// Waits (at most `limit`) until the three TLS files exist; the caller then loads them and says
+/// what is wrong if they are still missing.
+pub async fn wait_for_files(files: &TlsFiles, limit: Duration) {
+    let all = || {
+        [&files.cert_chain, &files.private_key, &files.client_ca]
+            .iter()
+            .all(|p| p.is_file())
+    };
+    let deadline = Instant::now() + limit;
+    let mut said = false;
+    while !all() && Instant::now() < deadline {
+        if !said {
+            said = true;
+            tracing::info!(cert = %files.cert_chain.display(), "waiting for the telemetry TLS files");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// The verified identity of a TLS peer.
 fn tls_identity(stream: &TlsStream<TcpStream>) -> Result<PeerIdentity, String> {
     let (_, session) = stream.get_ref();
