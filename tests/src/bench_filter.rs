@@ -25,7 +25,7 @@ use prost::Message;
 use serde_json::json;
 use tokio::process::Command;
 use weir_controller::platform::local::envoy::{
-    EnvoyBootstrap, EnvoyProcess, WasmFilter, CANARY_VALUE, PRIMARY_VALUE, ROUTING_HEADER,
+    EnvoyBootstrap, EnvoyProcess, WasmFilter, PRIMARY_VALUE, ROUTING_HEADER,
 };
 use weir_proto::v1::Directive;
 
@@ -286,7 +286,7 @@ impl Options {
             Variant::NoFilter => "Envoy with the router alone (the baseline)".to_owned(),
             Variant::NoFilterSplit => format!(
                 "no filter; wrk (a Lua script) alternates `{ROUTING_HEADER}: {PRIMARY_VALUE}` \
-                 and `{CANARY_VALUE}`: the same spread over two upstreams as a 50% split"
+                 and the canary's value: the same spread over two upstreams as a 50% split"
             ),
             Variant::EmptyWasm => {
                 "`weir_empty_filter.wasm` (bench/empty-filter), a proxy-wasm filter that does \
@@ -1041,6 +1041,8 @@ impl Bench {
         // Every variant gets the controller cluster, so bootstraps differ only in the filter.
         bootstrap.controller = Some(self.control.addr());
         bootstrap.wasm = wasm;
+        // The routes match the canary's secret value, which the directive gives the filter.
+        bootstrap.canary_value = stack::ROUTE_SECRET.to_owned();
         let (binary, work) = (binaries::envoy(), self.dir.path().to_owned());
         Ok(
             tokio::task::spawn_blocking(move || EnvoyProcess::start(&binary, &bootstrap, &work, 1))
@@ -1071,7 +1073,7 @@ fn split_script_text() -> String {
         "local requests = {{}}\nlocal n = 0\nfunction init(args)\n  requests[0] = {}\n  \
          requests[1] = {}\nend\nfunction request()\n  n = n + 1\n  return requests[n % 2]\nend\n",
         request(PRIMARY_VALUE),
-        request(CANARY_VALUE)
+        request(stack::ROUTE_SECRET)
     )
 }
 
