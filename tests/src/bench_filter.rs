@@ -1316,8 +1316,8 @@ Transfer/sec:      2.03MB
             "{script}"
         );
         assert!(
-            script.contains(r#"["x-weir-route"] = "canary""#),
-            "{script}"
+            script.contains(&format!(r#"["x-weir-route"] = "{}""#, stack::ROUTE_SECRET)),
+            "the canary's requests carry its secret routing value: {script}"
         );
         assert!(
             script.contains(r#"["Host"] = "mhs.application""#),
