@@ -35,6 +35,7 @@
 //! reconnect does fix (a gap), end the stream.
 
 mod accounting;
+mod budget;
 mod counters;
 mod directives;
 pub mod identity;
@@ -74,6 +75,11 @@ pub struct IngestConfig {
     /// Largest report message accepted. Default 1 MiB: a report of the most entries weir.v1
     /// allows, each with a realistic histogram (about 700 bytes), fits.
     pub max_message_bytes: usize,
+    /// Bytes of reports in transit (received but not yet decoded), across every stream together:
+    /// each stream holds the size of the largest message it has sent until it ends (see
+    /// `ingest::budget`). A stream that would go past it is ended with `RESOURCE_EXHAUSTED`.
+    /// Default 64 MiB: 16,384 reporters' 4 KiB reports, or 64 reports at the message limit.
+    pub max_buffered_bytes: usize,
     /// Most stats entries (canary, version pairs) in one report. Default (and at most) 1024,
     /// checked on the encoded bytes before anything is decoded (weir_proto::codec).
     pub max_entries_per_report: usize,
@@ -128,6 +134,7 @@ impl Default for IngestConfig {
             retention: Duration::from_secs(15 * 60),
             retired_canary_grace: Duration::from_secs(60),
             max_message_bytes: 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
             max_entries_per_report: weir_proto::codec::MAX_STATS_PER_REPORT,
             transport: Transport::PlaintextLoopback,
             max_connections: 16_384,
@@ -253,6 +260,8 @@ impl Ingest {
             Some("max_entries_per_report must be at least 1")
         } else if config.max_message_bytes < 1024 {
             Some("max_message_bytes must be at least 1024")
+        } else if config.max_buffered_bytes < config.max_message_bytes + 5 {
+            Some("max_buffered_bytes must hold at least one message at max_message_bytes")
         } else if config.max_entries_per_report > weir_proto::codec::MAX_STATS_PER_REPORT {
             Some("max_entries_per_report must be at most weir.v1's 1024")
         } else if config.max_connections == 0 || config.max_streams_per_connection == 0 {
