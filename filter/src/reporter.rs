@@ -29,6 +29,40 @@ pub const FIRST_RETRY_RANGE_NS: u64 = 1_000_000_000;
 /// period, so a controller that is back is found again within about that time).
 pub const MAX_RETRY_RANGE_NS: u64 = 10_000_000_000;
 
+/// The reconnect delays: each uniform in a range ("full jitter") that starts at
+/// [`FIRST_RETRY_RANGE_NS`] and doubles with every failed attempt up to [`MAX_RETRY_RANGE_NS`].
+/// Spreading every attempt over the whole range is what bounds a reconnect storm: N Envoys that
+/// lose the controller together come back at about N per range, not N at once, and spread out
+/// again if that attempt fails too.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    range_ns: u64,
+    rng: Rng,
+}
+
+impl Backoff {
+    /// Delays drawn from `seed` (the reporter's epoch: random per VM start, so Envoys differ).
+    pub fn new(seed: u64) -> Self {
+        Self {
+            range_ns: FIRST_RETRY_RANGE_NS,
+            // Not the epoch itself, which is on the wire; it only has to differ between Envoys.
+            rng: Rng::new(seed ^ 0x6a09_e667_f3bc_c908),
+        }
+    }
+
+    /// The delay before the next attempt, ns; widens the range for the one after.
+    pub fn next_delay_ns(&mut self) -> u64 {
+        let range = self.range_ns.max(1);
+        self.range_ns = range.saturating_mul(2).min(MAX_RETRY_RANGE_NS);
+        ((u128::from(self.rng.next_u64()) * u128::from(range)) >> 64) as u64
+    }
+
+    /// The controller answered: the next outage starts at the first range again.
+    pub fn reset(&mut self) {
+        self.range_ns = FIRST_RETRY_RANGE_NS;
+    }
+}
+
 /// What the host glue must do on the reporter's behalf.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -66,10 +100,7 @@ pub struct Reporter {
     pending: BTreeMap<(String, i32), Pending>,
     in_flight: VecDeque<v1::Report>,
     stream: Stream,
-    /// Retry delays are drawn from `[0, retry_range_ns)` (full jitter).
-    retry_range_ns: u64,
-    /// Randomness for the retry delays, seeded from the epoch (random per VM start).
-    jitter: Rng,
+    backoff: Backoff,
     generation: u64,
     /// Worker id → (generation it applied, when we last heard from it).
     workers: HashMap<u64, (u64, u64)>,
@@ -118,10 +149,7 @@ impl Reporter {
             pending: BTreeMap::new(),
             in_flight: VecDeque::new(),
             stream: Stream::Down { retry_at_ns: 0 },
-            retry_range_ns: FIRST_RETRY_RANGE_NS,
-            // Not the epoch itself: the epoch is on the wire, the jitter need not be guessable
-            // from it (it is not a secret either; it only has to differ between Envoys).
-            jitter: Rng::new(epoch ^ 0x6a09_e667_f3bc_c908),
+            backoff: Backoff::new(epoch),
             generation: 0,
             workers: HashMap::new(),
             rejected_batches: 0,
@@ -336,19 +364,8 @@ impl Reporter {
 
     fn schedule_retry(&mut self, now_ns: u64) {
         self.stream = Stream::Down {
-            retry_at_ns: now_ns.saturating_add(self.retry_delay_ns()),
+            retry_at_ns: now_ns.saturating_add(self.backoff.next_delay_ns()),
         };
-    }
-
-    /// The next reconnect delay: uniform in the current range ("full jitter"), which then
-    /// doubles up to [`MAX_RETRY_RANGE_NS`]. Spreading every attempt over the whole range is what
-    /// bounds a storm: N Envoys that lose the controller together come back at about
-    /// N / range per second, not N at once, and again spread out if that attempt fails too.
-    pub fn retry_delay_ns(&mut self) -> u64 {
-        let range = self.retry_range_ns.max(1);
-        let delay = ((u128::from(self.jitter.next_u64()) * u128::from(range)) >> 64) as u64;
-        self.retry_range_ns = range.saturating_mul(2).min(MAX_RETRY_RANGE_NS);
-        delay
     }
 
     /// When the stream is down: the time (ns) of the next attempt to open it.
@@ -364,7 +381,7 @@ impl Reporter {
         let message = v1::ControllerMessage::decode(bytes)
             .map_err(|e| format!("weir: a controller message does not decode ({e}); ignored"))?;
         // Anything well-formed from the controller proves it is alive.
-        self.retry_range_ns = FIRST_RETRY_RANGE_NS;
+        self.backoff.reset();
         let mut commands = vec![Command::ShareContact(now_ns)];
         match message.kind {
             Some(Kind::Ack(ack)) if ack.epoch == self.epoch => {
