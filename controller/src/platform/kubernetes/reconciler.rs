@@ -6,8 +6,8 @@
 //! find the Canary's runner, or build one resuming from the
 //! status (a spec change rebuilds it from the last status written); refresh what the journal
 //! reads (retry annotation, deletion); on a new runner, publish the route the status calls for;
-//! one runner step; check the routing mode; write events and status; after a deletion has been
-//! reverted, drop the finalizer. Every path returns an explicit requeue: the engine's next step
+//! one runner step; bring the primary's autoscaler copy up to date; check the routing mode;
+//! write events and status; after a deletion has been reverted, drop the finalizer. Every path returns an explicit requeue: the engine's next step
 //! time (see [`Context::requeue_after`]), sooner while the routing mode is unsettled or a
 //! deletion waits for the restored target.
 //!
@@ -462,6 +462,21 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     }
     if stepped.is_ok() {
         stepped = entry.runner.tick().await.map_err(Into::into);
+    }
+    let phase = entry.runner.status().phase;
+    let initialized = !matches!(
+        phase,
+        None | Some(Phase::Initializing | Phase::Terminating | Phase::Terminated)
+    );
+    if stepped.is_ok() && initialized && !deleting {
+        // An edit of the target's autoscaler reaches the primary's copy (no watch on
+        // autoscalers: within an analysis interval).
+        stepped = entry
+            .runner
+            .platform()
+            .sync_autoscaler()
+            .await
+            .map_err(Into::into);
     }
     if stepped.is_ok() {
         let route = analysis::desired_route(&plan, entry.runner.status());
