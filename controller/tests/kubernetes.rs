@@ -1870,6 +1870,24 @@ async fn the_services_and_destination_rules_carry_what_flagger_writes_for_the_se
 }
 
 #[tokio::test]
+async fn headless_and_traffic_distribution_reach_the_three_services() {
+    bounded(async {
+        let h = Harness::new(
+            canary_with_service(json!({"headless": true, "trafficDistribution": "PreferClose"})),
+            Duration::from_secs(600),
+        );
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        for name in ["mhs", "mhs-primary", "mhs-canary"] {
+            let spec = &find(&calls, "PATCH", &format!("{SERVICES}/{name}")).body["spec"];
+            assert_eq!(spec["clusterIP"], "None", "{name}");
+            assert_eq!(spec["trafficDistribution"], "PreferClose", "{name}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn without_port_discovery_the_services_have_the_service_port_only_and_no_app_protocol() {
     bounded(async {
         let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
@@ -1884,6 +1902,8 @@ async fn without_port_discovery_the_services_have_the_service_port_only_and_no_a
             primary["spec"]["ports"],
             json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}])
         );
+        assert!(primary["spec"].get("clusterIP").is_none());
+        assert!(primary["spec"].get("trafficDistribution").is_none());
         let rule = &find(&calls, "PATCH", &format!("{DRS}/mhs-primary")).body;
         assert_eq!(rule["spec"], json!({"host": "mhs-primary"}));
     })

@@ -145,6 +145,10 @@ pub struct ServicePlan {
     pub app_protocol: Option<String>,
     /// Add the target's other container ports to the Services.
     pub port_discovery: bool,
+    /// `trafficDistribution` of the Services.
+    pub traffic_distribution: Option<String>,
+    /// Headless Services (`clusterIP: None`).
+    pub headless: bool,
     /// Istio `TrafficPolicy` of the `-primary` and `-canary` DestinationRules, as written.
     pub traffic_policy: Option<serde_json::Value>,
     /// Metadata of the apex Service and of the VirtualService.
