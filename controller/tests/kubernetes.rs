@@ -2050,6 +2050,32 @@ async fn an_hpa_gets_a_primary_copy_that_honours_primary_scaler_replicas_and_fol
 }
 
 #[tokio::test]
+async fn a_missing_autoscaler_is_reported_with_the_field_that_names_it() {
+    bounded(async {
+        let h = Harness::new(
+            with_autoscaler(
+                canary(false, quick_analysis()),
+                json!({"kind": "HorizontalPodAutoscaler", "name": "mhs"}),
+            ),
+            Duration::from_secs(600),
+        );
+        for _ in 0..3 {
+            let _ = reconcile(h.cluster.canary(), h.ctx.clone()).await;
+            tokio::time::sleep(Duration::from_millis(110)).await;
+        }
+        let notes: Vec<String> = events(&h.cluster.log()).into_iter().map(|e| e.2).collect();
+        assert!(
+            notes.iter().any(|n| n.contains(
+                "spec.autoscalerRef names HorizontalPodAutoscaler mhs, which does not exist in namespace application"
+            )),
+            "{notes:#?}"
+        );
+        assert!(h.cluster.get(&format!("{HPAS}/mhs-primary")).is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_scaled_object_gets_a_primary_copy_and_is_paused_while_weir_holds_the_target_at_zero() {
     bounded(async {
         let h = Harness::new(
