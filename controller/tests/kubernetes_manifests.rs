@@ -257,6 +257,14 @@ const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
     ("", "secrets", "get"),
     ("", "secrets", "create"),
     ("", "secrets", "patch"),
+    // spec.autoscalerRef (platform/kubernetes/autoscalers.rs): the original read, the
+    // primary's copy applied and released; a ScaledObject paused by merge patch.
+    ("autoscaling", "horizontalpodautoscalers", "get"),
+    ("autoscaling", "horizontalpodautoscalers", "create"),
+    ("autoscaling", "horizontalpodautoscalers", "patch"),
+    ("keda.sh", "scaledobjects", "get"),
+    ("keda.sh", "scaledobjects", "create"),
+    ("keda.sh", "scaledobjects", "patch"),
     // The filter's installation (platform/kubernetes/filter_install.rs).
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),

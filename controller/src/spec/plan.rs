@@ -67,6 +67,36 @@ impl CanaryPlan {
         format!("{}-primary", self.target.name)
     }
 
+    /// The settings written that only shape Kubernetes objects (the primary's autoscaler, the
+    /// generated Services and DestinationRules, delegation), by path: local mode, which makes
+    /// none of those objects, says it ignores them.
+    pub fn kubernetes_only_settings(&self) -> Vec<&'static str> {
+        let s = &self.service;
+        let metadata = |m: &ObjectMetadata| !m.labels.is_empty() || !m.annotations.is_empty();
+        [
+            ("spec.autoscalerRef", self.autoscaler.is_some()),
+            ("spec.service.portDiscovery", s.port_discovery),
+            ("spec.service.appProtocol", s.app_protocol.is_some()),
+            (
+                "spec.service.trafficDistribution",
+                s.traffic_distribution.is_some(),
+            ),
+            ("spec.service.headless", s.headless),
+            ("spec.service.trafficPolicy", s.traffic_policy.is_some()),
+            ("spec.service.apex", metadata(&s.apex)),
+            ("spec.service.primary", metadata(&s.primary)),
+            ("spec.service.canary", metadata(&s.canary)),
+            (
+                "spec.service.unmanagedMetadata",
+                !s.unmanaged.labels.is_empty() || !s.unmanaged.annotations.is_empty(),
+            ),
+            ("spec.service.delegation", s.delegation),
+        ]
+        .into_iter()
+        .filter_map(|(path, set)| set.then_some(path))
+        .collect()
+    }
+
     /// The stable key used in directives and reports: `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -145,6 +175,10 @@ pub struct ServicePlan {
     pub app_protocol: Option<String>,
     /// Add the target's other container ports to the Services.
     pub port_discovery: bool,
+    /// `trafficDistribution` of the Services.
+    pub traffic_distribution: Option<String>,
+    /// Headless Services (`clusterIP: None`).
+    pub headless: bool,
     /// Istio `TrafficPolicy` of the `-primary` and `-canary` DestinationRules, as written.
     pub traffic_policy: Option<serde_json::Value>,
     /// Metadata of the apex Service and of the VirtualService.

@@ -250,12 +250,12 @@ pub struct CanaryService {
     /// `tcp` is refused: the filter sees HTTP only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
-    /// Kubernetes traffic distribution (not supported yet).
+    /// `trafficDistribution` of the generated Services (Kubernetes 1.31+, e.g. `PreferClose`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traffic_distribution: Option<Value>,
-    /// Generate headless services (not supported yet).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headless: Option<Value>,
+    pub traffic_distribution: Option<String>,
+    /// Generate headless Services (`clusterIP: None`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
     /// Request timeout on the generated route (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Value>,

@@ -797,8 +797,6 @@ impl Checker {
             );
         }
         for (field, v) in [
-            ("trafficDistribution", &s.traffic_distribution),
-            ("headless", &s.headless),
             ("timeout", &s.timeout),
             ("match", &s.matches),
             ("retries", &s.retries),
@@ -872,6 +870,8 @@ impl Checker {
             gateways: s.gateways.clone(),
             app_protocol,
             port_discovery: s.port_discovery,
+            traffic_distribution: s.traffic_distribution.clone().filter(|t| !t.is_empty()),
+            headless: s.headless,
             traffic_policy: s.traffic_policy.clone(),
             apex,
             primary,

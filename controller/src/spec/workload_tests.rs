@@ -130,6 +130,8 @@ fn the_kubernetes_object_fields_compile_without_warnings() {
   name: mhs
   primaryScalerReplicas: {minReplicas: 2, maxReplicas: 5}",
         "portDiscovery: true
+headless: true
+trafficDistribution: PreferClose
 delegation: true
 trafficPolicy:
   tls: {mode: ISTIO_MUTUAL}
@@ -158,7 +160,8 @@ unmanagedMetadata:
         })
     );
     let s = &plan.service;
-    assert!(s.port_discovery && s.delegation);
+    assert!(s.port_discovery && s.delegation && s.headless);
+    assert_eq!(s.traffic_distribution.as_deref(), Some("PreferClose"));
     assert_eq!(
         s.traffic_policy,
         Some(serde_json::json!({"tls": {"mode": "ISTIO_MUTUAL"}}))

@@ -2,8 +2,9 @@
 //! address), `<service>-primary` and `<service>-canary` (what the VirtualService routes to).
 //!
 //! Each carries what Flagger's Kubernetes router writes: the service port (with `appProtocol`),
-//! the target's other container ports under `portDiscovery`, the `apex`/`primary`/`canary`
-//! labels and annotations of `spec.service`, and the label `<selector key>: <service name>`.
+//! `headless` and `trafficDistribution`, the target's other container ports under
+//! `portDiscovery`, the `apex`/`primary`/`canary` labels and annotations of `spec.service`, and
+//! the label `<selector key>: <service name>`.
 //! Keys listed in `spec.service.unmanagedMetadata` are never written: someone else sets them,
 //! and a server-side apply leaves keys it does not write to their owners (Flagger, which
 //! replaces the whole map on update, copies them over from the live Service instead).
@@ -152,8 +153,12 @@ pub fn service(
         },
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
+            // Set only when asked: a Service's cluster IP cannot change once assigned, so a
+            // Service that exists with one refuses it (the API server's error then says so).
+            cluster_ip: plan.service.headless.then(|| "None".to_owned()),
             selector: Some(selector),
             ports: Some(ports),
+            traffic_distribution: plan.service.traffic_distribution.clone(),
             ..ServiceSpec::default()
         }),
         status: None,
