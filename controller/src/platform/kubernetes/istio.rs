@@ -9,7 +9,8 @@
 use serde_json::{json, Value};
 
 use crate::analysis::Route;
-use crate::spec::{CanaryPlan, StringMatcher};
+use crate::spec::{CanaryPlan, RouteMatch, RouteOptions, StringMatcher};
+use crate::traffic::{Cookie, SessionCookies};
 
 use super::services;
 
@@ -51,63 +52,309 @@ fn destination(plan: &CanaryPlan, host: String, weight: Option<u8>) -> Value {
     d
 }
 
-fn header_match(rule: &crate::spec::HeaderRule) -> (String, Value) {
-    let value = match &rule.value {
+/// A destination whose responses set `cookie` (Flagger's session affinity).
+fn setting_cookie(mut destination: Value, cookie: Option<&Cookie>) -> Value {
+    if let Some(cookie) = cookie {
+        destination["headers"] = json!({"response": {"add": {"Set-Cookie": cookie.set_cookie()}}});
+    }
+    destination
+}
+
+fn string_match(m: &StringMatcher) -> Value {
+    match m {
         StringMatcher::Exact(v) => json!({"exact": v}),
         StringMatcher::Prefix(v) => json!({"prefix": v}),
         StringMatcher::Regex(v) => json!({"regex": v}),
-    };
-    (rule.name.clone(), value)
+    }
+}
+
+fn header_match(rule: &crate::spec::HeaderRule) -> (String, Value) {
+    (rule.name.clone(), string_match(&rule.value))
+}
+
+/// `spec.service.match` as Istio `HTTPMatchRequest`s.
+fn service_matches(options: &RouteOptions) -> Vec<Value> {
+    options.matches.iter().map(route_match).collect()
+}
+
+fn route_match(m: &RouteMatch) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Some(name) = &m.name {
+        out.insert("name".into(), json!(name));
+    }
+    for (key, value) in [
+        ("uri", &m.uri),
+        ("scheme", &m.scheme),
+        ("method", &m.method),
+        ("authority", &m.authority),
+    ] {
+        if let Some(v) = value {
+            out.insert(key.into(), string_match(v));
+        }
+    }
+    if !m.headers.is_empty() {
+        let headers: serde_json::Map<String, Value> = m.headers.iter().map(header_match).collect();
+        out.insert("headers".into(), Value::Object(headers));
+    }
+    if !m.query_params.is_empty() {
+        let params: serde_json::Map<String, Value> = m
+            .query_params
+            .iter()
+            .map(|(k, v)| (k.clone(), string_match(v)))
+            .collect();
+        out.insert("queryParams".into(), Value::Object(params));
+    }
+    if m.ignore_uri_case {
+        out.insert("ignoreUriCase".into(), json!(true));
+    }
+    for (k, v) in &m.istio_only {
+        out.insert(k.clone(), v.clone());
+    }
+    Value::Object(out)
+}
+
+/// Flagger's `mergeMatchConditions`: every `spec.service.match` entry with its headers replaced by
+/// each of `headers` (the A/B groups, or a session cookie); just `headers` without a service match.
+fn with_headers_replaced(service: &[Value], headers: &[Value]) -> Vec<Value> {
+    if service.is_empty() {
+        return headers.iter().map(|h| json!({"headers": h})).collect();
+    }
+    let mut merged = Vec::new();
+    for h in headers {
+        for s in service {
+            let mut m = s.clone();
+            m["headers"] = h.clone();
+            merged.push(m);
+        }
+    }
+    merged
+}
+
+/// Every `spec.service.match` entry with the header `name` added (Weir's routing header, which
+/// must hold as well as the user's own conditions), or just that header without a service match.
+fn with_header_added(service: &[Value], name: &str, value: Value) -> Vec<Value> {
+    if service.is_empty() {
+        return vec![json!({"headers": {name: value}})];
+    }
+    service
+        .iter()
+        .map(|s| {
+            let mut m = s.clone();
+            match m.get_mut("headers").and_then(Value::as_object_mut) {
+                Some(headers) => {
+                    headers.insert(name.to_owned(), value.clone());
+                }
+                None => m["headers"] = json!({name: value.clone()}),
+            }
+            m
+        })
+        .collect()
+}
+
+/// The regex Flagger matches a session cookie with in the `cookie` header.
+fn cookie_regex(cookie: &Cookie) -> Value {
+    json!({"cookie": {"regex": format!(".*{}=.*{}.*", regex_escape(&cookie.name), cookie.value)}})
+}
+
+fn regex_escape(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One HTTP route with `spec.service`'s route options, as Flagger writes every route.
+fn http_route(options: &RouteOptions, name: &str, matches: Vec<Value>, route: Vec<Value>) -> Value {
+    let mut r = json!({"name": name});
+    if !matches.is_empty() {
+        r["match"] = json!(matches);
+    }
+    r["route"] = json!(route);
+    if let Some(rewrite) = &options.rewrite {
+        let mut w = json!({});
+        if let Some(uri) = &rewrite.uri {
+            w["uri"] = json!(uri);
+        }
+        if let Some(authority) = &rewrite.authority {
+            w["authority"] = json!(authority);
+        }
+        r["rewrite"] = w;
+    }
+    if let Some(timeout) = &options.timeout {
+        r["timeout"] = json!(timeout.text);
+    }
+    if let Some(retries) = &options.retries {
+        let mut w = json!({"attempts": retries.attempts});
+        if let Some(t) = &retries.per_try_timeout {
+            w["perTryTimeout"] = json!(t.text);
+        }
+        if let Some(on) = &retries.retry_on {
+            w["retryOn"] = json!(on);
+        }
+        r["retries"] = w;
+    }
+    if let Some(cors) = &options.cors {
+        let mut w = json!({});
+        if !cors.allow_origins.is_empty() {
+            w["allowOrigins"] = json!(cors.allow_origins.iter().map(string_match).collect::<Vec<_>>());
+        }
+        for (key, list) in [
+            ("allowMethods", &cors.allow_methods),
+            ("allowHeaders", &cors.allow_headers),
+            ("exposeHeaders", &cors.expose_headers),
+        ] {
+            if !list.is_empty() {
+                w[key] = json!(list);
+            }
+        }
+        if let Some(max_age) = &cors.max_age {
+            w["maxAge"] = json!(max_age.text);
+        }
+        if let Some(credentials) = cors.allow_credentials {
+            w["allowCredentials"] = json!(credentials);
+        }
+        r["corsPolicy"] = w;
+    }
+    if let Some(headers) = &options.headers {
+        let mut w = json!({});
+        for (key, ops) in [("request", &headers.request), ("response", &headers.response)] {
+            if ops.is_empty() {
+                continue;
+            }
+            let mut o = json!({});
+            if !ops.set.is_empty() {
+                o["set"] = json!(ops.set);
+            }
+            if !ops.add.is_empty() {
+                o["add"] = json!(ops.add);
+            }
+            if !ops.remove.is_empty() {
+                o["remove"] = json!(ops.remove);
+            }
+            w[key] = o;
+        }
+        r["headers"] = w;
+    }
+    r
 }
 
 /// The VirtualService for `plan`, routing as `route` says in `mode`. Hosts are the apex Service
-/// and `spec.service.hosts`; gateways are `spec.service.gateways` (none: the mesh).
+/// and `spec.service.hosts`; gateways are `spec.service.gateways` (none: the mesh). Every route
+/// carries `spec.service`'s route options and serves only what `spec.service.match` matches, as
+/// in Flagger. `session` is used without filters only (with them, the filter sets and reads the
+/// cookies): Flagger's cookie routes.
 pub fn virtual_service(
     plan: &CanaryPlan,
     route: Route,
     mode: RoutingMode,
     routing_header: &str,
     canary_value: &str,
+    session: Option<&SessionCookies>,
     owner: &Value,
 ) -> Value {
     let primary = services::primary_name(plan);
     let canary = services::canary_name(plan);
+    let options = &plan.service.routes;
+    let service = service_matches(options);
     let http = match mode {
-        RoutingMode::Filters => json!([
-            {
-                "name": "weir-canary",
-                "match": [{"headers": {routing_header: {"exact": canary_value}}}],
-                "route": [destination(plan, canary, None)],
-            },
-            {"name": "weir-primary", "route": [destination(plan, primary, None)]},
-        ]),
+        RoutingMode::Filters => vec![
+            http_route(
+                options,
+                "weir-canary",
+                with_header_added(&service, routing_header, json!({"exact": canary_value})),
+                vec![destination(plan, canary, None)],
+            ),
+            http_route(
+                options,
+                "weir-primary",
+                service.clone(),
+                vec![destination(plan, primary, None)],
+            ),
+        ],
         RoutingMode::Weights => match (route, &plan.analysis.strategy) {
             (Route::Matches, crate::spec::Strategy::AbTesting { matches, .. }) => {
-                let any_of: Vec<Value> = matches
+                let groups: Vec<Value> = matches
                     .iter()
                     .map(|group| {
                         let headers: serde_json::Map<String, Value> =
                             group.headers.iter().map(header_match).collect();
-                        json!({"headers": headers})
+                        Value::Object(headers)
                     })
                     .collect();
-                json!([
-                    {"name": "weir-canary", "match": any_of, "route": [destination(plan, canary, None)]},
-                    {"name": "weir-primary", "route": [destination(plan, primary, None)]},
-                ])
+                vec![
+                    http_route(
+                        options,
+                        "weir-canary",
+                        with_headers_replaced(&service, &groups),
+                        vec![destination(plan, canary, None)],
+                    ),
+                    http_route(
+                        options,
+                        "weir-primary",
+                        service.clone(),
+                        vec![destination(plan, primary, None)],
+                    ),
+                ]
             }
             _ => {
                 let w = match route {
                     Route::Weighted(w) => w.percent(),
                     Route::Primary | Route::Matches => 0,
                 };
-                json!([{
-                    "name": "weir-weighted",
-                    "route": [
-                        destination(plan, primary, Some(100 - w)),
-                        destination(plan, canary, Some(w)),
+                let active = session.filter(|s| s.active);
+                let weighted = http_route(
+                    options,
+                    "weir-weighted",
+                    service.clone(),
+                    vec![
+                        setting_cookie(
+                            destination(plan, primary.clone(), Some(100 - w)),
+                            active.and_then(|s| s.primary.as_ref()),
+                        ),
+                        setting_cookie(
+                            destination(plan, canary.clone(), Some(w)),
+                            active.map(|s| &s.canary),
+                        ),
                     ],
-                }])
+                );
+                let mut http = Vec::new();
+                match session {
+                    Some(s) if s.active => {
+                        http.push(http_route(
+                            options,
+                            "weir-session-canary",
+                            with_headers_replaced(&service, &[cookie_regex(&s.canary)]),
+                            vec![destination(plan, canary, Some(100))],
+                        ));
+                        if let Some(p) = &s.primary {
+                            http.push(http_route(
+                                options,
+                                "weir-session-primary",
+                                with_headers_replaced(&service, &[cookie_regex(p)]),
+                                vec![destination(plan, primary.clone(), Some(100))],
+                            ));
+                        }
+                    }
+                    Some(s) => {
+                        // The run is over: clients still carrying its cookie get it cleared.
+                        let mut expire = http_route(
+                            options,
+                            "weir-session-expire",
+                            with_headers_replaced(&service, &[cookie_regex(&s.canary)]),
+                            vec![destination(plan, primary.clone(), Some(100))],
+                        );
+                        let add = &mut expire["headers"]["response"]["add"];
+                        add["Set-Cookie"] = json!(s.canary.clear_cookie());
+                        http.push(expire);
+                    }
+                    None => {}
+                }
+                http.push(weighted);
+                http
             }
         },
     };
@@ -152,6 +399,7 @@ mod tests {
             RoutingMode::Filters,
             "x-weir-route",
             "canary",
+            None,
             &json!({}),
         );
         let http = &vs["spec"]["http"];
@@ -175,6 +423,7 @@ mod tests {
             RoutingMode::Weights,
             "x-weir-route",
             "canary",
+            None,
             &json!({}),
         );
         let route = &vs["spec"]["http"][0]["route"];
@@ -195,6 +444,7 @@ mod tests {
             RoutingMode::Weights,
             "x-weir-route",
             "canary",
+            None,
             &json!({}),
         );
         let canary = &vs["spec"]["http"][0];
