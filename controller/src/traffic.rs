@@ -92,7 +92,10 @@ pub struct Cookie {
 impl Cookie {
     /// The `Set-Cookie` value that gives the cookie, as Flagger writes it.
     pub fn set_cookie(&self) -> String {
-        format!("{}={}; Max-Age={}", self.name, self.value, self.max_age_seconds)
+        format!(
+            "{}={}; Max-Age={}",
+            self.name, self.value, self.max_age_seconds
+        )
     }
 
     /// The `Set-Cookie` value that clears it.
@@ -149,11 +152,7 @@ pub fn session_cookies(plan: &CanaryPlan, route: Route, revision: &str) -> Optio
     let secret = |what: &str| {
         let digest = ring::digest::digest(
             &ring::digest::SHA256,
-            format!(
-                "weir-session:{}:{revision}:{what}",
-                plan.canary_route_value
-            )
-            .as_bytes(),
+            format!("weir-session:{}:{revision}:{what}", plan.canary_route_value).as_bytes(),
         );
         digest.as_ref()[..12]
             .iter()

@@ -222,7 +222,7 @@ impl Route {
                     StickyKey::Header(name) => headers.header(name),
                     StickyKey::Cookie(name) => headers
                         .header("cookie")
-                            .and_then(|c| cookie_value(&c, name).map(str::to_owned)),
+                        .and_then(|c| cookie_value(&c, name).map(str::to_owned)),
                 };
                 match value {
                     Some(v) => sticky_bucket(&self.key, &v) < self.weight_bp,
@@ -690,8 +690,16 @@ mod tests {
             cookie_name: "flagger-cookie".into(),
             cookie_value: "c0ffee".into(),
             max_age_seconds: 120,
-            primary_cookie_name: if primary { "flagger-primary".into() } else { String::new() },
-            primary_cookie_value: if primary { "beef".into() } else { String::new() },
+            primary_cookie_name: if primary {
+                "flagger-primary".into()
+            } else {
+                String::new()
+            },
+            primary_cookie_value: if primary {
+                "beef".into()
+            } else {
+                String::new()
+            },
             primary_max_age_seconds: 10,
         });
         table(vec![r])
@@ -716,9 +724,15 @@ mod tests {
         assert_eq!((again.version, again.set_cookie), (Version::Canary, None));
         // Without a primary cookie name, the primary's responses set nothing.
         let primary = r.decide_request(&no_headers(), &mut rng, false);
-        assert_eq!((primary.version, primary.set_cookie), (Version::Primary, None));
+        assert_eq!(
+            (primary.version, primary.set_cookie),
+            (Version::Primary, None)
+        );
         // In fail-safe no cookie is honoured.
-        assert_eq!(r.decide_request(&cookie, &mut rng, true).version, Version::Primary);
+        assert_eq!(
+            r.decide_request(&cookie, &mut rng, true).version,
+            Version::Primary
+        );
     }
 
     #[test]
@@ -736,7 +750,10 @@ mod tests {
         let r = t.find("a").unwrap();
         let d = r.decide_request(&no_headers(), &mut Rng::new(1), false);
         assert_eq!(d.version, Version::Primary);
-        assert_eq!(d.set_cookie.as_deref(), Some("flagger-primary=beef; Max-Age=10"));
+        assert_eq!(
+            d.set_cookie.as_deref(),
+            Some("flagger-primary=beef; Max-Age=10")
+        );
         let t = with_affinity(10_000, true, true);
         let r = t.find("a").unwrap();
         let pinned = Headers(Map::from([("cookie", "flagger-primary=beef")]));
@@ -751,7 +768,10 @@ mod tests {
         let cookie = Headers(Map::from([("cookie", "flagger-cookie=c0ffee")]));
         let d = r.decide_request(&cookie, &mut Rng::new(1), false);
         assert_eq!(d.version, Version::Primary);
-        assert_eq!(d.set_cookie.as_deref(), Some("flagger-cookie=c0ffee; Max-Age=-1"));
+        assert_eq!(
+            d.set_cookie.as_deref(),
+            Some("flagger-cookie=c0ffee; Max-Age=-1")
+        );
         let d = r.decide_request(&no_headers(), &mut Rng::new(1), false);
         assert_eq!(d.set_cookie, None);
     }

@@ -330,8 +330,10 @@ impl Compiled {
                 value,
             }),
             Ok(_) => {
-                self.errors
-                    .push((path.to_owned(), format!("must be longer than zero, got `{text}`")));
+                self.errors.push((
+                    path.to_owned(),
+                    format!("must be longer than zero, got `{text}`"),
+                ));
                 None
             }
             Err(e) => {
@@ -412,10 +414,8 @@ impl Compiled {
         let uri = raw.uri.filter(|u| !u.is_empty());
         if let Some(uri) = &uri {
             if !uri.starts_with('/') {
-                self.errors.push((
-                    format!("{path}.uri"),
-                    format!("`{uri}` must start with /"),
-                ));
+                self.errors
+                    .push((format!("{path}.uri"), format!("`{uri}` must start with /")));
                 return None;
             }
         }
@@ -439,8 +439,10 @@ impl Compiled {
             Ok([m]) => {
                 if let StringMatcher::Regex(r) = &m {
                     if let Err(e) = regex_syntax_check(r) {
-                        self.errors
-                            .push((format!("{path}.regex"), format!("`{r}` is not a regex: {e}")));
+                        self.errors.push((
+                            format!("{path}.regex"),
+                            format!("`{r}` is not a regex: {e}"),
+                        ));
                         return None;
                     }
                 }
@@ -519,8 +521,7 @@ impl Compiled {
                 }
             }
             for (name, value) in raw.query_params {
-                if let Some(value) = self.string_match(&format!("{mp}.queryParams.{name}"), value)
-                {
+                if let Some(value) = self.string_match(&format!("{mp}.queryParams.{name}"), value) {
                     m.query_params.push((name, value));
                 }
             }

@@ -415,7 +415,10 @@ fn session_affinity_compiles_with_flaggers_default_max_age_and_checks_cookie_nam
         "analysis:\n  stepWeight: 10\n  sessionAffinity: {cookieName: \"a;b\", primaryCookieName: \"a;b\"}",
     );
     let e = errors(&yaml);
-    assert!(e[0].starts_with("spec.analysis.sessionAffinity.cookieName: `a;b` is not a cookie name"), "{e:?}");
+    assert!(
+        e[0].starts_with("spec.analysis.sessionAffinity.cookieName: `a;b` is not a cookie name"),
+        "{e:?}"
+    );
     assert_eq!(e.len(), 2, "{e:?}");
 }
 

@@ -751,7 +751,12 @@ impl Checker {
         let step_weight_promotion =
             self.optional_weight(&p("stepWeightPromotion"), a.step_weight_promotion);
         if a.mirror == Some(true) {
-            self.error(p("mirror"), Rule::Unsupported { why: MIRROR_REFUSED.into() });
+            self.error(
+                p("mirror"),
+                Rule::Unsupported {
+                    why: MIRROR_REFUSED.into(),
+                },
+            );
         }
         if a.mirror_weight.is_some() && a.mirror != Some(true) {
             self.warn(

@@ -151,15 +151,16 @@ fn with_header_added(service: &[Value], name: &str, value: Value) -> Vec<Value> 
         .collect()
 }
 
-/// The regex Flagger matches a session cookie with in the `cookie` header.
+/// The regex Flagger matches a session cookie with in the `cookie` header (`.*name.*value.*`;
+/// regex operators in the name are escaped, which Flagger does not do).
 fn cookie_regex(cookie: &Cookie) -> Value {
-    json!({"cookie": {"regex": format!(".*{}=.*{}.*", regex_escape(&cookie.name), cookie.value)}})
+    json!({"cookie": {"regex": format!(".*{}.*{}.*", regex_escape(&cookie.name), cookie.value)}})
 }
 
 fn regex_escape(text: &str) -> String {
     let mut out = String::new();
     for c in text.chars() {
-        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+        if "\\.+*?()|[]{}^$".contains(c) {
             out.push('\\');
         }
         out.push(c);
@@ -200,7 +201,11 @@ fn http_route(options: &RouteOptions, name: &str, matches: Vec<Value>, route: Ve
     if let Some(cors) = &options.cors {
         let mut w = json!({});
         if !cors.allow_origins.is_empty() {
-            w["allowOrigins"] = json!(cors.allow_origins.iter().map(string_match).collect::<Vec<_>>());
+            w["allowOrigins"] = json!(cors
+                .allow_origins
+                .iter()
+                .map(string_match)
+                .collect::<Vec<_>>());
         }
         for (key, list) in [
             ("allowMethods", &cors.allow_methods),
@@ -221,7 +226,10 @@ fn http_route(options: &RouteOptions, name: &str, matches: Vec<Value>, route: Ve
     }
     if let Some(headers) = &options.headers {
         let mut w = json!({});
-        for (key, ops) in [("request", &headers.request), ("response", &headers.response)] {
+        for (key, ops) in [
+            ("request", &headers.request),
+            ("response", &headers.response),
+        ] {
             if ops.is_empty() {
                 continue;
             }
@@ -328,14 +336,20 @@ pub fn virtual_service(
                             options,
                             "weir-session-canary",
                             with_headers_replaced(&service, &[cookie_regex(&s.canary)]),
-                            vec![destination(plan, canary, Some(100))],
+                            vec![
+                                destination(plan, primary.clone(), Some(0)),
+                                destination(plan, canary.clone(), Some(100)),
+                            ],
                         ));
                         if let Some(p) = &s.primary {
                             http.push(http_route(
                                 options,
                                 "weir-session-primary",
                                 with_headers_replaced(&service, &[cookie_regex(p)]),
-                                vec![destination(plan, primary.clone(), Some(100))],
+                                vec![
+                                    destination(plan, primary.clone(), Some(100)),
+                                    destination(plan, canary.clone(), Some(0)),
+                                ],
                             ));
                         }
                     }
@@ -345,7 +359,10 @@ pub fn virtual_service(
                             options,
                             "weir-session-expire",
                             with_headers_replaced(&service, &[cookie_regex(&s.canary)]),
-                            vec![destination(plan, primary.clone(), Some(100))],
+                            vec![
+                                destination(plan, primary.clone(), Some(100 - w)),
+                                destination(plan, canary.clone(), Some(w)),
+                            ],
                         );
                         let add = &mut expire["headers"]["response"]["add"];
                         add["Set-Cookie"] = json!(s.canary.clear_cookie());
@@ -457,5 +474,187 @@ mod tests {
             "^(.*?;)?(canary=always)(;.*)?$"
         );
         assert_eq!(canary["route"][0]["destination"]["host"], "shop-canary");
+    }
+
+    const ROUTE_OPTIONS: &str = include_str!("../../spec/testdata/weir-route-options.yaml");
+
+    /// The options Flagger copies into every route of its VirtualService.
+    fn assert_flaggers_route_options(route: &Value) {
+        assert_eq!(route["timeout"], "5s");
+        assert_eq!(
+            route["retries"],
+            json!({"attempts": 3, "perTryTimeout": "1s", "retryOn": "gateway-error,connect-failure,refused-stream"})
+        );
+        assert_eq!(
+            route["rewrite"],
+            json!({"uri": "/v2/", "authority": "podinfo.internal"})
+        );
+        assert_eq!(
+            route["headers"],
+            json!({
+                "request": {"add": {"x-some-header": "value"}, "set": {"x-forwarded-by": "weir"}, "remove": ["x-debug"]},
+                "response": {"remove": ["x-envoy-upstream-service-time"]},
+            })
+        );
+        assert_eq!(
+            route["corsPolicy"],
+            json!({
+                "allowOrigins": [{"exact": "https://example.com"}],
+                "allowMethods": ["GET", "POST"],
+                "allowHeaders": ["x-some-header"],
+                "maxAge": "24h",
+                "allowCredentials": true,
+            })
+        );
+    }
+
+    #[test]
+    fn with_filters_every_route_carries_the_route_options_and_the_service_match() {
+        let p = plan(ROUTE_OPTIONS);
+        let vs = virtual_service(
+            &p,
+            Route::Weighted(Weight::try_new(30).unwrap()),
+            RoutingMode::Filters,
+            "x-weir-route",
+            "secret",
+            None,
+            &json!({}),
+        );
+        let http = vs["spec"]["http"].as_array().unwrap();
+        assert_eq!(http.len(), 2);
+        for route in http {
+            assert_flaggers_route_options(route);
+        }
+        // The canary route: the user's conditions and the routing header, in each match.
+        assert_eq!(
+            http[0]["match"],
+            json!([
+                {"uri": {"prefix": "/api"}, "headers": {"x-weir-route": {"exact": "secret"}}},
+                {"uri": {"exact": "/healthz"}, "headers": {"x-region": {"exact": "eu"}, "x-weir-route": {"exact": "secret"}}},
+            ])
+        );
+        assert_eq!(
+            http[1]["match"],
+            json!([{"uri": {"prefix": "/api"}}, {"uri": {"exact": "/healthz"}, "headers": {"x-region": {"exact": "eu"}}}])
+        );
+        // The filter sets the session cookies: nothing about them in the routes.
+        assert!(!vs.to_string().contains("flagger-cookie"));
+    }
+
+    #[test]
+    fn without_filters_session_affinity_is_flaggers_cookie_routes_and_set_cookie_headers() {
+        let p = plan(ROUTE_OPTIONS);
+        let route = Route::Weighted(Weight::try_new(30).unwrap());
+        let cookies = crate::traffic::session_cookies(&p, route, "rev1").unwrap();
+        let vs = virtual_service(
+            &p,
+            route,
+            RoutingMode::Weights,
+            "x-weir-route",
+            "secret",
+            Some(&cookies),
+            &json!({}),
+        );
+        let http = vs["spec"]["http"].as_array().unwrap();
+        assert_eq!(http.len(), 3, "{http:#?}");
+        for route in http {
+            assert_flaggers_route_options(route);
+        }
+        let canary_cookie = format!("flagger-cookie={}", cookies.canary.value);
+        let primary = cookies.primary.as_ref().unwrap();
+        // 1. A request with the canary cookie goes to the canary (the service match with its
+        //    headers replaced by the cookie, as Flagger merges them).
+        assert_eq!(
+            http[0]["match"],
+            json!([
+                {"uri": {"prefix": "/api"}, "headers": {"cookie": {"regex": format!(".*flagger-cookie.*{}.*", cookies.canary.value)}}},
+                {"uri": {"exact": "/healthz"}, "headers": {"cookie": {"regex": format!(".*flagger-cookie.*{}.*", cookies.canary.value)}}},
+            ])
+        );
+        assert_eq!(http[0]["route"][0]["weight"], 0);
+        assert_eq!(http[0]["route"][1]["destination"]["host"], "podinfo-canary");
+        assert_eq!(http[0]["route"][1]["weight"], 100);
+        // 2. One with the primary cookie to the primary.
+        assert_eq!(
+            http[1]["route"][0]["destination"]["host"],
+            "podinfo-primary"
+        );
+        assert!(http[1]["match"][0]["headers"]["cookie"]["regex"]
+            .as_str()
+            .unwrap()
+            .contains(&primary.value));
+        // 3. The weighted route gives each version's cookie.
+        let weighted = &http[2]["route"];
+        assert_eq!(weighted[0]["weight"], 70);
+        assert_eq!(
+            weighted[0]["headers"]["response"]["add"]["Set-Cookie"],
+            format!("flagger-primary-cookie={}; Max-Age=60", primary.value)
+        );
+        assert_eq!(weighted[1]["weight"], 30);
+        assert_eq!(
+            weighted[1]["headers"]["response"]["add"]["Set-Cookie"],
+            format!("{canary_cookie}; Max-Age=21600")
+        );
+
+        // After the rollout: the cookie of the run is cleared on the primary.
+        let done = crate::traffic::session_cookies(&p, Route::Primary, "rev1").unwrap();
+        let vs = virtual_service(
+            &p,
+            Route::Primary,
+            RoutingMode::Weights,
+            "x-weir-route",
+            "secret",
+            Some(&done),
+            &json!({}),
+        );
+        let http = vs["spec"]["http"].as_array().unwrap();
+        assert_eq!(http.len(), 2);
+        assert_eq!(
+            http[0]["route"][0]["destination"]["host"],
+            "podinfo-primary"
+        );
+        assert_eq!(
+            http[0]["headers"]["response"]["add"]["Set-Cookie"],
+            format!("{canary_cookie}; Max-Age=-1")
+        );
+        // The user's own response header operations stay.
+        assert_eq!(
+            http[0]["headers"]["response"]["remove"],
+            json!(["x-envoy-upstream-service-time"])
+        );
+        assert_eq!(http[1]["route"][1]["weight"], 0);
+        assert!(http[1]["route"][1].get("headers").is_none());
+    }
+
+    #[test]
+    fn without_filters_an_ab_match_is_merged_into_the_service_match_as_flagger_merges_it() {
+        let yaml = format!(
+            "{}  service:\n    port: 80\n    match:\n    - uri: {{prefix: /api}}\n      headers: {{x-dropped: {{exact: yes}}}}\n    timeout: 2s\n",
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: shop, namespace: app}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: shop}\n  analysis:\n    iterations: 3\n    match:\n    - headers: {x-canary: {exact: insider}}\n    - headers: {cookie: {regex: \"^(.*?;)?(canary=always)(;.*)?$\"}}\n"
+        );
+        let p = plan(&yaml);
+        let vs = virtual_service(
+            &p,
+            Route::Matches,
+            RoutingMode::Weights,
+            "x-weir-route",
+            "secret",
+            None,
+            &json!({}),
+        );
+        let http = &vs["spec"]["http"];
+        assert_eq!(
+            http[0]["match"],
+            json!([
+                {"uri": {"prefix": "/api"}, "headers": {"x-canary": {"exact": "insider"}}},
+                {"uri": {"prefix": "/api"}, "headers": {"cookie": {"regex": "^(.*?;)?(canary=always)(;.*)?$"}}},
+            ])
+        );
+        assert_eq!(
+            http[1]["match"],
+            json!([{"uri": {"prefix": "/api"}, "headers": {"x-dropped": {"exact": "yes"}}}])
+        );
+        assert_eq!(http[0]["timeout"], "2s");
+        assert_eq!(http[1]["timeout"], "2s");
     }
 }

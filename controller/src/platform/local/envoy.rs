@@ -281,14 +281,20 @@ impl EnvoyBootstrap {
         let mut routes = Vec::new();
         for m in self.routes.envoy_matches() {
             let mut with_header = m.clone();
-            let headers = with_header["headers"].as_array().cloned().unwrap_or_default();
+            let headers = with_header["headers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             with_header["headers"] = json!(std::iter::once(json!({
                 "name": self.routing_header,
                 "string_match": {"exact": self.canary_value},
             }))
             .chain(headers)
             .collect::<Vec<_>>());
-            routes.push(self.routes.route(CANARY_CLUSTER, with_header, canary_route.clone()));
+            routes.push(
+                self.routes
+                    .route(CANARY_CLUSTER, with_header, canary_route.clone()),
+            );
         }
         for m in self.routes.envoy_matches() {
             routes.push(self.routes.route(PRIMARY_CLUSTER, m, primary_route.clone()));
@@ -531,9 +537,9 @@ impl RouteOptions {
                         .map(|v| json!({"name": name, "string_match": envoy_string_match(v)}))
                 })
                 .collect();
-                headers.extend(m.headers.iter().map(|h| {
-                    json!({"name": h.name, "string_match": envoy_string_match(&h.value)})
-                }));
+                headers.extend(m.headers.iter().map(
+                    |h| json!({"name": h.name, "string_match": envoy_string_match(&h.value)}),
+                ));
                 if !headers.is_empty() {
                     out["headers"] = json!(headers);
                 }
@@ -568,8 +574,13 @@ impl RouteOptions {
             if retries.retry_on.is_none() {
                 // Istio's default conditions when retryOn is not set.
                 on.extend(
-                    ["connect-failure", "refused-stream", "unavailable", "cancelled"]
-                        .map(str::to_owned),
+                    [
+                        "connect-failure",
+                        "refused-stream",
+                        "unavailable",
+                        "cancelled",
+                    ]
+                    .map(str::to_owned),
                 );
                 codes.push(503);
             }
@@ -610,8 +621,16 @@ impl RouteOptions {
         let mut route = json!({"name": name, "match": route_match, "route": action});
         if let Some(headers) = &self.headers {
             for (ops, add_key, remove_key) in [
-                (&headers.request, "request_headers_to_add", "request_headers_to_remove"),
-                (&headers.response, "response_headers_to_add", "response_headers_to_remove"),
+                (
+                    &headers.request,
+                    "request_headers_to_add",
+                    "request_headers_to_remove",
+                ),
+                (
+                    &headers.response,
+                    "response_headers_to_add",
+                    "response_headers_to_remove",
+                ),
             ] {
                 let add: Vec<Value> = ops
                     .set
@@ -1211,6 +1230,85 @@ mod tests {
             Some(2)
         );
         assert!(json.get("bootstrap_extensions").is_none());
+    }
+
+    #[test]
+    fn route_options_go_on_both_routes_as_istiod_would_write_them() {
+        let plan =
+            crate::spec::load_yaml(include_str!("../../spec/testdata/weir-route-options.yaml"))
+                .unwrap()
+                .plan;
+        let mut bootstrap = with_everything();
+        bootstrap.primary_standby = Some(addr(8_003));
+        bootstrap.routes = plan.service.routes;
+        let json = bootstrap.to_json();
+        let hcm = &json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        assert_eq!(hcm["http_filters"][0]["name"], CORS_FILTER);
+        let routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap();
+        // Two service matches: two canary routes (with the routing header), then two primary.
+        assert_eq!(routes.len(), 4);
+        assert_eq!(routes[0]["match"]["prefix"], "/api");
+        assert_eq!(routes[0]["match"]["headers"][0]["name"], "x-weir-route");
+        assert_eq!(routes[1]["match"]["path"], "/healthz");
+        assert_eq!(
+            routes[1]["match"]["headers"][1],
+            json!({"name": "x-region", "string_match": {"exact": "eu"}})
+        );
+        assert_eq!(
+            routes[3]["match"]["headers"].as_array().map(Vec::len),
+            Some(1)
+        );
+        for route in routes {
+            let action = &route["route"];
+            assert_eq!(action["timeout"], "5.000000000s");
+            assert_eq!(action["prefix_rewrite"], "/v2/");
+            assert_eq!(action["host_rewrite_literal"], "podinfo.internal");
+            assert_eq!(action["retry_policy"]["num_retries"], 3);
+            assert_eq!(action["retry_policy"]["per_try_timeout"], "1.000000000s");
+            assert_eq!(
+                route["request_headers_to_add"],
+                json!([
+                    {"header": {"key": "x-forwarded-by", "value": "weir"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                    {"header": {"key": "x-some-header", "value": "value"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"},
+                ])
+            );
+            assert_eq!(route["request_headers_to_remove"], json!(["x-debug"]));
+            assert_eq!(
+                route["response_headers_to_remove"],
+                json!(["x-envoy-upstream-service-time"])
+            );
+            let cors = &route["typed_per_filter_config"][CORS_FILTER];
+            assert_eq!(cors["allow_methods"], "GET,POST");
+            assert_eq!(cors["max_age"], "86400");
+        }
+        // The primary keeps its standby slot's retry of connection failures.
+        let primary = &routes[2]["route"]["retry_policy"];
+        assert_eq!(
+            primary["retry_on"],
+            "gateway-error,connect-failure,refused-stream,reset"
+        );
+        assert!(primary.get("retry_host_predicate").is_some());
+        assert_eq!(
+            routes[0]["route"]["retry_policy"]["retry_on"],
+            "gateway-error,connect-failure,refused-stream"
+        );
+    }
+
+    #[test]
+    fn a_match_only_istio_can_evaluate_is_refused_for_local_mode_naming_the_field() {
+        let yaml = include_str!("../../spec/testdata/weir-route-options.yaml").replace(
+            "    - uri: {prefix: /api}\n",
+            "    - uri: {prefix: /api}\n      sourceLabels: {app: loadgen}\n",
+        );
+        let plan = crate::spec::load_yaml(&yaml).unwrap().plan;
+        let error = plan.service.routes.check_for_envoy().unwrap_err();
+        assert!(
+            error.starts_with("spec.service.match[0].sourceLabels: only Istio"),
+            "{error}"
+        );
     }
 
     #[test]
