@@ -1767,6 +1767,154 @@ async fn the_configuration_a_target_uses_is_part_of_its_revision_and_copied_for_
     .await;
 }
 
+/// A Canary whose `spec.service` also holds `service_extra`'s keys.
+fn canary_with_service(service_extra: Value) -> Value {
+    let mut c = canary(false, quick_analysis());
+    for (k, v) in service_extra.as_object().unwrap() {
+        c["spec"]["service"][k] = v.clone();
+    }
+    c
+}
+
+#[tokio::test]
+async fn the_services_and_destination_rules_carry_what_flagger_writes_for_the_service_spec() {
+    bounded(async {
+        let h = Harness::new(
+            canary_with_service(json!({
+                "portDiscovery": true,
+                "appProtocol": "http",
+                "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+                                  "connectionPool": {"http": {"http1MaxPendingRequests": 1024}}},
+                "apex": {"labels": {"tier": "frontend"},
+                         "annotations": {"apex-note": "a", "kustomize.toolkit.fluxcd.io/reconcile": "disabled"}},
+                "primary": {"labels": {"track": "stable", "owner": "weir"},
+                            "annotations": {"prometheus.io/scrape": "true"}},
+                "canary": {"labels": {"track": "canary"}, "annotations": {"canary-note": "c"}},
+                "unmanagedMetadata": {"labels": ["owner"], "annotations": ["cloud.google.com/neg-status"]},
+            })),
+            Duration::from_secs(600),
+        );
+        // Ports: the service's target (8080, left out), a named one, an unnamed one, and the
+        // sidecar's (left out).
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            let spec = &mut d["spec"]["template"]["spec"];
+            spec["containers"][0]["ports"] = json!([
+                {"containerPort": 8080},
+                {"name": "http-metrics", "containerPort": 9797},
+                {"containerPort": 9898, "protocol": "TCP"},
+            ]);
+            spec["containers"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"name": "istio-proxy", "image": "istio/proxyv2",
+                             "ports": [{"name": "http-envoy-prom", "containerPort": 15090}]}));
+        });
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let svc = |name: &str| find(&calls, "PATCH", &format!("{SERVICES}/{name}")).body.clone();
+        let expected_ports = json!([
+            {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
+            {"name": "http-metrics", "port": 9797, "targetPort": 9797, "protocol": "TCP"},
+            {"name": "tcp-mhs-2", "port": 9898, "targetPort": 9898, "protocol": "TCP"},
+        ]);
+        for name in ["mhs", "mhs-primary", "mhs-canary"] {
+            assert_eq!(svc(name)["spec"]["ports"], expected_ports, "{name}");
+        }
+        // Flagger's label (selector key = the Service's name), the spec's labels and
+        // annotations, never an unmanaged key nor a Flux toolkit annotation.
+        assert_eq!(
+            svc("mhs")["metadata"]["labels"],
+            json!({"app": "mhs", "tier": "frontend", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(svc("mhs")["metadata"]["annotations"], json!({"apex-note": "a"}));
+        assert_eq!(
+            svc("mhs-primary")["metadata"]["labels"],
+            json!({"app": "mhs-primary", "track": "stable", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(
+            svc("mhs-primary")["metadata"]["annotations"],
+            json!({"prometheus.io/scrape": "true"})
+        );
+        assert_eq!(
+            svc("mhs-canary")["metadata"]["labels"],
+            json!({"app": "mhs-canary", "track": "canary", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(
+            svc("mhs-canary")["metadata"]["annotations"],
+            json!({"canary-note": "c"})
+        );
+
+        for name in ["mhs-primary", "mhs-canary"] {
+            let rule = &find(&calls, "PATCH", &format!("{DRS}/{name}")).body;
+            assert_eq!(
+                rule["spec"],
+                json!({"host": name, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+                        "connectionPool": {"http": {"http1MaxPendingRequests": 1024}}}})
+            );
+        }
+        // The VirtualService carries the apex metadata, as Flagger's does.
+        let vs = &find(&calls, "PATCH", VS).body;
+        assert_eq!(
+            vs["metadata"]["labels"],
+            json!({"tier": "frontend", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(vs["metadata"]["annotations"], json!({"apex-note": "a"}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_port_discovery_the_services_have_the_service_port_only_and_no_app_protocol() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["ports"] =
+                json!([{"containerPort": 8080}, {"name": "http-metrics", "containerPort": 9797}]);
+        });
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let primary = &find(&calls, "PATCH", &format!("{SERVICES}/mhs-primary")).body;
+        assert_eq!(
+            primary["spec"]["ports"],
+            json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}])
+        );
+        let rule = &find(&calls, "PATCH", &format!("{DRS}/mhs-primary")).body;
+        assert_eq!(rule["spec"], json!({"host": "mhs-primary"}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_delegate_virtual_service_has_no_hosts_or_gateways_and_the_filters_keep_the_hosts() {
+    bounded(async {
+        let mut c = canary(false, quick_analysis());
+        c["spec"]["service"] = json!({"port": 80, "targetPort": 8080, "delegation": true,
+                                      "hosts": ["mhs.example.com"]});
+        let h = Harness::new(c, Duration::from_secs(600));
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let vs = &find(&calls, "PATCH", VS).body;
+        assert_eq!(vs["spec"]["hosts"], json!([]));
+        assert_eq!(vs["spec"]["gateways"], json!([]));
+        assert_eq!(
+            vs["spec"]["http"][1]["route"][0]["destination"]["host"],
+            "mhs-primary"
+        );
+        let directive = h.ingest.directive();
+        let entry = directive
+            .canaries
+            .iter()
+            .find(|c| c.key == "application/mhs")
+            .expect("the canary is in the directive");
+        assert!(
+            entry.hosts.iter().any(|h| h == "mhs.example.com"),
+            "{:?}",
+            entry.hosts
+        );
+    })
+    .await;
+}
+
 // `weir kubernetes` as a whole (run::serve): leader election, the leader label, the way out.
 
 mod runtime {

@@ -303,11 +303,19 @@ impl KubernetesPlatform {
         let primary = deployments::primary_selector(&selector);
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.plan.namespace);
         let apex_selects = if routed { &primary } else { &selector };
+        let containers = target
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .map_or(&[][..], |p| &p.containers[..]);
+        let discovered = services::discovered_ports(&self.plan, containers);
         let apex = services::service(
             &self.plan,
-            self.plan.service.name.clone(),
+            services::Role::Apex,
             apex_selects.clone(),
             None,
+            &discovered,
         );
         self.apply(&api, &self.plan.service.name, &apex)
             .await
@@ -316,11 +324,12 @@ impl KubernetesPlatform {
             return Ok(());
         }
         let owner = Some(self.owner.clone());
-        for (name, selector) in [
-            (services::primary_name(&self.plan), primary),
-            (services::canary_name(&self.plan), selector),
+        for (role, selector) in [
+            (services::Role::Primary, primary),
+            (services::Role::Canary, selector),
         ] {
-            let service = services::service(&self.plan, name.clone(), selector, owner.clone());
+            let name = role.name(&self.plan);
+            let service = services::service(&self.plan, role, selector, owner.clone(), &discovered);
             self.apply(&api, &name, &service)
                 .await
                 .map_err(self.failed("applying a Service"))?;
