@@ -608,6 +608,13 @@ impl LocalMode {
         let watch = CanaryWatch::new(&options.canary);
         let (mut plan, mut warnings) = load_plan(&options.canary)?;
         compress_time(&mut plan, options.time_scale);
+        plan.service
+            .routes
+            .check_for_envoy()
+            .map_err(|reason| LocalError::Canary {
+                path: options.canary.clone(),
+                reason,
+            })?;
         std::fs::create_dir_all(&options.state).map_err(|e| {
             LocalError::Setup(format!("cannot create {}: {e}", options.state.display()))
         })?;
@@ -729,6 +736,7 @@ impl LocalMode {
         let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
         let mut bootstrap = EnvoyBootstrap::new(local(ports.primary[0]), local(ports.canary));
         bootstrap.primary_standby = Some(local(ports.primary[1]));
+        bootstrap.routes = plan.service.routes.clone();
         bootstrap.listener_port = options.listen_port;
         bootstrap.controller = Some(served.local_addr());
         bootstrap.canary_value = plan.canary_route_value.clone();
@@ -919,9 +927,17 @@ impl LocalMode {
         }
         let status = self.runner.status().clone();
         let route_of = |plan: &CanaryPlan| {
-            analysis::desired_route(plan, &status).map(|r| traffic::canary_route(plan, r))
+            let revision = status.last_applied_spec.as_deref().unwrap_or_default();
+            analysis::desired_route(plan, &status)
+                .map(|r| traffic::directive_entry(plan, r, revision))
         };
         let republish = route_of(&plan) != route_of(&old);
+        if plan.service.routes != old.service.routes {
+            // Envoy's routes are written once, into its bootstrap.
+            self.record_warning(format!(
+                "{path}: the route options of spec.service changed; they take effect in local mode's Envoy when weir local restarts"
+            ));
+        }
         self.runner.replace_plan(plan, source);
         if republish {
             if let Err(e) = self.runner.restore_route().await {
@@ -948,6 +964,7 @@ impl LocalMode {
             other => other.to_string(),
         })?;
         compress_time(&mut plan, self.options.time_scale);
+        plan.service.routes.check_for_envoy()?;
         plan.canary_route_value = self.runner.plan().canary_route_value.clone();
         let old = self.runner.plan();
         if (&plan.namespace, &plan.name, &plan.target.name)

@@ -205,7 +205,8 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
     }
 
     fn publish(&mut self, route: Option<Route>) -> Result<(), RunError> {
-        let entry = route.map(|r| traffic::canary_route(&self.plan, r));
+        let revision = self.status.last_applied_spec.as_deref().unwrap_or_default();
+        let entry = route.map(|r| traffic::directive_entry(&self.plan, r, revision));
         let generation =
             self.directives
                 .set(&self.plan.key(), entry)

@@ -2370,3 +2370,102 @@ mod runtime {
         .await;
     }
 }
+
+#[tokio::test]
+async fn without_filters_the_virtual_service_holds_flaggers_route_options_and_session_cookie_routes(
+) {
+    bounded(async {
+        let mut object = canary(
+            false,
+            json!({"interval": "100ms", "threshold": 2, "maxWeight": 20, "stepWeight": 10,
+                   "sessionAffinity": {"cookieName": "flagger-cookie", "maxAge": 600}}),
+        );
+        let service = &mut object["spec"]["service"];
+        service["timeout"] = json!("30s");
+        service["retries"] =
+            json!({"attempts": 3, "perTryTimeout": "1s", "retryOn": "gateway-error,connect-failure"});
+        service["headers"] = json!({"request": {"add": {"x-some-header": "value"}}});
+        service["rewrite"] = json!({"uri": "/"});
+        service["match"] = json!([{"uri": {"prefix": "/api"}}]);
+        let h = Harness::new(object.clone(), Duration::ZERO);
+        h.reconcile().await;
+        h.until_phase("Initialized").await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let mut calls = Vec::new();
+        for _ in 0..30 {
+            if h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"] == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(status["canaryWeight"], 10);
+        let vs = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", VS))
+            .expect("the VirtualService was written at 10%");
+        let http = vs.body["spec"]["http"].as_array().unwrap();
+
+        // The cookie the filters would use for this revision.
+        let mut plan = weir_controller::spec::from_json(&object.to_string())
+            .unwrap()
+            .compile()
+            .unwrap()
+            .plan;
+        plan.canary_route_value = weir_controller::traffic::route_secret(b"0b1c6a52-mhs");
+        let revision = status["lastAppliedSpec"].as_str().unwrap();
+        let cookies = weir_controller::traffic::session_cookies(
+            &plan,
+            weir_controller::analysis::Route::weighted(weir_controller::spec::Weight::try_new(10).unwrap()),
+            revision,
+        )
+        .unwrap();
+        let value = &cookies.canary.value;
+
+        let options = json!({
+            "timeout": "30s",
+            "retries": {"attempts": 3, "perTryTimeout": "1s", "retryOn": "gateway-error,connect-failure"},
+            "headers": {"request": {"add": {"x-some-header": "value"}}},
+            "rewrite": {"uri": "/"},
+        });
+        let with_options = |route: Value| {
+            let mut route = route;
+            for (k, v) in options.as_object().unwrap() {
+                route[k] = v.clone();
+            }
+            route
+        };
+        let dest = |host: &str, weight: u8| {
+            json!({"destination": {"host": host, "port": {"number": 80}}, "weight": weight})
+        };
+        let mut canary_dest = dest("mhs-canary", 10);
+        canary_dest["headers"] = json!({"response": {"add": {
+            "Set-Cookie": format!("flagger-cookie={value}; Max-Age=600")}}});
+        assert_eq!(
+            http,
+            &vec![
+                with_options(json!({
+                    "name": "weir-session-canary",
+                    "match": [{"uri": {"prefix": "/api"},
+                               "headers": {"cookie": {"regex": format!(".*flagger-cookie.*{value}.*")}}}],
+                    "route": [dest("mhs-primary", 0), dest("mhs-canary", 100)],
+                })),
+                with_options(json!({
+                    "name": "weir-weighted",
+                    "match": [{"uri": {"prefix": "/api"}}],
+                    "route": [dest("mhs-primary", 90), canary_dest],
+                })),
+            ]
+        );
+        // The filters get the same cookie in their directive.
+        let directive = h.ingest.directive();
+        let affinity = directive.canaries[0].session_affinity.as_ref().unwrap();
+        assert_eq!(&affinity.cookie_value, value);
+        assert!(affinity.active);
+    })
+    .await;
+}

@@ -139,8 +139,22 @@
 //!   back on <target>` after `Terminated canary ...` with `revertOnDeletion`.
 //! - Suspended steps (`skipping canary run as object is suspended`, as Flagger) are not kept in
 //!   the status' decision history, which is Weir's own.
-//! - Spec fields Weir parses but does not implement (alerts, mirroring, session affinity, ...)
-//!   are named in a warning when the Canary is loaded, rather than listed here.
+//! - Spec fields Weir parses but does not implement (alerts, ...) are named in a warning when the
+//!   Canary is loaded, rather than listed here.
+//!
+//! Session affinity and mirroring:
+//! - `sessionAffinity` is done by the filters: requests a cookie keeps on the canary are counted
+//!   under the canary, as any other, so the analysis sees exactly the traffic the canary served.
+//!   The cookie values are derived from the canary's secret routing value and the revision under
+//!   analysis (Flagger keeps random ones in the status), so a controller restart keeps every
+//!   session and each new revision starts with new cookies. The primary cookie gets a new value
+//!   at each step and lives one analysis interval, as in Flagger.
+//! - It applies to progressive traffic shifting only (a warning says so for iterations), as
+//!   Flagger, which sets the cookies only while the canary has a weight.
+//! - `analysis.mirror` is refused when the Canary is loaded: a mirrored request's answer never
+//!   reaches the caller's filter, so the analysis would promote on numbers without the mirrored
+//!   traffic. (Measuring it would need the filter on the canary's inbound side or the
+//!   Prometheus fallback forced for that canary; neither is built.)
 
 mod check;
 mod effect;

@@ -17,7 +17,7 @@
 //!   [`Steps`]). All problems are reported at once, each as `path: rule`, e.g.
 //!   `spec.analysis.stepWeight: must be between 1 and 100, got 150`.
 //! - Warnings, logged once by the caller, list what is accepted without effect: Flagger fields
-//!   not supported yet (mirroring, alerts, retries, corsPolicy, ...), other providers' fields
+//!   not supported yet (alerts, ...), other providers' fields
 //!   (no effect with Istio), deprecated fields, settings that do not apply, and **unknown keys**: Weir does not reject keys outside
 //!   Flagger's schema (a newer Flagger may have them) but warns about each one with its path.
 //!   Conditions that would change *who* gets the canary if ignored (A/B `match` on query
@@ -35,6 +35,7 @@
 mod duration;
 mod plan;
 mod resource;
+mod routes;
 mod status;
 mod template;
 mod time;
@@ -53,6 +54,10 @@ pub use resource::{
     CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta, ObjectReference,
     ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown, UnmanagedMetadata,
     RETRY_ANNOTATION,
+};
+pub use routes::{
+    CorsPolicy, HeaderOperations, HeaderOps, Retries, Rewrite, RouteMatch, RouteOptions,
+    WrittenDuration,
 };
 pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
 pub use template::{

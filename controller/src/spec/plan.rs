@@ -191,6 +191,9 @@ pub struct ServicePlan {
     pub unmanaged: ObjectMetadataKeys,
     /// Write a delegate VirtualService: no hosts, no gateways.
     pub delegation: bool,
+    /// Route options (`timeout`, `retries`, `headers`, `rewrite`, `corsPolicy`, `match`), for
+    /// the VirtualService and local mode's Envoy alike.
+    pub routes: super::routes::RouteOptions,
 }
 
 /// Label and annotation keys.
@@ -225,7 +228,8 @@ pub struct AnalysisPlan {
     pub primary_ready_threshold: Weight,
     /// Percent of canary replicas that must be available (for the platform's readiness).
     pub canary_ready_threshold: Weight,
-    /// Cookie-based session affinity, parsed but not acted on yet.
+    /// Cookie-based session affinity (the filter sets and honours the cookies; without filters,
+    /// the VirtualService does, as Flagger writes it).
     pub session_affinity: Option<SessionAffinityPlan>,
     /// Who besides the canary's namespace and the trusted identities may report its traffic.
     pub reporters: Vec<crate::ingest::identity::ReporterRule>,
@@ -484,6 +488,9 @@ pub struct SessionAffinityPlan {
     pub cookie_name: String,
     /// Cookie lifetime.
     pub max_age: Duration,
+    /// Cookie set on responses from the primary, which keeps a client there for one analysis
+    /// interval (Flagger's `primaryCookieName`).
+    pub primary_cookie_name: Option<String>,
 }
 
 #[cfg(test)]

@@ -256,7 +256,7 @@ pub struct CanaryService {
     /// Generate headless Services (`clusterIP: None`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub headless: bool,
-    /// Request timeout on the generated route (not supported yet).
+    /// Request timeout on the generated routes (Istio's `timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Value>,
     /// Gateway API backend timeout (another provider's: no effect with Istio).
@@ -278,25 +278,25 @@ pub struct CanaryService {
     /// delegate to.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delegation: bool,
-    /// URI match conditions of the generated route (not supported yet).
+    /// Match conditions of the generated routes (Istio's `HTTPMatchRequest` list).
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
     pub matches: Option<Value>,
-    /// Retry policy of the generated route (not supported yet).
+    /// Retry policy of the generated routes (Istio's `HTTPRetry`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Value>,
-    /// URI rewrite of the generated route (not supported yet).
+    /// URI and authority rewrite of the generated routes (Istio's `HTTPRewrite`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<Value>,
     /// Gateway API request mirroring (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Value>,
-    /// Header manipulation on the generated route (not supported yet).
+    /// Header operations on the generated routes (Istio's `Headers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<Value>,
     /// Gateway API parent references (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_refs: Option<Value>,
-    /// CORS policy of the generated route (not supported yet).
+    /// CORS policy of the generated routes (Istio's `CorsPolicy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<Value>,
     /// Istio traffic policy of the `-primary` and `-canary` DestinationRules (Istio's
@@ -383,10 +383,10 @@ pub struct CanaryAnalysis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub step_weight_promotion: Option<i64>,
-    /// Mirror traffic to the canary (not supported yet).
+    /// Mirror traffic to the canary (refused: the filters cannot measure mirrored answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<bool>,
-    /// Share of mirrored traffic (not supported yet).
+    /// Share of mirrored traffic (with `mirror`, which is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_weight: Option<i64>,
     /// Percent of primary pods that must be available, 1 to 100 (default 100).
@@ -409,7 +409,7 @@ pub struct CanaryAnalysis {
     /// Gates, tests and notifications around the rollout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<CanaryWebhook>,
-    /// Cookie-based session affinity (not supported yet).
+    /// Cookie-based session affinity, set and honoured by the filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_affinity: Option<SessionAffinity>,
     /// Weir: fewest requests a metric window must hold to give a verdict (default 20); with

@@ -796,15 +796,12 @@ impl Checker {
                 },
             );
         }
-        for (field, v) in [
-            ("timeout", &s.timeout),
-            ("match", &s.matches),
-            ("retries", &s.retries),
-            ("rewrite", &s.rewrite),
-            ("headers", &s.headers),
-            ("corsPolicy", &s.cors_policy),
-        ] {
-            self.not_supported(&join(path, field), v);
+        let routes = super::routes::compile(s, path);
+        for (field, why) in routes.errors {
+            self.error(field, Rule::Invalid(why));
+        }
+        for field in routes.unknown {
+            self.warn(field, WarningKind::UnknownField);
         }
         for (field, v, provider) in [
             ("backendTimeout", &s.backend_timeout, "Gateway API"),
@@ -878,6 +875,7 @@ impl Checker {
             canary,
             unmanaged,
             delegation: s.delegation,
+            routes: routes.options,
         }
     }
 
@@ -933,10 +931,18 @@ impl Checker {
         let step_weight_promotion =
             self.optional_weight(&p("stepWeightPromotion"), a.step_weight_promotion);
         if a.mirror == Some(true) {
-            self.warn(p("mirror"), WarningKind::NotSupportedYet);
+            self.error(
+                p("mirror"),
+                Rule::Unsupported {
+                    why: MIRROR_REFUSED.into(),
+                },
+            );
         }
-        if a.mirror_weight.is_some() {
-            self.warn(p("mirrorWeight"), WarningKind::NotSupportedYet);
+        if a.mirror_weight.is_some() && a.mirror != Some(true) {
+            self.warn(
+                p("mirrorWeight"),
+                ignored_kind("mirrorWeight is the share of traffic mirrored with mirror: true"),
+            );
         }
         self.not_supported(&p("alerts"), &a.alerts);
         let primary_ready_threshold = self.percent(
@@ -1073,9 +1079,11 @@ impl Checker {
             }
         }
 
-        let session_affinity = a.session_affinity.as_ref().map(|sa| {
+        let session_affinity = a.session_affinity.as_ref().and_then(|sa| {
             let sp = p("sessionAffinity");
-            self.warn(&sp, WarningKind::NotSupportedYet);
+            for key in sa.other.keys() {
+                self.warn(join(&sp, key), WarningKind::UnknownField);
+            }
             let cookie_name = sa.cookie_name.clone().unwrap_or_default();
             if cookie_name.is_empty() {
                 self.error(
@@ -1084,6 +1092,19 @@ impl Checker {
                         hint: "the name of the session affinity cookie".into(),
                     },
                 );
+            } else if let Err(why) = cookie_name_ok(&cookie_name) {
+                self.error(join(&sp, "cookieName"), Rule::Invalid(why));
+            }
+            let primary_cookie_name = sa.primary_cookie_name.clone().filter(|n| !n.is_empty());
+            if let Some(name) = &primary_cookie_name {
+                if let Err(why) = cookie_name_ok(name) {
+                    self.error(join(&sp, "primaryCookieName"), Rule::Invalid(why));
+                } else if *name == cookie_name {
+                    self.error(
+                        join(&sp, "primaryCookieName"),
+                        Rule::Invalid("must differ from cookieName".into()),
+                    );
+                }
             }
             let max_age = match sa.max_age {
                 None => Duration::from_secs(86_400),
@@ -1093,10 +1114,20 @@ impl Checker {
                     Duration::from_secs(86_400)
                 }
             };
-            SessionAffinityPlan {
+            if !matches!(strategy, Strategy::Canary { .. }) {
+                // Flagger sets the cookies only while traffic shifts by weight: an A/B test
+                // routes by its match, and blue/green moves all traffic at once.
+                self.warn(
+                    &sp,
+                    ignored_kind("session affinity applies to progressive traffic shifting (stepWeight or stepWeights), not to iterations"),
+                );
+                return None;
+            }
+            Some(SessionAffinityPlan {
                 cookie_name,
                 max_age,
-            }
+                primary_cookie_name,
+            })
         });
 
         let min_sample_count = match a.min_sample_count {
@@ -1419,6 +1450,29 @@ impl Checker {
             disable_tls: w.disable_tls,
             mute_alert: w.mute_alert,
         })
+    }
+}
+
+/// Why `spec.analysis.mirror` is refused.
+pub const MIRROR_REFUSED: &str = "Weir measures the canary in the callers' filters, and a \
+    mirrored request's answer from the canary never reaches the caller (Envoy drops it), so \
+    the analysis would judge the canary without the mirrored traffic; run blue/green without \
+    mirror (iterations, the canary tested by webhooks), or progressive traffic shifting";
+
+fn ignored_kind(why: &str) -> WarningKind {
+    WarningKind::Ignored { why: why.into() }
+}
+
+/// A cookie name must be an RFC 6265 token: visible ASCII without separators.
+fn cookie_name_ok(name: &str) -> Result<(), String> {
+    let bad = name
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || "()<>@,;:\\\"/[]?={}".contains(*c));
+    match bad {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "`{name}` is not a cookie name: {c:?} is not allowed (use letters, digits and -_.)"
+        )),
     }
 }
 

@@ -354,12 +354,25 @@ impl KubernetesPlatform {
         route: Route,
         mode: RoutingMode,
     ) -> Result<(), PlatformError> {
+        // Without filters the VirtualService sets and matches the session cookies, with the
+        // values the filters would use: derived from the revision under analysis, which the
+        // engine records as the target's revision.
+        let session = match (mode, &self.plan.analysis.session_affinity) {
+            (RoutingMode::Weights, Some(_)) => {
+                let target = self.target().await?;
+                let configs = self.configs(&target.spec.template).await?;
+                let revision = configs::revision(&target.spec.template, &configs);
+                crate::traffic::session_cookies(&self.plan, route, &revision)
+            }
+            _ => None,
+        };
         let vs = istio::virtual_service(
             &self.plan,
             route,
             mode,
             &self.settings.routing_header,
             &self.plan.canary_route_value,
+            session.as_ref(),
             &self.owner_json(),
         );
         self.apply(
