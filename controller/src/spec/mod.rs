@@ -52,7 +52,7 @@ pub use plan::{
 pub use resource::{
     Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook, IntOrString,
     MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch, ThresholdRange,
-    Unknown, RETRY_ANNOTATION,
+    Unknown, REQUEST_ANNOTATION, RETRY_ANNOTATION,
 };
 pub use status::{
     CanaryStatus, Condition, Decision, Pause, PauseCause, Phase, RetryState, DECISION_HISTORY_LEN,

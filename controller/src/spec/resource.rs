@@ -16,6 +16,11 @@ use std::collections::BTreeMap;
 /// say) for each retry; the same value never triggers twice.
 pub const RETRY_ANNOTATION: &str = "weir.dev/retry";
 
+/// The annotation that carries an operator request (`weir promote`, `abort`, `pause`,
+/// `resume`): `<verb> <token>`, a new token for each request; who asked is the annotation's
+/// field manager.
+pub const REQUEST_ANNOTATION: &str = "weir.dev/request";
+
 /// Keys that are not part of Flagger's Canary schema, kept so validation can warn about each one.
 pub type Unknown = BTreeMap<String, Value>;
 

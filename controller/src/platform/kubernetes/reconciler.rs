@@ -435,6 +435,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     {
         let mut view = entry.view.lock().unwrap_or_else(|p| p.into_inner());
         view.retry = canary.to_spec_canary().retry_token().map(str::to_owned);
+        view.request = canary.operator_request();
         view.deleting = deleting;
     }
     if announce_warnings {
