@@ -31,7 +31,7 @@ commands:
                  of the weir-e2e crate; `cargo xtask bench` lists them
   help           this text
 
-The commands set WEIR_ENVOY, WEIR_WASM, WEIR_MIRROR, WEIR_BIN and WEIR_PROMETHEUS (absolute
+The commands set WEIR_ENVOY, WEIR_WASM, WEIR_MIRROR, WEIR_BIN, WEIR_PROMETHEUS and WEIR_TMUX (absolute
 paths) for what they run; setting WEIR_ENVOY or WEIR_PROMETHEUS yourself picks that binary.
 ";
 
@@ -150,6 +150,7 @@ impl Workspace {
             ("WEIR_MIRROR", self.bin(profile_dir, "mirror")),
             ("WEIR_BIN", self.bin(profile_dir, "weir")),
             ("WEIR_PROMETHEUS", tools.prometheus.clone()),
+            ("WEIR_TMUX", tools.tmux.clone()),
         ];
         if let Some(wrk) = &tools.wrk {
             env.push(("WEIR_WRK", wrk.clone()));
