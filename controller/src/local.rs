@@ -240,9 +240,74 @@ impl Journal for LocalJournal {
             .filter(|t| !t.is_empty())
     }
 
+    fn request(&self) -> Option<analysis::OperatorRequest> {
+        read_request(&self.state).ok().flatten()
+    }
+
     fn deleting(&self) -> bool {
         self.state.join("delete").exists()
     }
+}
+
+/// The file `weir promote`, `abort`, `pause` and `resume` write their request into.
+pub const REQUEST_FILE: &str = "request";
+
+/// The request in the state folder's [`REQUEST_FILE`]: `{"verb": "pause", "token": "...",
+/// "by": "alice"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RequestFile {
+    verb: String,
+    token: String,
+    by: String,
+}
+
+/// The request waiting in `state`, if any.
+pub fn read_request(state: &Path) -> Result<Option<analysis::OperatorRequest>, String> {
+    let path = state.join(REQUEST_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let file: RequestFile = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a request ({e})", path.display()))?;
+    let verb = analysis::Verb::parse(&file.verb)
+        .ok_or_else(|| format!("{}: unknown verb `{}`", path.display(), file.verb))?;
+    Ok(Some(analysis::OperatorRequest {
+        verb,
+        token: file.token,
+        by: file.by,
+    }))
+}
+
+/// Writes `request` into `state` at once (write, then rename: the controller never reads half
+/// a request).
+pub fn write_request(state: &Path, request: &analysis::OperatorRequest) -> Result<(), String> {
+    let file = RequestFile {
+        verb: request.verb.as_str().to_owned(),
+        token: request.token.clone(),
+        by: request.by.clone(),
+    };
+    let path = state.join(REQUEST_FILE);
+    let tmp = state.join("request.tmp");
+    let text = serde_json::to_string(&file).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The events recorded in `state` (`events.jsonl`), oldest first.
+pub fn read_events(state: &Path) -> Vec<RecordedEvent> {
+    LocalJournal::new(state, false)
+        .events()
+        .lock()
+        .map(|e| e.clone())
+        .unwrap_or_default()
+}
+
+/// The status in `state`, if the folder has one.
+pub fn read_status(state: &Path) -> Result<Option<CanaryStatus>, String> {
+    LocalJournal::new(state, false).load()
 }
 
 /// One event as a row of `kubectl describe canary`'s Events table.
@@ -534,6 +599,8 @@ pub struct LocalMode {
     watch: CanaryWatch,
     /// Why the last edit of the Canary could not be used, until one can.
     last_reload_problem: Option<String>,
+    /// When `live.json` was last written.
+    live_written: Option<std::time::Instant>,
     // Last: dropped after Envoy and the app processes, it kills whatever of theirs still runs.
     guard: Arc<ProcessGuard>,
 }
@@ -800,6 +867,7 @@ impl LocalMode {
             metrics_options: metrics.clone(),
             watch,
             last_reload_problem: None,
+            live_written: None,
             guard,
         })
     }
@@ -878,6 +946,31 @@ impl LocalMode {
         }
         self.recorder
             .record(self.runner.plan(), self.runner.status(), started.elapsed());
+        self.write_live();
+    }
+
+    /// Writes the live numbers for `weir status` and `weir watch` into the state folder, at
+    /// most twice a second (a tick comes every 50-250ms).
+    fn write_live(&mut self) {
+        if self
+            .live_written
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(500))
+        {
+            return;
+        }
+        self.live_written = Some(std::time::Instant::now());
+        let now = Timestamp::from_system_time(SystemTime::now());
+        let snapshot = crate::live::LiveSnapshot::take(
+            self.runner.plan(),
+            &self.ingest,
+            self.runner.next_step_at(),
+            now,
+        );
+        let path = self.options.state.join(crate::live::LIVE_FILE);
+        let tmp = self.options.state.join("live.json.tmp");
+        if let Ok(text) = serde_json::to_string(&snapshot) {
+            let _ = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+        }
     }
 
     fn record_error(&mut self, e: &RunError) {

@@ -118,6 +118,42 @@ impl Fake {
         object["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
     }
 
+    /// `managedFields` as the API server keeps them for the annotations a merge patch sets:
+    /// one entry per field manager (the `fieldManager` query parameter), the latest last.
+    fn record_manager(&mut self, object: &mut Value, patch: &Value, query: &str) {
+        let Some(manager) = query
+            .split('&')
+            .find_map(|q| q.strip_prefix("fieldManager="))
+        else {
+            return;
+        };
+        let manager = manager.replace("%3A", ":");
+        let Some(annotations) = patch["metadata"]["annotations"].as_object() else {
+            return;
+        };
+        let fields: serde_json::Map<String, Value> = annotations
+            .keys()
+            .map(|k| (format!("f:{k}"), json!({})))
+            .collect();
+        let time = format!(
+            "2026-01-01T{:02}:{:02}:{:02}Z",
+            self.version / 3600 % 24,
+            self.version / 60 % 60,
+            self.version % 60
+        );
+        let mut entries: Vec<Value> = object["metadata"]["managedFields"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        entries.retain(|e| e["manager"] != json!(manager));
+        entries.push(
+            json!({"manager": manager, "operation": "Update", "apiVersion": "weir.dev/v1alpha1",
+            "time": time, "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:annotations": fields}}}),
+        );
+        object["metadata"]["managedFields"] = json!(entries);
+    }
+
     /// The Deployment controller, instantly: a written Deployment has finished its rollout.
     fn settle(&mut self, path: &str) {
         let name = path.rsplit('/').next().unwrap_or_default().to_owned();
@@ -228,6 +264,7 @@ impl Fake {
                         meta.remove("resourceVersion");
                     }
                     merge(&mut object, &patch);
+                    self.record_manager(&mut object, &patch, &call.query);
                 }
                 self.bump(&mut object, old.as_ref());
                 self.objects.insert(key.clone(), object);
@@ -2466,6 +2503,257 @@ async fn without_filters_the_virtual_service_holds_flaggers_route_options_and_se
         let affinity = directive.canaries[0].session_affinity.as_ref().unwrap();
         assert_eq!(&affinity.cookie_value, value);
         assert!(affinity.active);
+    })
+    .await;
+}
+
+/// Runs `ask` (a CLI verb against the scripted API) while reconciling once per 110ms, as the
+/// controller would, until the verb returns.
+async fn while_reconciling<T>(h: &Harness, ask: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(ask);
+    loop {
+        tokio::select! {
+            done = &mut ask => return done,
+            () = tokio::time::sleep(Duration::from_millis(110)) => { h.reconcile().await; }
+        }
+    }
+}
+
+fn request_patches(calls: &[Call]) -> Vec<&Call> {
+    calls
+        .iter()
+        .filter(|c| c.is("PATCH", CANARY) && !c.body["metadata"]["annotations"].is_null())
+        .collect()
+}
+
+#[tokio::test]
+async fn each_verb_travels_as_an_annotation_and_the_controller_says_who_asked() {
+    use weir_controller::analysis::Verb;
+    use weir_controller::cli::{kubernetes as cli, Asked, CliError};
+    bounded(async {
+        let analysis = json!({"interval": "300ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.initialized().await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        let client = h.cluster.client.clone();
+        let wait = Duration::from_secs(10);
+
+        // weir pause, as alice: the annotation with her field manager and the resourceVersion
+        // read, then the controller's event naming her.
+        let before = h.cluster.log().len();
+        let asked = while_reconciling(&h, cli::ask(&client, NS, "mhs", Verb::Pause, "alice", wait)).await;
+        let Ok(Asked::Done(said)) = asked else { panic!("{asked:?}") };
+        assert!(
+            said.iter().any(|m| m.starts_with("Paused mhs.application at canary weight ")
+                && m.contains("as requested by weir-cli:alice")),
+            "{said:?}"
+        );
+        let calls = h.cluster.log()[before..].to_vec();
+        let patch = request_patches(&calls)[0];
+        assert!(patch.query.contains("fieldManager=weir-cli%3Aalice"), "{}", patch.query);
+        assert!(patch.body["metadata"]["resourceVersion"].is_string());
+        let value = patch.body["metadata"]["annotations"]["weir.dev/request"].as_str().unwrap();
+        assert!(value.starts_with("pause "), "{value}");
+        assert!(events(&calls).iter().any(|e| e.2.contains("as requested by weir-cli:alice")));
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(status["paused"]["by"], "weir-cli:alice");
+        assert_eq!(status["paused"]["cause"], "Requested");
+        let paused_condition = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Paused")
+            .cloned()
+            .expect("a Paused condition");
+        assert_eq!(paused_condition["reason"], "Requested");
+
+        // The weight holds while paused.
+        let held = status["canaryWeight"].clone();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            h.reconcile().await;
+        }
+        assert_eq!(h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"], held);
+
+        // Asked again: nothing to do, nothing written.
+        let before = h.cluster.log().len();
+        let again = cli::ask(&client, NS, "mhs", Verb::Pause, "alice", wait).await;
+        assert!(matches!(&again, Ok(Asked::NothingToDo(why)) if why.contains("already paused")), "{again:?}");
+        assert!(request_patches(&h.cluster.log()[before..]).is_empty());
+
+        // A request written by hand (kubectl annotate): who asked is that field manager.
+        {
+            let mut fake = h.cluster.fake.lock().unwrap();
+            let old = fake.objects[CANARY].clone();
+            let mut object = old.clone();
+            let patch = json!({"metadata": {"annotations": {"weir.dev/request": "resume 42"}}});
+            merge(&mut object, &patch);
+            fake.record_manager(&mut object, &patch, "fieldManager=kubectl-annotate");
+            fake.bump(&mut object, Some(&old));
+            fake.objects.insert(CANARY.to_owned(), object);
+        }
+        let calls = h.reconcile().await;
+        assert!(
+            events(&calls).iter().any(|e| e.2.starts_with("Resumed mhs.application at canary weight ")
+                && e.2.ends_with("as requested by kubectl-annotate")),
+            "{:#?}",
+            events(&calls)
+        );
+        assert!(h.cluster.get(CANARY).unwrap()["status"]["paused"].is_null());
+
+        // weir promote, as bob: promoted before maxWeight.
+        let asked = while_reconciling(&h, cli::ask(&client, NS, "mhs", Verb::Promote, "bob", wait)).await;
+        let Ok(Asked::Done(said)) = asked else { panic!("{asked:?}") };
+        assert!(said.iter().any(|m| m.starts_with("Promotion of mhs.application requested by weir-cli:bob")), "{said:?}");
+        h.until_phase("Succeeded").await;
+
+        // Now abort, pause and retry make no sense: refused, nothing written.
+        let before = h.cluster.log().len();
+        let refused = cli::ask(&client, NS, "mhs", Verb::Abort, "bob", wait).await;
+        assert!(
+            matches!(&refused, Err(CliError::NotNow { why, .. }) if why.contains("this one is Succeeded")),
+            "{refused:?}"
+        );
+        let retry = cli::retry(&client, NS, "mhs", "bob").await;
+        assert!(matches!(&retry, Err(e) if e.to_string().contains("only a Failed canary can be retried")), "{retry:?}");
+        assert!(request_patches(&h.cluster.log()[before..]).is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn abort_rolls_back_and_a_request_that_raced_another_is_refused_with_a_conflict() {
+    use weir_controller::analysis::Verb;
+    use weir_controller::cli::{kubernetes as cli, Asked};
+    bounded(async {
+        let analysis =
+            json!({"interval": "300ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.initialized().await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        let client = h.cluster.client.clone();
+        let asked = while_reconciling(
+            &h,
+            cli::ask(
+                &client,
+                NS,
+                "mhs",
+                Verb::Abort,
+                "carol",
+                Duration::from_secs(10),
+            ),
+        )
+        .await;
+        let Ok(Asked::Done(said)) = asked else {
+            panic!("{asked:?}")
+        };
+        assert!(
+            said.iter().any(|m| m
+                .starts_with("Rolling back mhs.application: abort requested by weir-cli:carol")),
+            "{said:?}"
+        );
+        assert_eq!(h.cluster.phase().as_deref(), Some("Failed"));
+        assert_eq!(
+            h.cluster.get(&format!("{DEPLOYMENTS}/mhs")).unwrap()["spec"]["replicas"],
+            0
+        );
+
+        // weir retry now: a new weir.dev/retry token, which the controller honours.
+        let token = cli::retry(&client, NS, "mhs", "carol").await.unwrap();
+        assert_eq!(
+            h.cluster.get(CANARY).unwrap()["metadata"]["annotations"]["weir.dev/retry"],
+            json!(token)
+        );
+        h.until_phase("Progressing").await;
+
+        // A Canary changed between the CLI's read and its patch: the patch's resourceVersion no
+        // longer matches, and nothing is overwritten.
+        let canary: CanaryResource =
+            serde_json::from_value(h.cluster.get(CANARY).unwrap()).unwrap();
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["labels"] = json!({"touched": "yes"})
+        });
+        let api: kube::Api<CanaryResource> = kube::Api::namespaced(client.clone(), NS);
+        let patch = json!({"metadata": {"resourceVersion": canary.metadata.resource_version,
+            "annotations": {"weir.dev/request": "pause 7"}}});
+        let conflict = api
+            .patch(
+                "mhs",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await;
+        assert!(
+            matches!(conflict, Err(kube::Error::Api(ref s)) if s.code == 409),
+            "{conflict:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_live_numbers_come_from_the_controller_through_the_service_proxy() {
+    use weir_controller::cli::{kubernetes as cli, render};
+    bounded(async {
+        let analysis =
+            json!({"interval": "300ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.initialized().await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        let generation = h.ingest.directive().generation;
+        h.ingest
+            .ingest(&canary_report(1, 400, 4, generation), Instant::now())
+            .unwrap();
+
+        // The controller's side: what /live/application/mhs serves.
+        let live = h
+            .ctx
+            .live_snapshot(NS, "mhs")
+            .expect("the controller steps mhs");
+        assert_eq!((live.canary.requests, live.primary.requests), (400, 400));
+        assert_eq!(live.canary.success_rate, Some(99.0));
+        assert!(live.next_step_at > weir_controller::spec::Timestamp::EPOCH);
+
+        // The CLI's side: it asks the API server's service proxy for the weir Service.
+        let service = cli::ControllerService::default();
+        let view = cli::view(&h.cluster.client, &service, NS, "mhs")
+            .await
+            .unwrap();
+        assert_eq!(
+            view.live, None,
+            "no controller answers: no live numbers, and no error"
+        );
+        let proxy =
+            "/api/v1/namespaces/weir-system/services/weir:http-metrics/proxy/live/application/mhs";
+        h.cluster
+            .fake
+            .lock()
+            .unwrap()
+            .objects
+            .insert(proxy.to_owned(), serde_json::to_value(&live).unwrap());
+        let view = cli::view(&h.cluster.client, &service, NS, "mhs")
+            .await
+            .unwrap();
+        assert_eq!(view.live.as_ref(), Some(&live));
+        let table = render::status_table(&[view]);
+        let row = table.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("application   mhs") && row.contains("Progressing"),
+            "{table}"
+        );
+        assert!(row.contains("99.00% ") && row.contains(" 400"), "{table}");
+        assert!(h.cluster.log().iter().any(|c| c.is("GET", proxy)));
     })
     .await;
 }

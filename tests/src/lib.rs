@@ -8,6 +8,7 @@
 //! - [`load`]: a bounded load generator that records every response;
 //! - [`local`]: the controller's local mode with its own state folder and steady traffic;
 //! - [`local_cli`]: `weir local` as a user runs it (the binary, real signals, its processes);
+//! - [`operator`]: the operator's CLI (`weir status`, `promote`, ...) and `weir watch` in tmux;
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it;
 //! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
 //! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app;
@@ -27,6 +28,7 @@ pub mod http;
 pub mod load;
 pub mod local;
 pub mod local_cli;
+pub mod operator;
 pub mod prometheus;
 pub mod reporter;
 pub mod stack;

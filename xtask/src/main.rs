@@ -35,7 +35,7 @@ commands:
                  when missing (stable: RUSTC_BOOTSTRAP=1, no sanitizer); never part of `test`
   help           this text
 
-The commands set WEIR_ENVOY, WEIR_WASM, WEIR_MIRROR, WEIR_BIN and WEIR_PROMETHEUS (absolute
+The commands set WEIR_ENVOY, WEIR_WASM, WEIR_MIRROR, WEIR_BIN, WEIR_PROMETHEUS and WEIR_TMUX (absolute
 paths) for what they run; setting WEIR_ENVOY or WEIR_PROMETHEUS yourself picks that binary.
 ";
 
@@ -155,6 +155,7 @@ impl Workspace {
             ("WEIR_MIRROR", self.bin(profile_dir, "mirror")),
             ("WEIR_BIN", self.bin(profile_dir, "weir")),
             ("WEIR_PROMETHEUS", tools.prometheus.clone()),
+            ("WEIR_TMUX", tools.tmux.clone()),
         ];
         if let Some(wrk) = &tools.wrk {
             env.push(("WEIR_WRK", wrk.clone()));

@@ -28,6 +28,8 @@
 //!   verdict instead of Pass or Fail.
 //! - `inconclusiveCountsAsFailure` (default false): count Inconclusive steps as failed checks;
 //!   by default they only halt the rollout.
+//! - `inconclusiveLimit` (default 10, 0 for none): after that many Inconclusive steps in a row
+//!   the canary pauses and asks for a decision (`weir promote` / `weir abort`).
 //!
 //! The status ([`CanaryStatus`]) keeps Flagger's field names and adds Weir's bookkeeping; it
 //! round-trips through JSON, with times as RFC 3339 strings ([`Timestamp`]).
@@ -46,20 +48,22 @@ pub use duration::{format_go_duration, parse_go_duration, serde_go, DurationErro
 pub use plan::{
     AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup,
     MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range, ServicePlan,
-    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook, DEFAULT_MIN_SAMPLE_COUNT,
-    REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
+    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
     AutoscalerReference, Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
     CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta, ObjectReference,
     ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown, UnmanagedMetadata,
-    RETRY_ANNOTATION,
+    REQUEST_ANNOTATION, RETRY_ANNOTATION,
 };
 pub use routes::{
     CorsPolicy, HeaderOperations, HeaderOps, Retries, Rewrite, RouteMatch, RouteOptions,
     WrittenDuration,
 };
-pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
+pub use status::{
+    CanaryStatus, Condition, Decision, Pause, PauseCause, Phase, RetryState, DECISION_HISTORY_LEN,
+};
 pub use template::{
     LocalObjectReference, MetricTemplate, MetricTemplateProvider, MetricTemplateSpec, ProviderKind,
     ProviderPlan, QueryTemplate, TemplateError, TemplateModel, TemplatePlan, PROMETHEUS_PROVIDER,

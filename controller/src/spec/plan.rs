@@ -224,6 +224,9 @@ pub struct AnalysisPlan {
     pub min_sample_count: u64,
     /// Count Inconclusive checks as failed checks.
     pub inconclusive_counts_as_failure: bool,
+    /// Inconclusive steps in a row after which the canary pauses for an operator's decision;
+    /// `None`: no limit.
+    pub inconclusive_limit: Option<NonZeroU32>,
     /// Percent of primary replicas that must be available (for the platform's readiness).
     pub primary_ready_threshold: Weight,
     /// Percent of canary replicas that must be available (for the platform's readiness).
@@ -244,6 +247,12 @@ impl AnalysisPlan {
 
 /// Default `analysis.minSampleCount`: fewer requests than this in a window is Inconclusive.
 pub const DEFAULT_MIN_SAMPLE_COUNT: u64 = 20;
+
+/// Default `analysis.inconclusiveLimit`. Ten steps in a row is long enough that a lull in
+/// traffic, or the windows filling after a restart, never pauses a rollout, and short enough
+/// that a canary nobody sends traffic to asks for a decision within ten intervals (10 minutes
+/// at Flagger's default 1m) instead of holding its weight forever.
+pub const DEFAULT_INCONCLUSIVE_LIMIT: u32 = 10;
 
 /// How traffic moves to the canary during analysis.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,6 +16,11 @@ use std::collections::BTreeMap;
 /// say) for each retry; the same value never triggers twice.
 pub const RETRY_ANNOTATION: &str = "weir.dev/retry";
 
+/// The annotation that carries an operator request (`weir promote`, `abort`, `pause`,
+/// `resume`): `<verb> <token>`, a new token for each request; who asked is the annotation's
+/// field manager.
+pub const REQUEST_ANNOTATION: &str = "weir.dev/request";
+
 /// Keys that are not part of Flagger's Canary schema, kept so validation can warn about each one.
 pub type Unknown = BTreeMap<String, Value>;
 
@@ -352,7 +357,7 @@ pub struct UnmanagedMetadata {
 }
 
 /// `spec.analysis`: Flagger's `CanaryAnalysis`, plus Weir's own keys (`minSampleCount`,
-/// `inconclusiveCountsAsFailure`).
+/// `inconclusiveCountsAsFailure`, `inconclusiveLimit`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryAnalysis {
@@ -420,6 +425,12 @@ pub struct CanaryAnalysis {
     /// Weir: count an Inconclusive check as a failed check (default false: it only halts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inconclusive_counts_as_failure: Option<bool>,
+    /// Weir (Argo Rollouts' idea): after this many Inconclusive analysis steps in a row the
+    /// canary pauses until an operator decides (`weir promote` / `weir abort`, or `weir resume`);
+    /// default 10, 0 for no limit (it then halts for as long as the data is missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = u32::MAX))]
+    pub inconclusive_limit: Option<i64>,
     /// Weir: who else may report this canary's traffic, as `namespace/serviceAccount` or
     /// `namespace/*` (callers in other namespaces). The canary's own namespace and the ingress
     /// gateways may always; reports from anyone else are refused.

@@ -205,6 +205,7 @@ fn flaggers_defaults_fill_what_is_left_out() {
     assert_eq!(a.webhooks[0].timeout, Duration::from_secs(10));
     assert_eq!(a.min_sample_count, 20);
     assert!(!a.inconclusive_counts_as_failure);
+    assert_eq!(a.inconclusive_limit.map(|n| n.get()), Some(10));
     assert_eq!(a.primary_ready_threshold, Weight::FULL);
     assert_eq!(plan.progress_deadline, Duration::from_secs(600));
     assert_eq!(plan.service.target_port, PortRef::Number(80));
@@ -217,6 +218,22 @@ fn an_out_of_range_step_weight_names_the_field_and_the_rule() {
     assert_eq!(
         errors(&yaml),
         vec!["spec.analysis.stepWeight: must be between 1 and 100, got 150"]
+    );
+}
+
+#[test]
+fn inconclusive_limit_zero_turns_the_limit_off_and_a_negative_one_is_refused() {
+    let plan = compile(&with_analysis(
+        "analysis:\n  inconclusiveLimit: 0\n  stepWeight: 10",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"))
+    .plan;
+    assert_eq!(plan.analysis.inconclusive_limit, None);
+    assert_eq!(
+        errors(&with_analysis(
+            "analysis:\n  inconclusiveLimit: -2\n  stepWeight: 10"
+        )),
+        vec!["spec.analysis.inconclusiveLimit: must be between 0 and 4294967295, got -2"]
     );
 }
 

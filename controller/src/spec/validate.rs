@@ -5,8 +5,8 @@ use super::duration::{parse_go_duration, DurationError};
 use super::plan::{
     AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup,
     MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range, ServicePlan,
-    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook, DEFAULT_MIN_SAMPLE_COUNT,
-    REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
+    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 use super::resource::{
     AutoscalerReference, Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
@@ -1139,6 +1139,24 @@ impl Checker {
             }
         };
 
+        let inconclusive_limit = match a.inconclusive_limit {
+            None => NonZeroU32::new(DEFAULT_INCONCLUSIVE_LIMIT),
+            Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => {
+                NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX))
+            }
+            Some(n) => {
+                self.error(
+                    p("inconclusiveLimit"),
+                    Rule::OutOfRange {
+                        min: 0,
+                        max: i64::from(u32::MAX),
+                        got: n,
+                    },
+                );
+                NonZeroU32::new(DEFAULT_INCONCLUSIVE_LIMIT)
+            }
+        };
+
         let mut reporters = Vec::new();
         for (i, text) in a.reporters.iter().enumerate() {
             match crate::ingest::identity::ReporterRule::parse(text) {
@@ -1156,6 +1174,7 @@ impl Checker {
             webhooks,
             min_sample_count,
             inconclusive_counts_as_failure: a.inconclusive_counts_as_failure.unwrap_or(false),
+            inconclusive_limit,
             primary_ready_threshold,
             canary_ready_threshold,
             session_affinity,
