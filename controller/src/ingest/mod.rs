@@ -38,6 +38,7 @@ mod accounting;
 mod counters;
 mod directives;
 pub mod identity;
+mod outbound;
 mod server;
 pub mod transport;
 mod validate;
