@@ -377,10 +377,11 @@ pub fn load_plan(path: &Path) -> Result<(CanaryPlan, Vec<String>), LocalError> {
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let canary = spec::from_yaml(&text).map_err(|e| err(e.to_string()))?;
     let compiled = canary.compile().map_err(|e| err(e.to_string()))?;
-    Ok((
-        compiled.plan,
-        compiled.warnings.iter().map(ToString::to_string).collect(),
-    ))
+    let mut warnings: Vec<String> = compiled.warnings.iter().map(ToString::to_string).collect();
+    warnings.extend(compiled.plan.kubernetes_only_settings().into_iter().map(|path| {
+        format!("{path}: ignored in local mode, it shapes Kubernetes objects (it takes effect on Kubernetes)")
+    }));
+    Ok((compiled.plan, warnings))
 }
 
 /// The canary's secret routing value for this state folder: from `<state>/route-key`, a random
@@ -1029,6 +1030,43 @@ impl LocalMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_mode_says_it_ignores_the_settings_that_shape_kubernetes_objects() {
+        let dir = std::env::temp_dir().join(format!("weir-k8s-only-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let canary = dir.join("canary.yaml");
+        std::fs::write(
+            &canary,
+            "apiVersion: weir.dev/v1alpha1
+kind: Canary
+metadata: {name: mhs}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}
+  autoscalerRef: {kind: HorizontalPodAutoscaler, name: mhs}
+  service:
+    port: 80
+    portDiscovery: true
+    trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+    primary: {labels: {track: stable}}
+  analysis: {interval: 1m, stepWeight: 10}
+",
+        )
+        .unwrap();
+        let (_, warnings) = load_plan(&canary).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let why =
+            "ignored in local mode, it shapes Kubernetes objects (it takes effect on Kubernetes)";
+        assert_eq!(
+            warnings,
+            [
+                format!("spec.autoscalerRef: {why}"),
+                format!("spec.service.portDiscovery: {why}"),
+                format!("spec.service.trafficPolicy: {why}"),
+                format!("spec.service.primary: {why}"),
+            ]
+        );
+    }
 
     #[test]
     fn an_edit_of_the_canary_file_or_of_a_file_beside_it_is_noticed_once() {

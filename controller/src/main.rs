@@ -384,7 +384,9 @@ enum Command {
     /// Serve only the telemetry ingest, with a directive of synthetic canaries: the controller
     /// side of `cargo xtask bench ingest`. Prints the bound address as its first line; then each
     /// `publish <weight_bp>` line on stdin republishes every canary at that weight and prints
-    /// `generation <n>`. Ends when stdin closes.
+    /// `generation <n>`; a `counters` line prints the ingest's counters (Prometheus text, and
+    /// `weir_reporters_known`) and then `end`. Ends when stdin closes. The limits default to
+    /// the production ones; the hostile-client tests tighten them.
     #[command(hide = true)]
     IngestServer {
         /// Where to listen (port 0: any free port).
@@ -393,6 +395,18 @@ enum Command {
         /// Canaries in the directive (`bench/c0`, `bench/c1`, ...).
         #[arg(long, default_value_t = 1)]
         canaries: u32,
+        /// Connections open at once.
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// A connection that sends nothing for this long is closed.
+        #[arg(long, value_parser = parse_duration)]
+        idle_timeout: Option<Duration>,
+        /// Envoys tracked in the ledger.
+        #[arg(long)]
+        max_reporters: Option<usize>,
+        /// Bytes of reports in transit, all streams together.
+        #[arg(long)]
+        max_buffered_bytes: Option<usize>,
     },
 }
 
@@ -618,15 +632,42 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
-        Command::IngestServer { listen, canaries } => ingest_server(listen, canaries).await?,
+        Command::IngestServer {
+            listen,
+            canaries,
+            max_connections,
+            idle_timeout,
+            max_reporters,
+            max_buffered_bytes,
+        } => {
+            let mut config = weir_controller::ingest::IngestConfig::default();
+            if let Some(n) = max_connections {
+                config.max_connections = n;
+            }
+            if let Some(idle) = idle_timeout {
+                config.idle_timeout = idle;
+            }
+            if let Some(n) = max_reporters {
+                config.max_reporters = n;
+                config.max_reporters_per_identity = n;
+            }
+            if let Some(n) = max_buffered_bytes {
+                config.max_buffered_bytes = n;
+            }
+            ingest_server(listen, canaries, config).await?
+        }
     }
     Ok(())
 }
 
 /// `weir ingest-server`: the ingest alone, under a directive of `canaries` synthetic routes.
-async fn ingest_server(listen: std::net::SocketAddr, canaries: u32) -> anyhow::Result<()> {
+async fn ingest_server(
+    listen: std::net::SocketAddr,
+    canaries: u32,
+    config: weir_controller::ingest::IngestConfig,
+) -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    use weir_controller::ingest::{Ingest, IngestConfig};
+    use weir_controller::ingest::Ingest;
 
     let routes = |weight_bp: u32| {
         (0..canaries)
@@ -638,7 +679,7 @@ async fn ingest_server(listen: std::net::SocketAddr, canaries: u32) -> anyhow::R
             })
             .collect::<Vec<_>>()
     };
-    let ingest = Ingest::try_new(IngestConfig::default())?;
+    let ingest = Ingest::try_new(config)?;
     ingest.publish(routes(1_000))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = ingest
@@ -654,6 +695,10 @@ async fn ingest_server(listen: std::net::SocketAddr, canaries: u32) -> anyhow::R
             .map(|w| w.trim().parse::<u32>());
         match weight {
             Some(Ok(weight_bp)) => println!("generation {}", ingest.publish(routes(weight_bp))?),
+            _ if line.trim() == "counters" => {
+                print!("{}", ingest.counters().render_prometheus());
+                println!("weir_reporters_known {}\nend", ingest.known_reporters());
+            }
             _ => {
                 eprintln!("weir ingest-server: unknown command {line:?}; use `publish <weight_bp>`")
             }

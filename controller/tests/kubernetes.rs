@@ -75,6 +75,8 @@ const COLLECTIONS: &[&str] = &[
     "events",
     "virtualservices",
     "destinationrules",
+    "horizontalpodautoscalers",
+    "scaledobjects",
 ];
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
@@ -265,6 +267,10 @@ fn path_of(object: &Value) -> String {
         "Pod" => format!("/api/v1/namespaces/{ns}/pods"),
         "Secret" => format!("/api/v1/namespaces/{ns}/secrets"),
         "ConfigMap" => format!("/api/v1/namespaces/{ns}/configmaps"),
+        "HorizontalPodAutoscaler" => {
+            format!("/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers")
+        }
+        "ScaledObject" => format!("/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects"),
         other => panic!("the fake does not store {other}"),
     };
     format!("{collection}/{name}")
@@ -1763,6 +1769,388 @@ async fn the_configuration_a_target_uses_is_part_of_its_revision_and_copied_for_
                 .unwrap()["data"]["MODE"],
             "safe"
         );
+    })
+    .await;
+}
+
+/// A Canary whose `spec.service` also holds `service_extra`'s keys.
+fn canary_with_service(service_extra: Value) -> Value {
+    let mut c = canary(false, quick_analysis());
+    for (k, v) in service_extra.as_object().unwrap() {
+        c["spec"]["service"][k] = v.clone();
+    }
+    c
+}
+
+#[tokio::test]
+async fn the_services_and_destination_rules_carry_what_flagger_writes_for_the_service_spec() {
+    bounded(async {
+        let h = Harness::new(
+            canary_with_service(json!({
+                "portDiscovery": true,
+                "appProtocol": "http",
+                "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+                                  "connectionPool": {"http": {"http1MaxPendingRequests": 1024}}},
+                "apex": {"labels": {"tier": "frontend"},
+                         "annotations": {"apex-note": "a", "kustomize.toolkit.fluxcd.io/reconcile": "disabled"}},
+                "primary": {"labels": {"track": "stable", "owner": "weir"},
+                            "annotations": {"prometheus.io/scrape": "true"}},
+                "canary": {"labels": {"track": "canary"}, "annotations": {"canary-note": "c"}},
+                "unmanagedMetadata": {"labels": ["owner"], "annotations": ["cloud.google.com/neg-status"]},
+            })),
+            Duration::from_secs(600),
+        );
+        // Ports: the service's target (8080, left out), a named one, an unnamed one, and the
+        // sidecar's (left out).
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            let spec = &mut d["spec"]["template"]["spec"];
+            spec["containers"][0]["ports"] = json!([
+                {"containerPort": 8080},
+                {"name": "http-metrics", "containerPort": 9797},
+                {"containerPort": 9898, "protocol": "TCP"},
+            ]);
+            spec["containers"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"name": "istio-proxy", "image": "istio/proxyv2",
+                             "ports": [{"name": "http-envoy-prom", "containerPort": 15090}]}));
+        });
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let svc = |name: &str| find(&calls, "PATCH", &format!("{SERVICES}/{name}")).body.clone();
+        let expected_ports = json!([
+            {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
+            {"name": "http-metrics", "port": 9797, "targetPort": 9797, "protocol": "TCP"},
+            {"name": "tcp-mhs-2", "port": 9898, "targetPort": 9898, "protocol": "TCP"},
+        ]);
+        for name in ["mhs", "mhs-primary", "mhs-canary"] {
+            assert_eq!(svc(name)["spec"]["ports"], expected_ports, "{name}");
+        }
+        // Flagger's label (selector key = the Service's name), the spec's labels and
+        // annotations, never an unmanaged key nor a Flux toolkit annotation.
+        assert_eq!(
+            svc("mhs")["metadata"]["labels"],
+            json!({"app": "mhs", "tier": "frontend", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(svc("mhs")["metadata"]["annotations"], json!({"apex-note": "a"}));
+        assert_eq!(
+            svc("mhs-primary")["metadata"]["labels"],
+            json!({"app": "mhs-primary", "track": "stable", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(
+            svc("mhs-primary")["metadata"]["annotations"],
+            json!({"prometheus.io/scrape": "true"})
+        );
+        assert_eq!(
+            svc("mhs-canary")["metadata"]["labels"],
+            json!({"app": "mhs-canary", "track": "canary", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(
+            svc("mhs-canary")["metadata"]["annotations"],
+            json!({"canary-note": "c"})
+        );
+
+        for name in ["mhs-primary", "mhs-canary"] {
+            let rule = &find(&calls, "PATCH", &format!("{DRS}/{name}")).body;
+            assert_eq!(
+                rule["spec"],
+                json!({"host": name, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+                        "connectionPool": {"http": {"http1MaxPendingRequests": 1024}}}})
+            );
+        }
+        // The VirtualService carries the apex metadata, as Flagger's does.
+        let vs = &find(&calls, "PATCH", VS).body;
+        assert_eq!(
+            vs["metadata"]["labels"],
+            json!({"tier": "frontend", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(vs["metadata"]["annotations"], json!({"apex-note": "a"}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn headless_and_traffic_distribution_reach_the_three_services() {
+    bounded(async {
+        let h = Harness::new(
+            canary_with_service(json!({"headless": true, "trafficDistribution": "PreferClose"})),
+            Duration::from_secs(600),
+        );
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        for name in ["mhs", "mhs-primary", "mhs-canary"] {
+            let spec = &find(&calls, "PATCH", &format!("{SERVICES}/{name}")).body["spec"];
+            assert_eq!(spec["clusterIP"], "None", "{name}");
+            assert_eq!(spec["trafficDistribution"], "PreferClose", "{name}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_port_discovery_the_services_have_the_service_port_only_and_no_app_protocol() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["ports"] =
+                json!([{"containerPort": 8080}, {"name": "http-metrics", "containerPort": 9797}]);
+        });
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let primary = &find(&calls, "PATCH", &format!("{SERVICES}/mhs-primary")).body;
+        assert_eq!(
+            primary["spec"]["ports"],
+            json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}])
+        );
+        assert!(primary["spec"].get("clusterIP").is_none());
+        assert!(primary["spec"].get("trafficDistribution").is_none());
+        let rule = &find(&calls, "PATCH", &format!("{DRS}/mhs-primary")).body;
+        assert_eq!(rule["spec"], json!({"host": "mhs-primary"}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_delegate_virtual_service_has_no_hosts_or_gateways_and_the_filters_keep_the_hosts() {
+    bounded(async {
+        let mut c = canary(false, quick_analysis());
+        c["spec"]["service"] = json!({"port": 80, "targetPort": 8080, "delegation": true,
+                                      "hosts": ["mhs.example.com"]});
+        let h = Harness::new(c, Duration::from_secs(600));
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let vs = &find(&calls, "PATCH", VS).body;
+        assert_eq!(vs["spec"]["hosts"], json!([]));
+        assert_eq!(vs["spec"]["gateways"], json!([]));
+        assert_eq!(
+            vs["spec"]["http"][1]["route"][0]["destination"]["host"],
+            "mhs-primary"
+        );
+        let directive = h.ingest.directive();
+        let entry = directive
+            .canaries
+            .iter()
+            .find(|c| c.key == "application/mhs")
+            .expect("the canary is in the directive");
+        assert!(
+            entry.hosts.iter().any(|h| h == "mhs.example.com"),
+            "{:?}",
+            entry.hosts
+        );
+    })
+    .await;
+}
+
+const HPAS: &str = "/apis/autoscaling/v2/namespaces/application/horizontalpodautoscalers";
+const SCALED_OBJECTS: &str = "/apis/keda.sh/v1alpha1/namespaces/application/scaledobjects";
+
+fn with_autoscaler(mut canary: Value, autoscaler_ref: Value) -> Value {
+    canary["spec"]["autoscalerRef"] = autoscaler_ref;
+    canary
+}
+
+#[tokio::test]
+async fn an_hpa_gets_a_primary_copy_that_honours_primary_scaler_replicas_and_follows_edits() {
+    bounded(async {
+        let h = Harness::new(
+            with_autoscaler(
+                canary(false, quick_analysis()),
+                json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "name": "mhs",
+                       "primaryScalerReplicas": {"minReplicas": 2, "maxReplicas": 6}}),
+            ),
+            Duration::from_secs(600),
+        );
+        let metrics = |utilization: i64| {
+            json!([{"type": "Resource", "resource": {"name": "cpu",
+                     "target": {"type": "Utilization", "averageUtilization": utilization}}}])
+        };
+        let behavior = json!({"scaleDown": {"stabilizationWindowSeconds": 300}});
+        h.cluster.put(json!({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "mhs", "namespace": NS,
+                         "labels": {"app": "mhs", "kustomize.toolkit.fluxcd.io/name": "apps"},
+                         "annotations": {"note": "the target's"}},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mhs"},
+                     "minReplicas": 1, "maxReplicas": 4, "metrics": metrics(80), "behavior": behavior},
+        }));
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let all = h.cluster.log();
+        let copy_path = format!("{HPAS}/mhs-primary");
+        let copy = &find(&all, "PATCH", &copy_path).body;
+        let owner = copy["metadata"]["ownerReferences"].clone();
+        owner_is_the_canary(copy);
+        // Flagger's copy: the original's spec aimed at the primary, primaryScalerReplicas
+        // replacing its bounds, its labels without Flux's; no annotations.
+        assert_eq!(
+            copy,
+            &json!({
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": "mhs-primary", "namespace": NS, "labels": {"app": "mhs"},
+                             "ownerReferences": owner},
+                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mhs-primary"},
+                         "minReplicas": 2, "maxReplicas": 6, "metrics": metrics(80), "behavior": behavior},
+            })
+        );
+        // The target's HPA is left alone: Kubernetes does not scale a target at zero.
+        assert!(all.iter().all(|c| c.method == "GET" || c.path != format!("{HPAS}/mhs")));
+        assert_eq!(h.cluster.get(&format!("{DEPLOYMENTS}/mhs")).unwrap()["spec"]["replicas"], 0);
+        assert!(calls.iter().any(|c| c.is("GET", &format!("{HPAS}/mhs"))));
+
+        // Nothing changed: nothing written.
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let idle = h.reconcile().await;
+        assert!(idle.iter().all(|c| !c.is("PATCH", &copy_path)), "{:#?}", writes(&idle));
+
+        // The user edits the original: the copy follows, keeping primaryScalerReplicas.
+        h.cluster.edit(&format!("{HPAS}/mhs"), |hpa| {
+            hpa["spec"]["metrics"] = metrics(60);
+            hpa["spec"]["maxReplicas"] = json!(10);
+        });
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let edited = h.reconcile().await;
+        let update = &find(&edited, "PATCH", &copy_path).body;
+        assert_eq!(update["spec"]["metrics"], metrics(60));
+        assert_eq!(update["spec"]["maxReplicas"], 6);
+
+        // The primary's HPA scaled it to 5: a promotion keeps that instead of the target's count.
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs-primary"), |d| {
+            d["spec"]["replicas"] = json!(5)
+        });
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let rollout = h.until_phase("Succeeded").await;
+        let promote = rollout
+            .iter()
+            .rfind(|c| c.is("PATCH", &format!("{DEPLOYMENTS}/mhs-primary")))
+            .expect("the primary was updated");
+        assert_eq!(
+            promote.body["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/weir/mhs:1.1.2"
+        );
+        assert_eq!(promote.body["spec"]["replicas"], 5);
+
+        // Deleted without revertOnDeletion: the copy stays with the primary it scales.
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")
+        });
+        let mut deletion = h.reconcile().await;
+        for _ in 0..5 {
+            if h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"] == json!([]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            deletion.extend(h.reconcile().await);
+        }
+        let release = find(&deletion, "PATCH", &copy_path);
+        assert_eq!(release.body, json!({"metadata": {"ownerReferences": null}}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_autoscaler_is_reported_with_the_field_that_names_it() {
+    bounded(async {
+        let h = Harness::new(
+            with_autoscaler(
+                canary(false, quick_analysis()),
+                json!({"kind": "HorizontalPodAutoscaler", "name": "mhs"}),
+            ),
+            Duration::from_secs(600),
+        );
+        for _ in 0..3 {
+            let _ = reconcile(h.cluster.canary(), h.ctx.clone()).await;
+            tokio::time::sleep(Duration::from_millis(110)).await;
+        }
+        let notes: Vec<String> = events(&h.cluster.log()).into_iter().map(|e| e.2).collect();
+        assert!(
+            notes.iter().any(|n| n.contains(
+                "spec.autoscalerRef names HorizontalPodAutoscaler mhs, which does not exist in namespace application"
+            )),
+            "{notes:#?}"
+        );
+        assert!(h.cluster.get(&format!("{HPAS}/mhs-primary")).is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_scaled_object_gets_a_primary_copy_and_is_paused_while_weir_holds_the_target_at_zero() {
+    bounded(async {
+        let h = Harness::new(
+            with_autoscaler(
+                canary(true, quick_analysis()),
+                json!({"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "name": "mhs-so",
+                       "primaryScalerReplicas": {"minReplicas": 3}}),
+            ),
+            Duration::from_secs(600),
+        );
+        let query = |app: &str| format!("sum(rate(istio_requests_total{{destination_workload=\"{app}\"}}[1m]))");
+        h.cluster.put(json!({
+            "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": "mhs-so", "namespace": NS, "labels": {"app": "mhs"},
+                         "annotations": {"scaledobject.keda.sh/transfer-hpa-ownership": "true"}},
+            "spec": {"scaleTargetRef": {"name": "mhs"}, "pollingInterval": 15, "cooldownPeriod": 120,
+                     "minReplicaCount": 1, "maxReplicaCount": 10,
+                     "triggers": [{"type": "prometheus", "name": "rps",
+                                   "metadata": {"serverAddress": "http://prometheus:9090",
+                                                "query": query("mhs"), "threshold": "100"}}]},
+        }));
+        h.reconcile().await;
+        h.until_phase("Initialized").await;
+        let all = h.cluster.log();
+        let copy_path = format!("{SCALED_OBJECTS}/mhs-so-primary");
+        let copy = &find(&all, "PATCH", &copy_path).body;
+        let owner = copy["metadata"]["ownerReferences"].clone();
+        owner_is_the_canary(copy);
+        assert_eq!(
+            copy,
+            &json!({
+                "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+                "metadata": {"name": "mhs-so-primary", "namespace": NS, "labels": {"app": "mhs"},
+                             "annotations": {"scaledobject.keda.sh/transfer-hpa-ownership": "true"},
+                             "ownerReferences": owner},
+                "spec": {"scaleTargetRef": {"name": "mhs-primary"}, "pollingInterval": 15,
+                         "cooldownPeriod": 120, "minReplicaCount": 3, "maxReplicaCount": 10,
+                         "advanced": {"horizontalPodAutoscalerConfig": {}},
+                         "triggers": [{"type": "prometheus", "name": "rps",
+                                       "metadata": {"serverAddress": "http://prometheus:9090",
+                                                    "query": query("mhs-primary"), "threshold": "100"}}]},
+            })
+        );
+        // Paused before the target goes to zero, as Flagger does.
+        let original = format!("{SCALED_OBJECTS}/mhs-so");
+        let target = format!("{DEPLOYMENTS}/mhs");
+        let pause = all
+            .iter()
+            .position(|c| c.is("PATCH", &original))
+            .expect("the target's ScaledObject is paused");
+        assert_eq!(all[pause].content_type, "application/merge-patch+json");
+        assert_eq!(
+            all[pause].body,
+            json!({"metadata": {"annotations": {"autoscaling.keda.sh/paused-replicas": "0"}}})
+        );
+        let to_zero = all.iter().rposition(|c| c.is("PATCH", &target)).unwrap();
+        assert!(pause < to_zero);
+        assert_eq!(all[to_zero].body["spec"]["replicas"], 0);
+
+        // Resumed before the target is scaled up, and on deletion (revertOnDeletion).
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let calls = h.until_phase("Progressing").await;
+        let resume = calls.iter().position(|c| c.is("PATCH", &original)).unwrap();
+        let scale_up = calls.iter().position(|c| c.is("PATCH", &target)).unwrap();
+        assert!(resume < scale_up);
+        assert_eq!(
+            calls[resume].body,
+            json!({"metadata": {"annotations": {"autoscaling.keda.sh/paused-replicas": null}}})
+        );
+        assert_eq!(calls[scale_up].body["spec"]["replicas"], 2);
+        assert!(h.cluster.get(&original).unwrap()["metadata"]["annotations"]
+            .get("autoscaling.keda.sh/paused-replicas")
+            .is_none());
     })
     .await;
 }

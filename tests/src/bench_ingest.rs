@@ -355,15 +355,24 @@ struct Controller {
 }
 
 impl Controller {
-    async fn start(binary: &Path, canaries: u32) -> anyhow::Result<Self> {
+    /// Starts `binary`'s ingest server for `envoys` Envoys: its connection and ledger limits
+    /// are raised to fit them when the binary takes them (the defaults suit one replica of the
+    /// Deployment; a bench at 10,000 is a deployment sized for them), else left as they are.
+    async fn start(binary: &Path, canaries: u32, envoys: usize) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "ingest-server".to_owned(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--canaries".to_owned(),
+            canaries.to_string(),
+        ];
+        if takes_limits(binary).await {
+            let room = (envoys + 64).to_string();
+            args.extend(["--max-connections".to_owned(), room.clone()]);
+            args.extend(["--max-reporters".to_owned(), room]);
+        }
         let mut child = Command::new(binary)
-            .args([
-                "ingest-server",
-                "--listen",
-                "127.0.0.1:0",
-                "--canaries",
-                &canaries.to_string(),
-            ])
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -452,6 +461,17 @@ impl Controller {
             let _ = self.child.kill().await;
         }
     }
+}
+
+/// Whether `binary`'s ingest server takes limits on its command line (builds before the
+/// hostile-client work do not, and had large defaults).
+async fn takes_limits(binary: &Path) -> bool {
+    Command::new(binary)
+        .args(["ingest-server", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--max-connections"))
 }
 
 /// What a client task shares with the benchmark.
@@ -710,7 +730,7 @@ async fn run_one(
     envoys: usize,
     rng: &mut Rng,
 ) -> anyhow::Result<Run> {
-    let mut controller = Controller::start(binary, options.canaries).await?;
+    let mut controller = Controller::start(binary, options.canaries, envoys).await?;
     let (target_tx, target) = watch::channel(controller.addr);
     let shared = Arc::new(Shared {
         origin: Instant::now(),
@@ -889,7 +909,7 @@ async fn storm(
     options: &Options,
     target: &watch::Sender<SocketAddr>,
 ) -> anyhow::Result<(Storm, Controller)> {
-    let mut second = Controller::start(binary, options.canaries).await?;
+    let mut second = Controller::start(binary, options.canaries, slots.len()).await?;
     // Its first generation (from its start time) is above every one of the first controller's.
     let (_, generation) = second.publish(1_000).await?;
     let envoys = slots

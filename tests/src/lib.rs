@@ -10,7 +10,8 @@
 //! - [`local_cli`]: `weir local` as a user runs it (the binary, real signals, its processes);
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it;
 //! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
-//! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app.
+//! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app;
+//! - [`hostile`]: the ingest in its own process, its memory, and clients that break the rules.
 
 pub mod bench_detect;
 pub mod bench_filter;
@@ -21,6 +22,7 @@ pub mod binaries;
 pub mod certs;
 pub mod control_plane;
 pub mod fallback;
+pub mod hostile;
 pub mod http;
 pub mod load;
 pub mod local;

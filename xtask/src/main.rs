@@ -4,6 +4,7 @@
 //! machine needs nothing but the Rust toolchain and the two commands in the README.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod steps;
 
@@ -29,6 +30,9 @@ commands:
   demo [args]    setup, build, then run `weir demo [args]`: the local demo
   bench <name>   setup (with wrk), release builds, then the benchmark binary `bench-<name>`
                  of the weir-e2e crate; `cargo xtask bench` lists them
+  fuzz [--seconds N] [report|canary]...
+                 each fuzz target of fuzz/ for N seconds (default 120): cargo-fuzz, installed
+                 when missing (stable: RUSTC_BOOTSTRAP=1, no sanitizer); never part of `test`
   help           this text
 
 The commands set WEIR_ENVOY, WEIR_WASM, WEIR_MIRROR, WEIR_BIN and WEIR_PROMETHEUS (absolute
@@ -76,6 +80,7 @@ fn run() -> Result<()> {
         Some("test") => test(&ws, &rest),
         Some("demo") => demo(&ws, &rest),
         Some("bench") => bench::run(&ws, &rest),
+        Some("fuzz") => fuzz::run(&ws, &rest),
         Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
     }
 }

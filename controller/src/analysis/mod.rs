@@ -115,6 +115,16 @@
 //!   analysed as a new revision (`Observations::primary_revision`); Flagger copies the target
 //!   to the primary at initialization, unanalysed.
 //!
+//! Autoscalers (`autoscalerRef`, `platform/kubernetes/autoscalers.rs`):
+//! - The primary's copy follows an edit of the original on the next reconcile (within an
+//!   analysis interval); Flagger updates it only while promoting.
+//! - A target scaled up from zero gets the replicas it had when Weir scaled it down (Flagger:
+//!   the autoscaler's `minReplicas`, at least 1); its autoscaler takes over from there in both.
+//! - A ScaledObject's whole spec is copied (Flagger copies the fields its vendored KEDA types
+//!   know, dropping newer ones such as `initialCooldownPeriod` or `scalingModifiers`).
+//! - Deleted without `revertOnDeletion`, the copy stays with the primary it scales, which Weir
+//!   keeps serving (see Revisions above); Flagger's garbage collection deletes both.
+//!
 //! Status and events:
 //! - `failedChecks` keeps its value in Failed (Flagger resets it), and the status weight is the
 //!   weight being routed (Flagger's status shows 0 while WaitingPromotion/Promoting).

@@ -17,8 +17,8 @@
 //!   [`Steps`]). All problems are reported at once, each as `path: rule`, e.g.
 //!   `spec.analysis.stepWeight: must be between 1 and 100, got 150`.
 //! - Warnings, logged once by the caller, list what is accepted without effect: Flagger fields
-//!   not supported yet (mirroring, alerts, autoscalerRef, retries, corsPolicy, ...), deprecated
-//!   fields, settings that do not apply, and **unknown keys**: Weir does not reject keys outside
+//!   not supported yet (mirroring, alerts, retries, corsPolicy, ...), other providers' fields
+//!   (no effect with Istio), deprecated fields, settings that do not apply, and **unknown keys**: Weir does not reject keys outside
 //!   Flagger's schema (a newer Flagger may have them) but warns about each one with its path.
 //!   Conditions that would change *who* gets the canary if ignored (A/B `match` on query
 //!   parameters, say) are errors instead.
@@ -43,14 +43,16 @@ mod weight;
 
 pub use duration::{format_go_duration, parse_go_duration, serde_go, DurationError};
 pub use plan::{
-    AnalysisPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup, MetricCheck, MetricKind, PortRef,
-    Range, ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
-    DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup,
+    MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range, ServicePlan,
+    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook, DEFAULT_MIN_SAMPLE_COUNT,
+    REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
-    Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook, IntOrString,
-    MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch, ThresholdRange,
-    Unknown, RETRY_ANNOTATION,
+    AutoscalerReference, Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
+    CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta, ObjectReference,
+    ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown, UnmanagedMetadata,
+    RETRY_ANNOTATION,
 };
 pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
 pub use template::{
@@ -60,8 +62,8 @@ pub use template::{
 pub use time::{Timestamp, TimestampError};
 pub use validate::{
     Compiled, FieldError, Rule, ValidationErrors, Warning, WarningKind, API_VERSION,
-    DEFAULT_INTERVAL, DEFAULT_METRIC_INTERVAL, DEFAULT_PROGRESS_DEADLINE, DEFAULT_WEBHOOK_TIMEOUT,
-    FLAGGER_API_VERSION, PROVIDERS, TARGET_KINDS,
+    AUTOSCALER_KINDS, DEFAULT_INTERVAL, DEFAULT_METRIC_INTERVAL, DEFAULT_PROGRESS_DEADLINE,
+    DEFAULT_WEBHOOK_TIMEOUT, FLAGGER_API_VERSION, PROVIDERS, TARGET_KINDS,
 };
 pub use weight::{Weight, WeightError};
 
@@ -96,6 +98,8 @@ pub fn load_yaml(text: &str) -> Result<Compiled, SpecError> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod workload_tests;
 
 /// The canary's routing-header value before a platform makes it secret (tests, Flagger's own
 /// header routing).

@@ -130,9 +130,7 @@ fn a_flagger_tutorial_canary_loads_with_warnings_for_what_weir_does_not_do_yet()
         warnings,
         vec![
             "apiVersion: flagger.app/v1beta1 accepted for copy-paste from Flagger; change it to weir.dev/v1alpha1",
-            "spec.autoscalerRef: not supported yet, ignored",
             "spec.service.retries: not supported yet, ignored",
-            "spec.service.trafficPolicy: not supported yet, ignored",
         ]
     );
 }

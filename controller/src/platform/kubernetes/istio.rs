@@ -28,8 +28,12 @@ pub enum RoutingMode {
 }
 
 /// The DestinationRule for one routed Service (Flagger creates one per primary and canary
-/// Service, so traffic policies can differ between them).
+/// Service), with `spec.service.trafficPolicy` as written.
 pub fn destination_rule(plan: &CanaryPlan, service: &str, owner: &Value) -> Value {
+    let mut spec = json!({"host": service});
+    if let Some(policy) = &plan.service.traffic_policy {
+        spec["trafficPolicy"] = policy.clone();
+    }
     json!({
         "apiVersion": ISTIO_API_VERSION,
         "kind": "DestinationRule",
@@ -39,7 +43,7 @@ pub fn destination_rule(plan: &CanaryPlan, service: &str, owner: &Value) -> Valu
             "labels": {"app.kubernetes.io/managed-by": "weir"},
             "ownerReferences": [owner],
         },
-        "spec": {"host": service},
+        "spec": spec,
     })
 }
 
@@ -111,25 +115,49 @@ pub fn virtual_service(
             }
         },
     };
-    let mut hosts = vec![plan.service.name.clone()];
-    for host in &plan.service.hosts {
-        if !hosts.contains(host) {
-            hosts.push(host.clone());
+    let mut spec = json!({"http": http});
+    if plan.service.delegation {
+        // A delegate: the root VirtualService that names it has the hosts and gateways, and
+        // Istio ignores a delegate that has its own. `spec.service.hosts` still tell the
+        // filters which authorities are the canary's.
+        spec["hosts"] = json!([]);
+        spec["gateways"] = json!([]);
+    } else {
+        let mut hosts = vec![plan.service.name.clone()];
+        for host in &plan.service.hosts {
+            if !hosts.contains(host) {
+                hosts.push(host.clone());
+            }
+        }
+        spec["hosts"] = json!(hosts);
+        if !plan.service.gateways.is_empty() {
+            spec["gateways"] = json!(plan.service.gateways);
         }
     }
-    let mut spec = json!({"hosts": hosts, "http": http});
-    if !plan.service.gateways.is_empty() {
-        spec["gateways"] = json!(plan.service.gateways);
+    // Flagger gives the VirtualService the apex metadata.
+    let mut labels = plan.service.apex.labels.clone();
+    labels.insert("app.kubernetes.io/managed-by".to_owned(), "weir".to_owned());
+    let mut metadata = json!({
+        "name": plan.service.name,
+        "namespace": plan.namespace,
+        "labels": labels,
+        "ownerReferences": [owner],
+    });
+    let annotations: serde_json::Map<String, Value> = plan
+        .service
+        .apex
+        .annotations
+        .iter()
+        .filter(|(k, _)| !k.contains("toolkit.fluxcd.io"))
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    if !annotations.is_empty() {
+        metadata["annotations"] = Value::Object(annotations);
     }
     json!({
         "apiVersion": ISTIO_API_VERSION,
         "kind": "VirtualService",
-        "metadata": {
-            "name": plan.service.name,
-            "namespace": plan.namespace,
-            "labels": {"app.kubernetes.io/managed-by": "weir"},
-            "ownerReferences": [owner],
-        },
+        "metadata": metadata,
         "spec": spec,
     })
 }

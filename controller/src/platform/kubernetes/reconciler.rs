@@ -3,13 +3,13 @@
 //!
 //! A reconcile: put the finalizer on; compile the spec (an invalid one is reported once per
 //! generation as a Warning event, and as a `Valid=False` status condition until it is fixed);
-//! find the Canary's runner, or build one resuming from the
-//! status (a spec change rebuilds it from the last status written); refresh what the journal
-//! reads (retry annotation, deletion); on a new runner, publish the route the status calls for;
-//! one runner step; check the routing mode; write events and status; after a deletion has been
-//! reverted, drop the finalizer. Every path returns an explicit requeue: the engine's next step
-//! time (see [`Context::requeue_after`]), sooner while the routing mode is unsettled or a
-//! deletion waits for the restored target.
+//! find the Canary's runner, or build one resuming from the status (a spec change rebuilds it
+//! from the last status written); refresh what the journal reads (retry annotation,
+//! deletion); on a new runner, publish the route the status calls for; one runner step; check
+//! the routing mode; bring the primary's autoscaler copy up to date; write events and status;
+//! after a deletion has been reverted, drop the finalizer. Every path returns an explicit
+//! requeue: the engine's next step time (see [`Context::requeue_after`]), sooner while the
+//! routing mode is unsettled or a deletion waits for the restored target.
 //!
 //! Runners live in memory between reconciles because the runner's status is ahead of the
 //! reflector's copy of the Canary until the watch delivers Weir's own status write; a runner
@@ -469,6 +469,22 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             .runner
             .platform()
             .sync_routing(route)
+            .await
+            .map_err(Into::into);
+    }
+    let phase = entry.runner.status().phase;
+    let initialized = !matches!(
+        phase,
+        None | Some(Phase::Initializing | Phase::Terminating | Phase::Terminated)
+    );
+    if stepped.is_ok() && initialized && !deleting {
+        // An edit of the target's autoscaler reaches the primary's copy (no watch on
+        // autoscalers: within an analysis interval). Last, so that a missing autoscaler
+        // (reported) does not hold back the routing.
+        stepped = entry
+            .runner
+            .platform()
+            .sync_autoscaler()
             .await
             .map_err(Into::into);
     }
