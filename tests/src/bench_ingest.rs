@@ -63,7 +63,7 @@ pub const TARGET_ENVOYS: usize = 10_000;
 pub const ACK_DURING_PUBLISH_P99_TARGET_MS: f64 = 50.0;
 /// The controller Deployment's memory limit (manifests/controller.yaml), MiB: what a storm must
 /// stay under.
-pub const MEMORY_LIMIT_MIB: f64 = 512.0;
+pub const MEMORY_LIMIT_MIB: f64 = 2048.0;
 /// Stated bound for a storm: every Envoy served again within this time after its controller was
 /// killed, s. The filter's default grace period is 10 s: an Envoy back within it never routed
 /// by a stale directive's absence.
