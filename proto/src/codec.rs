@@ -1,20 +1,97 @@
 //! The gRPC codec of weir.v1: prost, with the contract's size rules checked on the encoded bytes
-//! before anything is decoded.
+//! before anything is decoded, and messages that can be encoded once and sent many times.
 //!
 //! A protobuf message can decode to far more memory than it takes on the wire: an empty
 //! `VersionStats` is two bytes encoded and about a hundred decoded. So a `Report`'s top-level
 //! `stats` entries are counted on the raw bytes first, and a report with more than
 //! [`MAX_STATS_PER_REPORT`] is refused (`INVALID_ARGUMENT`) without being decoded. With the
 //! server's message-size limit, that bounds what one report can make the controller allocate.
+//!
+//! The controller sends the same directive to every Envoy: [`Encoded`] holds a message's bytes,
+//! encoded once and shared, and the server's stream carries [`Outgoing`] messages, either encoded
+//! already or not, which the encoder writes as they are.
 
 use std::marker::PhantomData;
 
-use bytes::Buf;
+use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 
-use crate::v1::Report;
+use crate::v1::{ControllerMessage, Report};
+
+/// Initial size of the encode and decode buffers of every stream (tonic's default is 8 KiB
+/// each). A report is about 400 bytes, a directive a few hundred; the buffers grow when a larger
+/// message needs it (up to the server's message-size limit), so this bounds nothing: it is what
+/// every one of 10,000 connected Envoys costs the controller before it sends anything large.
+pub const STREAM_BUFFER_BYTES: usize = 1024;
+
+/// A message encoded once, to be sent on many streams: the bytes are shared, not copied, until
+/// the encoder writes them into a stream's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    bytes: Bytes,
+}
+
+impl Encoded {
+    /// Encodes `message`.
+    pub fn of(message: &ControllerMessage) -> Self {
+        Self {
+            bytes: Bytes::from(message.encode_to_vec()),
+        }
+    }
+
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+/// What the controller sends down an `Exchange` stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// A message to encode (an acknowledgement: different on every stream).
+    Message(ControllerMessage),
+    /// A message encoded before (a directive: the same for every stream).
+    Encoded(Encoded),
+}
+
+/// How a message gets onto the wire.
+pub trait Encode {
+    /// Writes the encoded message into `buf`.
+    fn encode_into(self, buf: &mut impl BufMut) -> Result<(), Status>;
+}
+
+fn encode_error(e: prost::EncodeError) -> Status {
+    Status::internal(format!("cannot encode a weir.v1 message: {e}"))
+}
+
+impl<M: Message> Encode for M {
+    fn encode_into(self, buf: &mut impl BufMut) -> Result<(), Status> {
+        self.encode(buf).map_err(encode_error)
+    }
+}
+
+impl Encode for Outgoing {
+    fn encode_into(self, buf: &mut impl BufMut) -> Result<(), Status> {
+        match self {
+            Outgoing::Message(message) => message.encode(buf).map_err(encode_error),
+            Outgoing::Encoded(encoded) => {
+                let bytes = encoded.bytes;
+                // What prost checks for a message it encodes (put_slice would panic instead).
+                if buf.remaining_mut() < bytes.len() {
+                    return Err(Status::internal(format!(
+                        "cannot encode a weir.v1 message: {} bytes needed, {} left in the buffer",
+                        bytes.len(),
+                        buf.remaining_mut()
+                    )));
+                }
+                buf.put_slice(&bytes);
+                Ok(())
+            }
+        }
+    }
+}
 
 /// Most `stats` entries in one report (a reporter with more splits them over several reports).
 pub const MAX_STATS_PER_REPORT: usize = 1024;
@@ -84,7 +161,7 @@ impl<T, U> Default for CheckedCodec<T, U> {
 
 impl<T, U> Codec for CheckedCodec<T, U>
 where
-    T: Message + Send + 'static,
+    T: Encode + Send + 'static,
     U: Message + Default + Precheck + Send + 'static,
 {
     type Encode = T;
@@ -101,19 +178,25 @@ where
     }
 }
 
-/// The encoder of [`CheckedCodec`]: prost's.
+/// The encoder of [`CheckedCodec`]: prost's, or the bytes of an [`Encoded`] message.
 #[derive(Debug)]
 pub struct CheckedEncoder<T>(PhantomData<T>);
 
-impl<T: Message> Encoder for CheckedEncoder<T> {
+impl<T: Encode> Encoder for CheckedEncoder<T> {
     type Item = T;
     type Error = Status;
 
     fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        item.encode(buf)
-            .map_err(|e| Status::internal(format!("cannot encode a weir.v1 message: {e}")))
+        item.encode_into(buf)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER_BYTES, DEFAULT_YIELD_THRESHOLD)
     }
 }
+
+/// tonic's default: how much encoded data a stream gathers before it yields to the transport.
+const DEFAULT_YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// The decoder of [`CheckedCodec`]: [`Precheck`], then prost.
 #[derive(Debug)]
@@ -129,6 +212,10 @@ impl<U: Message + Default + Precheck> Decoder for CheckedDecoder<U> {
         U::decode(buf)
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("not a valid weir.v1 message: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER_BYTES, DEFAULT_YIELD_THRESHOLD)
     }
 }
 
@@ -154,6 +241,43 @@ mod tests {
         let refused = Report::precheck(&report(MAX_STATS_PER_REPORT + 1)).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
         assert!(refused.message().contains("at most 1024"), "{refused:?}");
+    }
+
+    #[test]
+    fn an_encoded_message_goes_on_the_wire_as_the_message_itself() {
+        use crate::v1::controller_message::Kind;
+        use crate::v1::{Ack, Directive};
+        let directive = ControllerMessage {
+            kind: Some(Kind::Directive(Directive {
+                generation: 7,
+                canaries: Vec::new(),
+            })),
+        };
+        let mut once = Vec::new();
+        Outgoing::Encoded(Encoded::of(&directive))
+            .encode_into(&mut once)
+            .unwrap();
+        assert_eq!(once, directive.encode_to_vec());
+        assert_eq!(
+            ControllerMessage::decode(once.as_slice()).unwrap(),
+            directive
+        );
+        let ack = ControllerMessage {
+            kind: Some(Kind::Ack(Ack {
+                epoch: 1,
+                sequence: 2,
+            })),
+        };
+        let mut each = Vec::new();
+        Outgoing::Message(ack.clone())
+            .encode_into(&mut each)
+            .unwrap();
+        assert_eq!(each, ack.encode_to_vec());
+        // A buffer too small for the bytes is an error, not a truncated message.
+        let mut small = [0u8; 2];
+        assert!(Outgoing::Encoded(Encoded::of(&directive))
+            .encode_into(&mut &mut small[..])
+            .is_err());
     }
 
     #[test]

@@ -14,11 +14,21 @@
 //! - directive fan-out: the bench asks the controller to publish a new weight (the instant just
 //!   before the request is written is the start), each client timestamps the arrival of the new
 //!   generation, and we take p50, p99 and max across streams, for several publishes;
-//! - the report → ack round trip seen by the clients (whether the controller keeps up).
+//! - the report → ack round trip seen by the clients (whether the controller keeps up), in all
+//!   and for the reports sent while a publish is being fanned out.
+//!
+//! `--baseline <weir>` runs every N against a second `weir` binary too (another build, e.g. the
+//! one before a change), alternating, and prints the ratios: both in one run, on the same load.
+//!
+//! `--storm` ends each N with a reconnect storm: a second controller process starts, the first is
+//! killed, and every Envoy reconnects to the second with the filter's own backoff
+//! (`weir_filter::reporter::Backoff`: full jitter); we measure the time until every Envoy has the
+//! second controller's directive and that controller's peak RSS against the Deployment's limit.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +41,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+use weir_filter::reporter::Backoff;
 use weir_proto::v1::controller_message::Kind;
 use weir_proto::v1::telemetry_client::TelemetryClient;
 use weir_proto::v1::{Report, Reporter, Version, VersionStats};
@@ -48,6 +59,15 @@ pub const RSS_TARGET_MIB: f64 = 512.0;
 pub const FANOUT_P99_TARGET_MS: f64 = 100.0;
 /// The Envoy count the targets are stated for.
 pub const TARGET_ENVOYS: usize = 10_000;
+/// Target from the issue: report → ack p99 for reports sent during a publish, ms.
+pub const ACK_DURING_PUBLISH_P99_TARGET_MS: f64 = 50.0;
+/// The controller Deployment's memory limit (manifests/controller.yaml), MiB: what a storm must
+/// stay under.
+pub const MEMORY_LIMIT_MIB: f64 = 2048.0;
+/// Stated bound for a storm: every Envoy served again within this time after its controller was
+/// killed, s. The filter's default grace period is 10 s: an Envoy back within it never routed
+/// by a stale directive's absence.
+pub const STORM_TARGET_SECONDS: f64 = 10.0;
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +85,10 @@ pub struct Options {
     pub warmup_seconds: u32,
     /// Seconds between directive publishes in the measured window.
     pub publish_every: u32,
+    /// Another `weir` binary to run every N against as well, for ratios.
+    pub baseline: Option<PathBuf>,
+    /// End every N with a reconnect storm onto a second controller.
+    pub storm: bool,
 }
 
 impl Default for Options {
@@ -76,13 +100,15 @@ impl Default for Options {
             seconds: 15,
             warmup_seconds: 3,
             publish_every: 3,
+            baseline: None,
+            storm: false,
         }
     }
 }
 
 /// Command-line help.
 pub const USAGE: &str = "\
-usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--seconds S] [--warmup S] [--smoke]
+usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--seconds S] [--warmup S] [--storm] [--baseline WEIR] [--smoke]
 
   --envoys N,...   simulated Envoys per run, one run each (default 100,1000,10000)
   --canaries M     canaries in the directive; reports carry 2 versions of each (default 2)
@@ -90,7 +116,11 @@ usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--
   --seconds S      measured seconds per run (default 15)
   --warmup S       unmeasured seconds once every Envoy is connected (default 3)
   --publish-every S  seconds between directive publishes while measuring (default 3)
-  --smoke          50 Envoys, 3 s (what the test suite runs)
+  --storm          end each run with a reconnect storm: kill the controller, every Envoy
+                   reconnects to a second one with the filter's backoff
+  --baseline WEIR  also run each N against this `weir` binary (e.g. a build from before a
+                   change), alternating, and print the ratios
+  --smoke          50 Envoys, 3 s, with a storm (what the test suite runs)
 ";
 
 impl Options {
@@ -101,6 +131,7 @@ impl Options {
             seconds: 3,
             warmup_seconds: 1,
             publish_every: 1,
+            storm: true,
             ..Self::default()
         }
     }
@@ -134,6 +165,8 @@ impl Options {
                 "--publish-every" => {
                     options.publish_every = number("--publish-every", value("--publish-every")?)?
                 }
+                "--storm" => options.storm = true,
+                "--baseline" => options.baseline = Some(PathBuf::from(value("--baseline")?)),
                 other => return Err(format!("unknown argument `{other}`")),
             }
         }
@@ -151,8 +184,15 @@ impl Options {
         if *self == Self::smoke() {
             return "--smoke".to_owned();
         }
+        let mut extra = String::new();
+        if self.storm {
+            extra.push_str(" --storm");
+        }
+        if let Some(baseline) = &self.baseline {
+            let _ = write!(extra, " --baseline {}", baseline.display());
+        }
         format!(
-            "--envoys {} --canaries {} --rps {} --seconds {} --warmup {} --publish-every {}",
+            "--envoys {} --canaries {} --rps {} --seconds {} --warmup {} --publish-every {}{extra}",
             self.envoys
                 .iter()
                 .map(ToString::to_string)
@@ -194,9 +234,32 @@ impl FanOut {
     }
 }
 
+/// A reconnect storm: every Envoy of a killed controller moving to another.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Storm {
+    /// Envoys connected to the first controller when it was killed.
+    pub envoys: usize,
+    /// Envoys that had the second controller's directive within the wait.
+    pub served_again: usize,
+    /// Kill → the second controller's directive received, per Envoy, s: p50, p99, max.
+    pub p50_s: f64,
+    /// p99 across the Envoys, s.
+    pub p99_s: f64,
+    /// The last Envoy, s.
+    pub max_s: f64,
+    /// Connection attempts that failed during the storm (each retried after a backoff).
+    pub failed_attempts: u64,
+    /// The second controller's peak resident set over the storm (and its life), KiB.
+    pub vm_hwm_kib: u64,
+    /// The second controller's CPU seconds from the kill until every Envoy was back.
+    pub cpu_seconds: f64,
+}
+
 /// One N's measurements.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
+    /// Which `weir` binary: "current", or "baseline" for `--baseline`.
+    pub label: &'static str,
     /// Simulated Envoys asked for.
     pub envoys: usize,
     /// Envoys whose stream was open and had its first directive.
@@ -225,8 +288,12 @@ pub struct Run {
     pub fanouts: Vec<FanOut>,
     /// Report → ack round trip, ms: p50 and p99.
     pub ack_rtt_ms: (f64, f64),
+    /// The same for reports sent while a publish was being fanned out, ms: p50 and p99.
+    pub ack_rtt_publishing_ms: (f64, f64),
     /// Mean encoded report size, bytes.
     pub report_bytes: usize,
+    /// The reconnect storm at the end (`--storm`).
+    pub storm: Option<Storm>,
 }
 
 impl Run {
@@ -248,6 +315,22 @@ impl Run {
     /// The worst fan-out p99 over the publishes, ms (None without a complete publish).
     pub fn worst_fanout_p99_ms(&self) -> Option<f64> {
         self.fanouts.iter().map(|f| f.p99_ms).max_by(f64::total_cmp)
+    }
+
+    /// The median over the publishes of their fan-out p99, ms.
+    pub fn median_fanout_p99_ms(&self) -> f64 {
+        let p99s: Vec<f64> = self.fanouts.iter().map(|f| f.p99_ms).collect();
+        quantile_of(&p99s, 0.5)
+    }
+
+    /// The median over the publishes of the controller's CPU per stream, µs.
+    pub fn median_us_per_stream(&self) -> f64 {
+        let per_stream: Vec<f64> = self
+            .fanouts
+            .iter()
+            .map(FanOut::controller_us_per_stream)
+            .collect();
+        quantile_of(&per_stream, 0.5)
     }
 }
 
@@ -272,16 +355,24 @@ struct Controller {
 }
 
 impl Controller {
-    async fn start(canaries: u32) -> anyhow::Result<Self> {
-        let binary = weir_binary()?;
-        let mut child = Command::new(&binary)
-            .args([
-                "ingest-server",
-                "--listen",
-                "127.0.0.1:0",
-                "--canaries",
-                &canaries.to_string(),
-            ])
+    /// Starts `binary`'s ingest server for `envoys` Envoys: its connection and ledger limits
+    /// are raised to fit them when the binary takes them (the defaults suit one replica of the
+    /// Deployment; a bench at 10,000 is a deployment sized for them), else left as they are.
+    async fn start(binary: &Path, canaries: u32, envoys: usize) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "ingest-server".to_owned(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--canaries".to_owned(),
+            canaries.to_string(),
+        ];
+        if takes_limits(binary).await {
+            let room = (envoys + 64).to_string();
+            args.extend(["--max-connections".to_owned(), room.clone()]);
+            args.extend(["--max-reporters".to_owned(), room]);
+        }
+        let mut child = Command::new(binary)
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -355,6 +446,11 @@ impl Controller {
         Ok(total)
     }
 
+    /// Kills the process at once (SIGKILL): its connections are reset, as when a Pod dies.
+    async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
     async fn stop(mut self) {
         // Closing stdin ends the server; kill it if that takes long.
         drop(self.stdin);
@@ -367,6 +463,17 @@ impl Controller {
     }
 }
 
+/// Whether `binary`'s ingest server takes limits on its command line (builds before the
+/// hostile-client work do not, and had large defaults).
+async fn takes_limits(binary: &Path) -> bool {
+    Command::new(binary)
+        .args(["ingest-server", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--max-connections"))
+}
+
 /// What a client task shares with the benchmark.
 struct Shared {
     origin: Instant,
@@ -376,8 +483,17 @@ struct Shared {
     first_error: Mutex<Option<String>>,
     measuring: AtomicBool,
     rtt: Mutex<LatencyHistogram>,
+    /// A publish is being fanned out: reports sent now are timed apart.
+    publishing: AtomicBool,
+    rtt_publishing: Mutex<LatencyHistogram>,
     report_bytes: AtomicU64,
     reports_sent: AtomicU64,
+    /// Where the Envoys connect (the Service): changes to the second controller in a storm.
+    target: watch::Receiver<SocketAddr>,
+    /// A storm is under way: broken streams reconnect (with the filter's backoff) instead of
+    /// counting as errors.
+    storming: AtomicBool,
+    failed_attempts: AtomicU64,
 }
 
 impl Shared {
@@ -438,11 +554,12 @@ fn stats_pool(canaries: u32, requests: u32, rng: &mut Rng) -> Vec<Vec<VersionSta
         .collect()
 }
 
-/// One simulated Envoy: connect, hello, then a report a second until stopped.
+/// One simulated Envoy: connect, hello, then a report a second until stopped. In a storm, a
+/// broken stream is reopened (to wherever `Shared::target` then points) after the filter's
+/// backoff, as the filter does.
 #[allow(clippy::too_many_arguments)]
 async fn envoy(
     index: usize,
-    addr: SocketAddr,
     shared: Arc<Shared>,
     slots: Arc<Vec<Slot>>,
     pool: Arc<Vec<Vec<VersionStats>>>,
@@ -450,106 +567,171 @@ async fn envoy(
     connecting: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let result = async {
-        let permit = connecting.acquire().await?;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| anyhow!("connect: {e:?}"))?;
-        let mut client = TelemetryClient::new(channel);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Report>(8);
-        let node_id = format!("sidecar~10.{}.{}.{}~bench-{index}.bench~bench.svc.cluster.local", index >> 16, (index >> 8) & 255, index & 255);
-        let epoch = 0x5EED_0000_0000 + index as u64;
-        let report = |sequence: u64, generation: u64, stats: Vec<VersionStats>| Report {
-            reporter: Some(Reporter {
-                node_id: node_id.clone(),
-                namespace: "bench".to_owned(),
-                workload: format!("bench-{index}"),
-            }),
+    let epoch = 0x5EED_0000_0000 + index as u64;
+    let mut backoff = Backoff::new(epoch);
+    let mut sequence = 0u64;
+    let mut first = true;
+    loop {
+        let result = session(
+            index,
             epoch,
-            sequence,
-            applied_generation: generation,
-            stats,
-        };
-        tx.send(report(0, 0, Vec::new())).await?;
-        let mut inbound = client
-            .exchange(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| anyhow!("exchange: {s}"))?
-            .into_inner();
-        let slot = &slots[index];
-        match inbound.message().await {
-            Ok(Some(message)) => match message.kind {
-                Some(Kind::Directive(d)) => slot.saw(d.generation, shared.origin),
-                other => bail!("the first message was {other:?}, not a directive"),
-            },
-            Ok(None) => bail!("the stream ended before the first directive"),
-            Err(status) => bail!("the stream failed before the first directive: {status}"),
+            &mut sequence,
+            first,
+            &shared,
+            &slots,
+            &pool,
+            phase,
+            &connecting,
+            &mut backoff,
+            &mut stop,
+        )
+        .await;
+        first = false;
+        let Err(e) = result else { return };
+        if *stop.borrow() {
+            return;
         }
-        shared.connected.fetch_add(1, Ordering::Relaxed);
-        drop(permit);
-
-        let mut ticker = tokio::time::interval_at(
-            tokio::time::Instant::now() + phase,
-            Duration::from_secs(1),
-        );
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sequence = 0u64;
-        let mut pending: VecDeque<(u64, Instant)> = VecDeque::new();
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return Ok(()),
-                message = inbound.message() => match message {
-                    Ok(Some(message)) => match message.kind {
-                        Some(Kind::Directive(d)) => slot.saw(d.generation, shared.origin),
-                        Some(Kind::Ack(ack)) => {
-                            let now = Instant::now();
-                            while pending.front().is_some_and(|(s, _)| *s <= ack.sequence) {
-                                if let Some((_, sent)) = pending.pop_front() {
-                                    if shared.measuring.load(Ordering::Relaxed) {
-                                        shared.acks.fetch_add(1, Ordering::Relaxed);
-                                        let micros = now.duration_since(sent).as_micros();
-                                        shared
-                                            .rtt
-                                            .lock()
-                                            .unwrap_or_else(|e| e.into_inner())
-                                            .record(u64::try_from(micros).unwrap_or(u64::MAX));
-                                    }
-                                }
-                            }
-                        }
-                        None => {}
-                    },
-                    Ok(None) => bail!("the controller ended the stream"),
-                    Err(status) => bail!("the stream failed: {status}"),
-                },
-                _ = ticker.tick() => {
-                    sequence += 1;
-                    let stats = pool[(index + sequence as usize) % pool.len()].clone();
-                    let message = report(sequence, slot.generation.load(Ordering::Acquire), stats);
-                    if sequence == 1 {
-                        shared.report_bytes.fetch_add(message.encoded_len() as u64, Ordering::Relaxed);
-                        shared.reports_sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    pending.push_back((sequence, Instant::now()));
-                    tx.send(message).await.map_err(|_| anyhow!("the request stream closed"))?;
-                }
-            }
-        }
-    }
-    .await;
-    if let Err(e) = result {
-        if !*stop.borrow() {
+        if !shared.storming.load(Ordering::Relaxed) {
             shared.error(format!("{e:#}"));
+            return;
+        }
+        shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        let delay = Duration::from_nanos(backoff.next_delay_ns());
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(delay) => {}
         }
     }
 }
 
-/// One N.
-async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Result<Run> {
-    let mut controller = Controller::start(options.canaries).await?;
+/// One stream of an Envoy, until it breaks (Err) or the bench stops (Ok).
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    index: usize,
+    epoch: u64,
+    sequence: &mut u64,
+    first: bool,
+    shared: &Shared,
+    slots: &[Slot],
+    pool: &[Vec<VersionStats>],
+    phase: Duration,
+    connecting: &Semaphore,
+    backoff: &mut Backoff,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let permit = connecting.acquire().await?;
+    let addr = *shared.target.borrow();
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("connect: {e:?}"))?;
+    let mut client = TelemetryClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Report>(8);
+    let node_id = format!(
+        "sidecar~10.{}.{}.{}~bench-{index}.bench~bench.svc.cluster.local",
+        index >> 16,
+        (index >> 8) & 255,
+        index & 255
+    );
+    let report = |sequence: u64, generation: u64, stats: Vec<VersionStats>| Report {
+        reporter: Some(Reporter {
+            node_id: node_id.clone(),
+            namespace: "bench".to_owned(),
+            workload: format!("bench-{index}"),
+        }),
+        epoch,
+        sequence,
+        applied_generation: generation,
+        stats,
+    };
+    let slot = &slots[index];
+    tx.send(report(
+        0,
+        slot.generation.load(Ordering::Acquire),
+        Vec::new(),
+    ))
+    .await?;
+    let mut inbound = client
+        .exchange(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| anyhow!("exchange: {s}"))?
+        .into_inner();
+    match inbound.message().await {
+        Ok(Some(message)) => match message.kind {
+            Some(Kind::Directive(d)) => slot.saw(d.generation, shared.origin),
+            other => bail!("the first message was {other:?}, not a directive"),
+        },
+        Ok(None) => bail!("the stream ended before the first directive"),
+        Err(status) => bail!("the stream failed before the first directive: {status}"),
+    }
+    backoff.reset();
+    if first {
+        shared.connected.fetch_add(1, Ordering::Relaxed);
+    }
+    drop(permit);
+
+    let start = if first {
+        tokio::time::Instant::now() + phase
+    } else {
+        tokio::time::Instant::now()
+    };
+    let mut ticker = tokio::time::interval_at(start, Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (sequence, sent at, sent while a publish was being fanned out)
+    let mut pending: VecDeque<(u64, Instant, bool)> = VecDeque::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            message = inbound.message() => match message {
+                Ok(Some(message)) => match message.kind {
+                    Some(Kind::Directive(d)) => slot.saw(d.generation, shared.origin),
+                    Some(Kind::Ack(ack)) => {
+                        let now = Instant::now();
+                        while pending.front().is_some_and(|(s, _, _)| *s <= ack.sequence) {
+                            if let Some((_, sent, publishing)) = pending.pop_front() {
+                                if shared.measuring.load(Ordering::Relaxed) {
+                                    shared.acks.fetch_add(1, Ordering::Relaxed);
+                                    let micros = u64::try_from(now.duration_since(sent).as_micros()).unwrap_or(u64::MAX);
+                                    shared.rtt.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
+                                    if publishing {
+                                        shared.rtt_publishing.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    None => {}
+                },
+                Ok(None) => bail!("the controller ended the stream"),
+                Err(status) => bail!("the stream failed: {status}"),
+            },
+            _ = ticker.tick() => {
+                *sequence += 1;
+                let stats = pool[(index + *sequence as usize) % pool.len()].clone();
+                let message = report(*sequence, slot.generation.load(Ordering::Acquire), stats);
+                if *sequence == 1 {
+                    shared.report_bytes.fetch_add(message.encoded_len() as u64, Ordering::Relaxed);
+                    shared.reports_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                pending.push_back((*sequence, Instant::now(), shared.publishing.load(Ordering::Relaxed)));
+                tx.send(message).await.map_err(|_| anyhow!("the request stream closed"))?;
+            }
+        }
+    }
+}
+
+/// One N against `binary`.
+async fn run_one(
+    options: &Options,
+    label: &'static str,
+    binary: &Path,
+    envoys: usize,
+    rng: &mut Rng,
+) -> anyhow::Result<Run> {
+    let mut controller = Controller::start(binary, options.canaries, envoys).await?;
+    let (target_tx, target) = watch::channel(controller.addr);
     let shared = Arc::new(Shared {
         origin: Instant::now(),
         connected: AtomicUsize::new(0),
@@ -558,8 +740,13 @@ async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Res
         first_error: Mutex::new(None),
         measuring: AtomicBool::new(false),
         rtt: Mutex::new(LatencyHistogram::new()),
+        publishing: AtomicBool::new(false),
+        rtt_publishing: Mutex::new(LatencyHistogram::new()),
         report_bytes: AtomicU64::new(0),
         reports_sent: AtomicU64::new(0),
+        target,
+        storming: AtomicBool::new(false),
+        failed_attempts: AtomicU64::new(0),
     });
     let slots: Arc<Vec<Slot>> = Arc::new((0..envoys).map(|_| Slot::default()).collect());
     let pool = Arc::new(stats_pool(
@@ -577,7 +764,6 @@ async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Res
         let phase = Duration::from_micros(rng.below(1_000_000));
         tasks.push(tokio::spawn(envoy(
             index,
-            controller.addr,
             shared.clone(),
             slots.clone(),
             pool.clone(),
@@ -645,8 +831,10 @@ async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Res
         } else {
             weight_bp + 1_000
         };
+        shared.publishing.store(true, Ordering::Relaxed);
         let (started, generation) = controller.publish(weight_bp).await?;
         let mut fanout = wait_fanout(&shared, &slots, started, generation).await;
+        shared.publishing.store(false, Ordering::Relaxed);
         let spent = controller.cpu_nanos()?.saturating_sub(before_cpu) as f64;
         let excess = spent - baseline_rate * started.elapsed().as_secs_f64();
         fanout.controller_cpu_ms = (excess / 1e6).max(0.0);
@@ -664,16 +852,32 @@ async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Res
     let vm_rss_kib = status_kib(controller.pid, "VmRSS")?;
     let stream_errors = shared.errors.load(Ordering::Relaxed) - errors_before;
 
-    stop_tx.send_replace(true);
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-    }
-    controller.stop().await;
+    let storm = if options.storm {
+        let storm = storm(&shared, &slots, controller, binary, options, &target_tx).await;
+        stop_tx.send_replace(true);
+        let (storm, second) = storm?;
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        second.stop().await;
+        Some(storm)
+    } else {
+        stop_tx.send_replace(true);
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        controller.stop().await;
+        None
+    };
 
-    let rtt = shared.rtt.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let ms = |q: f64| rtt.quantile(q).unwrap_or(0.0) / 1000.0;
+    let quantiles = |histogram: &Mutex<LatencyHistogram>| {
+        let h = histogram.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let ms = |q: f64| h.quantile(q).unwrap_or(0.0) / 1000.0;
+        (ms(0.5), ms(0.99))
+    };
     let sent = shared.reports_sent.load(Ordering::Relaxed).max(1);
     Ok(Run {
+        label,
         envoys,
         connected,
         connect_error,
@@ -687,9 +891,68 @@ async fn run_one(options: &Options, envoys: usize, rng: &mut Rng) -> anyhow::Res
         vm_rss_kib,
         bench_cpu_seconds: bench_after.saturating_sub(bench_before) as f64 / ticks_per_sec,
         fanouts,
-        ack_rtt_ms: (ms(0.5), ms(0.99)),
+        ack_rtt_ms: quantiles(&shared.rtt),
+        ack_rtt_publishing_ms: quantiles(&shared.rtt_publishing),
         report_bytes: (shared.report_bytes.load(Ordering::Relaxed) / sent) as usize,
+        storm,
     })
+}
+
+/// The storm: a second controller starts, the first is killed, the Service points at the second,
+/// and every Envoy reconnects on the filter's backoff. Returns the measurements and the second
+/// controller (still running).
+async fn storm(
+    shared: &Shared,
+    slots: &[Slot],
+    first: Controller,
+    binary: &Path,
+    options: &Options,
+    target: &watch::Sender<SocketAddr>,
+) -> anyhow::Result<(Storm, Controller)> {
+    let mut second = Controller::start(binary, options.canaries, slots.len()).await?;
+    // Its first generation (from its start time) is above every one of the first controller's.
+    let (_, generation) = second.publish(1_000).await?;
+    let envoys = slots
+        .iter()
+        .filter(|s| s.generation.load(Ordering::Acquire) > 0)
+        .count();
+    shared.storming.store(true, Ordering::Relaxed);
+    target.send_replace(second.addr);
+    let killed = Instant::now();
+    let cpu_before = second.cpu_nanos()?;
+    first.kill().await;
+    let back = || {
+        slots
+            .iter()
+            .filter(|s| s.generation.load(Ordering::Acquire) >= generation)
+            .count()
+    };
+    // Past the filter's longest backoff range twice over: anyone not back by then is stuck.
+    let deadline = killed + Duration::from_secs(60);
+    while back() < envoys && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu_seconds = second.cpu_nanos()?.saturating_sub(cpu_before) as f64 / 1e9;
+    let vm_hwm_kib = status_kib(second.pid, "VmHWM")?;
+    let killed_ns = killed.saturating_duration_since(shared.origin).as_nanos() as f64;
+    let seconds: Vec<f64> = slots
+        .iter()
+        .filter(|s| s.generation.load(Ordering::Acquire) >= generation)
+        .map(|s| (s.received_ns.load(Ordering::Acquire) as f64 - killed_ns) / 1e9)
+        .collect();
+    Ok((
+        Storm {
+            envoys,
+            served_again: seconds.len(),
+            p50_s: quantile_of(&seconds, 0.5),
+            p99_s: quantile_of(&seconds, 0.99),
+            max_s: seconds.iter().copied().fold(0.0, f64::max),
+            failed_attempts: shared.failed_attempts.load(Ordering::Relaxed),
+            vm_hwm_kib,
+            cpu_seconds,
+        },
+        second,
+    ))
 }
 
 /// Waits (at most 10 s) until every connected stream has `generation`, then summarises.
@@ -737,21 +1000,44 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
             );
         }
     }
+    let current = weir_binary()?;
+    let mut binaries = vec![("current", current)];
+    if let Some(baseline) = &options.baseline {
+        if !baseline.is_file() {
+            bail!(
+                "--baseline {}: no such file; give the path of another `weir` binary (e.g. a \
+                 copy of target/release/weir from before a change)",
+                baseline.display()
+            );
+        }
+        // The baseline first at every N; the order alternates between Ns.
+        binaries.insert(0, ("baseline", baseline.clone()));
+    }
     let mut rng = Rng::new(7);
     let mut runs = Vec::new();
-    for &envoys in &options.envoys {
-        eprintln!("bench-ingest: {envoys} Envoys …");
-        let run = run_one(options, envoys, &mut rng)
-            .await
-            .with_context(|| format!("the run with {envoys} Envoys"))?;
-        eprintln!(
-            "bench-ingest: {envoys} Envoys: {:.3} CPU s per 1,000 reports, {:.2} cores, VmHWM {:.0} MiB, fan-out p99 {:?} ms",
-            run.cpu_per_1000_reports(),
-            run.cores(),
-            run.vm_hwm_kib as f64 / 1024.0,
-            run.worst_fanout_p99_ms()
-        );
-        runs.push(run);
+    for (i, &envoys) in options.envoys.iter().enumerate() {
+        let mut order = binaries.clone();
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for (label, binary) in &order {
+            eprintln!(
+                "bench-ingest: {envoys} Envoys, {label} ({}) …",
+                binary.display()
+            );
+            let run = run_one(options, label, binary, envoys, &mut rng)
+                .await
+                .with_context(|| format!("the run with {envoys} Envoys ({label})"))?;
+            eprintln!(
+                "bench-ingest: {envoys} Envoys, {label}: {:.3} CPU s per 1,000 reports, {:.2} cores, VmHWM {:.0} MiB, fan-out p99 {:?} ms, ack p99 during publishes {:.1} ms",
+                run.cpu_per_1000_reports(),
+                run.cores(),
+                run.vm_hwm_kib as f64 / 1024.0,
+                run.worst_fanout_p99_ms(),
+                run.ack_rtt_publishing_ms.1,
+            );
+            runs.push(run);
+        }
     }
     Ok(Outcome {
         options: options.clone(),
@@ -763,7 +1049,12 @@ pub async fn run(options: &Options) -> anyhow::Result<Outcome> {
 impl Outcome {
     /// The verdicts against the issue's targets, for the run with the most Envoys.
     pub fn verdicts(&self) -> Vec<String> {
-        let Some(run) = self.runs.iter().max_by_key(|r| r.envoys) else {
+        let Some(run) = self
+            .runs
+            .iter()
+            .filter(|r| r.label == "current")
+            .max_by_key(|r| r.envoys)
+        else {
             return Vec::new();
         };
         let n = run.envoys;
@@ -818,6 +1109,56 @@ impl Outcome {
                 ));
             }
         }
+        let ack = run.ack_rtt_publishing_ms.1;
+        if !run.fanouts.is_empty() {
+            lines.push(if ack < ACK_DURING_PUBLISH_P99_TARGET_MS {
+                format!("PASS  ack round trip p99 {ack:.1} ms for reports sent during a publish (target < {ACK_DURING_PUBLISH_P99_TARGET_MS:.0} ms){scale}")
+            } else {
+                format!("MISS  ack round trip p99 {ack:.1} ms for reports sent during a publish (target < {ACK_DURING_PUBLISH_P99_TARGET_MS:.0} ms): over by {:.0} ms{scale}", ack - ACK_DURING_PUBLISH_P99_TARGET_MS)
+            });
+        }
+        if let Some(storm) = &run.storm {
+            let mib = storm.vm_hwm_kib as f64 / 1024.0;
+            let all = storm.served_again == storm.envoys;
+            lines.push(if all && storm.max_s < STORM_TARGET_SECONDS && mib < MEMORY_LIMIT_MIB {
+                format!("PASS  storm: all {} Envoys of a killed controller served again by another within {:.2} s (p50 {:.2} s; target < {STORM_TARGET_SECONDS:.0} s), its peak RSS {mib:.0} MiB (limit {MEMORY_LIMIT_MIB:.0} MiB){scale}", storm.envoys, storm.max_s, storm.p50_s)
+            } else {
+                format!("MISS  storm: {} of {} Envoys served again, the last after {:.2} s (target: all within {STORM_TARGET_SECONDS:.0} s); the receiving controller's peak RSS {mib:.0} MiB (limit {MEMORY_LIMIT_MIB:.0} MiB){scale}", storm.served_again, storm.envoys, storm.max_s)
+            });
+        }
+        lines
+    }
+
+    /// current ÷ baseline at every N run with both, as Markdown lines.
+    pub fn ratios(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for current in self.runs.iter().filter(|r| r.label == "current") {
+            let Some(baseline) = self
+                .runs
+                .iter()
+                .find(|r| r.label == "baseline" && r.envoys == current.envoys)
+            else {
+                continue;
+            };
+            let ratio = |c: f64, b: f64| c / b.max(1e-12);
+            lines.push(format!(
+                "- {} Envoys, current ÷ baseline: fan-out p99 (median of publishes) {:.1} / {:.1} ms = **{:.2}×**, controller CPU per stream per publish {:.1} / {:.1} µs = **{:.2}×**, ack p99 during publishes {:.1} / {:.1} ms = {:.2}×, CPU per 1,000 reports {:.2}×, peak RSS {:.0} / {:.0} MiB = {:.2}×",
+                current.envoys,
+                current.median_fanout_p99_ms(),
+                baseline.median_fanout_p99_ms(),
+                ratio(current.median_fanout_p99_ms(), baseline.median_fanout_p99_ms()),
+                current.median_us_per_stream(),
+                baseline.median_us_per_stream(),
+                ratio(current.median_us_per_stream(), baseline.median_us_per_stream()),
+                current.ack_rtt_publishing_ms.1,
+                baseline.ack_rtt_publishing_ms.1,
+                ratio(current.ack_rtt_publishing_ms.1, baseline.ack_rtt_publishing_ms.1),
+                ratio(current.cpu_per_1000_reports(), baseline.cpu_per_1000_reports()),
+                current.vm_hwm_kib as f64 / 1024.0,
+                baseline.vm_hwm_kib as f64 / 1024.0,
+                ratio(current.vm_hwm_kib as f64, baseline.vm_hwm_kib as f64),
+            ));
+        }
         lines
     }
 
@@ -853,9 +1194,12 @@ impl Outcome {
         );
         let _ = writeln!(
             out,
-            "| Envoys | connected (s to connect) | reports/s | controller CPU s per 1,000 reports | controller cores | peak RSS (VmHWM) | fan-out p50 / p99 / max (worst publish) | publishes | controller CPU per fan-out (per stream) | ack RTT p50 / p99 | bench-side CPU cores | report size |"
+            "| weir | Envoys | connected (s to connect) | reports/s | controller CPU s per 1,000 reports | controller cores | peak RSS (VmHWM) | fan-out p50 / p99 / max (worst publish) | fan-out p99, median of publishes | publishes | controller CPU per fan-out (per stream) | ack RTT p50 / p99 | ack RTT during publishes p50 / p99 | bench-side CPU cores | report size |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            out,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for run in &self.runs {
             let worst = run
                 .fanouts
@@ -876,7 +1220,8 @@ impl Outcome {
             });
             let _ = writeln!(
                 out,
-                "| {} | {} ({:.1} s) | {:.0} | {:.4} (ticks: {:.4}) | {:.3} | {:.1} MiB | {} | {} | {} | {:.1} / {:.1} ms | {:.2} | {} B |",
+                "| {} | {} | {} ({:.1} s) | {:.0} | {:.4} (ticks: {:.4}) | {:.3} | {:.1} MiB | {} | {:.1} ms | {} | {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.2} | {} B |",
+                run.label,
                 run.envoys,
                 run.connected,
                 run.connect_seconds,
@@ -886,16 +1231,53 @@ impl Outcome {
                 run.cores(),
                 run.vm_hwm_kib as f64 / 1024.0,
                 fanout,
+                run.median_fanout_p99_ms(),
                 run.fanouts.len(),
                 fanout_cpu(&run.fanouts),
                 run.ack_rtt_ms.0,
                 run.ack_rtt_ms.1,
+                run.ack_rtt_publishing_ms.0,
+                run.ack_rtt_publishing_ms.1,
                 run.bench_cpu_seconds / run.measured_seconds.max(1e-9),
                 run.report_bytes,
             );
         }
-        if let (Some(first), Some(last)) = (self.runs.first(), self.runs.last()) {
-            if self.runs.len() > 1 {
+        let storms: Vec<&Run> = self.runs.iter().filter(|r| r.storm.is_some()).collect();
+        if !storms.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nReconnect storms (the controller killed; every Envoy reconnects to a second one with the filter's backoff):\n"
+            );
+            let _ = writeln!(out, "| weir | Envoys | served again | kill → directive p50 / p99 / max | failed attempts | receiving controller: peak RSS, CPU |");
+            let _ = writeln!(out, "|---|---|---|---|---|---|");
+            for run in storms {
+                if let Some(s) = &run.storm {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {} | {:.2} / {:.2} / {:.2} s | {} | {:.1} MiB, {:.2} CPU s |",
+                        run.label,
+                        s.envoys,
+                        s.served_again,
+                        s.p50_s,
+                        s.p99_s,
+                        s.max_s,
+                        s.failed_attempts,
+                        s.vm_hwm_kib as f64 / 1024.0,
+                        s.cpu_seconds
+                    );
+                }
+            }
+        }
+        let ratios = self.ratios();
+        if !ratios.is_empty() {
+            let _ = writeln!(out, "\nSide by side (the same run, alternating):\n");
+            for line in ratios {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        let current: Vec<&Run> = self.runs.iter().filter(|r| r.label == "current").collect();
+        if let (Some(first), Some(last)) = (current.first(), current.last()) {
+            if current.len() > 1 {
                 let _ = writeln!(
                     out,
                     "\nScaling {} → {} Envoys ({:.0}×): CPU per 1,000 reports {:.2}×, peak RSS {:.2}×.",
@@ -961,6 +1343,12 @@ mod tests {
         assert!(Options::parse(&args("--envoys x")).is_err());
         assert!(Options::parse(&args("--canaries 0")).is_err());
         assert!(Options::parse(&args("--what")).is_err());
+        let o = Options::parse(&args("--storm --baseline /tmp/weir-before"))
+            .unwrap()
+            .unwrap();
+        assert!(o.storm);
+        assert_eq!(o.baseline, Some(PathBuf::from("/tmp/weir-before")));
+        assert_eq!(Options::parse(&args(&o.to_args())), Ok(Some(o)));
         assert_eq!(Options::parse(&args("--help")), Ok(None));
         let round = Options::parse(&args(&Options::default().to_args()))
             .unwrap()
@@ -984,6 +1372,7 @@ mod tests {
 
     fn run_of(envoys: usize, p99_ms: f64, cpu_ms: f64) -> Run {
         Run {
+            label: "current",
             envoys,
             connected: envoys,
             connect_error: None,
@@ -1006,7 +1395,9 @@ mod tests {
                 controller_cpu_ms: cpu_ms,
             }],
             ack_rtt_ms: (1.0, 2.0),
+            ack_rtt_publishing_ms: (2.0, 60.0),
             report_bytes: 366,
+            storm: None,
         }
     }
 
@@ -1033,10 +1424,58 @@ mod tests {
             "{lines:?}"
         );
         assert!(lines[2].contains("at least 65 ms"), "{lines:?}");
+        assert!(
+            lines[3].starts_with("MISS") && lines[3].contains("p99 60.0 ms"),
+            "{lines:?}"
+        );
         let table = outcome.render();
         assert!(
-            table.contains("| 10000 | 10000 (1.0 s) | 10000 | 0.0200 (ticks: 0.0200) | 0.200 |"),
+            table.contains(
+                "| current | 10000 | 10000 (1.0 s) | 10000 | 0.0200 (ticks: 0.0200) | 0.200 |"
+            ),
             "{table}"
+        );
+    }
+
+    #[test]
+    fn a_baseline_run_is_compared_side_by_side_and_a_storm_is_judged_against_the_limits() {
+        let mut baseline = run_of(10_000, 400.0, 200.0);
+        baseline.label = "baseline";
+        let mut current = run_of(10_000, 100.0, 50.0);
+        current.storm = Some(Storm {
+            envoys: 10_000,
+            served_again: 10_000,
+            p50_s: 0.6,
+            p99_s: 1.2,
+            max_s: 1.5,
+            failed_attempts: 3,
+            vm_hwm_kib: 300 * 1024,
+            cpu_seconds: 2.0,
+        });
+        let outcome = Outcome {
+            options: Options::default(),
+            machine: Machine::probe(),
+            runs: vec![baseline, current],
+        };
+        let ratios = outcome.ratios();
+        assert_eq!(ratios.len(), 1, "{ratios:?}");
+        assert!(ratios[0].contains("**0.25×**"), "{ratios:?}");
+        let lines = outcome.verdicts();
+        let storm = lines.iter().find(|l| l.contains("storm")).unwrap();
+        assert!(
+            storm.starts_with("PASS") && storm.contains("1.50 s"),
+            "{lines:?}"
+        );
+        let mut slow = outcome.clone();
+        if let Some(s) = slow.runs[1].storm.as_mut() {
+            s.served_again = 9_999;
+        }
+        let lines = slow.verdicts();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("MISS  storm: 9999 of 10000")),
+            "{lines:?}"
         );
     }
 

@@ -27,12 +27,13 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use weir_proto::codec::Outgoing;
 use weir_proto::v1::controller_message::Kind;
 use weir_proto::v1::telemetry_server::{Telemetry, TelemetryServer};
 use weir_proto::v1::{Ack, ControllerMessage, Directive, Report, Version};
 use weir_proto::LatencyHistogram;
 
-type Outbound = mpsc::UnboundedSender<Result<ControllerMessage, Status>>;
+type Outbound = mpsc::UnboundedSender<Result<Outgoing, Status>>;
 
 /// What was applied for one `(canary, version)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -237,8 +238,7 @@ struct Service {
 
 #[tonic::async_trait]
 impl Telemetry for Service {
-    type ExchangeStream =
-        Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send + 'static>>;
+    type ExchangeStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send + 'static>>;
 
     async fn exchange(
         &self,
@@ -259,9 +259,9 @@ impl Telemetry for Service {
             while let Some(message) = inbound.next().await {
                 let Ok(report) = message else { break };
                 if let Some(ack) = shared.receive(report) {
-                    let ack = ControllerMessage {
+                    let ack = Outgoing::Message(ControllerMessage {
                         kind: Some(Kind::Ack(ack)),
-                    };
+                    });
                     if tx.send(Ok(ack)).is_err() {
                         break;
                     }
@@ -275,10 +275,10 @@ impl Telemetry for Service {
     }
 }
 
-fn directive_message(directive: Directive) -> ControllerMessage {
-    ControllerMessage {
+fn directive_message(directive: Directive) -> Outgoing {
+    Outgoing::Message(ControllerMessage {
         kind: Some(Kind::Directive(directive)),
-    }
+    })
 }
 
 /// The test control plane. Dropping it stops it.

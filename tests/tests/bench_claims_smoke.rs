@@ -96,6 +96,23 @@ async fn smoke_ingest_benchmark_measures_a_controller_process_under_simulated_en
             );
         }
         assert!(run.report_bytes > 0, "{table}");
+        // The storm: the controller killed, every Envoy served again by a second one within the
+        // stated bound, on the filter's jittered backoff.
+        let storm = run.storm.as_ref().expect("the smoke run ends with a storm");
+        assert_eq!(storm.envoys, run.envoys, "{table}");
+        assert_eq!(
+            storm.served_again, storm.envoys,
+            "every Envoy of the killed controller was served again:\n{table}"
+        );
+        assert!(
+            storm.max_s < bench_ingest::STORM_TARGET_SECONDS,
+            "within the stated bound:\n{table}"
+        );
+        assert!(
+            storm.vm_hwm_kib > 0
+                && (storm.vm_hwm_kib as f64) < bench_ingest::MEMORY_LIMIT_MIB * 1024.0,
+            "{table}"
+        );
     }
 }
 

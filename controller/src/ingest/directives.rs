@@ -3,14 +3,17 @@
 //!
 //! A `tokio::sync::watch` holds the directive: each stream task waits on it next to its inbound
 //! reports, and since directives are complete (not patches) a stream that misses an intermediate
-//! generation loses nothing by receiving only the newest.
+//! generation loses nothing by receiving only the newest. The directive is encoded once, when it
+//! is published: every stream sends the same bytes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
-use weir_proto::v1::{CanaryRoute, Directive};
+use weir_proto::codec::Encoded;
+use weir_proto::v1::controller_message::Kind;
+use weir_proto::v1::{CanaryRoute, ControllerMessage, Directive};
 use weir_proto::FULL_WEIGHT_BP;
 
 use super::counters::lock;
@@ -51,6 +54,25 @@ impl Confirmation {
     }
 }
 
+/// The directive in force and its encoded `ControllerMessage`, shared by every stream.
+#[derive(Debug, Clone)]
+pub(crate) struct Published {
+    pub(crate) directive: Arc<Directive>,
+    pub(crate) encoded: Encoded,
+}
+
+impl Published {
+    fn new(directive: Directive) -> Self {
+        let encoded = Encoded::of(&ControllerMessage {
+            kind: Some(Kind::Directive(directive.clone())),
+        });
+        Self {
+            directive: Arc::new(directive),
+            encoded,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Connected {
     stream: u64,
@@ -60,7 +82,7 @@ struct Connected {
 /// Holds the directive and the connected set.
 #[derive(Debug)]
 pub(crate) struct Publisher {
-    current: watch::Sender<Arc<Directive>>,
+    current: watch::Sender<Published>,
     /// Serializes publishes so generations go out in order.
     publishing: Mutex<()>,
     /// Keyed by node id: one Envoy counts once even while a dead stream of it lingers.
@@ -70,7 +92,7 @@ pub(crate) struct Publisher {
 
 impl Publisher {
     pub(crate) fn new(initial_generation: u64) -> Self {
-        let (current, _) = watch::channel(Arc::new(Directive {
+        let (current, _) = watch::channel(Published::new(Directive {
             generation: initial_generation,
             canaries: Vec::new(),
         }));
@@ -83,14 +105,14 @@ impl Publisher {
     }
 
     pub(crate) fn current(&self) -> Arc<Directive> {
-        self.current.borrow().clone()
+        self.current.borrow().directive.clone()
     }
 
     pub(crate) fn generation(&self) -> u64 {
-        self.current.borrow().generation
+        self.current.borrow().directive.generation
     }
 
-    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Directive>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Published> {
         self.current.subscribe()
     }
 
@@ -125,7 +147,7 @@ impl Publisher {
         let _serial = lock(&self.publishing);
         let generation = self.generation().saturating_add(1);
         before_send(&canaries);
-        self.current.send_replace(Arc::new(Directive {
+        self.current.send_replace(Published::new(Directive {
             generation,
             canaries,
         }));

@@ -39,6 +39,7 @@ mod budget;
 mod counters;
 mod directives;
 pub mod identity;
+mod outbound;
 mod server;
 pub mod transport;
 mod validate;

@@ -1,5 +1,6 @@
-//! The tonic side: one task per `Exchange` stream, selecting on inbound reports, directive
-//! changes, the keep-alive timer and shutdown; and [`Ingest::serve`].
+//! The tonic side: one task per `Exchange` stream, selecting on inbound reports, the hello
+//! timeout and shutdown, its answers going out through the stream's [`Downstream`] (which also
+//! sends the directives and the keep-alive); and [`Ingest::serve`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,15 +10,14 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
-use weir_proto::v1::controller_message::Kind;
 use weir_proto::v1::telemetry_server::{Telemetry, TelemetryServer};
-use weir_proto::v1::{ControllerMessage, Directive, Report};
+use weir_proto::v1::Report;
 
 use super::budget::{self, Budget, Budgeted};
 use super::counters::{RejectReason, Rejection};
 use super::identity::PeerIdentity;
+use super::outbound::{Downstream, Replies, Reply};
 use super::transport::{self, Limits, PeerInfo};
 use super::{Ingest, IngestError};
 
@@ -43,8 +43,6 @@ pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often [`Ingest::serve`] expires old buckets and idle Envoys.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
-
-type Outbound = mpsc::Sender<Result<ControllerMessage, Status>>;
 
 /// The weir.v1 `Telemetry` service over an [`Ingest`].
 #[derive(Debug, Clone)]
@@ -166,7 +164,7 @@ impl Served {
 
 #[tonic::async_trait]
 impl Telemetry for TelemetryService {
-    type ExchangeStream = ReceiverStream<Result<ControllerMessage, Status>>;
+    type ExchangeStream = Downstream;
 
     async fn exchange(
         &self,
@@ -204,6 +202,11 @@ impl Telemetry for TelemetryService {
             }
         };
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let downstream = Downstream::new(
+            rx,
+            self.ingest.publisher().subscribe(),
+            self.ingest.config().keepalive,
+        );
         let stream = StreamTask {
             ingest: self.ingest.clone(),
             stop: self.stop.clone(),
@@ -212,7 +215,7 @@ impl Telemetry for TelemetryService {
             peer,
         };
         tokio::spawn(stream.run(request.into_inner()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(downstream))
     }
 }
 
@@ -238,7 +241,7 @@ impl Drop for Session {
 struct StreamTask {
     ingest: Ingest,
     stop: Option<watch::Receiver<bool>>,
-    tx: Outbound,
+    tx: Replies,
     session: Option<Session>,
     peer: PeerIdentity,
 }
@@ -259,18 +262,8 @@ async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
     }
 }
 
-fn directive_message(directive: &Directive) -> ControllerMessage {
-    ControllerMessage {
-        kind: Some(Kind::Directive(directive.clone())),
-    }
-}
-
 impl StreamTask {
     async fn run(mut self, mut inbound: Streaming<Report>) {
-        let mut directives = self.ingest.publisher().subscribe();
-        let keepalive_every = self.ingest.config().keepalive;
-        let keepalive = tokio::time::sleep(keepalive_every);
-        tokio::pin!(keepalive);
         let hello = tokio::time::sleep(self.ingest.config().hello_timeout);
         tokio::pin!(hello);
         let mut stop = self.stop.take();
@@ -296,36 +289,21 @@ impl StreamTask {
                 received = inbound.next() => match received {
                     None => Err(End::Gone),
                     Some(Err(status)) => Err(self.inbound_error(status)),
-                    Some(Ok(report)) => self.on_report(report, &mut directives).await,
+                    Some(Ok(report)) => self.on_report(report).await,
                 },
-                changed = directives.changed(), if registered => match changed {
-                    Ok(()) => {
-                        let directive = directives.borrow_and_update().clone();
-                        self.send(directive_message(&directive)).await
-                    }
-                    Err(_) => Err(End::Gone),
-                },
-                () = &mut keepalive, if registered => {
-                    let directive = directives.borrow().clone();
-                    self.send(directive_message(&directive)).await
-                }
             };
-            match step {
-                // Anything sent counts as contact, so the keep-alive restarts after it.
-                Ok(()) => keepalive
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + keepalive_every),
-                Err(end) => break end,
+            if let Err(end) = step {
+                break end;
             }
         };
         if let End::Refuse(status) = end {
             // The reporter may already be gone; then nobody needs the status.
-            let _ = self.tx.send(Err(status)).await;
+            let _ = self.tx.send(Reply::End(status)).await;
         }
     }
 
-    async fn send(&self, message: ControllerMessage) -> Result<(), End> {
-        self.tx.send(Ok(message)).await.map_err(|_| End::Gone)
+    async fn send(&self, reply: Reply) -> Result<(), End> {
+        self.tx.send(reply).await.map_err(|_| End::Gone)
     }
 
     fn inbound_error(&self, status: Status) -> End {
@@ -377,22 +355,15 @@ impl StreamTask {
     /// Accounts for one report and answers it. The report is consumed by [`Self::account`],
     /// which is not async: nothing of it can live across the sends, so a reporter that stops
     /// reading its acknowledgements makes the controller hold no decoded report while it waits.
-    async fn on_report(
-        &mut self,
-        report: Report,
-        directives: &mut watch::Receiver<Arc<Directive>>,
-    ) -> Result<(), End> {
+    async fn on_report(&mut self, report: Report) -> Result<(), End> {
         let answer = self.account(report)?;
         if answer.first {
-            // The directive goes first, so the reporter routes by it before anything else.
-            let directive = directives.borrow_and_update().clone();
-            self.send(directive_message(&directive)).await?;
+            // The directive goes first, so the reporter routes by it before anything else;
+            // from now on the stream's Downstream sends every new one.
+            self.send(Reply::Start).await?;
         }
         // Dropped reports (already logged and counted) are acked too: that releases them.
-        self.send(ControllerMessage {
-            kind: Some(Kind::Ack(answer.ack)),
-        })
-        .await
+        self.send(Reply::Ack(answer.ack)).await
     }
 
     /// The accounting of one report; the report is gone when this returns.
