@@ -12,11 +12,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use weir_proto::latency::{DecodeError, SLOTS};
+use weir_proto::latency::{slot_of, DecodeError, SLOTS};
 use weir_proto::v1::{Histogram, Version, VersionStats};
 use weir_proto::LatencyHistogram;
 
 use super::counters::lock;
+use crate::analysis::judge::{BucketPair, VersionCounts, LATENCY_THRESHOLDS_US};
 
 /// Slots per page: one HDR power of two, so a narrow latency range touches few pages.
 const PAGE: usize = 128;
@@ -117,6 +118,21 @@ impl PagedHistogram {
                 *target = target.saturating_add(n);
             }
         }
+    }
+
+    /// Samples in slots after `slot` (slower than the slot's values).
+    fn count_above(&self, slot: usize) -> u64 {
+        let mut total: u64 = 0;
+        for (page_index, page) in self.pages.iter().enumerate() {
+            let Some(page) = page else { continue };
+            let start = page_index * PAGE;
+            if start + PAGE <= slot + 1 {
+                continue;
+            }
+            let skip = (slot + 1).saturating_sub(start);
+            total = total.saturating_add(page.iter().skip(skip).sum::<u64>());
+        }
+        total
     }
 
     fn pages_in_use(&self) -> usize {
@@ -436,6 +452,82 @@ impl Windows {
                 series.expire(now_index, self.retention_buckets);
             }
         }
+    }
+
+    /// The completed buckets (before the one `now` falls in) of both versions of one canary,
+    /// from the one `since` falls in, after bucket index `after`: for the comparative judge,
+    /// which absorbs each bucket once. A canary request is slow at a threshold `t` when it took
+    /// longer than `latency_ratio × t`, a primary request when it took longer than `t`. None if
+    /// the canary is not tracked.
+    pub(crate) fn judge_buckets(
+        &self,
+        key: &str,
+        since: Instant,
+        after: Option<u64>,
+        now: Instant,
+        latency_ratio: Option<f64>,
+    ) -> Option<Vec<(u64, BucketPair)>> {
+        let cell = {
+            let canaries = self.canaries.read().unwrap_or_else(|e| e.into_inner());
+            canaries.get(key)?.cell.clone()
+        };
+        let first = match after {
+            Some(index) => index.saturating_add(1),
+            None => self.index_of(since),
+        }
+        .max(self.index_of(since));
+        let end = self.index_of(now);
+        let slots = |ratio: f64| -> Vec<usize> {
+            LATENCY_THRESHOLDS_US
+                .iter()
+                .map(|&t| slot_of((t as f64 * ratio).round() as u64))
+                .collect()
+        };
+        let (primary_slots, canary_slots) = match latency_ratio {
+            Some(ratio) => (slots(1.0), slots(ratio)),
+            None => (Vec::new(), Vec::new()),
+        };
+        let state = lock(&cell.state);
+        let counts = |version: usize, index: u64, slow_slots: &[usize]| -> VersionCounts {
+            let series = &state.versions[version];
+            let position = series.buckets.partition_point(|b| b.index < index);
+            match series.buckets.get(position).filter(|b| b.index == index) {
+                Some(b) => VersionCounts {
+                    requests: b.requests,
+                    failures: b.failures,
+                    slow: slow_slots
+                        .iter()
+                        .map(|&slot| b.latency.count_above(slot))
+                        .collect(),
+                },
+                None => VersionCounts {
+                    slow: vec![0; slow_slots.len()],
+                    ..VersionCounts::default()
+                },
+            }
+        };
+        let mut indexes: Vec<u64> = state
+            .versions
+            .iter()
+            .flat_map(|series| series.buckets.iter().map(|b| b.index))
+            .filter(|index| (first..end).contains(index))
+            .collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        Some(
+            indexes
+                .into_iter()
+                .map(|index| {
+                    (
+                        index,
+                        BucketPair {
+                            primary: counts(0, index, &primary_slots),
+                            canary: counts(1, index, &canary_slots),
+                        },
+                    )
+                })
+                .collect(),
+        )
     }
 
     /// Buckets held across every canary and version, and latency pages they use (for metrics).

@@ -28,6 +28,10 @@
 //!   verdict instead of Pass or Fail.
 //! - `inconclusiveCountsAsFailure` (default false): count Inconclusive steps as failed checks;
 //!   by default they only halt the rollout.
+//! - `judge` (absent by default): compare the canary with the primary continuously and roll
+//!   back as soon as it is worse with the stated confidence (`crate::analysis::judge`,
+//!   `docs/judge.md`): `{confidence: 0.99, errorRatio: 1.5, latencyRatio: 1.2, requirePass:
+//!   false}`.
 //!
 //! The status ([`CanaryStatus`]) keeps Flagger's field names and adds Weir's bookkeeping; it
 //! round-trips through JSON, with times as RFC 3339 strings ([`Timestamp`]).
@@ -43,14 +47,15 @@ mod weight;
 
 pub use duration::{format_go_duration, parse_go_duration, serde_go, DurationError};
 pub use plan::{
-    AnalysisPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup, MetricCheck, MetricKind, PortRef,
-    Range, ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
-    DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    AnalysisPlan, CanaryPlan, HeaderRule, HookKind, JudgePlan, MatchGroup, MetricCheck, MetricKind,
+    PortRef, Range, ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target,
+    Webhook, DEFAULT_JUDGE_CONFIDENCE, DEFAULT_JUDGE_ERROR_RATIO, DEFAULT_MIN_SAMPLE_COUNT,
+    REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
-    Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook, IntOrString,
-    MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch, ThresholdRange,
-    Unknown, RETRY_ANNOTATION,
+    Canary, CanaryAnalysis, CanaryJudge, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook,
+    IntOrString, MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch,
+    ThresholdRange, Unknown, RETRY_ANNOTATION,
 };
 pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
 pub use template::{
