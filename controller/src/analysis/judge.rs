@@ -10,14 +10,17 @@
 //!   Fisher's noncentral hypergeometric law whose only parameter is the odds ratio
 //!   `θ = odds(p_c) / odds(p_p)`. The nuisance (the primary's own rate) is gone, which is what
 //!   makes the comparison sharp with few canary requests.
-//! - "The canary is worse beyond the tolerance τ" is `θ > τ`. The product over buckets of the
-//!   likelihood ratio `P_θ1(k_c) / P_τ(k_c)` is a test supermartingale whenever `θ <= τ`
+//! - Fail, "the canary fails more often than the primary", is `θ > 1`. The product over buckets
+//!   of the likelihood ratio `P_θ1(k_c) / P_1(k_c)` is a test supermartingale whenever `θ <= 1`
 //!   (the family has a monotone likelihood ratio in `k_c`); an equally weighted mixture over a
-//!   fixed grid of alternatives `θ1 > τ` is one too. By Ville's inequality it ever reaches `1/α`
-//!   with probability at most `α`: a healthy canary is rolled back with probability at most `α`
-//!   however long and however often the judge looks ([`Verdict::Fail`]).
-//! - The mirror test (alternatives `θ1 < τ`, null `θ >= τ`) says Pass: not worse beyond the
-//!   tolerance, with the same confidence.
+//!   fixed grid of alternatives `θ1 > 1` is one too. By Ville's inequality it ever reaches `1/α`
+//!   with probability at most `α`: a canary no worse than the primary is rolled back with
+//!   probability at most `α`, however long and however often the judge looks
+//!   ([`Verdict::Fail`]).
+//! - Pass, "not worse beyond the tolerance τ" (`errorRatio`), is `θ < τ`: the mirror test, with
+//!   null `θ >= τ` and alternatives `θ1 < τ`, at the same confidence. Between 1 and τ either
+//!   verdict may come (or neither): that is the indifference zone of Wald's SPRT, which this
+//!   is, made anytime-valid for composite alternatives by the mixture.
 //!
 //! Pure: no I/O, no clock. The executor feeds completed buckets into [`Evidence::absorb`] and
 //! hands the evidence to the engine, which asks [`decide`] for the verdict.
@@ -64,7 +67,8 @@ pub struct BucketPair {
 /// The judge's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
-    /// The canary is worse than the primary beyond the tolerance, with the stated confidence.
+    /// The canary fails more often than the primary, or is slower than it beyond
+    /// `latencyRatio`, with the stated confidence.
     Fail,
     /// The canary is not worse than the primary beyond the error tolerance, with the stated
     /// confidence, and no latency comparison failed.
@@ -87,11 +91,14 @@ impl Verdict {
 /// One sequential comparison of event shares (failures, or slow requests at one threshold).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequentialTest {
-    /// The odds ratio under test.
-    tolerance: f64,
-    /// ln of the product of likelihood ratios, per Fail alternative (`tolerance × ALTERNATIVES`).
+    /// The odds ratio above which the canary is worse (Fail's null is "at most this").
+    fail_above: f64,
+    /// The odds ratio below which the canary passes (Pass's null is "at least this").
+    pass_below: f64,
+    /// ln of the product of likelihood ratios, per Fail alternative
+    /// (`fail_above × ALTERNATIVES`).
     log_fail: [f64; ALTERNATIVES.len()],
-    /// The same per Pass alternative (`tolerance / ALTERNATIVES`).
+    /// The same per Pass alternative (`pass_below / ALTERNATIVES`).
     log_pass: [f64; ALTERNATIVES.len()],
     /// Events and requests seen, per version: (canary events, canary requests, primary events,
     /// primary requests).
@@ -99,10 +106,14 @@ pub struct SequentialTest {
 }
 
 impl SequentialTest {
-    /// A test of "the canary's odds of an event exceed `tolerance` × the primary's" (at least 1).
-    pub fn new(tolerance: f64) -> Self {
+    /// A test that fails when the canary's odds of an event exceed `fail_above` × the primary's
+    /// and passes when they are below `pass_below` × the primary's (both positive; `pass_below`
+    /// at least `fail_above`, or the two verdicts could both be right).
+    pub fn new(fail_above: f64, pass_below: f64) -> Self {
+        let fail_above = fail_above.max(f64::MIN_POSITIVE);
         Self {
-            tolerance: tolerance.max(1.0),
+            fail_above,
+            pass_below: pass_below.max(fail_above),
             log_fail: [0.0; ALTERNATIVES.len()],
             log_pass: [0.0; ALTERNATIVES.len()],
             totals: [0; 4],
@@ -122,19 +133,20 @@ impl SequentialTest {
             return;
         }
         let law = NoncentralHypergeometric::new(n_c, n_p, events);
-        let null = law.log_pmf(k_c, self.tolerance.ln());
+        let fail_null = law.log_pmf(k_c, self.fail_above.ln());
+        let pass_null = law.log_pmf(k_c, self.pass_below.ln());
         for (i, g) in ALTERNATIVES.iter().enumerate() {
-            self.log_fail[i] += law.log_pmf(k_c, (self.tolerance * g).ln()) - null;
-            self.log_pass[i] += law.log_pmf(k_c, (self.tolerance / g).ln()) - null;
+            self.log_fail[i] += law.log_pmf(k_c, (self.fail_above * g).ln()) - fail_null;
+            self.log_pass[i] += law.log_pmf(k_c, (self.pass_below / g).ln()) - pass_null;
         }
     }
 
-    /// The e-value against "not worse than the tolerance" (large: the canary is worse).
+    /// The e-value against "not worse" (large: the canary is worse).
     pub fn e_fail(&self) -> f64 {
         mixture(&self.log_fail)
     }
 
-    /// The e-value against "worse than the tolerance" (large: the canary is not worse).
+    /// The e-value against "worse beyond the tolerance" (large: the canary is not).
     pub fn e_pass(&self) -> f64 {
         mixture(&self.log_pass)
     }
@@ -245,11 +257,12 @@ impl Evidence {
     /// No evidence yet, for `plan`'s tolerances, over buckets `bucket_width` wide.
     pub fn new(plan: &JudgePlan, bucket_width: Duration) -> Self {
         Self {
-            errors: SequentialTest::new(plan.error_ratio),
+            errors: SequentialTest::new(1.0, plan.error_ratio),
             latency: match plan.latency_ratio {
+                // The latency tolerance is in the thresholds: the canary's are the larger.
                 Some(_) => LATENCY_THRESHOLDS_US
                     .iter()
-                    .map(|_| SequentialTest::new(1.0))
+                    .map(|_| SequentialTest::new(1.0, 1.0))
                     .collect(),
                 None => Vec::new(),
             },
@@ -381,7 +394,7 @@ impl JudgeResult {
     pub fn summary(&self, plan: &JudgePlan) -> String {
         let claim = match self.verdict() {
             Verdict::Pass => format!("not worse beyond {}x", trim(plan.error_ratio)),
-            Verdict::Fail => format!("worse beyond {}x", trim(plan.error_ratio)),
+            Verdict::Fail => "worse than the primary".to_owned(),
             Verdict::Continue => "no conclusion yet".to_owned(),
         };
         format!(

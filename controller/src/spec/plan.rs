@@ -144,8 +144,8 @@ pub struct AnalysisPlan {
 pub struct JudgePlan {
     /// Probability that a verdict is right, strictly between 0.5 and 1 (default 0.99).
     pub confidence: f64,
-    /// Odds ratio of failures the canary may have over the primary before it is worse
-    /// (at least 1; default 1.5).
+    /// Pass needs the canary's odds of failure shown below this many times the primary's (at
+    /// least 1; default 1.5); Fail needs them shown above the primary's.
     pub error_ratio: f64,
     /// Latency factor the canary may have over the primary before it is slower, at least 1;
     /// `None`: latency is not compared.

@@ -363,8 +363,9 @@ pub struct CanaryJudge {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.5, max = 0.999999))]
     pub confidence: Option<f64>,
-    /// How many times the primary's odds of failure the canary may have before it is worse
-    /// (at least 1, default 1.5): 1.5 tolerates 1.5% beside 1%, not 3% beside 1%.
+    /// The tolerance for Pass (at least 1, default 1.5): the judge passes a canary whose odds
+    /// of failure are shown to be below this many times the primary's. It fails one shown to
+    /// fail more often than the primary at all; in between it goes on looking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1.0))]
     pub error_ratio: Option<f64>,
