@@ -28,7 +28,9 @@ fn smoke_judge_benchmark_scores_flagger_and_the_judge_on_the_same_rollouts() {
             );
         }
         if cell.rule == Rule::Judge && cell.scenario == Scenario::Healthy {
-            assert_eq!(cell.rollback_rate(), 0.0, "no false rollback:\n{table}");
+            // The bound (1%) is for many rollouts, which the full benchmark runs; four cannot
+            // show it, but a judge that rolls back healthy canaries as a rule shows here.
+            assert!(cell.rollback_rate() <= 0.25, "false rollbacks:\n{table}");
         }
     }
     let median = outcome

@@ -595,6 +595,64 @@ mod tests {
     }
 
     #[test]
+    fn the_judge_reads_each_completed_bucket_once_with_slow_counts_per_threshold() {
+        let t0 = Instant::now();
+        let w = windows(t0);
+        let primary = |samples: &[u64], failures: u64| VersionStats {
+            version: Version::Primary as i32,
+            ..stats(samples, failures)
+        };
+        let put = |s: &VersionStats, version: usize, at: Instant| {
+            let cell = w.accepting("shop/web", at).expect("tracked");
+            w.apply(
+                &[ValidEntry {
+                    cell,
+                    version,
+                    stats: s,
+                }],
+                &Arc::from("envoy-1"),
+                at,
+            );
+        };
+        // Second 0: canary 3 requests (one of 30 ms, one failed), primary 2 of 1.5 ms.
+        put(&stats(&[500, 30_000, 900], 1), 1, t0);
+        put(&primary(&[1_500, 1_500], 0), 0, t0);
+        // Second 1: primary only; second 2 is still filling.
+        put(&primary(&[5_000], 1), 0, t0 + Duration::from_millis(1500));
+        put(&stats(&[100], 0), 1, t0 + Duration::from_millis(2100));
+        let now = t0 + Duration::from_millis(2200);
+        let buckets = w
+            .judge_buckets("shop/web", t0, None, now, Some(1.2))
+            .expect("tracked");
+        let indexes: Vec<u64> = buckets.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, vec![0, 1], "completed buckets only");
+        let first = &buckets[0].1;
+        assert_eq!((first.canary.requests, first.canary.failures), (3, 1));
+        assert_eq!((first.primary.requests, first.primary.failures), (2, 0));
+        // Thresholds 1, 2, 4, 8, 16, 32 ms...: the canary's are 1.2x (1.2, 2.4, ... 38.4 ms).
+        assert_eq!(&first.canary.slow[..6], &[1, 1, 1, 1, 1, 0]);
+        assert_eq!(&first.primary.slow[..3], &[2, 0, 0]);
+        assert_eq!(
+            buckets[1].1.canary,
+            VersionCounts {
+                slow: vec![0; 14],
+                ..VersionCounts::default()
+            }
+        );
+        // Asked again after bucket 1: nothing new until bucket 2 completes.
+        let again = w
+            .judge_buckets("shop/web", t0, Some(1), now, None)
+            .expect("tracked");
+        assert!(again.is_empty(), "{again:?}");
+        let later = w
+            .judge_buckets("shop/web", t0, Some(1), t0 + Duration::from_secs(3), None)
+            .expect("tracked");
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].1.canary.requests, 1);
+        assert!(later[0].1.canary.slow.is_empty(), "no latency asked for");
+    }
+
+    #[test]
     fn wire_total_agrees_with_merge_wire_on_good_and_hostile_histograms() {
         let cases: Vec<Vec<i64>> = vec![
             vec![],
