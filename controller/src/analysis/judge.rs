@@ -241,12 +241,20 @@ fn ln_factorial(n: u64) -> f64 {
         + 1.0 / (1260.0 * x.powi(5))
 }
 
+/// Buckets are pooled into one observation until both versions have served at least this many
+/// requests: a bucket with one canary and one primary request says little about their shares,
+/// and one without primary requests says nothing. The rule looks at request counts only, never
+/// at outcomes, so each pooled observation keeps the conditional law (docs/judge.md).
+pub const MIN_POOLED_REQUESTS: u64 = 5;
+
 /// Everything the judge has seen since the current attempt began: one test for failures, one
 /// per latency threshold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evidence {
     errors: SequentialTest,
     latency: Vec<SequentialTest>,
+    /// Buckets absorbed but not yet weighed (too few requests on a side).
+    pending: BucketPair,
     /// Completed buckets absorbed.
     buckets: u64,
     /// Width of one bucket.
@@ -266,14 +274,35 @@ impl Evidence {
                     .collect(),
                 None => Vec::new(),
             },
+            pending: BucketPair::default(),
             buckets: 0,
             bucket_width,
         }
     }
 
-    /// Adds one completed bucket.
+    /// Adds one completed bucket; weighs the pooled buckets once both versions have served
+    /// [`MIN_POOLED_REQUESTS`].
     pub fn absorb(&mut self, bucket: &BucketPair) {
-        let (c, p) = (&bucket.canary, &bucket.primary);
+        self.buckets += 1;
+        let pool = |into: &mut VersionCounts, from: &VersionCounts| {
+            into.requests += from.requests;
+            into.failures += from.failures;
+            if into.slow.len() < from.slow.len() {
+                into.slow.resize(from.slow.len(), 0);
+            }
+            for (i, n) in from.slow.iter().enumerate() {
+                into.slow[i] += n;
+            }
+        };
+        pool(&mut self.pending.canary, &bucket.canary);
+        pool(&mut self.pending.primary, &bucket.primary);
+        if self.pending.canary.requests < MIN_POOLED_REQUESTS
+            || self.pending.primary.requests < MIN_POOLED_REQUESTS
+        {
+            return;
+        }
+        let pooled = std::mem::take(&mut self.pending);
+        let (c, p) = (&pooled.canary, &pooled.primary);
         self.errors
             .absorb(c.failures, c.requests, p.failures, p.requests);
         for (i, test) in self.latency.iter_mut().enumerate() {
@@ -281,7 +310,6 @@ impl Evidence {
             let slow_p = p.slow.get(i).copied().unwrap_or(0);
             test.absorb(slow_c, c.requests, slow_p, p.requests);
         }
-        self.buckets += 1;
     }
 
     /// How much time the absorbed buckets cover.

@@ -373,3 +373,36 @@ fn the_rollback_finding_reads_like_the_issue_says() {
         "canary failure rate 56.5% vs primary 0.5% (sequential test, 99% confidence, 23 canary requests in 1.2s)"
     );
 }
+
+#[test]
+fn buckets_are_pooled_until_both_versions_served_enough_requests() {
+    let judge = plan(0.99, 1.5);
+    let one = |canary: (u64, u64), primary: (u64, u64)| BucketPair {
+        canary: VersionCounts {
+            requests: canary.0,
+            failures: canary.1,
+            slow: vec![],
+        },
+        primary: VersionCounts {
+            requests: primary.0,
+            failures: primary.1,
+            slow: vec![],
+        },
+    };
+    let mut evidence = Evidence::new(&judge, Duration::from_secs(1));
+    // A canary failure in a second without primary traffic is kept, not lost.
+    evidence.absorb(&one((1, 1), (0, 0)));
+    evidence.absorb(&one((2, 1), (3, 0)));
+    assert_eq!(evidence.errors().totals(), [0, 0, 0, 0], "still pooling");
+    evidence.absorb(&one((2, 0), (6, 0)));
+    assert_eq!(
+        evidence.errors().totals(),
+        [2, 5, 0, 9],
+        "weighed as one observation"
+    );
+    // The same as one bucket of those totals.
+    let mut single = SequentialTest::new(1.0, 1.5);
+    single.absorb(2, 5, 0, 9);
+    assert_eq!(evidence.errors().e_fail(), single.e_fail());
+    assert_eq!(evidence.span(), Duration::from_secs(3));
+}
