@@ -10,14 +10,18 @@
 //! - [`filter_module`]: the filter module the controller serves to the mesh, and its digest.
 //! - [`platform`]: where workloads live (local processes; Kubernetes later).
 //! - [`traffic`]: routes turned into the directives the filters apply.
+//! - [`live`]: the live per-version numbers the CLI shows (`weir status`, `weir watch`).
+//! - [`cli`]: the operator's verbs (`weir status`, `watch`, `promote`, ...) in both modes.
 //! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
 //! - [`webhook`]: Flagger-style webhook calls.
 
 pub mod analysis;
+pub mod cli;
 pub mod demo;
 pub mod exporter;
 pub mod filter_module;
 pub mod ingest;
+pub mod live;
 pub mod local;
 pub mod metrics;
 pub mod platform;

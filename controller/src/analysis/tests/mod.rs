@@ -6,6 +6,7 @@ mod failures;
 mod hooks;
 mod judge;
 mod lifecycle;
+mod operator;
 mod restart;
 mod strategies;
 mod windows;
