@@ -1,6 +1,6 @@
 //! `weir demo`: the Flagger tutorial's experiments replayed in local mode, through a real Envoy
-//! with the Weir filter, time-compressed. Exits non-zero when an experiment does not end as the
-//! tutorial says it should.
+//! with the Weir filter, time-compressed, then two with Weir's comparative judge. Exits non-zero
+//! when an experiment does not end as it should.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -45,9 +45,24 @@ spec:
       interval: 30s
 "#;
 
+/// The tutorial's Canary after the tutorial: the fixed success-rate check replaced by Weir's
+/// comparative judge (the P99 check stays).
+pub fn judged_canary() -> String {
+    TUTORIAL_CANARY.replace(
+        "    - name: request-success-rate\n      thresholdRange: {min: 99}\n      interval: 30s\n",
+        "",
+    ) + "    judge: {confidence: 0.99}\n"
+}
+
 /// The local stand-in for the tutorial's Deployment at `version`.
 pub fn mirror_workload(version: &str) -> String {
-    format!("command: mirror\nargs: [\"--listen\", \"{{address}}\", \"--version\", \"{version}\"]\nreadinessPath: /healthz\n")
+    mirror_workload_with(version, &[])
+}
+
+/// The same with more `mirror` flags (`--error-rate 0.5`: the version fails on its own).
+pub fn mirror_workload_with(version: &str, flags: &[&str]) -> String {
+    let extra: String = flags.iter().map(|f| format!(", \"{f}\"")).collect();
+    format!("command: mirror\nargs: [\"--listen\", \"{{address}}\", \"--version\", \"{version}\"{extra}]\nreadinessPath: /healthz\n")
 }
 
 /// Demo settings.
@@ -68,6 +83,8 @@ pub struct DemoOptions {
 /// The shared load generator state.
 struct Load {
     errors: AtomicBool,
+    /// Send only every n-th request of the schedule (1: the full rate).
+    every: AtomicU64,
     sent: AtomicU64,
     failed: AtomicU64,
     stop: AtomicBool,
@@ -99,7 +116,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     println!("\n{TUTORIAL_CANARY}");
 
     let mut local = LocalMode::start(&LocalOptions {
-        canary: canary_file,
+        canary: canary_file.clone(),
         workloads: workloads.clone(),
         state: root.join("state"),
         listen_port: 0,
@@ -124,6 +141,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
 
     let load = Arc::new(Load {
         errors: AtomicBool::new(false),
+        every: AtomicU64::new(1),
         sent: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         stop: AtomicBool::new(false),
@@ -157,6 +175,46 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     if halts != 5 {
         println!("expected 5 halts on the success rate, saw {halts}");
         ok = false;
+    }
+
+    println!("\n== Experiment 3: experiment 2 again, with the comparative judge in place of the fixed success-rate check:");
+    println!("   both versions fail the client-requested 500s alike, so the canary is promoted, and each step says why");
+    let judged = judged_canary();
+    println!("\n{judged}");
+    std::fs::write(&canary_file, &judged)?;
+    load.errors.store(true, Ordering::Relaxed);
+    set_version("1.1.4")?;
+    ok &= wait_for(&mut local, Phase::Succeeded, interval * 20).await;
+    load.errors.store(false, Ordering::Relaxed);
+    ok &= expect_primary(&local, "1.1.4").await;
+    if count_events(&local, "judge ") == 0 {
+        println!("expected the advances to carry the judge's verdict");
+        ok = false;
+    }
+
+    println!("\n== Experiment 4: v1.1.5 fails half its requests on its own, at low traffic: the judge rolls it back within seconds");
+    // 24 requests per second in all: the canary gets two or three a second at 10%.
+    load.every.store(25, Ordering::Relaxed);
+    let rollbacks_before =
+        count_events(&local, "Rolling back mhs.application: canary failure rate");
+    std::fs::write(
+        workloads.join("mhs.yaml"),
+        mirror_workload_with("1.1.5", &["--error-rate", "0.5"]),
+    )?;
+    ok &= wait_for(&mut local, Phase::Failed, interval * 20).await;
+    load.every.store(1, Ordering::Relaxed);
+    ok &= expect_primary(&local, "1.1.4").await;
+    match judge_reaction(&local) {
+        Some(reaction)
+            if count_events(&local, "Rolling back mhs.application: canary failure rate")
+                > rollbacks_before =>
+        {
+            println!("   rolled back {reaction:.1?} after the canary first got traffic (the analysis interval is {interval:?})");
+        }
+        _ => {
+            println!("expected a rollback by the judge");
+            ok = false;
+        }
     }
 
     load.stop.store(true, Ordering::Relaxed);
@@ -200,7 +258,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
     println!(
         "{}",
         if ok {
-            "\nAll three experiments ended as expected."
+            "\nAll experiments ended as expected."
         } else {
             "\nAn experiment did NOT end as expected."
         }
@@ -271,6 +329,27 @@ fn progress(local: &LocalMode) -> String {
     )
 }
 
+/// How long after the last rollout's first weight increase the judge rolled it back.
+fn judge_reaction(local: &LocalMode) -> Option<Duration> {
+    let events = local.events();
+    let events = events.lock().unwrap_or_else(|p| p.into_inner());
+    let rollback = events.iter().rev().find(|e| {
+        e.event
+            .message
+            .starts_with("Rolling back mhs.application: canary")
+    })?;
+    let advance = events
+        .iter()
+        .rev()
+        .filter(|e| e.time <= rollback.time)
+        .find(|e| {
+            e.event
+                .message
+                .starts_with("Advance mhs.application canary weight 10")
+        })?;
+    Some(rollback.time.since(advance.time))
+}
+
 fn count_events(local: &LocalMode, needle: &str) -> usize {
     local
         .events()
@@ -312,6 +391,9 @@ async fn drive_load(target: SocketAddr, host: String, rate: u32, load: Arc<Load>
             while !load.stop.load(Ordering::Relaxed) {
                 ticker.tick().await;
                 n += 1;
+                if !n.is_multiple_of(load.every.load(Ordering::Relaxed).max(1)) {
+                    continue;
+                }
                 let error = load.errors.load(Ordering::Relaxed) && n.is_multiple_of(2);
                 load.sent.fetch_add(1, Ordering::Relaxed);
                 let stream = match connection.take() {

@@ -466,6 +466,7 @@ mod tests {
                     source: "prometheus".into(),
                     reason: None,
                 }],
+                judge: None,
             });
         }
         s

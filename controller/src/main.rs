@@ -300,7 +300,8 @@ impl KubernetesArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Replay the Flagger tutorial's three experiments locally (time-compressed).
+    /// Replay the Flagger tutorial's three experiments locally (time-compressed), then two with
+    /// the comparative judge.
     Demo {
         #[command(flatten)]
         binaries: Binaries,

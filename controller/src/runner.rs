@@ -98,6 +98,82 @@ pub struct Runner<P, M, J> {
     grace: ReconnectGrace,
     /// Whether the wait for the filters was announced (once per runner).
     grace_announced: bool,
+    /// The comparative judge's evidence so far, absorbed from the ingest bucket by bucket.
+    judge: Option<JudgeTracker>,
+}
+
+/// What the judge has absorbed of one analysis attempt.
+#[derive(Debug, Clone)]
+pub struct JudgeTracker {
+    /// Evidence since this time (the attempt's start).
+    since: Timestamp,
+    /// The judge's settings it was built for.
+    plan: crate::spec::JudgePlan,
+    /// The last bucket absorbed.
+    last_bucket: Option<u64>,
+    evidence: analysis::Evidence,
+}
+
+impl JudgeTracker {
+    /// Brings `tracker` up to date with the ingest's completed buckets for `plan`'s canary since
+    /// `since` (starting over when the attempt or the judge's settings changed), and returns the
+    /// evidence. `now` and `now_instant` are the same moment on the two clocks.
+    pub fn update(
+        tracker: &mut Option<JudgeTracker>,
+        ingest: &crate::ingest::Ingest,
+        plan: &CanaryPlan,
+        since: Timestamp,
+        now: Timestamp,
+        now_instant: Instant,
+    ) -> analysis::Evidence {
+        let Some(judge) = plan.analysis.judge else {
+            return analysis::Evidence::new(
+                &crate::spec::JudgePlan {
+                    confidence: crate::spec::DEFAULT_JUDGE_CONFIDENCE,
+                    error_ratio: crate::spec::DEFAULT_JUDGE_ERROR_RATIO,
+                    latency_ratio: None,
+                    require_pass: false,
+                },
+                ingest.config().bucket_width,
+            );
+        };
+        let fresh = tracker
+            .as_ref()
+            .is_none_or(|t| t.since != since || t.plan != judge);
+        if fresh {
+            *tracker = Some(JudgeTracker {
+                since,
+                plan: judge,
+                last_bucket: None,
+                evidence: analysis::Evidence::new(&judge, ingest.config().bucket_width),
+            });
+        }
+        let Some(t) = tracker.as_mut() else {
+            return analysis::Evidence::new(&judge, ingest.config().bucket_width);
+        };
+        let since_instant = now_instant
+            .checked_sub(now.since(since))
+            .unwrap_or(ingest.started_at());
+        if let Some(buckets) = ingest.judge_buckets(
+            &plan.key(),
+            since_instant,
+            t.last_bucket,
+            now_instant,
+            judge.latency_ratio,
+        ) {
+            for (index, bucket) in buckets {
+                t.evidence.absorb(&bucket);
+                t.last_bucket = Some(index);
+            }
+        }
+        t.evidence.clone()
+    }
+}
+
+/// How often the runner looks for new reports while the judge watches a canary: a quarter of a
+/// window bucket (the judge weighs completed buckets only).
+pub fn judge_poll(bucket_width: Duration) -> Duration {
+    (bucket_width / 4).max(Duration::from_millis(50))
 }
 
 impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
@@ -130,6 +206,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             confirm_wait: Duration::from_secs(3),
             grace: ReconnectGrace::default(),
             grace_announced: false,
+            judge: None,
         })
     }
 
@@ -200,7 +277,17 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
     /// When the engine next wants to act (it may also act earlier on a retry or a deletion); not
     /// before the filters had their chance to reconnect, looked at again every settle time.
     pub fn next_step_at(&self) -> Timestamp {
-        let next = analysis::next_step_at(&self.plan, &self.status);
+        let mut next = analysis::next_step_at(&self.plan, &self.status);
+        let judging = self.plan.analysis.judge.is_some()
+            && matches!(
+                self.status.phase,
+                Some(crate::spec::Phase::Progressing | crate::spec::Phase::WaitingPromotion)
+            );
+        if judging {
+            // The judge looks whenever reports may have completed a bucket.
+            let poll = judge_poll(self.directives.ingest().config().bucket_width);
+            next = next.min(Timestamp::from_system_time(SystemTime::now() + poll));
+        }
         match self.reconnect_wait() {
             Some(wait) => next.max(Timestamp::from_system_time(
                 SystemTime::now() + wait.min(self.grace.settle),
@@ -246,6 +333,16 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             match analysis::step(&self.plan, &self.status, &obs, now) {
                 Outcome::Done(step) => break step,
                 Outcome::Need(need) => {
+                    if let Some(since) = need.judge {
+                        obs.judge = Some(JudgeTracker::update(
+                            &mut self.judge,
+                            self.directives.ingest(),
+                            &self.plan,
+                            since,
+                            now,
+                            Instant::now(),
+                        ));
+                    }
                     if !need.metrics.is_empty() {
                         if let Some(wait) = self.reconnect_wait() {
                             // Nothing performed, nothing saved: the step runs once the filters

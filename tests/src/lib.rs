@@ -17,6 +17,7 @@
 pub mod bench_detect;
 pub mod bench_filter;
 pub mod bench_ingest;
+pub mod bench_judge;
 pub mod bench_p99;
 pub mod bench_support;
 pub mod binaries;

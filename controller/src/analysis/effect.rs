@@ -1,6 +1,6 @@
 //! What a step asks the executor to do.
 
-use crate::spec::{CanaryStatus, MetricCheck, Phase, Webhook, Weight};
+use crate::spec::{CanaryStatus, MetricCheck, Phase, Timestamp, Webhook, Weight};
 use serde::{Deserialize, Serialize};
 
 /// The result of calling [`step`](super::step).
@@ -25,6 +25,9 @@ pub struct Need {
     pub metrics: Vec<MetricCheck>,
     /// Call each of these and put the results in `Observations::webhooks` under the hook's name.
     pub webhooks: Vec<WebhookCall>,
+    /// The comparative judge's evidence: both versions' completed window buckets since this
+    /// time, absorbed into an [`Evidence`](super::Evidence), in `Observations::judge`.
+    pub judge: Option<Timestamp>,
 }
 
 /// A webhook to call, with the phase to report in its payload.

@@ -4,6 +4,7 @@
 
 use super::check::{evaluate, CheckResult, Verdict};
 use super::effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
+use super::judge::{self, JudgeResult};
 use super::observe::{Observations, OperatorRequest, Readiness, Verb, WebhookResult};
 use crate::spec::{
     format_go_duration, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, MetricCheck,
@@ -28,6 +29,7 @@ pub fn step(
         checks: Vec::new(),
         ticked: false,
         record_decision: true,
+        judge: None,
     };
     match run.go() {
         Err(need) => Outcome::Need(need),
@@ -166,6 +168,8 @@ struct Run<'a> {
     ticked: bool,
     /// Whether the step's events go into the decision history.
     record_decision: bool,
+    /// The comparative judge's verdict at this call, when the Canary asks for the judge.
+    judge: Option<JudgeResult>,
 }
 
 impl<'a> Run<'a> {
@@ -253,8 +257,8 @@ impl<'a> Run<'a> {
             .collect();
         if !missing.is_empty() {
             return Err(Need {
-                metrics: Vec::new(),
                 webhooks: missing,
+                ..Need::default()
             });
         }
         Ok(hooks
@@ -292,6 +296,13 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let retrying = self.take_retry_request();
+        if !retrying {
+            // The judge looks at every call, not only on the interval: a canary it finds worse
+            // is rolled back at once.
+            if self.judge()? {
+                return Ok(());
+            }
+        }
         if !retrying && !self.due() {
             return Ok(());
         }
@@ -307,6 +318,45 @@ impl<'a> Run<'a> {
             ) => self.advance(),
             Some(Phase::Terminating | Phase::Terminated) => Ok(()),
         }
+    }
+
+    /// During an analysis with `analysis.judge`: asks for the evidence, and rolls back when the
+    /// judge says Fail (`Ok(true)`). Any other verdict is kept for the step's checks.
+    fn judge(&mut self) -> Result<bool, Need> {
+        let Some(plan) = self.plan.analysis.judge else {
+            return Ok(false);
+        };
+        let analysing = matches!(
+            self.old.phase,
+            Some(Phase::Progressing | Phase::WaitingPromotion)
+        );
+        if !analysing || self.plan.skip_analysis {
+            return Ok(false);
+        }
+        let Some(evidence) = &self.obs.judge else {
+            let since = self
+                .old
+                .analysis_started
+                .or(self.old.routed_since)
+                .unwrap_or(self.now);
+            return Err(Need {
+                judge: Some(since),
+                ..Need::default()
+            });
+        };
+        let result = judge::decide(&plan, evidence);
+        if result.verdict() == judge::Verdict::Fail {
+            self.ticked = true;
+            self.warn(
+                "Rollback",
+                format!("Rolling back {}: {}", self.id(), result.finding()),
+            );
+            self.judge = Some(result);
+            self.rollback()?;
+            return Ok(true);
+        }
+        self.judge = Some(result);
+        Ok(false)
     }
 
     /// Consumes a new operator request: `Some` when it decided the step, `None` when the step
@@ -636,6 +686,7 @@ impl<'a> Run<'a> {
         self.s.primary_not_ready_since = None;
         // Nothing the canary served before counts for this analysis.
         self.s.routed_since = Some(self.now);
+        self.s.analysis_started = Some(self.now);
     }
 
     /// Progressing, WaitingPromotion, Promoting, Finalising: Flagger's advanceCanary from the
@@ -850,6 +901,18 @@ impl<'a> Run<'a> {
         if any(Verdict::Error) {
             return Ok(false);
         }
+        if let (Some(result), Some(plan)) = (&self.judge, &self.plan.analysis.judge) {
+            if plan.require_pass && result.verdict() != judge::Verdict::Pass {
+                let message = format!(
+                    "Halt {} advancement: the judge has not passed the canary yet ({})",
+                    self.id(),
+                    result.summary(plan)
+                );
+                self.warn("Halt", message);
+                self.s.inconclusive_checks += 1;
+                return Ok(false);
+            }
+        }
         if any(Verdict::Inconclusive) {
             self.s.inconclusive_checks += 1;
             // Too little data while the step is younger than the metric's window is the window
@@ -1053,10 +1116,13 @@ impl<'a> Run<'a> {
 
     /// Appends the numbers of this step's checks to a message.
     fn with_numbers(&self, message: String) -> String {
-        if self.checks.is_empty() {
+        let mut numbers: Vec<String> = self.checks.iter().map(CheckResult::summary).collect();
+        if let (Some(result), Some(plan)) = (&self.judge, &self.plan.analysis.judge) {
+            numbers.push(result.summary(plan));
+        }
+        if numbers.is_empty() {
             return message;
         }
-        let numbers: Vec<String> = self.checks.iter().map(CheckResult::summary).collect();
         format!("{message} ({})", numbers.join("; "))
     }
 
@@ -1278,6 +1344,7 @@ impl<'a> Run<'a> {
                 iterations: s.iterations,
                 events,
                 checks: std::mem::take(&mut self.checks),
+                judge: self.judge.take(),
             };
             s.record(decision);
         }

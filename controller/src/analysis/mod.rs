@@ -97,6 +97,22 @@
 //! - Metric providers are not probed at initialization (Flagger's "all the metrics providers are
 //!   available!"): each check asks its source at every step, and a broken one is an Error.
 //!
+//! The comparative judge (`analysis.judge`, Weir's own; Flagger has nothing like it):
+//! - It compares the canary with the primary over the same time from the same reporters
+//!   ([`judge`], `docs/judge.md`), where Flagger judges the canary alone against fixed bounds.
+//!   A Canary without it behaves as Flagger's.
+//! - It is evaluated at every call, not once per interval (the runner calls whenever a window
+//!   bucket may have completed), and a Fail rolls back at once, without counting failed checks
+//!   against the threshold: `Rolling back mhs.application: canary failure rate 48.1% vs
+//!   primary 0.4% (sequential test, 99% confidence, 23 canary requests in 1.2s)`.
+//! - It weighs everything both versions served since the analysis started or was retried
+//!   (`status.analysisStarted`), across weight changes, where the metric checks count only the
+//!   current step: its error bounds hold over the whole attempt, and more data decides sooner.
+//! - Its verdict is added to the numbers of the step's events and kept in the decision
+//!   history (`decisions[].judge`); between intervals only a Fail is recorded.
+//! - With `requirePass`, a step advances only on its Pass; otherwise it is a halt like an
+//!   Inconclusive check (counted in `inconclusiveChecks`, never as a failed check).
+//!
 //! Readiness and the progress deadline:
 //! - The deadline is timed by the engine (the canary from its scale-up or from the first step
 //!   that saw it unready, the primary from the promotion or from the first step that saw it
@@ -182,6 +198,7 @@
 mod check;
 mod effect;
 mod engine;
+pub mod judge;
 mod observe;
 
 pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict, PROMETHEUS_SOURCE};
@@ -189,6 +206,7 @@ pub use effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, Web
 pub use engine::{
     canary_runs, desired_route, next_step_at, request_fit, step, RequestFit, PAUSED_CONDITION,
 };
+pub use judge::{Evidence, JudgeResult};
 pub use observe::{Observations, OperatorRequest, Readiness, Verb, WebhookResult};
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! What the executor tells the engine about the world at one step.
 
 use super::check::Measurement;
+use super::judge::Evidence;
 use std::collections::BTreeMap;
 
 /// Everything the engine may consult at one step. Build it with [`Observations::new`]; fill
@@ -38,6 +39,9 @@ pub struct Observations {
     /// primary is then kept as it is, and a target that differs is analysed as a new revision
     /// instead of being copied to the primary unanalysed.
     pub primary_revision: Option<String>,
+    /// What the comparative judge has seen since the time a step asked for
+    /// ([`Need::judge`](super::Need::judge)); `None` until then.
+    pub judge: Option<Evidence>,
 }
 
 impl Observations {

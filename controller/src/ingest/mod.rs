@@ -616,6 +616,22 @@ impl Ingest {
         self.inner.windows.window(canary, version, window, now)
     }
 
+    /// Both versions' completed buckets of `canary` from the one `since` falls in, after bucket
+    /// `after`, each with its index, for the comparative judge (see
+    /// [`crate::analysis::judge`]). None if the canary is not tracked.
+    pub fn judge_buckets(
+        &self,
+        canary: &str,
+        since: Instant,
+        after: Option<u64>,
+        now: Instant,
+        latency_ratio: Option<f64>,
+    ) -> Option<Vec<(u64, crate::analysis::judge::BucketPair)>> {
+        self.inner
+            .windows
+            .judge_buckets(canary, since, after, now, latency_ratio)
+    }
+
     /// When the newest report that counted requests for the canary arrived; None if none did.
     /// Tells the caller whether any Envoy covers the canary at all (otherwise fall back to
     /// Prometheus, or to weights in the VirtualService). A report without stats for the canary,

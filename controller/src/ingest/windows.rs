@@ -12,11 +12,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use weir_proto::latency::{DecodeError, SLOTS};
+use weir_proto::latency::{slot_of, DecodeError, SLOTS};
 use weir_proto::v1::{Histogram, Version, VersionStats};
 use weir_proto::LatencyHistogram;
 
 use super::counters::lock;
+use crate::analysis::judge::{BucketPair, VersionCounts, LATENCY_THRESHOLDS_US};
 
 /// Slots per page: one HDR power of two, so a narrow latency range touches few pages.
 const PAGE: usize = 128;
@@ -117,6 +118,21 @@ impl PagedHistogram {
                 *target = target.saturating_add(n);
             }
         }
+    }
+
+    /// Samples in slots after `slot` (slower than the slot's values).
+    fn count_above(&self, slot: usize) -> u64 {
+        let mut total: u64 = 0;
+        for (page_index, page) in self.pages.iter().enumerate() {
+            let Some(page) = page else { continue };
+            let start = page_index * PAGE;
+            if start + PAGE <= slot + 1 {
+                continue;
+            }
+            let skip = (slot + 1).saturating_sub(start);
+            total = total.saturating_add(page.iter().skip(skip).sum::<u64>());
+        }
+        total
     }
 
     fn pages_in_use(&self) -> usize {
@@ -438,6 +454,82 @@ impl Windows {
         }
     }
 
+    /// The completed buckets (before the one `now` falls in) of both versions of one canary,
+    /// from the one `since` falls in, after bucket index `after`: for the comparative judge,
+    /// which absorbs each bucket once. A canary request is slow at a threshold `t` when it took
+    /// longer than `latency_ratio × t`, a primary request when it took longer than `t`. None if
+    /// the canary is not tracked.
+    pub(crate) fn judge_buckets(
+        &self,
+        key: &str,
+        since: Instant,
+        after: Option<u64>,
+        now: Instant,
+        latency_ratio: Option<f64>,
+    ) -> Option<Vec<(u64, BucketPair)>> {
+        let cell = {
+            let canaries = self.canaries.read().unwrap_or_else(|e| e.into_inner());
+            canaries.get(key)?.cell.clone()
+        };
+        let first = match after {
+            Some(index) => index.saturating_add(1),
+            None => self.index_of(since),
+        }
+        .max(self.index_of(since));
+        let end = self.index_of(now);
+        let slots = |ratio: f64| -> Vec<usize> {
+            LATENCY_THRESHOLDS_US
+                .iter()
+                .map(|&t| slot_of((t as f64 * ratio).round() as u64))
+                .collect()
+        };
+        let (primary_slots, canary_slots) = match latency_ratio {
+            Some(ratio) => (slots(1.0), slots(ratio)),
+            None => (Vec::new(), Vec::new()),
+        };
+        let state = lock(&cell.state);
+        let counts = |version: usize, index: u64, slow_slots: &[usize]| -> VersionCounts {
+            let series = &state.versions[version];
+            let position = series.buckets.partition_point(|b| b.index < index);
+            match series.buckets.get(position).filter(|b| b.index == index) {
+                Some(b) => VersionCounts {
+                    requests: b.requests,
+                    failures: b.failures,
+                    slow: slow_slots
+                        .iter()
+                        .map(|&slot| b.latency.count_above(slot))
+                        .collect(),
+                },
+                None => VersionCounts {
+                    slow: vec![0; slow_slots.len()],
+                    ..VersionCounts::default()
+                },
+            }
+        };
+        let mut indexes: Vec<u64> = state
+            .versions
+            .iter()
+            .flat_map(|series| series.buckets.iter().map(|b| b.index))
+            .filter(|index| (first..end).contains(index))
+            .collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        Some(
+            indexes
+                .into_iter()
+                .map(|index| {
+                    (
+                        index,
+                        BucketPair {
+                            primary: counts(0, index, &primary_slots),
+                            canary: counts(1, index, &canary_slots),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
     /// Buckets held across every canary and version, and latency pages they use (for metrics).
     pub(crate) fn footprint(&self) -> (usize, usize) {
         let cells: Vec<Arc<CanaryCell>> = {
@@ -500,6 +592,64 @@ mod tests {
             stats,
         };
         w.apply(&[entry], &Arc::from(reporter), at);
+    }
+
+    #[test]
+    fn the_judge_reads_each_completed_bucket_once_with_slow_counts_per_threshold() {
+        let t0 = Instant::now();
+        let w = windows(t0);
+        let primary = |samples: &[u64], failures: u64| VersionStats {
+            version: Version::Primary as i32,
+            ..stats(samples, failures)
+        };
+        let put = |s: &VersionStats, version: usize, at: Instant| {
+            let cell = w.accepting("shop/web", at).expect("tracked");
+            w.apply(
+                &[ValidEntry {
+                    cell,
+                    version,
+                    stats: s,
+                }],
+                &Arc::from("envoy-1"),
+                at,
+            );
+        };
+        // Second 0: canary 3 requests (one of 30 ms, one failed), primary 2 of 1.5 ms.
+        put(&stats(&[500, 30_000, 900], 1), 1, t0);
+        put(&primary(&[1_500, 1_500], 0), 0, t0);
+        // Second 1: primary only; second 2 is still filling.
+        put(&primary(&[5_000], 1), 0, t0 + Duration::from_millis(1500));
+        put(&stats(&[100], 0), 1, t0 + Duration::from_millis(2100));
+        let now = t0 + Duration::from_millis(2200);
+        let buckets = w
+            .judge_buckets("shop/web", t0, None, now, Some(1.2))
+            .expect("tracked");
+        let indexes: Vec<u64> = buckets.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, vec![0, 1], "completed buckets only");
+        let first = &buckets[0].1;
+        assert_eq!((first.canary.requests, first.canary.failures), (3, 1));
+        assert_eq!((first.primary.requests, first.primary.failures), (2, 0));
+        // Thresholds 1, 2, 4, 8, 16, 32 ms...: the canary's are 1.2x (1.2, 2.4, ... 38.4 ms).
+        assert_eq!(&first.canary.slow[..6], &[1, 1, 1, 1, 1, 0]);
+        assert_eq!(&first.primary.slow[..3], &[2, 0, 0]);
+        assert_eq!(
+            buckets[1].1.canary,
+            VersionCounts {
+                slow: vec![0; 14],
+                ..VersionCounts::default()
+            }
+        );
+        // Asked again after bucket 1: nothing new until bucket 2 completes.
+        let again = w
+            .judge_buckets("shop/web", t0, Some(1), now, None)
+            .expect("tracked");
+        assert!(again.is_empty(), "{again:?}");
+        let later = w
+            .judge_buckets("shop/web", t0, Some(1), t0 + Duration::from_secs(3), None)
+            .expect("tracked");
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].1.canary.requests, 1);
+        assert!(later[0].1.canary.slow.is_empty(), "no latency asked for");
     }
 
     #[test]

@@ -28,6 +28,10 @@
 //!   verdict instead of Pass or Fail.
 //! - `inconclusiveCountsAsFailure` (default false): count Inconclusive steps as failed checks;
 //!   by default they only halt the rollout.
+//! - `judge` (absent by default): compare the canary with the primary continuously and roll
+//!   back as soon as it is worse with the stated confidence (`crate::analysis::judge`,
+//!   `docs/judge.md`): `{confidence: 0.99, errorRatio: 1.5, latencyRatio: 1.2, requirePass:
+//!   false}`.
 //! - `inconclusiveLimit` (default 10, 0 for none): after that many Inconclusive steps in a row
 //!   the canary pauses and asks for a decision (`weir promote` / `weir abort`).
 //!
@@ -46,16 +50,17 @@ mod weight;
 
 pub use duration::{format_go_duration, parse_go_duration, serde_go, DurationError};
 pub use plan::{
-    AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup,
-    MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range, ServicePlan,
-    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
-    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, JudgePlan,
+    MatchGroup, MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range,
+    ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
+    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_JUDGE_CONFIDENCE, DEFAULT_JUDGE_ERROR_RATIO,
+    DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
-    AutoscalerReference, Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
-    CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta, ObjectReference,
-    ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown, UnmanagedMetadata,
-    REQUEST_ANNOTATION, RETRY_ANNOTATION,
+    AutoscalerReference, Canary, CanaryAnalysis, CanaryJudge, CanaryMetric, CanaryService,
+    CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta,
+    ObjectReference, ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown,
+    UnmanagedMetadata, REQUEST_ANNOTATION, RETRY_ANNOTATION,
 };
 pub use routes::{
     CorsPolicy, HeaderOperations, HeaderOps, Retries, Rewrite, RouteMatch, RouteOptions,

@@ -236,7 +236,29 @@ pub struct AnalysisPlan {
     pub session_affinity: Option<SessionAffinityPlan>,
     /// Who besides the canary's namespace and the trusted identities may report its traffic.
     pub reporters: Vec<crate::ingest::identity::ReporterRule>,
+    /// The comparative judge (`analysis.judge`), when asked for.
+    pub judge: Option<JudgePlan>,
 }
+
+/// `analysis.judge`, checked: compare the canary with the primary continuously.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JudgePlan {
+    /// Probability that a verdict is right, strictly between 0.5 and 1 (default 0.99).
+    pub confidence: f64,
+    /// Pass needs the canary's odds of failure shown below this many times the primary's (at
+    /// least 1; default 1.5); Fail needs them shown above the primary's.
+    pub error_ratio: f64,
+    /// Latency factor the canary may have over the primary before it is slower, at least 1;
+    /// `None`: latency is not compared.
+    pub latency_ratio: Option<f64>,
+    /// A step advances only once the judge says Pass.
+    pub require_pass: bool,
+}
+
+/// Default `analysis.judge.confidence`.
+pub const DEFAULT_JUDGE_CONFIDENCE: f64 = 0.99;
+/// Default `analysis.judge.errorRatio`.
+pub const DEFAULT_JUDGE_ERROR_RATIO: f64 = 1.5;
 
 impl AnalysisPlan {
     /// The webhooks of one kind, in spec order.

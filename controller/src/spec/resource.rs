@@ -436,7 +436,40 @@ pub struct CanaryAnalysis {
     /// gateways may always; reports from anyone else are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reporters: Vec<String>,
+    /// Weir: compare the canary with the primary continuously, and roll back as soon as it is
+    /// worse with the stated confidence (absent: no comparison, as in Flagger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<CanaryJudge>,
     /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `spec.analysis.judge`: Weir's comparative judge (see `docs/judge.md`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryJudge {
+    /// Probability that a verdict is right, above 0.5 and below 1 (default 0.99): a healthy
+    /// canary is rolled back with probability at most 1 - confidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.5, max = 0.999999))]
+    pub confidence: Option<f64>,
+    /// The tolerance for Pass (at least 1, default 1.5): the judge passes a canary whose odds
+    /// of failure are shown to be below this many times the primary's. It fails one shown to
+    /// fail more often than the primary at all; in between it goes on looking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0))]
+    pub error_ratio: Option<f64>,
+    /// How many times slower the canary may be (at least 1): with 1.2, the canary is slower
+    /// when its share of requests slower than 1.2 t exceeds the primary's share slower than t.
+    /// Absent: latency is not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0))]
+    pub latency_ratio: Option<f64>,
+    /// Advance a step only once the judge says Pass (default false: the judge only rolls back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_pass: Option<bool>,
+    /// Keys Weir does not know.
     #[serde(flatten)]
     pub unknown: Unknown,
 }

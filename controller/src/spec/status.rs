@@ -7,7 +7,7 @@
 
 use super::time::Timestamp;
 use super::weight::Weight;
-use crate::analysis::{CheckResult, Event};
+use crate::analysis::{CheckResult, Event, JudgeResult};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
@@ -126,6 +126,11 @@ fn records_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// One record of Weir's own shape, kept as written.
+fn record_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
 /// Flagger writes `phase: ""` before the first step; read it as no phase.
 fn phase_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Phase>, D::Error> {
     match Option::<String>::deserialize(d)? {
@@ -187,6 +192,10 @@ pub struct CanaryStatus {
     /// since then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routed_since: Option<Timestamp>,
+    /// Weir: when the current analysis started or was retried; the comparative judge weighs
+    /// everything both versions served since then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_started: Option<Timestamp>,
     /// Weir: since when the primary has been seen not ready (or since the promotion that
     /// started its rollout); measured against the progress deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -322,6 +331,10 @@ pub struct Decision {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "records_schema")]
     pub checks: Vec<CheckResult>,
+    /// The comparative judge's verdict with its numbers, when the Canary asks for the judge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "record_schema")]
+    pub judge: Option<JudgeResult>,
 }
 
 #[cfg(test)]
@@ -383,6 +396,7 @@ mod tests {
                 iterations: 0,
                 events: vec![],
                 checks: vec![],
+                judge: None,
             });
         }
         assert_eq!(s.decisions.len(), DECISION_HISTORY_LEN);

@@ -3,14 +3,16 @@
 
 use super::duration::{parse_go_duration, DurationError};
 use super::plan::{
-    AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup,
-    MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range, ServicePlan,
-    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
-    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, JudgePlan,
+    MatchGroup, MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range,
+    ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
+    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_JUDGE_CONFIDENCE, DEFAULT_JUDGE_ERROR_RATIO,
+    DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 use super::resource::{
-    AutoscalerReference, Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
-    CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectReference, Unknown,
+    AutoscalerReference, Canary, CanaryAnalysis, CanaryJudge, CanaryMetric, CanaryService,
+    CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectReference,
+    Unknown,
 };
 use super::weight::Weight;
 use serde_json::Value;
@@ -1165,6 +1167,8 @@ impl Checker {
             }
         }
 
+        let judge = a.judge.as_ref().map(|j| self.judge(&p("judge"), j));
+
         AnalysisPlan {
             interval,
             threshold,
@@ -1179,6 +1183,45 @@ impl Checker {
             canary_ready_threshold,
             session_affinity,
             reporters,
+            judge,
+        }
+    }
+
+    fn judge(&mut self, path: &str, j: &CanaryJudge) -> JudgePlan {
+        let p = |field: &str| join(path, field);
+        self.unknown(path, &j.unknown);
+        let confidence = match j.confidence {
+            None => DEFAULT_JUDGE_CONFIDENCE,
+            Some(c) if c > 0.5 && c < 1.0 => c,
+            Some(c) => {
+                self.error(
+                    p("confidence"),
+                    Rule::Invalid(format!(
+                        "must be above 0.5 and below 1 (0.99: a healthy canary is rolled back in at most 1% of rollouts), got {c}"
+                    )),
+                );
+                DEFAULT_JUDGE_CONFIDENCE
+            }
+        };
+        let mut ratio = |field: &str, value: Option<f64>| match value {
+            Some(r) if !(r.is_finite() && r >= 1.0) => {
+                self.error(
+                    p(field),
+                    Rule::Invalid(format!(
+                        "must be a ratio of at least 1 (1.5: the canary may be up to 1.5 times worse than the primary), got {r}"
+                    )),
+                );
+                None
+            }
+            other => other,
+        };
+        let error_ratio = ratio("errorRatio", j.error_ratio).unwrap_or(DEFAULT_JUDGE_ERROR_RATIO);
+        let latency_ratio = ratio("latencyRatio", j.latency_ratio);
+        JudgePlan {
+            confidence,
+            error_ratio,
+            latency_ratio,
+            require_pass: j.require_pass.unwrap_or(false),
         }
     }
 

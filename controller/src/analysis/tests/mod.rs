@@ -4,6 +4,7 @@
 
 mod failures;
 mod hooks;
+mod judge;
 mod lifecycle;
 mod operator;
 mod restart;
@@ -114,6 +115,10 @@ struct Sim {
     hooks: BTreeMap<String, WebhookResult>,
     /// Every round of inputs the engine asked for, across steps.
     rounds: Vec<Round>,
+    /// What both versions served, bucket by bucket, for the comparative judge.
+    served: Vec<crate::analysis::judge::BucketPair>,
+    /// The times the judge's evidence was asked from.
+    judged_since: Vec<Timestamp>,
 }
 
 impl Sim {
@@ -128,6 +133,8 @@ impl Sim {
             unreported: Vec::new(),
             hooks: BTreeMap::new(),
             rounds: Vec::new(),
+            served: Vec::new(),
+            judged_since: Vec::new(),
         }
     }
 
@@ -191,9 +198,26 @@ impl Sim {
                 Outcome::Done(step) => return step,
                 Outcome::Need(need) => {
                     assert!(
-                        !need.metrics.is_empty() || !need.webhooks.is_empty(),
+                        !need.metrics.is_empty()
+                            || !need.webhooks.is_empty()
+                            || need.judge.is_some(),
                         "empty need"
                     );
+                    if let Some(since) = need.judge {
+                        assert!(obs.judge.is_none(), "judge asked for twice");
+                        let plan = self
+                            .plan
+                            .analysis
+                            .judge
+                            .expect("judge asked without a plan");
+                        let mut evidence = Evidence::new(&plan, secs(1));
+                        self.served.iter().for_each(|b| evidence.absorb(b));
+                        obs.judge = Some(evidence);
+                        self.judged_since.push(since);
+                        if need.metrics.is_empty() && need.webhooks.is_empty() {
+                            continue;
+                        }
+                    }
                     self.rounds.push(Round {
                         metrics: need.metrics.iter().map(|m| m.name.clone()).collect(),
                         webhooks: need

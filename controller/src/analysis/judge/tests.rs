@@ -1,0 +1,408 @@
+//! The judge's arithmetic against closed forms and long seeded simulations.
+
+use super::*;
+
+/// A small seeded generator (SplitMix64), so the simulations are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn binomial(&mut self, n: u64, p: f64) -> u64 {
+        (0..n).filter(|_| self.uniform() < p).count() as u64
+    }
+}
+
+fn plan(confidence: f64, error_ratio: f64) -> JudgePlan {
+    JudgePlan {
+        confidence,
+        error_ratio,
+        latency_ratio: None,
+        require_pass: false,
+    }
+}
+
+fn close(a: f64, b: f64, tolerance: f64) -> bool {
+    (a - b).abs() <= tolerance * b.abs().max(1e-300)
+}
+
+#[test]
+fn ln_factorial_matches_the_exact_sum_on_both_sides_of_the_stirling_switch() {
+    for n in [0u64, 1, 2, 10, 63, 64, 65, 100, 1000, 123_456] {
+        let exact: f64 = (2..=n).map(|i| (i as f64).ln()).sum();
+        assert!(
+            close(ln_factorial(n), exact, 1e-12),
+            "ln {n}! = {} vs {exact}",
+            ln_factorial(n)
+        );
+    }
+}
+
+#[test]
+fn the_noncentral_hypergeometric_law_matches_its_closed_form() {
+    // n_c = 3, n_p = 5, 4 events: P(k) ∝ C(3,k) C(5,4-k) θ^k for k = 0..=3.
+    for theta in [0.25f64, 1.0, 2.5, 40.0] {
+        let weights: Vec<f64> = (0..=3u32)
+            .map(|k| {
+                let c3 = [1.0, 3.0, 3.0, 1.0][k as usize];
+                let c5 = [1.0, 5.0, 10.0, 10.0, 5.0][4 - k as usize];
+                c3 * c5 * theta.powi(k as i32)
+            })
+            .collect();
+        let z: f64 = weights.iter().sum();
+        let law = NoncentralHypergeometric::new(3, 5, 4);
+        for k in 0..=3u64 {
+            let expected = weights[k as usize] / z;
+            let got = law.log_pmf(k, theta.ln()).exp();
+            assert!(
+                close(got, expected, 1e-12),
+                "θ={theta} k={k}: {got} vs {expected}"
+            );
+        }
+        assert_eq!(law.log_pmf(4, theta.ln()), f64::NEG_INFINITY, "k > n_c");
+    }
+    // At θ = 1 it is the central hypergeometric: P(k=2) = C(3,2) C(5,2) / C(8,4) = 30/70.
+    let law = NoncentralHypergeometric::new(3, 5, 4);
+    assert!(close(law.log_pmf(2, 0.0).exp(), 30.0 / 70.0, 1e-12));
+    // With more events than primary requests the lowest share is forced: 6 events, n_p = 5.
+    let law = NoncentralHypergeometric::new(3, 5, 6);
+    assert_eq!(law.log_pmf(0, 0.0), f64::NEG_INFINITY);
+    assert!(close(law.log_pmf(1, 0.0).exp(), 3.0 / 28.0, 1e-12)); // C(3,1)C(5,5)/C(8,6)
+}
+
+#[test]
+fn one_event_in_a_one_to_one_bucket_gives_the_closed_form_likelihood_ratio() {
+    // One canary and one primary request, one failure, the canary's: P_θ = θ / (1 + θ).
+    let tau = 1.5;
+    let mut test = SequentialTest::new(1.0, tau);
+    test.absorb(1, 1, 0, 1);
+    let p = |theta: f64| theta / (1.0 + theta);
+    let expected_fail: f64 =
+        ALTERNATIVES.iter().map(|g| p(*g) / p(1.0)).sum::<f64>() / ALTERNATIVES.len() as f64;
+    let expected_pass: f64 = ALTERNATIVES
+        .iter()
+        .map(|g| p(tau / g) / p(tau))
+        .sum::<f64>()
+        / ALTERNATIVES.len() as f64;
+    assert!(close(test.e_fail(), expected_fail, 1e-12));
+    assert!(close(test.e_pass(), expected_pass, 1e-12));
+    assert_eq!(test.totals(), [1, 1, 0, 1]);
+}
+
+#[test]
+fn buckets_without_events_or_without_one_side_carry_no_evidence() {
+    let mut test = SequentialTest::new(1.0, 1.5);
+    test.absorb(0, 100, 0, 900); // no failures at all
+    test.absorb(5, 10, 0, 0); // no primary traffic to compare with
+    test.absorb(0, 0, 3, 50); // no canary traffic
+    assert_eq!((test.e_fail(), test.e_pass()), (1.0, 1.0));
+    assert_eq!(test.verdict(0.01), Verdict::Continue);
+}
+
+#[test]
+fn verdicts_on_known_cases() {
+    // (canary failures, canary requests, primary failures, primary requests) per bucket, repeated;
+    // the verdict at 99% confidence with odds ratio tolerance 1.5.
+    let cases: [(&str, [u64; 4], u64, Verdict); 6] = [
+        (
+            "50% canary vs 0.5% primary: fails in 20 requests",
+            [5, 10, 1, 200],
+            2,
+            Verdict::Fail,
+        ),
+        (
+            "same rates, many failures: passes",
+            [50, 100, 450, 900],
+            5,
+            Verdict::Pass,
+        ),
+        (
+            "same rates, few requests: no conclusion",
+            [1, 10, 9, 90],
+            1,
+            Verdict::Continue,
+        ),
+        (
+            "3x the primary's failures: fails",
+            [30, 1000, 90, 9000],
+            3,
+            Verdict::Fail,
+        ),
+        (
+            "primary worse than canary: passes",
+            [1, 100, 40, 900],
+            4,
+            Verdict::Pass,
+        ),
+        (
+            "no failures anywhere: no conclusion",
+            [0, 1000, 0, 9000],
+            60,
+            Verdict::Continue,
+        ),
+    ];
+    for (name, [cf, cn, pf, pn], repeat, expected) in cases {
+        let mut evidence = Evidence::new(&plan(0.99, 1.5), Duration::from_secs(1));
+        for _ in 0..repeat {
+            evidence.absorb(&BucketPair {
+                canary: VersionCounts {
+                    requests: cn,
+                    failures: cf,
+                    slow: vec![],
+                },
+                primary: VersionCounts {
+                    requests: pn,
+                    failures: pf,
+                    slow: vec![],
+                },
+            });
+        }
+        let result = decide(&plan(0.99, 1.5), &evidence);
+        assert_eq!(result.verdict(), expected, "{name}: {result:?}");
+        assert_eq!(result.canary_requests, cn * repeat, "{name}");
+        assert_eq!(
+            result.span,
+            format_go_duration(Duration::from_secs(repeat)),
+            "{name}"
+        );
+    }
+}
+
+/// Runs `runs` simulated attempts of `buckets` one-second buckets at the given failure
+/// probabilities, the judge looking after every bucket, and returns the share of attempts in
+/// which it ever said `wanted`.
+#[allow(clippy::too_many_arguments)] // a table row: each argument is one column
+fn share_ever(
+    wanted: Verdict,
+    (p_c, n_c): (f64, u64),
+    (p_p, n_p): (f64, u64),
+    tolerance: f64,
+    alpha: f64,
+    runs: u32,
+    buckets: u32,
+    seed: u64,
+) -> f64 {
+    let mut rng = Rng(seed);
+    let mut hits = 0;
+    for _ in 0..runs {
+        let mut test = SequentialTest::new(1.0, tolerance);
+        for _ in 0..buckets {
+            let k_c = rng.binomial(n_c, p_c);
+            let k_p = rng.binomial(n_p, p_p);
+            test.absorb(k_c, n_c, k_p, n_p);
+            if test.verdict(alpha) == wanted {
+                hits += 1;
+                break;
+            }
+        }
+    }
+    f64::from(hits) / f64::from(runs)
+}
+
+/// The odds ratio of failure probabilities.
+fn odds(p: f64) -> f64 {
+    p / (1.0 - p)
+}
+
+#[test]
+fn at_each_boundary_the_judge_looking_after_every_bucket_errs_at_most_alpha() {
+    // Fail's boundary: the canary fails exactly as often as the primary (not worse), so a Fail
+    // is an error. Pass's boundary: its odds are exactly 1.5 times the primary's (worse beyond
+    // the tolerance), so a Pass is an error. Ville's inequality bounds each by alpha under
+    // continuous monitoring; a correct test stays well below it (Ville is conservative), so
+    // the check has margin.
+    let tau = 1.5;
+    let p_p = 0.1;
+    let alpha = 0.05;
+    let fail = share_ever(Verdict::Fail, (p_p, 5), (p_p, 20), tau, alpha, 1000, 200, 7);
+    assert!(fail <= alpha, "Fail at its boundary in {fail} of attempts");
+    let target = tau * odds(p_p);
+    let p_c = target / (1.0 + target);
+    let pass = share_ever(Verdict::Pass, (p_c, 5), (p_p, 20), tau, alpha, 1000, 200, 8);
+    assert!(pass <= alpha, "Pass at its boundary in {pass} of attempts");
+    // And the boundary is sharp: just past it on the other side, each verdict does come.
+    let worse = 3.0 * odds(p_p);
+    let failed = share_ever(
+        Verdict::Fail,
+        (worse / (1.0 + worse), 5),
+        (p_p, 20),
+        tau,
+        alpha,
+        200,
+        200,
+        9,
+    );
+    assert!(
+        failed >= 0.9,
+        "3x the odds failed in only {failed} of attempts"
+    );
+}
+
+#[test]
+fn a_healthy_canary_is_rarely_failed_and_eventually_passed_while_a_broken_one_fails_fast() {
+    let alpha = 0.01;
+    // Equal rates: Fail at most alpha however long it looks.
+    let false_fail = share_ever(
+        Verdict::Fail,
+        (0.02, 2),
+        (0.02, 18),
+        1.5,
+        alpha,
+        1000,
+        600,
+        11,
+    );
+    assert!(
+        false_fail <= alpha,
+        "healthy canary failed in {false_fail} of attempts"
+    );
+    // Just inside the tolerance side (odds ratio 1): with enough failures it passes.
+    let passed = share_ever(
+        Verdict::Pass,
+        (0.3, 10),
+        (0.3, 90),
+        1.5,
+        alpha,
+        200,
+        300,
+        12,
+    );
+    assert!(
+        passed >= 0.95,
+        "healthy canary passed in only {passed} of attempts"
+    );
+    // Just beyond: 3x the odds.
+    let target = 3.0 * odds(0.05);
+    let caught = share_ever(
+        Verdict::Fail,
+        (target / (1.0 + target), 10),
+        (0.05, 90),
+        1.5,
+        alpha,
+        200,
+        300,
+        13,
+    );
+    assert!(
+        caught >= 0.95,
+        "3x regression caught in only {caught} of attempts"
+    );
+}
+
+#[test]
+fn latency_shares_are_compared_at_fixed_thresholds_with_the_budget_split() {
+    let judge = JudgePlan {
+        latency_ratio: Some(1.2),
+        ..plan(0.99, 1.5)
+    };
+    let mut evidence = Evidence::new(&judge, Duration::from_secs(1));
+    // Every threshold but the fifth (16 ms) sees the same shares on both sides; there the
+    // canary has 60% slow requests against the primary's 10%.
+    let thresholds = LATENCY_THRESHOLDS_US.len();
+    for _ in 0..10 {
+        let mut slow_c = vec![5u64; thresholds];
+        let mut slow_p = vec![45u64; thresholds];
+        slow_c[4] = 6;
+        slow_p[4] = 9;
+        evidence.absorb(&BucketPair {
+            canary: VersionCounts {
+                requests: 10,
+                failures: 0,
+                slow: slow_c,
+            },
+            primary: VersionCounts {
+                requests: 90,
+                failures: 0,
+                slow: slow_p,
+            },
+        });
+    }
+    let result = decide(&judge, &evidence);
+    assert_eq!(result.verdict(), Verdict::Fail, "{result:?}");
+    assert_eq!(result.by, "latency");
+    let finding = result.latency.clone().unwrap();
+    assert_eq!(finding.threshold_ms, 16.0);
+    assert!(close(finding.canary_threshold_ms, 19.2, 1e-12));
+    assert!(close(finding.canary_share, 0.6, 1e-12));
+    assert!(close(finding.primary_share, 0.1, 1e-12));
+    assert_eq!(
+        result.finding(),
+        "60.0% of canary requests slower than 19.2ms vs 10.0% of primary requests slower than 16ms (sequential test, 99% confidence, 100 canary requests in 10s)"
+    );
+    // Without latency the same buckets say nothing.
+    let mut errors_only = Evidence::new(&plan(0.99, 1.5), Duration::from_secs(1));
+    errors_only.absorb(&BucketPair::default());
+    assert_eq!(
+        decide(&plan(0.99, 1.5), &errors_only).verdict(),
+        Verdict::Continue
+    );
+}
+
+#[test]
+fn the_rollback_finding_reads_like_the_issue_says() {
+    let judge = plan(0.99, 1.5);
+    let mut evidence = Evidence::new(&judge, Duration::from_millis(400));
+    for (cf, cn, pf, pn) in [(4, 8, 0, 70), (5, 8, 1, 72), (4, 7, 0, 69)] {
+        evidence.absorb(&BucketPair {
+            canary: VersionCounts {
+                requests: cn,
+                failures: cf,
+                slow: vec![],
+            },
+            primary: VersionCounts {
+                requests: pn,
+                failures: pf,
+                slow: vec![],
+            },
+        });
+    }
+    let result = decide(&judge, &evidence);
+    assert_eq!(result.verdict(), Verdict::Fail, "{result:?}");
+    assert_eq!(
+        result.finding(),
+        "canary failure rate 56.5% vs primary 0.5% (sequential test, 99% confidence, 23 canary requests in 1.2s)"
+    );
+}
+
+#[test]
+fn buckets_are_pooled_until_both_versions_served_enough_requests() {
+    let judge = plan(0.99, 1.5);
+    let one = |canary: (u64, u64), primary: (u64, u64)| BucketPair {
+        canary: VersionCounts {
+            requests: canary.0,
+            failures: canary.1,
+            slow: vec![],
+        },
+        primary: VersionCounts {
+            requests: primary.0,
+            failures: primary.1,
+            slow: vec![],
+        },
+    };
+    let mut evidence = Evidence::new(&judge, Duration::from_secs(1));
+    // A canary failure in a second without primary traffic is kept, not lost.
+    evidence.absorb(&one((1, 1), (0, 0)));
+    evidence.absorb(&one((2, 1), (3, 0)));
+    assert_eq!(evidence.errors().totals(), [0, 0, 0, 0], "still pooling");
+    evidence.absorb(&one((2, 0), (6, 0)));
+    assert_eq!(
+        evidence.errors().totals(),
+        [2, 5, 0, 9],
+        "weighed as one observation"
+    );
+    // The same as one bucket of those totals.
+    let mut single = SequentialTest::new(1.0, 1.5);
+    single.absorb(2, 5, 0, 9);
+    assert_eq!(evidence.errors().e_fail(), single.e_fail());
+    assert_eq!(evidence.span(), Duration::from_secs(3));
+}
