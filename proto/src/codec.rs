@@ -121,28 +121,53 @@ impl Precheck for Report {
 }
 
 /// Counts the occurrences of a length-delimited `field` at the top level of a message; None if
-/// the bytes are not a well-formed sequence of fields.
+/// the bytes are not a well-formed sequence of fields. Groups (wire types 3 and 4, from proto2)
+/// are skipped whole, as prost skips them in unknown fields.
 fn count_field(mut bytes: &[u8], field: u64) -> Option<usize> {
     let mut count = 0;
     while !bytes.is_empty() {
-        let key = prost::encoding::decode_varint(&mut bytes).ok()?;
-        let wire_type = key & 7;
-        let number = key >> 3;
-        match wire_type {
-            0 => {
-                prost::encoding::decode_varint(&mut bytes).ok()?;
-            }
-            1 => bytes = bytes.get(8..)?,
-            5 => bytes = bytes.get(4..)?,
-            2 => {
-                let len = usize::try_from(prost::encoding::decode_varint(&mut bytes).ok()?).ok()?;
-                bytes = bytes.get(len..)?;
-                count += usize::from(number == field);
-            }
-            _ => return None,
-        }
+        let (number, wire_type) = skip_field(&mut bytes, 0)?;
+        count += usize::from(number == field && wire_type == 2);
     }
     Some(count)
+}
+
+/// prost's limit on nested messages and groups.
+const MAX_DEPTH: u32 = 100;
+
+/// Reads one field's key and skips its value; returns its number and wire type. An end-group
+/// key returns wire type 4 with nothing skipped.
+fn skip_field(bytes: &mut &[u8], depth: u32) -> Option<(u64, u64)> {
+    let key = prost::encoding::decode_varint(bytes).ok()?;
+    let wire_type = key & 7;
+    let number = key >> 3;
+    match wire_type {
+        0 => {
+            prost::encoding::decode_varint(bytes).ok()?;
+        }
+        1 => *bytes = bytes.get(8..)?,
+        5 => *bytes = bytes.get(4..)?,
+        2 => {
+            let len = usize::try_from(prost::encoding::decode_varint(bytes).ok()?).ok()?;
+            *bytes = bytes.get(len..)?;
+        }
+        3 => {
+            if depth >= MAX_DEPTH {
+                return None;
+            }
+            // Up to the end-group key of the same number.
+            loop {
+                match skip_field(bytes, depth + 1)? {
+                    (end, 4) if end == number => break,
+                    (_, 4) => return None,
+                    _ => {}
+                }
+            }
+        }
+        4 if depth > 0 => {}
+        _ => return None,
+    }
+    Some((number, wire_type))
 }
 
 /// prost's codec with [`Precheck`] on every decoded message.
@@ -281,9 +306,26 @@ mod tests {
     }
 
     #[test]
+    fn groups_are_skipped_as_prost_skips_them() {
+        // Found by the fuzz target over report validation: an unknown field of wire type 3
+        // (a proto2 group) decodes with prost, so the wire check must not refuse it.
+        let mut bytes = vec![0x5b, 0x08, 0x01, 0x5c]; // group 11 { field 1: 1 } end group 11
+        bytes.extend(report(2));
+        assert_eq!(count_field(&bytes, 5), Some(2));
+        assert!(Report::decode(bytes.as_slice()).is_ok());
+        assert!(Report::precheck(&bytes).is_ok());
+        // Stats entries inside a group are not the report's.
+        assert_eq!(count_field(&[0x5b, 0x2a, 0x00, 0x5c], 5), Some(0));
+        // An end without its start, or another group's end, is not a message.
+        assert!(Report::precheck(&[0x5c]).is_err());
+        assert!(Report::precheck(&[0x5b, 0x64]).is_err());
+    }
+
+    #[test]
     fn bytes_that_are_not_fields_are_refused() {
         assert!(Report::precheck(&[0x2a, 0x7f]).is_err()); // field 5, length 127, no bytes
         assert!(Report::precheck(&[0x0f]).is_err()); // wire type 7
+        assert!(Report::precheck(&[0x5b]).is_err()); // a group that never ends
         assert!(Report::precheck(&[0x80]).is_err()); // truncated varint
     }
 }
