@@ -8,6 +8,7 @@
 //!   and for custom PromQL checks).
 //! - [`exporter`]: the controller's own metrics (`/metrics`, Flagger's series under `weir_`).
 //! - [`filter_module`]: the filter module the controller serves to the mesh, and its digest.
+//! - [`http`]: the one HTTP(S) client of webhooks, alerts and Prometheus queries.
 //! - [`platform`]: where workloads live (local processes; Kubernetes later).
 //! - [`traffic`]: routes turned into the directives the filters apply.
 //! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
@@ -17,6 +18,7 @@ pub mod analysis;
 pub mod demo;
 pub mod exporter;
 pub mod filter_module;
+pub mod http;
 pub mod ingest;
 pub mod local;
 pub mod metrics;

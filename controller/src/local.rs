@@ -574,6 +574,7 @@ fn metric_source(
                 .transpose()
                 .map_err(LocalError::Setup)?,
             timeout,
+            insecure_skip_verify: false,
         }),
     };
     let prometheus = PrometheusSource::new(global, templates);

@@ -36,7 +36,7 @@ struct MetricsArgs {
     /// MetricTemplates and inline queries always run on Prometheus.
     #[arg(long, default_value = "auto")]
     metric_source: weir_controller::metrics::select::SourcePolicy,
-    /// Prometheus for Canaries without spec.metricsServer, e.g. http://127.0.0.1:9090 (http only).
+    /// Prometheus for Canaries without spec.metricsServer, e.g. http://127.0.0.1:9090.
     #[arg(long, env = "WEIR_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
     /// Credentials for --prometheus-address: a Secret manifest or a YAML map with `username` and
@@ -60,6 +60,29 @@ impl MetricsArgs {
             prometheus_timeout: Some(self.prometheus_timeout),
             listen_metrics: self.metrics_address,
         }
+    }
+}
+
+/// The HTTP client of webhooks, alerts and Prometheus queries.
+#[derive(clap::Args, Clone)]
+struct HttpArgs {
+    /// CA certificates (PEM) to trust besides the system's, for https webhooks, alert providers
+    /// and Prometheus servers signed by a private CA.
+    #[arg(long, env = "WEIR_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl HttpArgs {
+    /// Builds the process's shared HTTP client; a bad CA file stops the start with the reason.
+    fn install(&self) -> anyhow::Result<()> {
+        use weir_controller::http;
+        let client = http::HttpClient::try_new(&http::HttpOptions {
+            ca_file: self.ca_file.clone(),
+        })?;
+        if http::install(client).is_err() {
+            anyhow::bail!("the HTTP client was built twice");
+        }
+        Ok(())
     }
 }
 
@@ -129,6 +152,8 @@ struct KubernetesArgs {
     istio_namespace: String,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 /// Local mode over TLS, as in a mesh: the controller's certificate, key and CA, and Envoy's
@@ -235,6 +260,8 @@ impl KubernetesArgs {
             FilterInstallation, InstallSettings,
         };
         use weir_controller::platform::kubernetes::{run, Settings};
+
+        self.http.install()?;
 
         let prometheus = self
             .prometheus_address
@@ -347,6 +374,8 @@ enum Command {
         tls: LocalTlsArgs,
         #[command(flatten)]
         metrics: MetricsArgs,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// Print the CustomResourceDefinitions (generated from the Rust types), or write them into a
     /// folder (`--out manifests/crds`).
@@ -500,7 +529,9 @@ async fn main() -> anyhow::Result<()> {
             envoy_concurrency,
             tls,
             metrics,
+            http,
         } => {
+            http.install()?;
             let options = local::LocalOptions {
                 canary,
                 workloads,

@@ -256,8 +256,9 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                         }
                         obs.measurements = Some(measurements);
                     }
+                    let checksum = self.checksum(&obs.revision);
                     for call in &need.webhooks {
-                        let result = webhook::call(&self.plan, call).await;
+                        let result = webhook::call(&self.plan, &checksum, call).await;
                         obs.webhooks.insert(call.webhook.name.clone(), result);
                     }
                 }
@@ -273,6 +274,17 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 canary: self.plan.id(),
                 reason,
             })
+    }
+
+    /// Flagger's payload checksum, of the revision the status says is under analysis (the
+    /// target's current one before the first).
+    fn checksum(&self, target_revision: &str) -> String {
+        webhook::checksum(
+            self.status
+                .last_applied_spec
+                .as_deref()
+                .unwrap_or(target_revision),
+        )
     }
 
     /// One Warning event for each identity whose reports for this canary the ingest refused
@@ -372,7 +384,8 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 self.platform.apply_route(&self.canary, None).await?;
             }
             Effect::CallWebhook(call) => {
-                let outcome = webhook::call(&self.plan, call).await;
+                let revision = self.status.last_applied_spec.clone().unwrap_or_default();
+                let outcome = webhook::call(&self.plan, &self.checksum(&revision), call).await;
                 let event = called_hook_event(&self.plan, call, &outcome);
                 self.journal.event(&event);
             }

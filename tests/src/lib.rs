@@ -10,7 +10,8 @@
 //! - [`local_cli`]: `weir local` as a user runs it (the binary, real signals, its processes);
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it;
 //! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
-//! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app.
+//! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app;
+//! - [`receiver`]: an HTTP(S) endpoint that records what webhooks, alerts and load send it.
 
 pub mod bench_detect;
 pub mod bench_filter;
@@ -26,6 +27,7 @@ pub mod load;
 pub mod local;
 pub mod local_cli;
 pub mod prometheus;
+pub mod receiver;
 pub mod reporter;
 pub mod stack;
 pub mod upstream;

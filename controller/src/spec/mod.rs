@@ -32,6 +32,7 @@
 //! The status ([`CanaryStatus`]) keeps Flagger's field names and adds Weir's bookkeeping; it
 //! round-trips through JSON, with times as RFC 3339 strings ([`Timestamp`]).
 
+mod alert;
 mod duration;
 mod plan;
 mod resource;
@@ -41,6 +42,10 @@ mod time;
 mod validate;
 mod weight;
 
+pub use alert::{
+    AlertPlan, AlertProvider, AlertProviderError, AlertProviderPlan, AlertProviderSpec,
+    AlertProviderType, AlertSeverity, ResolvedProvider, ALERT_PROVIDER_TYPES,
+};
 pub use duration::{format_go_duration, parse_go_duration, serde_go, DurationError};
 pub use plan::{
     AnalysisPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup, MetricCheck, MetricKind, PortRef,
@@ -48,9 +53,9 @@ pub use plan::{
     DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
-    Canary, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook, IntOrString,
-    MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch, ThresholdRange,
-    Unknown, RETRY_ANNOTATION,
+    Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook,
+    IntOrString, MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch,
+    ThresholdRange, Unknown, RETRY_ANNOTATION,
 };
 pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
 pub use template::{
