@@ -13,6 +13,8 @@
 //! - [`traffic`]: routes turned into the directives the filters apply.
 //! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
 //! - [`webhook`]: Flagger-style webhook calls.
+//! - [`notify`]: alerts (Slack, Teams, Discord, generic) and event hooks, delivered in the
+//!   background.
 
 pub mod analysis;
 pub mod demo;
@@ -22,6 +24,7 @@ pub mod http;
 pub mod ingest;
 pub mod local;
 pub mod metrics;
+pub mod notify;
 pub mod platform;
 pub mod runner;
 pub mod spec;

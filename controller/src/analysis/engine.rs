@@ -3,11 +3,13 @@
 //! listed in the module documentation of [`analysis`](super).
 
 use super::check::{evaluate, CheckResult, Verdict};
-use super::effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
+use super::effect::{
+    Alert, Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall,
+};
 use super::observe::{Observations, Readiness, WebhookResult};
 use crate::spec::{
-    format_go_duration, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, MetricCheck,
-    Phase, Strategy, Timestamp, Webhook, Weight,
+    format_go_duration, AlertSeverity, CanaryPlan, CanaryStatus, Condition, Decision, HookKind,
+    MetricCheck, Phase, Strategy, Timestamp, Webhook, Weight,
 };
 use std::time::Duration;
 
@@ -123,6 +125,16 @@ impl<'a> Run<'a> {
 
     fn info(&mut self, reason: &str, message: String) {
         self.event(Severity::Normal, reason, message);
+    }
+
+    /// An alert for the Canary's alert providers, where Flagger sends one and in its words;
+    /// `details` adds the target, threshold, deadline and routing fields.
+    fn alert(&mut self, severity: AlertSeverity, message: &str, details: bool) {
+        self.effects.push(Effect::Alert(Alert {
+            severity,
+            message: message.to_owned(),
+            details,
+        }));
     }
 
     fn warn(&mut self, reason: &str, message: String) {
@@ -298,6 +310,16 @@ impl<'a> Run<'a> {
         );
     }
 
+    /// Flagger's alert when a rollback follows an exceeded deadline (a failed promotion has its
+    /// own).
+    fn deadline_alert(&mut self, message: &str) {
+        self.alert(
+            AlertSeverity::Error,
+            &format!("Progress deadline exceeded {message}"),
+            false,
+        );
+    }
+
     /// First sighting: create the primary from the target, or keep the primary that already
     /// runs (then `lastPromotedSpec` is set from the start, which marks the adoption).
     fn initialize(&mut self) -> Flow {
@@ -368,6 +390,14 @@ impl<'a> Run<'a> {
         self.s.canary_weight = Weight::ZERO;
         self.s.last_promoted_spec = self.s.last_applied_spec.clone();
         self.info("Initialized", format!("Initialization done! {}", self.id()));
+        self.alert(
+            AlertSeverity::Info,
+            &format!(
+                "New {} detected, initialization completed.",
+                self.plan.target.kind
+            ),
+            true,
+        );
         Ok(())
     }
 
@@ -429,6 +459,13 @@ impl<'a> Run<'a> {
                                 hook.name
                             ),
                         );
+                        if !hook.mute_alert {
+                            self.alert(
+                                AlertSeverity::Warn,
+                                "Canary is waiting for approval.",
+                                false,
+                            );
+                        }
                     }
                     return Ok(());
                 }
@@ -455,6 +492,11 @@ impl<'a> Run<'a> {
                 format!("New revision detected! Scaling up {}", self.target_id()),
             );
         }
+        self.alert(
+            AlertSeverity::Info,
+            "New revision detected, progressing canary analysis.",
+            true,
+        );
         self.effects.push(Effect::ScaleCanary(Scale::Up));
         self.restart_analysis();
         Ok(())
@@ -498,7 +540,10 @@ impl<'a> Run<'a> {
                         // The canary is the only healthy copy of the new revision: keep serving
                         // from it rather than roll back onto the unhealthy primary.
                         Phase::Promoting | Phase::Finalising => self.fail_promotion(&message),
-                        _ => self.rollback(),
+                        _ => {
+                            self.deadline_alert(&message);
+                            self.rollback()
+                        }
                     };
                 }
                 Readiness::Ready => self.s.primary_not_ready_since = None,
@@ -530,6 +575,7 @@ impl<'a> Run<'a> {
                     let since = self.old.not_ready_since.unwrap_or(self.now);
                     self.s.not_ready_since = Some(since);
                     if self.past_deadline(since) {
+                        self.deadline_alert(&message);
                         self.deadline_exceeded(message, since);
                         return self.rollback();
                     }
@@ -552,6 +598,11 @@ impl<'a> Run<'a> {
                         self.warn(
                             "Rollback",
                             format!("Rolling back {} manual webhook invoked", self.id()),
+                        );
+                        self.alert(
+                            AlertSeverity::Warn,
+                            "Rolling back manual webhook invoked",
+                            false,
                         );
                         return self.rollback();
                     }
@@ -711,6 +762,8 @@ impl<'a> Run<'a> {
                     self.s.failed_checks
                 ),
             );
+            let message = format!("Failed checks threshold reached {}", self.s.failed_checks);
+            self.alert(AlertSeverity::Error, &message, false);
         }
         self.route_to(Route::Primary);
         self.warn(
@@ -737,6 +790,11 @@ impl<'a> Run<'a> {
                 "Promotion of {} failed, primary not ready: {readiness}",
                 self.target_id()
             ),
+        );
+        self.alert(
+            AlertSeverity::Error,
+            &format!("Promotion failed, primary not ready: {readiness}"),
+            false,
         );
         self.route_to(Route::Weighted(Weight::FULL));
         self.s.phase = Some(Phase::Failed);
@@ -784,6 +842,11 @@ impl<'a> Run<'a> {
                 "Promotion completed! Canary analysis was skipped for {}",
                 self.target_id()
             ),
+        );
+        self.alert(
+            AlertSeverity::Info,
+            "Canary analysis was skipped, promotion finished.",
+            false,
         );
         Ok(())
     }
@@ -834,6 +897,11 @@ impl<'a> Run<'a> {
         self.info(
             "Succeeded",
             format!("Promotion completed! Scaling down {}", self.target_id()),
+        );
+        self.alert(
+            AlertSeverity::Info,
+            "Canary analysis completed successfully, promotion finished.",
+            false,
         );
         Ok(())
     }
@@ -925,6 +993,13 @@ impl<'a> Run<'a> {
                             hook.name
                         ),
                     );
+                    if !hook.mute_alert {
+                        self.alert(
+                            AlertSeverity::Warn,
+                            "Canary traffic increase is waiting for approval.",
+                            false,
+                        );
+                    }
                     return Ok(false);
                 }
                 WebhookResult::Passed => self.info(
@@ -951,6 +1026,13 @@ impl<'a> Run<'a> {
                                 hook.name
                             ),
                         );
+                        if !hook.mute_alert {
+                            self.alert(
+                                AlertSeverity::Warn,
+                                "Canary promotion is waiting for approval.",
+                                false,
+                            );
+                        }
                     }
                     return Ok(false);
                 }

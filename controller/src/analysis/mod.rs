@@ -138,7 +138,7 @@ mod engine;
 mod observe;
 
 pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict, PROMETHEUS_SOURCE};
-pub use effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
+pub use effect::{Alert, Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
 pub use engine::{canary_runs, desired_route, next_step_at, step};
 pub use observe::{Observations, Readiness, WebhookResult};
 
