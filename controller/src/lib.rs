@@ -13,6 +13,7 @@
 //! - [`traffic`]: routes turned into the directives the filters apply.
 //! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
 //! - [`webhook`]: Flagger-style webhook calls.
+//! - [`loadtest`]: `weir loadtest`, flagger-loadtester's gates and hey load, natively.
 //! - [`notify`]: alerts (Slack, Teams, Discord, generic) and event hooks, delivered in the
 //!   background.
 
@@ -22,6 +23,7 @@ pub mod exporter;
 pub mod filter_module;
 pub mod http;
 pub mod ingest;
+pub mod loadtest;
 pub mod local;
 pub mod metrics;
 pub mod notify;

@@ -410,6 +410,16 @@ enum Command {
         #[arg(long, default_value = ".weir/local")]
         state: PathBuf,
     },
+    /// A load tester compatible with flagger-loadtester: Canary webhooks whose metadata.cmd is
+    /// a hey command get that load (generated natively, no shell), and the gates
+    /// (/gate/check, /gate/open, /rollback/check, ...) answer as the loadtester's do.
+    Loadtest {
+        /// Where to listen.
+        #[arg(long, env = "WEIR_LOADTEST_ADDRESS", default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        http: HttpArgs,
+    },
     /// Serve only the telemetry ingest, with a directive of synthetic canaries: the controller
     /// side of `cargo xtask bench ingest`. Prints the bound address as its first line; then each
     /// `publish <weight_bp>` line on stdin republishes every canary at that weight and prints
@@ -649,6 +659,17 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Loadtest { listen, http } => {
+            http.install()?;
+            let tester =
+                weir_controller::loadtest::LoadTester::new(weir_controller::http::shared().clone());
+            let (addr, task) = tester.serve(listen).await?;
+            println!("weir loadtest: listening on http://{addr}");
+            let mut stop = local::StopSignals::listen().context("cannot listen for signals")?;
+            let signal = stop.recv().await;
+            say(&format!("weir loadtest: {signal}: stopped"));
+            task.abort();
+        }
         Command::IngestServer { listen, canaries } => ingest_server(listen, canaries).await?,
     }
     Ok(())
