@@ -242,9 +242,74 @@ impl Journal for LocalJournal {
             .filter(|t| !t.is_empty())
     }
 
+    fn request(&self) -> Option<analysis::OperatorRequest> {
+        read_request(&self.state).ok().flatten()
+    }
+
     fn deleting(&self) -> bool {
         self.state.join("delete").exists()
     }
+}
+
+/// The file `weir promote`, `abort`, `pause` and `resume` write their request into.
+pub const REQUEST_FILE: &str = "request";
+
+/// The request in the state folder's [`REQUEST_FILE`]: `{"verb": "pause", "token": "...",
+/// "by": "alice"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RequestFile {
+    verb: String,
+    token: String,
+    by: String,
+}
+
+/// The request waiting in `state`, if any.
+pub fn read_request(state: &Path) -> Result<Option<analysis::OperatorRequest>, String> {
+    let path = state.join(REQUEST_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let file: RequestFile = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a request ({e})", path.display()))?;
+    let verb = analysis::Verb::parse(&file.verb)
+        .ok_or_else(|| format!("{}: unknown verb `{}`", path.display(), file.verb))?;
+    Ok(Some(analysis::OperatorRequest {
+        verb,
+        token: file.token,
+        by: file.by,
+    }))
+}
+
+/// Writes `request` into `state` at once (write, then rename: the controller never reads half
+/// a request).
+pub fn write_request(state: &Path, request: &analysis::OperatorRequest) -> Result<(), String> {
+    let file = RequestFile {
+        verb: request.verb.as_str().to_owned(),
+        token: request.token.clone(),
+        by: request.by.clone(),
+    };
+    let path = state.join(REQUEST_FILE);
+    let tmp = state.join("request.tmp");
+    let text = serde_json::to_string(&file).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The events recorded in `state` (`events.jsonl`), oldest first.
+pub fn read_events(state: &Path) -> Vec<RecordedEvent> {
+    LocalJournal::new(state, false)
+        .events()
+        .lock()
+        .map(|e| e.clone())
+        .unwrap_or_default()
+}
+
+/// The status in `state`, if the folder has one.
+pub fn read_status(state: &Path) -> Result<Option<CanaryStatus>, String> {
+    LocalJournal::new(state, false).load()
 }
 
 /// One event as a row of `kubectl describe canary`'s Events table.
@@ -379,10 +444,11 @@ pub fn load_plan(path: &Path) -> Result<(CanaryPlan, Vec<String>), LocalError> {
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let canary = spec::from_yaml(&text).map_err(|e| err(e.to_string()))?;
     let compiled = canary.compile().map_err(|e| err(e.to_string()))?;
-    Ok((
-        compiled.plan,
-        compiled.warnings.iter().map(ToString::to_string).collect(),
-    ))
+    let mut warnings: Vec<String> = compiled.warnings.iter().map(ToString::to_string).collect();
+    warnings.extend(compiled.plan.kubernetes_only_settings().into_iter().map(|path| {
+        format!("{path}: ignored in local mode, it shapes Kubernetes objects (it takes effect on Kubernetes)")
+    }));
+    Ok((compiled.plan, warnings))
 }
 
 /// The canary's secret routing value for this state folder: from `<state>/route-key`, a random
@@ -535,6 +601,8 @@ pub struct LocalMode {
     watch: CanaryWatch,
     /// Why the last edit of the Canary could not be used, until one can.
     last_reload_problem: Option<String>,
+    /// When `live.json` was last written.
+    live_written: Option<std::time::Instant>,
     // Last: dropped after Envoy and the app processes, it kills whatever of theirs still runs.
     guard: Arc<ProcessGuard>,
 }
@@ -637,6 +705,13 @@ impl LocalMode {
         let watch = CanaryWatch::new(&options.canary);
         let (mut plan, mut warnings) = load_plan(&options.canary)?;
         compress_time(&mut plan, options.time_scale);
+        plan.service
+            .routes
+            .check_for_envoy()
+            .map_err(|reason| LocalError::Canary {
+                path: options.canary.clone(),
+                reason,
+            })?;
         std::fs::create_dir_all(&options.state).map_err(|e| {
             LocalError::Setup(format!("cannot create {}: {e}", options.state.display()))
         })?;
@@ -760,6 +835,7 @@ impl LocalMode {
         let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
         let mut bootstrap = EnvoyBootstrap::new(local(ports.primary[0]), local(ports.canary));
         bootstrap.primary_standby = Some(local(ports.primary[1]));
+        bootstrap.routes = plan.service.routes.clone();
         bootstrap.listener_port = options.listen_port;
         bootstrap.controller = Some(served.local_addr());
         bootstrap.canary_value = plan.canary_route_value.clone();
@@ -823,6 +899,7 @@ impl LocalMode {
             metrics_options: metrics.clone(),
             watch,
             last_reload_problem: None,
+            live_written: None,
             guard,
         })
     }
@@ -901,6 +978,31 @@ impl LocalMode {
         }
         self.recorder
             .record(self.runner.plan(), self.runner.status(), started.elapsed());
+        self.write_live();
+    }
+
+    /// Writes the live numbers for `weir status` and `weir watch` into the state folder, at
+    /// most twice a second (a tick comes every 50-250ms).
+    fn write_live(&mut self) {
+        if self
+            .live_written
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(500))
+        {
+            return;
+        }
+        self.live_written = Some(std::time::Instant::now());
+        let now = Timestamp::from_system_time(SystemTime::now());
+        let snapshot = crate::live::LiveSnapshot::take(
+            self.runner.plan(),
+            &self.ingest,
+            self.runner.next_step_at(),
+            now,
+        );
+        let path = self.options.state.join(crate::live::LIVE_FILE);
+        let tmp = self.options.state.join("live.json.tmp");
+        if let Ok(text) = serde_json::to_string(&snapshot) {
+            let _ = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path));
+        }
     }
 
     fn record_error(&mut self, e: &RunError) {
@@ -950,9 +1052,17 @@ impl LocalMode {
         }
         let status = self.runner.status().clone();
         let route_of = |plan: &CanaryPlan| {
-            analysis::desired_route(plan, &status).map(|r| traffic::canary_route(plan, r))
+            let revision = status.last_applied_spec.as_deref().unwrap_or_default();
+            analysis::desired_route(plan, &status)
+                .map(|r| traffic::directive_entry(plan, r, revision))
         };
         let republish = route_of(&plan) != route_of(&old);
+        if plan.service.routes != old.service.routes {
+            // Envoy's routes are written once, into its bootstrap.
+            self.record_warning(format!(
+                "{path}: the route options of spec.service changed; they take effect in local mode's Envoy when weir local restarts"
+            ));
+        }
         self.runner.replace_plan(plan, source);
         if republish {
             if let Err(e) = self.runner.restore_route().await {
@@ -979,6 +1089,7 @@ impl LocalMode {
             other => other.to_string(),
         })?;
         compress_time(&mut plan, self.options.time_scale);
+        plan.service.routes.check_for_envoy()?;
         plan.canary_route_value = self.runner.plan().canary_route_value.clone();
         let old = self.runner.plan();
         if (&plan.namespace, &plan.name, &plan.target.name)
@@ -1061,6 +1172,43 @@ impl LocalMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_mode_says_it_ignores_the_settings_that_shape_kubernetes_objects() {
+        let dir = std::env::temp_dir().join(format!("weir-k8s-only-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let canary = dir.join("canary.yaml");
+        std::fs::write(
+            &canary,
+            "apiVersion: weir.dev/v1alpha1
+kind: Canary
+metadata: {name: mhs}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}
+  autoscalerRef: {kind: HorizontalPodAutoscaler, name: mhs}
+  service:
+    port: 80
+    portDiscovery: true
+    trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+    primary: {labels: {track: stable}}
+  analysis: {interval: 1m, stepWeight: 10}
+",
+        )
+        .unwrap();
+        let (_, warnings) = load_plan(&canary).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let why =
+            "ignored in local mode, it shapes Kubernetes objects (it takes effect on Kubernetes)";
+        assert_eq!(
+            warnings,
+            [
+                format!("spec.autoscalerRef: {why}"),
+                format!("spec.service.portDiscovery: {why}"),
+                format!("spec.service.trafficPolicy: {why}"),
+                format!("spec.service.primary: {why}"),
+            ]
+        );
+    }
 
     #[test]
     fn an_edit_of_the_canary_file_or_of_a_file_beside_it_is_noticed_once() {

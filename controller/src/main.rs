@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use weir_controller::analysis::Verb;
 use weir_controller::{demo, local};
 
 #[derive(Parser)]
@@ -402,13 +403,42 @@ enum Command {
     /// flag can also be set through the environment variable named in its help.
     #[command(alias = "run")]
     Kubernetes(KubernetesArgs),
-    /// Retry the failed version of a local-mode canary without changing it. The weir local
-    /// running on the state folder does it at its next step; when the canary there is not
-    /// Failed, or no weir local runs on it, nothing is requested and the exit status is 1.
+    /// A table of canaries like `kubectl get canary`, with each version's live success rate,
+    /// P99 and requests, and the last decision.
+    Status {
+        /// The Canary (default: every one of the namespace, or the state folder's).
+        canary: Option<String>,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// A live view of one canary that redraws in place (plain lines when stdout is not a
+    /// terminal): phase, weight, both versions' numbers with a short history, the last events,
+    /// the next step. Ctrl-C ends it.
+    Watch {
+        /// The Canary (local mode: optional, the state folder has one).
+        canary: Option<String>,
+        #[command(flatten)]
+        place: Place,
+        /// How often to redraw.
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        refresh: Duration,
+    },
+    /// Skip the rest of the analysis and promote the canary now.
+    Promote(VerbArgs),
+    /// Roll the canary back now.
+    Abort(VerbArgs),
+    /// Hold the canary's weight; the checks go on (failures still roll back).
+    Pause(VerbArgs),
+    /// Continue a paused analysis (also one paused by inconclusiveLimit).
+    Resume(VerbArgs),
+    /// Retry the failed version of a canary without changing it. When the canary is not
+    /// Failed, or (local mode) no weir local runs on the state folder, nothing is requested and
+    /// the exit status is 1.
     Retry {
-        /// The local mode's state folder.
-        #[arg(long, default_value = ".weir/local")]
-        state: PathBuf,
+        /// The Canary (local mode: optional, the state folder has one).
+        canary: Option<String>,
+        #[command(flatten)]
+        place: Place,
     },
     /// A load tester compatible with flagger-loadtester: Canary webhooks whose metadata.cmd is
     /// a hey command get that load (generated natively, no shell), and the gates
@@ -423,7 +453,9 @@ enum Command {
     /// Serve only the telemetry ingest, with a directive of synthetic canaries: the controller
     /// side of `cargo xtask bench ingest`. Prints the bound address as its first line; then each
     /// `publish <weight_bp>` line on stdin republishes every canary at that weight and prints
-    /// `generation <n>`. Ends when stdin closes.
+    /// `generation <n>`; a `counters` line prints the ingest's counters (Prometheus text, and
+    /// `weir_reporters_known`) and then `end`. Ends when stdin closes. The limits default to
+    /// the production ones; the hostile-client tests tighten them.
     #[command(hide = true)]
     IngestServer {
         /// Where to listen (port 0: any free port).
@@ -432,7 +464,195 @@ enum Command {
         /// Canaries in the directive (`bench/c0`, `bench/c1`, ...).
         #[arg(long, default_value_t = 1)]
         canaries: u32,
+        /// Connections open at once.
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// A connection that sends nothing for this long is closed.
+        #[arg(long, value_parser = parse_duration)]
+        idle_timeout: Option<Duration>,
+        /// Envoys tracked in the ledger.
+        #[arg(long)]
+        max_reporters: Option<usize>,
+        /// Bytes of reports in transit, all streams together.
+        #[arg(long)]
+        max_buffered_bytes: Option<usize>,
     },
+}
+
+/// Where the operator's verbs act: local mode's state folder, or a cluster.
+#[derive(clap::Args, Clone)]
+struct Place {
+    /// Local mode: the state folder of the weir local to act on.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Act on a cluster, through this kubeconfig (run as `kubectl weir`, the cluster is the
+    /// default: KUBECONFIG, ~/.kube/config).
+    #[arg(long, conflicts_with = "state")]
+    kubeconfig: Option<PathBuf>,
+    /// Act on a cluster, in this namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long, conflicts_with = "state")]
+    namespace: Option<String>,
+}
+
+/// Where a verb acts, decided.
+enum Mode {
+    Local(PathBuf),
+    Cluster {
+        client: kube::Client,
+        namespace: String,
+    },
+}
+
+/// Whether the binary runs as the kubectl plugin `kubectl-weir`.
+static AS_KUBECTL_PLUGIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Place {
+    async fn mode(&self) -> anyhow::Result<Mode> {
+        let plugin = AS_KUBECTL_PLUGIN.load(std::sync::atomic::Ordering::Relaxed);
+        if self.state.is_some()
+            || !(plugin || self.kubeconfig.is_some() || self.namespace.is_some())
+        {
+            let state = self
+                .state
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(".weir/local"));
+            return Ok(Mode::Local(state));
+        }
+        let client =
+            weir_controller::platform::kubernetes::run::client(self.kubeconfig.as_deref()).await?;
+        let namespace = self
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        Ok(Mode::Cluster { client, namespace })
+    }
+}
+
+/// `weir promote`, `abort`, `pause`, `resume`.
+#[derive(clap::Args, Clone)]
+struct VerbArgs {
+    /// The Canary (local mode: optional, the state folder has one).
+    canary: Option<String>,
+    #[command(flatten)]
+    place: Place,
+    /// How long to wait for the controller to act on the request (0s: do not wait).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    wait: Duration,
+}
+
+fn needs_name(canary: Option<&str>, verb: &str) -> anyhow::Result<String> {
+    canary
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("weir {verb} needs the Canary's name against a cluster, e.g. weir {verb} podinfo -n test"))
+}
+
+/// Runs one operator verb and prints what happened; exit status 1 when nothing was done.
+async fn operator_verb(
+    verb: weir_controller::analysis::Verb,
+    args: VerbArgs,
+) -> anyhow::Result<()> {
+    use weir_controller::cli::{self, Asked};
+    let user = cli::current_user();
+    let asked = match args.place.mode().await? {
+        Mode::Local(state) => {
+            cli::local::ask(&state, args.canary.as_deref(), verb, &user, args.wait).await
+        }
+        Mode::Cluster { client, namespace } => {
+            let name = needs_name(args.canary.as_deref(), verb.as_str())?;
+            cli::kubernetes::ask(&client, &namespace, &name, verb, &user, args.wait).await
+        }
+    };
+    match asked {
+        Ok(Asked::NothingToDo(why)) => println!("weir {verb}: {why}; nothing to do"),
+        Ok(Asked::Done(events)) => {
+            for event in events {
+                println!("{event}");
+            }
+        }
+        Err(e) => {
+            eprintln!("weir {verb}: {e}");
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}
+
+async fn status(canary: Option<String>, place: Place) -> anyhow::Result<()> {
+    use weir_controller::cli::{self, kubernetes::ControllerService, render};
+    let views = match place.mode().await? {
+        Mode::Local(state) => vec![cli::local::view(&state, canary.as_deref())?],
+        Mode::Cluster { client, namespace } => {
+            let service = ControllerService::default();
+            match canary {
+                Some(name) => {
+                    vec![cli::kubernetes::view(&client, &service, &namespace, &name).await?]
+                }
+                None => cli::kubernetes::list(&client, &service, &namespace).await?,
+            }
+        }
+    };
+    if views.is_empty() {
+        println!("No canaries found.");
+        return Ok(());
+    }
+    print!("{}", render::status_table(&views));
+    Ok(())
+}
+
+async fn watch(canary: Option<String>, place: Place, refresh: Duration) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    use weir_controller::cli::{self, kubernetes::ControllerService, render};
+    let mode = place.mode().await?;
+    let name = match &mode {
+        Mode::Cluster { .. } => Some(needs_name(canary.as_deref(), "watch")?),
+        Mode::Local(_) => canary,
+    };
+    let terminal = std::io::stdout().is_terminal();
+    let service = ControllerService::default();
+    let mut history = render::History::default();
+    let mut previous: Option<cli::CanaryView> = None;
+    let mut stdout = std::io::stdout();
+    loop {
+        let view = match &mode {
+            Mode::Local(state) => cli::local::view(state, name.as_deref()),
+            Mode::Cluster { client, namespace } => {
+                cli::kubernetes::view(
+                    client,
+                    &service,
+                    namespace,
+                    name.as_deref().unwrap_or_default(),
+                )
+                .await
+            }
+        };
+        let now = weir_controller::spec::Timestamp::from_system_time(std::time::SystemTime::now());
+        match view {
+            Ok(view) => {
+                history.add(&view);
+                if terminal {
+                    // Home, draw, clear what the previous frame left below.
+                    let frame =
+                        render::watch_frame(&view, &history, now, 8).replace('\n', "\x1b[K\n");
+                    let clear = if previous.is_none() { "\x1b[2J" } else { "" };
+                    let _ = write!(stdout, "{clear}\x1b[H{frame}\x1b[J");
+                } else {
+                    for line in render::watch_lines(&view, previous.as_ref(), now) {
+                        let _ = writeln!(stdout, "{line}");
+                    }
+                }
+                let _ = stdout.flush();
+                previous = Some(view);
+            }
+            Err(e) if previous.is_none() => anyhow::bail!("weir watch: {e}"),
+            Err(e) => {
+                let _ = writeln!(stdout, "weir watch: {e}");
+            }
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = tokio::time::sleep(refresh) => {}
+        }
+    }
 }
 
 /// Prints a line, ignoring a closed stdout: after SIGHUP the terminal may be gone, and the stop
@@ -508,7 +728,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_ansi(colour_logs())
         .init();
-    match Cli::parse().command {
+    match parse_command_line() {
         Command::Demo {
             binaries,
             state,
@@ -647,16 +867,47 @@ async fn main() -> anyhow::Result<()> {
             };
             print!("{}", filter_install::to_yaml(&installation));
         }
-        Command::Retry { state } => match local::retry_failed(&state) {
-            Ok(requested) => println!(
-                "retry requested (token {}): the weir local running on {} (pid {}) retries the failed version at its next step",
-                requested.token,
-                state.display(),
-                requested.controller_pid
-            ),
-            Err(refused) => {
-                eprintln!("weir retry: {refused}");
-                std::process::exit(1);
+        Command::Status { canary, place } => status(canary, place).await?,
+        Command::Watch {
+            canary,
+            place,
+            refresh,
+        } => watch(canary, place, refresh).await?,
+        Command::Promote(args) => operator_verb(Verb::Promote, args).await?,
+        Command::Abort(args) => operator_verb(Verb::Abort, args).await?,
+        Command::Pause(args) => operator_verb(Verb::Pause, args).await?,
+        Command::Resume(args) => operator_verb(Verb::Resume, args).await?,
+        Command::Retry { canary, place } => match place.mode().await? {
+            Mode::Local(state) => match local::retry_failed(&state) {
+                Ok(requested) => println!(
+                    "retry requested (token {}): the weir local running on {} (pid {}) retries the failed version at its next step",
+                    requested.token,
+                    state.display(),
+                    requested.controller_pid
+                ),
+                Err(refused) => {
+                    eprintln!("weir retry: {refused}");
+                    std::process::exit(1);
+                }
+            },
+            Mode::Cluster { client, namespace } => {
+                let name = needs_name(canary.as_deref(), "retry")?;
+                match weir_controller::cli::kubernetes::retry(
+                    &client,
+                    &namespace,
+                    &name,
+                    &weir_controller::cli::current_user(),
+                )
+                .await
+                {
+                    Ok(token) => println!(
+                        "retry requested (token {token}): the controller retries the failed version of {namespace}/{name} at its next reconcile"
+                    ),
+                    Err(e) => {
+                        eprintln!("weir retry: {e}");
+                        std::process::exit(1);
+                    }
+                }
             }
         },
         Command::Loadtest { listen, http } => {
@@ -670,15 +921,63 @@ async fn main() -> anyhow::Result<()> {
             say(&format!("weir loadtest: {signal}: stopped"));
             task.abort();
         }
-        Command::IngestServer { listen, canaries } => ingest_server(listen, canaries).await?,
+        Command::IngestServer {
+            listen,
+            canaries,
+            max_connections,
+            idle_timeout,
+            max_reporters,
+            max_buffered_bytes,
+        } => {
+            let mut config = weir_controller::ingest::IngestConfig::default();
+            if let Some(n) = max_connections {
+                config.max_connections = n;
+            }
+            if let Some(idle) = idle_timeout {
+                config.idle_timeout = idle;
+            }
+            if let Some(n) = max_reporters {
+                config.max_reporters = n;
+                config.max_reporters_per_identity = n;
+            }
+            if let Some(n) = max_buffered_bytes {
+                config.max_buffered_bytes = n;
+            }
+            ingest_server(listen, canaries, config).await?
+        }
     }
     Ok(())
 }
 
+/// The command line; as `kubectl-weir` (a kubectl plugin: `kubectl weir status`), the verbs act
+/// on the cluster by default and the help says `kubectl weir`.
+fn parse_command_line() -> Command {
+    use clap::{CommandFactory, FromArgMatches};
+    let invoked = std::env::args_os().next().map(PathBuf::from);
+    let plugin = invoked
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n.to_string_lossy().starts_with("kubectl-weir"));
+    AS_KUBECTL_PLUGIN.store(plugin, std::sync::atomic::Ordering::Relaxed);
+    let mut command = Cli::command();
+    if plugin {
+        command = command.name("kubectl weir").bin_name("kubectl weir");
+    }
+    let matches = command.get_matches();
+    match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli.command,
+        Err(e) => e.exit(),
+    }
+}
+
 /// `weir ingest-server`: the ingest alone, under a directive of `canaries` synthetic routes.
-async fn ingest_server(listen: std::net::SocketAddr, canaries: u32) -> anyhow::Result<()> {
+async fn ingest_server(
+    listen: std::net::SocketAddr,
+    canaries: u32,
+    config: weir_controller::ingest::IngestConfig,
+) -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    use weir_controller::ingest::{Ingest, IngestConfig};
+    use weir_controller::ingest::Ingest;
 
     let routes = |weight_bp: u32| {
         (0..canaries)
@@ -690,7 +989,7 @@ async fn ingest_server(listen: std::net::SocketAddr, canaries: u32) -> anyhow::R
             })
             .collect::<Vec<_>>()
     };
-    let ingest = Ingest::try_new(IngestConfig::default())?;
+    let ingest = Ingest::try_new(config)?;
     ingest.publish(routes(1_000))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = ingest
@@ -706,6 +1005,10 @@ async fn ingest_server(listen: std::net::SocketAddr, canaries: u32) -> anyhow::R
             .map(|w| w.trim().parse::<u32>());
         match weight {
             Some(Ok(weight_bp)) => println!("generation {}", ingest.publish(routes(weight_bp))?),
+            _ if line.trim() == "counters" => {
+                print!("{}", ingest.counters().render_prometheus());
+                println!("weir_reporters_known {}\nend", ingest.known_reporters());
+            }
             _ => {
                 eprintln!("weir ingest-server: unknown command {line:?}; use `publish <weight_bp>`")
             }

@@ -24,6 +24,11 @@ pub trait Journal: Send {
     fn event(&mut self, event: &Event);
     /// The current retry token (a new one retries a Failed canary).
     fn retry_token(&self) -> Option<String>;
+    /// The current operator request (promote, abort, pause, resume), if any; each new token is
+    /// handled once.
+    fn request(&self) -> Option<analysis::OperatorRequest> {
+        None
+    }
     /// Whether the canary is being deleted.
     fn deleting(&self) -> bool;
 }
@@ -230,7 +235,8 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
     }
 
     fn publish(&mut self, route: Option<Route>) -> Result<(), RunError> {
-        let entry = route.map(|r| traffic::canary_route(&self.plan, r));
+        let revision = self.status.last_applied_spec.as_deref().unwrap_or_default();
+        let entry = route.map(|r| traffic::directive_entry(&self.plan, r, revision));
         let generation =
             self.directives
                 .set(&self.plan.key(), entry)
@@ -256,6 +262,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             primary: as_readiness(readiness.primary),
             canary: as_readiness(readiness.canary),
             retry: self.journal.retry_token(),
+            request: self.journal.request(),
             deleting: self.journal.deleting(),
             primary_revision,
             ..Observations::new(revision)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use weir_proto::v1::{self, canary_route::Mode, header_rule, sticky};
+use weir_proto::v1::{self, canary_route::Mode, header_rule};
 
 use crate::analysis::Route;
 use crate::ingest::{Ingest, PublishError};
@@ -56,13 +56,8 @@ pub fn canary_route(plan: &CanaryPlan, route: Route) -> v1::CanaryRoute {
                     .collect(),
             })
         }
-        // With session affinity, users carrying the cookie keep their version as the weight grows.
-        _ => match &plan.analysis.session_affinity {
-            Some(affinity) => Mode::Sticky(v1::Sticky {
-                key: Some(sticky::Key::Cookie(affinity.cookie_name.clone())),
-            }),
-            None => Mode::Weighted(v1::Weighted {}),
-        },
+        // Session affinity, when set, rides on the weighted split: see `directive_entry`.
+        _ => Mode::Weighted(v1::Weighted {}),
     };
     v1::CanaryRoute {
         key: plan.key(),
@@ -72,6 +67,111 @@ pub fn canary_route(plan: &CanaryPlan, route: Route) -> v1::CanaryRoute {
         canary_value: plan.canary_route_value.clone(),
         ..Default::default()
     }
+}
+
+/// The directive entry for one canary routed as `route`, with its session cookies (which
+/// depend on the revision under analysis: each run has cookies of its own).
+pub fn directive_entry(plan: &CanaryPlan, route: Route, revision: &str) -> v1::CanaryRoute {
+    let mut entry = canary_route(plan, route);
+    entry.session_affinity = session_cookies(plan, route, revision).map(|s| s.to_wire());
+    entry
+}
+
+/// One session cookie: its name, a value only the controller and the filters know, and its
+/// lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cookie {
+    /// The cookie's name, from the spec.
+    pub name: String,
+    /// Its value: hex, derived from the canary's secret routing value.
+    pub value: String,
+    /// Its `Max-Age`, in seconds.
+    pub max_age_seconds: u32,
+}
+
+impl Cookie {
+    /// The `Set-Cookie` value that gives the cookie, as Flagger writes it.
+    pub fn set_cookie(&self) -> String {
+        format!(
+            "{}={}; Max-Age={}",
+            self.name, self.value, self.max_age_seconds
+        )
+    }
+
+    /// The `Set-Cookie` value that clears it.
+    pub fn clear_cookie(&self) -> String {
+        format!("{}={}; Max-Age=-1", self.name, self.value)
+    }
+}
+
+/// Flagger's session affinity for one route: the cookies, and whether they are given and
+/// honoured (`active`, while traffic shifts) or cleared (the rollout is over).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCookies {
+    /// Given and honoured (true) or cleared (false).
+    pub active: bool,
+    /// The canary's cookie (`cookieName`), one value per run.
+    pub canary: Cookie,
+    /// The primary's (`primaryCookieName`), one value per step and valid for one analysis
+    /// interval, as in Flagger (a primary client is split again at the next step).
+    pub primary: Option<Cookie>,
+}
+
+impl SessionCookies {
+    /// As the directive carries them.
+    pub fn to_wire(&self) -> v1::SessionAffinity {
+        let primary = self.primary.clone().unwrap_or(Cookie {
+            name: String::new(),
+            value: String::new(),
+            max_age_seconds: 0,
+        });
+        v1::SessionAffinity {
+            active: self.active,
+            cookie_name: self.canary.name.clone(),
+            cookie_value: self.canary.value.clone(),
+            max_age_seconds: self.canary.max_age_seconds,
+            primary_cookie_name: primary.name,
+            primary_cookie_value: primary.value,
+            primary_max_age_seconds: primary.max_age_seconds,
+        }
+    }
+}
+
+/// The session cookies of `plan` routed as `route` while `revision` is (or was last) analysed;
+/// None without `sessionAffinity` or for an A/B route. Active while the canary has a weight (as
+/// Flagger: `canaryWeight != 0`); once the route is back on the primary, the cookies of the
+/// last run are cleared.
+pub fn session_cookies(plan: &CanaryPlan, route: Route, revision: &str) -> Option<SessionCookies> {
+    let affinity = plan.analysis.session_affinity.as_ref()?;
+    let active = match route {
+        Route::Weighted(w) => w.basis_points() > 0,
+        Route::Primary => false,
+        Route::Matches => return None,
+    };
+    let seconds = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1);
+    let secret = |what: &str| {
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            format!("weir-session:{}:{revision}:{what}", plan.canary_route_value).as_bytes(),
+        );
+        digest.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    Some(SessionCookies {
+        active,
+        canary: Cookie {
+            name: affinity.cookie_name.clone(),
+            value: secret("canary"),
+            max_age_seconds: seconds(affinity.max_age),
+        },
+        primary: affinity.primary_cookie_name.as_ref().map(|name| Cookie {
+            name: name.clone(),
+            value: secret(&format!("primary:{}", route.canary_weight_bp())),
+            max_age_seconds: seconds(plan.analysis.interval),
+        }),
+    })
 }
 
 /// A canary's secret routing-header value, derived from something only the API (or the state

@@ -98,3 +98,49 @@ fn logs_carry_no_colour_codes_when_not_written_to_a_terminal() {
         assert!(!line.contains('\u{1b}'), "an escape code in {line:?}");
     }
 }
+
+#[test]
+fn named_kubectl_weir_it_answers_as_a_kubectl_plugin_and_acts_on_a_cluster() {
+    let dir = std::env::temp_dir().join(format!("weir-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plugin = dir.join("kubectl-weir");
+    let _ = std::fs::remove_file(&plugin);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weir"), &plugin).unwrap();
+
+    let out = Command::new(&plugin)
+        .args(["status", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Usage: kubectl weir status"), "{help}");
+
+    // As a plugin the verbs go to the cluster (here a kubeconfig that is not there), not to a
+    // local state folder.
+    let out = Command::new(&plugin)
+        .args(["pause", "podinfo"])
+        .env("KUBECONFIG", dir.join("missing-kubeconfig"))
+        .env("HOME", &dir)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("cannot configure the Kubernetes client"),
+        "{said}"
+    );
+    assert!(!said.contains(".weir/local"), "{said}");
+
+    // As weir, the same verb acts on local mode's state folder.
+    let out = weir()
+        .args(["pause", "--state"])
+        .arg(dir.join("no-state"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("holds no canary status"),
+        "{said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

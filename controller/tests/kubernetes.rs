@@ -75,6 +75,8 @@ const COLLECTIONS: &[&str] = &[
     "events",
     "virtualservices",
     "destinationrules",
+    "horizontalpodautoscalers",
+    "scaledobjects",
 ];
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
@@ -114,6 +116,42 @@ impl Fake {
             .unwrap_or(0);
         let spec_changed = old.is_none_or(|o| o.get("spec") != object.get("spec"));
         object["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
+    }
+
+    /// `managedFields` as the API server keeps them for the annotations a merge patch sets:
+    /// one entry per field manager (the `fieldManager` query parameter), the latest last.
+    fn record_manager(&mut self, object: &mut Value, patch: &Value, query: &str) {
+        let Some(manager) = query
+            .split('&')
+            .find_map(|q| q.strip_prefix("fieldManager="))
+        else {
+            return;
+        };
+        let manager = manager.replace("%3A", ":");
+        let Some(annotations) = patch["metadata"]["annotations"].as_object() else {
+            return;
+        };
+        let fields: serde_json::Map<String, Value> = annotations
+            .keys()
+            .map(|k| (format!("f:{k}"), json!({})))
+            .collect();
+        let time = format!(
+            "2026-01-01T{:02}:{:02}:{:02}Z",
+            self.version / 3600 % 24,
+            self.version / 60 % 60,
+            self.version % 60
+        );
+        let mut entries: Vec<Value> = object["metadata"]["managedFields"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        entries.retain(|e| e["manager"] != json!(manager));
+        entries.push(
+            json!({"manager": manager, "operation": "Update", "apiVersion": "weir.dev/v1alpha1",
+            "time": time, "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:annotations": fields}}}),
+        );
+        object["metadata"]["managedFields"] = json!(entries);
     }
 
     /// The Deployment controller, instantly: a written Deployment has finished its rollout.
@@ -226,6 +264,7 @@ impl Fake {
                         meta.remove("resourceVersion");
                     }
                     merge(&mut object, &patch);
+                    self.record_manager(&mut object, &patch, &call.query);
                 }
                 self.bump(&mut object, old.as_ref());
                 self.objects.insert(key.clone(), object);
@@ -266,6 +305,10 @@ fn path_of(object: &Value) -> String {
         "Pod" => format!("/api/v1/namespaces/{ns}/pods"),
         "Secret" => format!("/api/v1/namespaces/{ns}/secrets"),
         "ConfigMap" => format!("/api/v1/namespaces/{ns}/configmaps"),
+        "HorizontalPodAutoscaler" => {
+            format!("/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers")
+        }
+        "ScaledObject" => format!("/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects"),
         other => panic!("the fake does not store {other}"),
     };
     format!("{collection}/{name}")
@@ -1820,6 +1863,388 @@ async fn the_configuration_a_target_uses_is_part_of_its_revision_and_copied_for_
     .await;
 }
 
+/// A Canary whose `spec.service` also holds `service_extra`'s keys.
+fn canary_with_service(service_extra: Value) -> Value {
+    let mut c = canary(false, quick_analysis());
+    for (k, v) in service_extra.as_object().unwrap() {
+        c["spec"]["service"][k] = v.clone();
+    }
+    c
+}
+
+#[tokio::test]
+async fn the_services_and_destination_rules_carry_what_flagger_writes_for_the_service_spec() {
+    bounded(async {
+        let h = Harness::new(
+            canary_with_service(json!({
+                "portDiscovery": true,
+                "appProtocol": "http",
+                "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+                                  "connectionPool": {"http": {"http1MaxPendingRequests": 1024}}},
+                "apex": {"labels": {"tier": "frontend"},
+                         "annotations": {"apex-note": "a", "kustomize.toolkit.fluxcd.io/reconcile": "disabled"}},
+                "primary": {"labels": {"track": "stable", "owner": "weir"},
+                            "annotations": {"prometheus.io/scrape": "true"}},
+                "canary": {"labels": {"track": "canary"}, "annotations": {"canary-note": "c"}},
+                "unmanagedMetadata": {"labels": ["owner"], "annotations": ["cloud.google.com/neg-status"]},
+            })),
+            Duration::from_secs(600),
+        );
+        // Ports: the service's target (8080, left out), a named one, an unnamed one, and the
+        // sidecar's (left out).
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            let spec = &mut d["spec"]["template"]["spec"];
+            spec["containers"][0]["ports"] = json!([
+                {"containerPort": 8080},
+                {"name": "http-metrics", "containerPort": 9797},
+                {"containerPort": 9898, "protocol": "TCP"},
+            ]);
+            spec["containers"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!({"name": "istio-proxy", "image": "istio/proxyv2",
+                             "ports": [{"name": "http-envoy-prom", "containerPort": 15090}]}));
+        });
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let svc = |name: &str| find(&calls, "PATCH", &format!("{SERVICES}/{name}")).body.clone();
+        let expected_ports = json!([
+            {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
+            {"name": "http-metrics", "port": 9797, "targetPort": 9797, "protocol": "TCP"},
+            {"name": "tcp-mhs-2", "port": 9898, "targetPort": 9898, "protocol": "TCP"},
+        ]);
+        for name in ["mhs", "mhs-primary", "mhs-canary"] {
+            assert_eq!(svc(name)["spec"]["ports"], expected_ports, "{name}");
+        }
+        // Flagger's label (selector key = the Service's name), the spec's labels and
+        // annotations, never an unmanaged key nor a Flux toolkit annotation.
+        assert_eq!(
+            svc("mhs")["metadata"]["labels"],
+            json!({"app": "mhs", "tier": "frontend", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(svc("mhs")["metadata"]["annotations"], json!({"apex-note": "a"}));
+        assert_eq!(
+            svc("mhs-primary")["metadata"]["labels"],
+            json!({"app": "mhs-primary", "track": "stable", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(
+            svc("mhs-primary")["metadata"]["annotations"],
+            json!({"prometheus.io/scrape": "true"})
+        );
+        assert_eq!(
+            svc("mhs-canary")["metadata"]["labels"],
+            json!({"app": "mhs-canary", "track": "canary", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(
+            svc("mhs-canary")["metadata"]["annotations"],
+            json!({"canary-note": "c"})
+        );
+
+        for name in ["mhs-primary", "mhs-canary"] {
+            let rule = &find(&calls, "PATCH", &format!("{DRS}/{name}")).body;
+            assert_eq!(
+                rule["spec"],
+                json!({"host": name, "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"},
+                        "connectionPool": {"http": {"http1MaxPendingRequests": 1024}}}})
+            );
+        }
+        // The VirtualService carries the apex metadata, as Flagger's does.
+        let vs = &find(&calls, "PATCH", VS).body;
+        assert_eq!(
+            vs["metadata"]["labels"],
+            json!({"tier": "frontend", "app.kubernetes.io/managed-by": "weir"})
+        );
+        assert_eq!(vs["metadata"]["annotations"], json!({"apex-note": "a"}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn headless_and_traffic_distribution_reach_the_three_services() {
+    bounded(async {
+        let h = Harness::new(
+            canary_with_service(json!({"headless": true, "trafficDistribution": "PreferClose"})),
+            Duration::from_secs(600),
+        );
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        for name in ["mhs", "mhs-primary", "mhs-canary"] {
+            let spec = &find(&calls, "PATCH", &format!("{SERVICES}/{name}")).body["spec"];
+            assert_eq!(spec["clusterIP"], "None", "{name}");
+            assert_eq!(spec["trafficDistribution"], "PreferClose", "{name}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_port_discovery_the_services_have_the_service_port_only_and_no_app_protocol() {
+    bounded(async {
+        let h = Harness::new(canary(false, quick_analysis()), Duration::from_secs(600));
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["ports"] =
+                json!([{"containerPort": 8080}, {"name": "http-metrics", "containerPort": 9797}]);
+        });
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let primary = &find(&calls, "PATCH", &format!("{SERVICES}/mhs-primary")).body;
+        assert_eq!(
+            primary["spec"]["ports"],
+            json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}])
+        );
+        assert!(primary["spec"].get("clusterIP").is_none());
+        assert!(primary["spec"].get("trafficDistribution").is_none());
+        let rule = &find(&calls, "PATCH", &format!("{DRS}/mhs-primary")).body;
+        assert_eq!(rule["spec"], json!({"host": "mhs-primary"}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_delegate_virtual_service_has_no_hosts_or_gateways_and_the_filters_keep_the_hosts() {
+    bounded(async {
+        let mut c = canary(false, quick_analysis());
+        c["spec"]["service"] = json!({"port": 80, "targetPort": 8080, "delegation": true,
+                                      "hosts": ["mhs.example.com"]});
+        let h = Harness::new(c, Duration::from_secs(600));
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let vs = &find(&calls, "PATCH", VS).body;
+        assert_eq!(vs["spec"]["hosts"], json!([]));
+        assert_eq!(vs["spec"]["gateways"], json!([]));
+        assert_eq!(
+            vs["spec"]["http"][1]["route"][0]["destination"]["host"],
+            "mhs-primary"
+        );
+        let directive = h.ingest.directive();
+        let entry = directive
+            .canaries
+            .iter()
+            .find(|c| c.key == "application/mhs")
+            .expect("the canary is in the directive");
+        assert!(
+            entry.hosts.iter().any(|h| h == "mhs.example.com"),
+            "{:?}",
+            entry.hosts
+        );
+    })
+    .await;
+}
+
+const HPAS: &str = "/apis/autoscaling/v2/namespaces/application/horizontalpodautoscalers";
+const SCALED_OBJECTS: &str = "/apis/keda.sh/v1alpha1/namespaces/application/scaledobjects";
+
+fn with_autoscaler(mut canary: Value, autoscaler_ref: Value) -> Value {
+    canary["spec"]["autoscalerRef"] = autoscaler_ref;
+    canary
+}
+
+#[tokio::test]
+async fn an_hpa_gets_a_primary_copy_that_honours_primary_scaler_replicas_and_follows_edits() {
+    bounded(async {
+        let h = Harness::new(
+            with_autoscaler(
+                canary(false, quick_analysis()),
+                json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "name": "mhs",
+                       "primaryScalerReplicas": {"minReplicas": 2, "maxReplicas": 6}}),
+            ),
+            Duration::from_secs(600),
+        );
+        let metrics = |utilization: i64| {
+            json!([{"type": "Resource", "resource": {"name": "cpu",
+                     "target": {"type": "Utilization", "averageUtilization": utilization}}}])
+        };
+        let behavior = json!({"scaleDown": {"stabilizationWindowSeconds": 300}});
+        h.cluster.put(json!({
+            "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "mhs", "namespace": NS,
+                         "labels": {"app": "mhs", "kustomize.toolkit.fluxcd.io/name": "apps"},
+                         "annotations": {"note": "the target's"}},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mhs"},
+                     "minReplicas": 1, "maxReplicas": 4, "metrics": metrics(80), "behavior": behavior},
+        }));
+        h.reconcile().await;
+        let calls = h.until_phase("Initialized").await;
+        let all = h.cluster.log();
+        let copy_path = format!("{HPAS}/mhs-primary");
+        let copy = &find(&all, "PATCH", &copy_path).body;
+        let owner = copy["metadata"]["ownerReferences"].clone();
+        owner_is_the_canary(copy);
+        // Flagger's copy: the original's spec aimed at the primary, primaryScalerReplicas
+        // replacing its bounds, its labels without Flux's; no annotations.
+        assert_eq!(
+            copy,
+            &json!({
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": "mhs-primary", "namespace": NS, "labels": {"app": "mhs"},
+                             "ownerReferences": owner},
+                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mhs-primary"},
+                         "minReplicas": 2, "maxReplicas": 6, "metrics": metrics(80), "behavior": behavior},
+            })
+        );
+        // The target's HPA is left alone: Kubernetes does not scale a target at zero.
+        assert!(all.iter().all(|c| c.method == "GET" || c.path != format!("{HPAS}/mhs")));
+        assert_eq!(h.cluster.get(&format!("{DEPLOYMENTS}/mhs")).unwrap()["spec"]["replicas"], 0);
+        assert!(calls.iter().any(|c| c.is("GET", &format!("{HPAS}/mhs"))));
+
+        // Nothing changed: nothing written.
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let idle = h.reconcile().await;
+        assert!(idle.iter().all(|c| !c.is("PATCH", &copy_path)), "{:#?}", writes(&idle));
+
+        // The user edits the original: the copy follows, keeping primaryScalerReplicas.
+        h.cluster.edit(&format!("{HPAS}/mhs"), |hpa| {
+            hpa["spec"]["metrics"] = metrics(60);
+            hpa["spec"]["maxReplicas"] = json!(10);
+        });
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let edited = h.reconcile().await;
+        let update = &find(&edited, "PATCH", &copy_path).body;
+        assert_eq!(update["spec"]["metrics"], metrics(60));
+        assert_eq!(update["spec"]["maxReplicas"], 6);
+
+        // The primary's HPA scaled it to 5: a promotion keeps that instead of the target's count.
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs-primary"), |d| {
+            d["spec"]["replicas"] = json!(5)
+        });
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let rollout = h.until_phase("Succeeded").await;
+        let promote = rollout
+            .iter()
+            .rfind(|c| c.is("PATCH", &format!("{DEPLOYMENTS}/mhs-primary")))
+            .expect("the primary was updated");
+        assert_eq!(
+            promote.body["spec"]["template"]["spec"]["containers"][0]["image"],
+            "ghcr.io/weir/mhs:1.1.2"
+        );
+        assert_eq!(promote.body["spec"]["replicas"], 5);
+
+        // Deleted without revertOnDeletion: the copy stays with the primary it scales.
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z")
+        });
+        let mut deletion = h.reconcile().await;
+        for _ in 0..5 {
+            if h.cluster.get(CANARY).unwrap()["metadata"]["finalizers"] == json!([]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            deletion.extend(h.reconcile().await);
+        }
+        let release = find(&deletion, "PATCH", &copy_path);
+        assert_eq!(release.body, json!({"metadata": {"ownerReferences": null}}));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_autoscaler_is_reported_with_the_field_that_names_it() {
+    bounded(async {
+        let h = Harness::new(
+            with_autoscaler(
+                canary(false, quick_analysis()),
+                json!({"kind": "HorizontalPodAutoscaler", "name": "mhs"}),
+            ),
+            Duration::from_secs(600),
+        );
+        for _ in 0..3 {
+            let _ = reconcile(h.cluster.canary(), h.ctx.clone()).await;
+            tokio::time::sleep(Duration::from_millis(110)).await;
+        }
+        let notes: Vec<String> = events(&h.cluster.log()).into_iter().map(|e| e.2).collect();
+        assert!(
+            notes.iter().any(|n| n.contains(
+                "spec.autoscalerRef names HorizontalPodAutoscaler mhs, which does not exist in namespace application"
+            )),
+            "{notes:#?}"
+        );
+        assert!(h.cluster.get(&format!("{HPAS}/mhs-primary")).is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_scaled_object_gets_a_primary_copy_and_is_paused_while_weir_holds_the_target_at_zero() {
+    bounded(async {
+        let h = Harness::new(
+            with_autoscaler(
+                canary(true, quick_analysis()),
+                json!({"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "name": "mhs-so",
+                       "primaryScalerReplicas": {"minReplicas": 3}}),
+            ),
+            Duration::from_secs(600),
+        );
+        let query = |app: &str| format!("sum(rate(istio_requests_total{{destination_workload=\"{app}\"}}[1m]))");
+        h.cluster.put(json!({
+            "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": "mhs-so", "namespace": NS, "labels": {"app": "mhs"},
+                         "annotations": {"scaledobject.keda.sh/transfer-hpa-ownership": "true"}},
+            "spec": {"scaleTargetRef": {"name": "mhs"}, "pollingInterval": 15, "cooldownPeriod": 120,
+                     "minReplicaCount": 1, "maxReplicaCount": 10,
+                     "triggers": [{"type": "prometheus", "name": "rps",
+                                   "metadata": {"serverAddress": "http://prometheus:9090",
+                                                "query": query("mhs"), "threshold": "100"}}]},
+        }));
+        h.reconcile().await;
+        h.until_phase("Initialized").await;
+        let all = h.cluster.log();
+        let copy_path = format!("{SCALED_OBJECTS}/mhs-so-primary");
+        let copy = &find(&all, "PATCH", &copy_path).body;
+        let owner = copy["metadata"]["ownerReferences"].clone();
+        owner_is_the_canary(copy);
+        assert_eq!(
+            copy,
+            &json!({
+                "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+                "metadata": {"name": "mhs-so-primary", "namespace": NS, "labels": {"app": "mhs"},
+                             "annotations": {"scaledobject.keda.sh/transfer-hpa-ownership": "true"},
+                             "ownerReferences": owner},
+                "spec": {"scaleTargetRef": {"name": "mhs-primary"}, "pollingInterval": 15,
+                         "cooldownPeriod": 120, "minReplicaCount": 3, "maxReplicaCount": 10,
+                         "advanced": {"horizontalPodAutoscalerConfig": {}},
+                         "triggers": [{"type": "prometheus", "name": "rps",
+                                       "metadata": {"serverAddress": "http://prometheus:9090",
+                                                    "query": query("mhs-primary"), "threshold": "100"}}]},
+            })
+        );
+        // Paused before the target goes to zero, as Flagger does.
+        let original = format!("{SCALED_OBJECTS}/mhs-so");
+        let target = format!("{DEPLOYMENTS}/mhs");
+        let pause = all
+            .iter()
+            .position(|c| c.is("PATCH", &original))
+            .expect("the target's ScaledObject is paused");
+        assert_eq!(all[pause].content_type, "application/merge-patch+json");
+        assert_eq!(
+            all[pause].body,
+            json!({"metadata": {"annotations": {"autoscaling.keda.sh/paused-replicas": "0"}}})
+        );
+        let to_zero = all.iter().rposition(|c| c.is("PATCH", &target)).unwrap();
+        assert!(pause < to_zero);
+        assert_eq!(all[to_zero].body["spec"]["replicas"], 0);
+
+        // Resumed before the target is scaled up, and on deletion (revertOnDeletion).
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let calls = h.until_phase("Progressing").await;
+        let resume = calls.iter().position(|c| c.is("PATCH", &original)).unwrap();
+        let scale_up = calls.iter().position(|c| c.is("PATCH", &target)).unwrap();
+        assert!(resume < scale_up);
+        assert_eq!(
+            calls[resume].body,
+            json!({"metadata": {"annotations": {"autoscaling.keda.sh/paused-replicas": null}}})
+        );
+        assert_eq!(calls[scale_up].body["spec"]["replicas"], 2);
+        assert!(h.cluster.get(&original).unwrap()["metadata"]["annotations"]
+            .get("autoscaling.keda.sh/paused-replicas")
+            .is_none());
+    })
+    .await;
+}
+
 // `weir kubernetes` as a whole (run::serve): leader election, the leader label, the way out.
 
 mod runtime {
@@ -2034,4 +2459,354 @@ mod runtime {
         })
         .await;
     }
+}
+
+#[tokio::test]
+async fn without_filters_the_virtual_service_holds_flaggers_route_options_and_session_cookie_routes(
+) {
+    bounded(async {
+        let mut object = canary(
+            false,
+            json!({"interval": "100ms", "threshold": 2, "maxWeight": 20, "stepWeight": 10,
+                   "sessionAffinity": {"cookieName": "flagger-cookie", "maxAge": 600}}),
+        );
+        let service = &mut object["spec"]["service"];
+        service["timeout"] = json!("30s");
+        service["retries"] =
+            json!({"attempts": 3, "perTryTimeout": "1s", "retryOn": "gateway-error,connect-failure"});
+        service["headers"] = json!({"request": {"add": {"x-some-header": "value"}}});
+        service["rewrite"] = json!({"uri": "/"});
+        service["match"] = json!([{"uri": {"prefix": "/api"}}]);
+        let h = Harness::new(object.clone(), Duration::ZERO);
+        h.reconcile().await;
+        h.until_phase("Initialized").await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        let mut calls = Vec::new();
+        for _ in 0..30 {
+            if h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"] == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            calls.extend(h.reconcile().await);
+        }
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(status["canaryWeight"], 10);
+        let vs = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", VS))
+            .expect("the VirtualService was written at 10%");
+        let http = vs.body["spec"]["http"].as_array().unwrap();
+
+        // The cookie the filters would use for this revision.
+        let mut plan = weir_controller::spec::from_json(&object.to_string())
+            .unwrap()
+            .compile()
+            .unwrap()
+            .plan;
+        plan.canary_route_value = weir_controller::traffic::route_secret(b"0b1c6a52-mhs");
+        let revision = status["lastAppliedSpec"].as_str().unwrap();
+        let cookies = weir_controller::traffic::session_cookies(
+            &plan,
+            weir_controller::analysis::Route::weighted(weir_controller::spec::Weight::try_new(10).unwrap()),
+            revision,
+        )
+        .unwrap();
+        let value = &cookies.canary.value;
+
+        let options = json!({
+            "timeout": "30s",
+            "retries": {"attempts": 3, "perTryTimeout": "1s", "retryOn": "gateway-error,connect-failure"},
+            "headers": {"request": {"add": {"x-some-header": "value"}}},
+            "rewrite": {"uri": "/"},
+        });
+        let with_options = |route: Value| {
+            let mut route = route;
+            for (k, v) in options.as_object().unwrap() {
+                route[k] = v.clone();
+            }
+            route
+        };
+        let dest = |host: &str, weight: u8| {
+            json!({"destination": {"host": host, "port": {"number": 80}}, "weight": weight})
+        };
+        let mut canary_dest = dest("mhs-canary", 10);
+        canary_dest["headers"] = json!({"response": {"add": {
+            "Set-Cookie": format!("flagger-cookie={value}; Max-Age=600")}}});
+        assert_eq!(
+            http,
+            &vec![
+                with_options(json!({
+                    "name": "weir-session-canary",
+                    "match": [{"uri": {"prefix": "/api"},
+                               "headers": {"cookie": {"regex": format!(".*flagger-cookie.*{value}.*")}}}],
+                    "route": [dest("mhs-primary", 0), dest("mhs-canary", 100)],
+                })),
+                with_options(json!({
+                    "name": "weir-weighted",
+                    "match": [{"uri": {"prefix": "/api"}}],
+                    "route": [dest("mhs-primary", 90), canary_dest],
+                })),
+            ]
+        );
+        // The filters get the same cookie in their directive.
+        let directive = h.ingest.directive();
+        let affinity = directive.canaries[0].session_affinity.as_ref().unwrap();
+        assert_eq!(&affinity.cookie_value, value);
+        assert!(affinity.active);
+    })
+    .await;
+}
+
+/// Runs `ask` (a CLI verb against the scripted API) while reconciling once per 110ms, as the
+/// controller would, until the verb returns.
+async fn while_reconciling<T>(h: &Harness, ask: impl std::future::Future<Output = T>) -> T {
+    tokio::pin!(ask);
+    loop {
+        tokio::select! {
+            done = &mut ask => return done,
+            () = tokio::time::sleep(Duration::from_millis(110)) => { h.reconcile().await; }
+        }
+    }
+}
+
+fn request_patches(calls: &[Call]) -> Vec<&Call> {
+    calls
+        .iter()
+        .filter(|c| c.is("PATCH", CANARY) && !c.body["metadata"]["annotations"].is_null())
+        .collect()
+}
+
+#[tokio::test]
+async fn each_verb_travels_as_an_annotation_and_the_controller_says_who_asked() {
+    use weir_controller::analysis::Verb;
+    use weir_controller::cli::{kubernetes as cli, Asked, CliError};
+    bounded(async {
+        let analysis = json!({"interval": "300ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.initialized().await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        let client = h.cluster.client.clone();
+        let wait = Duration::from_secs(10);
+
+        // weir pause, as alice: the annotation with her field manager and the resourceVersion
+        // read, then the controller's event naming her.
+        let before = h.cluster.log().len();
+        let asked = while_reconciling(&h, cli::ask(&client, NS, "mhs", Verb::Pause, "alice", wait)).await;
+        let Ok(Asked::Done(said)) = asked else { panic!("{asked:?}") };
+        assert!(
+            said.iter().any(|m| m.starts_with("Paused mhs.application at canary weight ")
+                && m.contains("as requested by weir-cli:alice")),
+            "{said:?}"
+        );
+        let calls = h.cluster.log()[before..].to_vec();
+        let patch = request_patches(&calls)[0];
+        assert!(patch.query.contains("fieldManager=weir-cli%3Aalice"), "{}", patch.query);
+        assert!(patch.body["metadata"]["resourceVersion"].is_string());
+        let value = patch.body["metadata"]["annotations"]["weir.dev/request"].as_str().unwrap();
+        assert!(value.starts_with("pause "), "{value}");
+        assert!(events(&calls).iter().any(|e| e.2.contains("as requested by weir-cli:alice")));
+        let status = h.cluster.get(CANARY).unwrap()["status"].clone();
+        assert_eq!(status["paused"]["by"], "weir-cli:alice");
+        assert_eq!(status["paused"]["cause"], "Requested");
+        let paused_condition = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Paused")
+            .cloned()
+            .expect("a Paused condition");
+        assert_eq!(paused_condition["reason"], "Requested");
+
+        // The weight holds while paused.
+        let held = status["canaryWeight"].clone();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(110)).await;
+            h.reconcile().await;
+        }
+        assert_eq!(h.cluster.get(CANARY).unwrap()["status"]["canaryWeight"], held);
+
+        // Asked again: nothing to do, nothing written.
+        let before = h.cluster.log().len();
+        let again = cli::ask(&client, NS, "mhs", Verb::Pause, "alice", wait).await;
+        assert!(matches!(&again, Ok(Asked::NothingToDo(why)) if why.contains("already paused")), "{again:?}");
+        assert!(request_patches(&h.cluster.log()[before..]).is_empty());
+
+        // A request written by hand (kubectl annotate): who asked is that field manager.
+        {
+            let mut fake = h.cluster.fake.lock().unwrap();
+            let old = fake.objects[CANARY].clone();
+            let mut object = old.clone();
+            let patch = json!({"metadata": {"annotations": {"weir.dev/request": "resume 42"}}});
+            merge(&mut object, &patch);
+            fake.record_manager(&mut object, &patch, "fieldManager=kubectl-annotate");
+            fake.bump(&mut object, Some(&old));
+            fake.objects.insert(CANARY.to_owned(), object);
+        }
+        let calls = h.reconcile().await;
+        assert!(
+            events(&calls).iter().any(|e| e.2.starts_with("Resumed mhs.application at canary weight ")
+                && e.2.ends_with("as requested by kubectl-annotate")),
+            "{:#?}",
+            events(&calls)
+        );
+        assert!(h.cluster.get(CANARY).unwrap()["status"]["paused"].is_null());
+
+        // weir promote, as bob: promoted before maxWeight.
+        let asked = while_reconciling(&h, cli::ask(&client, NS, "mhs", Verb::Promote, "bob", wait)).await;
+        let Ok(Asked::Done(said)) = asked else { panic!("{asked:?}") };
+        assert!(said.iter().any(|m| m.starts_with("Promotion of mhs.application requested by weir-cli:bob")), "{said:?}");
+        h.until_phase("Succeeded").await;
+
+        // Now abort, pause and retry make no sense: refused, nothing written.
+        let before = h.cluster.log().len();
+        let refused = cli::ask(&client, NS, "mhs", Verb::Abort, "bob", wait).await;
+        assert!(
+            matches!(&refused, Err(CliError::NotNow { why, .. }) if why.contains("this one is Succeeded")),
+            "{refused:?}"
+        );
+        let retry = cli::retry(&client, NS, "mhs", "bob").await;
+        assert!(matches!(&retry, Err(e) if e.to_string().contains("only a Failed canary can be retried")), "{retry:?}");
+        assert!(request_patches(&h.cluster.log()[before..]).is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn abort_rolls_back_and_a_request_that_raced_another_is_refused_with_a_conflict() {
+    use weir_controller::analysis::Verb;
+    use weir_controller::cli::{kubernetes as cli, Asked};
+    bounded(async {
+        let analysis =
+            json!({"interval": "300ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.initialized().await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        let client = h.cluster.client.clone();
+        let asked = while_reconciling(
+            &h,
+            cli::ask(
+                &client,
+                NS,
+                "mhs",
+                Verb::Abort,
+                "carol",
+                Duration::from_secs(10),
+            ),
+        )
+        .await;
+        let Ok(Asked::Done(said)) = asked else {
+            panic!("{asked:?}")
+        };
+        assert!(
+            said.iter().any(|m| m
+                .starts_with("Rolling back mhs.application: abort requested by weir-cli:carol")),
+            "{said:?}"
+        );
+        assert_eq!(h.cluster.phase().as_deref(), Some("Failed"));
+        assert_eq!(
+            h.cluster.get(&format!("{DEPLOYMENTS}/mhs")).unwrap()["spec"]["replicas"],
+            0
+        );
+
+        // weir retry now: a new weir.dev/retry token, which the controller honours.
+        let token = cli::retry(&client, NS, "mhs", "carol").await.unwrap();
+        assert_eq!(
+            h.cluster.get(CANARY).unwrap()["metadata"]["annotations"]["weir.dev/retry"],
+            json!(token)
+        );
+        h.until_phase("Progressing").await;
+
+        // A Canary changed between the CLI's read and its patch: the patch's resourceVersion no
+        // longer matches, and nothing is overwritten.
+        let canary: CanaryResource =
+            serde_json::from_value(h.cluster.get(CANARY).unwrap()).unwrap();
+        h.cluster.edit(CANARY, |c| {
+            c["metadata"]["labels"] = json!({"touched": "yes"})
+        });
+        let api: kube::Api<CanaryResource> = kube::Api::namespaced(client.clone(), NS);
+        let patch = json!({"metadata": {"resourceVersion": canary.metadata.resource_version,
+            "annotations": {"weir.dev/request": "pause 7"}}});
+        let conflict = api
+            .patch(
+                "mhs",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await;
+        assert!(
+            matches!(conflict, Err(kube::Error::Api(ref s)) if s.code == 409),
+            "{conflict:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_live_numbers_come_from_the_controller_through_the_service_proxy() {
+    use weir_controller::cli::{kubernetes as cli, render};
+    bounded(async {
+        let analysis =
+            json!({"interval": "300ms", "threshold": 2, "maxWeight": 50, "stepWeight": 10});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.initialized().await;
+        h.cluster.edit(&format!("{DEPLOYMENTS}/mhs"), |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase("Progressing").await;
+        let generation = h.ingest.directive().generation;
+        h.ingest
+            .ingest(&canary_report(1, 400, 4, generation), Instant::now())
+            .unwrap();
+
+        // The controller's side: what /live/application/mhs serves.
+        let live = h
+            .ctx
+            .live_snapshot(NS, "mhs")
+            .expect("the controller steps mhs");
+        assert_eq!((live.canary.requests, live.primary.requests), (400, 400));
+        assert_eq!(live.canary.success_rate, Some(99.0));
+        assert!(live.next_step_at > weir_controller::spec::Timestamp::EPOCH);
+
+        // The CLI's side: it asks the API server's service proxy for the weir Service.
+        let service = cli::ControllerService::default();
+        let view = cli::view(&h.cluster.client, &service, NS, "mhs")
+            .await
+            .unwrap();
+        assert_eq!(
+            view.live, None,
+            "no controller answers: no live numbers, and no error"
+        );
+        let proxy =
+            "/api/v1/namespaces/weir-system/services/weir:http-metrics/proxy/live/application/mhs";
+        h.cluster
+            .fake
+            .lock()
+            .unwrap()
+            .objects
+            .insert(proxy.to_owned(), serde_json::to_value(&live).unwrap());
+        let view = cli::view(&h.cluster.client, &service, NS, "mhs")
+            .await
+            .unwrap();
+        assert_eq!(view.live.as_ref(), Some(&live));
+        let table = render::status_table(&[view]);
+        let row = table.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("application   mhs") && row.contains("Progressing"),
+            "{table}"
+        );
+        assert!(row.contains("99.00% ") && row.contains(" 400"), "{table}");
+        assert!(h.cluster.log().iter().any(|c| c.is("GET", proxy)));
+    })
+    .await;
 }

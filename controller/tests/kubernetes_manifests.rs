@@ -259,6 +259,14 @@ const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
     ("", "secrets", "get"),
     ("", "secrets", "create"),
     ("", "secrets", "patch"),
+    // spec.autoscalerRef (platform/kubernetes/autoscalers.rs): the original read, the
+    // primary's copy applied and released; a ScaledObject paused by merge patch.
+    ("autoscaling", "horizontalpodautoscalers", "get"),
+    ("autoscaling", "horizontalpodautoscalers", "create"),
+    ("autoscaling", "horizontalpodautoscalers", "patch"),
+    ("keda.sh", "scaledobjects", "get"),
+    ("keda.sh", "scaledobjects", "create"),
+    ("keda.sh", "scaledobjects", "patch"),
     // The filter's installation (platform/kubernetes/filter_install.rs).
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),
@@ -893,4 +901,58 @@ fn every_default_in_the_crds_is_valid_against_its_own_schema() {
             assert!(errors.is_empty(), "{name}: {errors:?}");
         }
     }
+}
+
+/// Bytes in a Kubernetes quantity such as `2Gi` or `512Mi`.
+fn quantity_bytes(text: &str) -> u64 {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let number: u64 = number.parse().expect("a number");
+    number
+        * match unit {
+            "" => 1,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            other => panic!("unexpected unit {other:?} in {text:?}"),
+        }
+}
+
+#[test]
+fn the_controllers_memory_limit_holds_the_worst_case_at_the_ingests_limits() {
+    // docs/security.md, "The total at the configured limits": the same terms, from the code's
+    // own constants, so a limit raised in the code without the Deployment fails here.
+    use weir_controller::ingest::IngestConfig;
+    const MIB: u64 = 1 << 20;
+    let config = IngestConfig::default();
+    let message = config.max_message_bytes as u64 + 5;
+    let decoded = 16 * message + 2 * 1024 * 72;
+    let worst = 128 * MIB // the process and the Kubernetes client's caches (allowance)
+        + config.max_buffered_bytes as u64
+        + 2 * decoded // T <= 2 runtime threads under the Deployment's CPU limit
+        + config.max_connections as u64 * MIB
+        + config.max_reporters as u64 * 1126 // 1.1 KiB per Envoy in the ledger
+        + 8 * 46 * MIB; // 8 canaries
+    let docs = install(&manifests());
+    let deployment = one(&docs, "Deployment", "weir");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let limit = quantity_bytes(
+        container["resources"]["limits"]["memory"]
+            .as_str()
+            .expect("the controller has a memory limit"),
+    );
+    assert!(
+        limit >= worst,
+        "the controller's memory limit is {} MiB, but its worst case at the ingest's limits is {} MiB (docs/security.md)",
+        limit / MIB,
+        worst / MIB
+    );
+    let docs_text = std::fs::read_to_string(manifests().join("../docs/security.md")).unwrap();
+    assert!(
+        docs_text.contains(&format!("**{} MiB**", worst / MIB)),
+        "docs/security.md states the total, {} MiB",
+        worst / MIB
+    );
 }

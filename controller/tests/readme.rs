@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use weir_controller::platform::local::workload::Workload;
-use weir_controller::spec::{self, DEFAULT_MIN_SAMPLE_COUNT};
+use weir_controller::spec::{self, DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT};
 
 fn readme() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
@@ -90,7 +90,7 @@ fn the_readme_documents_every_field_of_the_workload_file_and_its_example_parses(
 fn the_readme_explains_min_sample_count_with_its_default_in_a_canary_that_compiles() {
     let text = section(
         &readme(),
-        "## The Canary resource: Flagger's, and two fields of Weir's own",
+        "## The Canary resource: Flagger's, and three fields of Weir's own",
     );
     assert!(
         text.contains(&format!(
@@ -107,4 +107,35 @@ fn the_readme_explains_min_sample_count_with_its_default_in_a_canary_that_compil
         .plan;
     assert_eq!(plan.analysis.min_sample_count, DEFAULT_MIN_SAMPLE_COUNT);
     assert!(!plan.analysis.inconclusive_counts_as_failure);
+    assert!(text.contains(&format!(
+        "**`inconclusiveLimit`** (default {DEFAULT_INCONCLUSIVE_LIMIT}; 0 for no limit)"
+    )));
+    assert_eq!(
+        plan.analysis.inconclusive_limit.map(|n| n.get()),
+        Some(DEFAULT_INCONCLUSIVE_LIMIT)
+    );
+}
+
+#[test]
+fn the_readme_has_a_section_with_an_example_for_every_operator_command() {
+    let text = section(
+        &readme(),
+        "## Operating a rollout: status, watch, promote, abort, pause, resume, retry",
+    );
+    let mut verbs: Vec<&str> = weir_controller::analysis::Verb::ALL
+        .iter()
+        .map(|v| v.as_str())
+        .collect();
+    verbs.extend(["status", "watch", "retry"]);
+    for verb in verbs {
+        let heading = text
+            .lines()
+            .find(|l| l.starts_with("### ") && l.contains(&format!("weir {verb}")))
+            .unwrap_or_else(|| panic!("no README section for weir {verb}"));
+        let body = section(&text, heading);
+        assert!(
+            body.contains("```") && body.contains(&format!("weir {verb}")),
+            "the README's section for weir {verb} has no example"
+        );
+    }
 }

@@ -17,10 +17,51 @@ use prost::Message;
 use weir_proto::v1::{self, controller_message::Kind};
 use weir_proto::LatencyHistogram;
 
+use crate::routing::Rng;
+
 /// Sealed reports kept unacknowledged at most; past this, new samples wait in the pending delta.
 pub const MAX_IN_FLIGHT: usize = 64;
-const INITIAL_BACKOFF_NS: u64 = 250_000_000;
-const MAX_BACKOFF_NS: u64 = 10_000_000_000;
+/// The range of the first reconnect delay after a stream closes or fails to open: a random
+/// time in `[0, FIRST_RETRY_RANGE_NS)`, so the Envoys of a controller that went away do not all
+/// come back in the same instant (a reconnect storm).
+pub const FIRST_RETRY_RANGE_NS: u64 = 1_000_000_000;
+/// The largest range: each failed attempt doubles it up to this (the filter's default grace
+/// period, so a controller that is back is found again within about that time).
+pub const MAX_RETRY_RANGE_NS: u64 = 10_000_000_000;
+
+/// The reconnect delays: each uniform in a range ("full jitter") that starts at
+/// [`FIRST_RETRY_RANGE_NS`] and doubles with every failed attempt up to [`MAX_RETRY_RANGE_NS`].
+/// Spreading every attempt over the whole range is what bounds a reconnect storm: N Envoys that
+/// lose the controller together come back at about N per range, not N at once, and spread out
+/// again if that attempt fails too.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    range_ns: u64,
+    rng: Rng,
+}
+
+impl Backoff {
+    /// Delays drawn from `seed` (the reporter's epoch: random per VM start, so Envoys differ).
+    pub fn new(seed: u64) -> Self {
+        Self {
+            range_ns: FIRST_RETRY_RANGE_NS,
+            // Not the epoch itself, which is on the wire; it only has to differ between Envoys.
+            rng: Rng::new(seed ^ 0x6a09_e667_f3bc_c908),
+        }
+    }
+
+    /// The delay before the next attempt, ns; widens the range for the one after.
+    pub fn next_delay_ns(&mut self) -> u64 {
+        let range = self.range_ns.max(1);
+        self.range_ns = range.saturating_mul(2).min(MAX_RETRY_RANGE_NS);
+        ((u128::from(self.rng.next_u64()) * u128::from(range)) >> 64) as u64
+    }
+
+    /// The controller answered: the next outage starts at the first range again.
+    pub fn reset(&mut self) {
+        self.range_ns = FIRST_RETRY_RANGE_NS;
+    }
+}
 
 /// What the host glue must do on the reporter's behalf.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +100,7 @@ pub struct Reporter {
     pending: BTreeMap<(String, i32), Pending>,
     in_flight: VecDeque<v1::Report>,
     stream: Stream,
-    backoff_ns: u64,
+    backoff: Backoff,
     generation: u64,
     /// Worker id → (generation it applied, when we last heard from it).
     workers: HashMap<u64, (u64, u64)>,
@@ -108,7 +149,7 @@ impl Reporter {
             pending: BTreeMap::new(),
             in_flight: VecDeque::new(),
             stream: Stream::Down { retry_at_ns: 0 },
-            backoff_ns: INITIAL_BACKOFF_NS,
+            backoff: Backoff::new(epoch),
             generation: 0,
             workers: HashMap::new(),
             rejected_batches: 0,
@@ -323,9 +364,16 @@ impl Reporter {
 
     fn schedule_retry(&mut self, now_ns: u64) {
         self.stream = Stream::Down {
-            retry_at_ns: now_ns.saturating_add(self.backoff_ns),
+            retry_at_ns: now_ns.saturating_add(self.backoff.next_delay_ns()),
         };
-        self.backoff_ns = (self.backoff_ns * 2).min(MAX_BACKOFF_NS);
+    }
+
+    /// When the stream is down: the time (ns) of the next attempt to open it.
+    pub fn retry_at_ns(&self) -> Option<u64> {
+        match self.stream {
+            Stream::Down { retry_at_ns } => Some(retry_at_ns),
+            _ => None,
+        }
     }
 
     /// A message from the controller.
@@ -333,7 +381,7 @@ impl Reporter {
         let message = v1::ControllerMessage::decode(bytes)
             .map_err(|e| format!("weir: a controller message does not decode ({e}); ignored"))?;
         // Anything well-formed from the controller proves it is alive.
-        self.backoff_ns = INITIAL_BACKOFF_NS;
+        self.backoff.reset();
         let mut commands = vec![Command::ShareContact(now_ns)];
         match message.kind {
             Some(Kind::Ack(ack)) if ack.epoch == self.epoch => {
@@ -457,13 +505,14 @@ mod tests {
         r.on_message(&ack(1), 3 * SECOND).unwrap();
         assert_eq!(r.in_flight(), 2);
         r.on_stream_closed(1, 4 * SECOND);
+        let retry_at = r.retry_at_ns().unwrap();
+        assert!((4 * SECOND..4 * SECOND + FIRST_RETRY_RANGE_NS).contains(&retry_at));
         // Samples recorded while down wait in the pending delta.
         r.on_worker_batch(&batch(1, 0, 100, 0), 4 * SECOND).unwrap();
-        assert!(
-            sent(&r.on_tick(4 * SECOND)).is_empty(),
-            "backoff not yet elapsed"
-        );
-        let resent = connect(&mut r, 2, 5 * SECOND);
+        if retry_at > 4 * SECOND {
+            assert!(r.on_tick(4 * SECOND).is_empty(), "retry not yet due");
+        }
+        let resent = connect(&mut r, 2, retry_at);
         let sequences: Vec<u64> = resent.iter().map(|x| x.sequence).collect();
         assert_eq!(sequences, vec![0, 2, 3]);
         let next = sent(&r.on_tick(6 * SECOND));
@@ -508,15 +557,55 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_and_resets_on_contact() {
+    fn a_reconnect_waits_a_random_time_in_a_range_that_doubles_and_resets_on_contact() {
         let mut r = reporter();
         assert_eq!(r.on_tick(0), vec![Command::OpenStream]);
-        r.on_stream_failed(0);
-        assert!(r.on_tick(INITIAL_BACKOFF_NS - 1).is_empty());
-        assert_eq!(r.on_tick(INITIAL_BACKOFF_NS), vec![Command::OpenStream]);
-        r.on_stream_failed(INITIAL_BACKOFF_NS);
-        assert!(r.on_tick(INITIAL_BACKOFF_NS * 2).is_empty());
-        assert_eq!(r.on_tick(INITIAL_BACKOFF_NS * 3), vec![Command::OpenStream]);
+        let (mut now, mut range) = (0, FIRST_RETRY_RANGE_NS);
+        for _ in 0..6 {
+            r.on_stream_failed(now);
+            let at = r.retry_at_ns().unwrap();
+            assert!(
+                (now..now + range).contains(&at),
+                "{at} not in {now} + {range}"
+            );
+            if at > now {
+                assert!(r.on_tick(at - 1).is_empty());
+            }
+            assert_eq!(r.on_tick(at), vec![Command::OpenStream]);
+            now = at;
+            range = (range * 2).min(MAX_RETRY_RANGE_NS);
+        }
+        assert_eq!(range, MAX_RETRY_RANGE_NS);
+        // Contact with the controller starts the next outage at the first range again.
+        r.on_stream_opened(1, now);
+        r.on_message(&ack(0), now).unwrap();
+        r.on_stream_closed(1, now);
+        assert!(r.retry_at_ns().unwrap() < now + FIRST_RETRY_RANGE_NS);
+    }
+
+    #[test]
+    fn envoys_that_lose_the_controller_together_come_back_spread_over_the_first_range() {
+        // 10,000 reporters with random epochs (as their VMs draw them), all of whose streams
+        // close in the same instant: the controller went away.
+        let mut epochs = Rng::new(1);
+        let mut tenths = [0usize; 10];
+        for _ in 0..10_000 {
+            let identity = v1::Reporter {
+                node_id: "node".into(),
+                ..Default::default()
+            };
+            let mut r = Reporter::new(identity, epochs.next_u64(), SECOND);
+            connect(&mut r, 1, 0);
+            r.on_stream_closed(1, 0);
+            let at = r.retry_at_ns().unwrap();
+            assert!(at < FIRST_RETRY_RANGE_NS);
+            tenths[(at * 10 / FIRST_RETRY_RANGE_NS) as usize] += 1;
+        }
+        // About 1,000 per tenth of the range; a fixed delay would put all 10,000 in one.
+        assert!(
+            tenths.iter().all(|&n| (850..1150).contains(&n)),
+            "{tenths:?}"
+        );
     }
 
     #[test]

@@ -87,6 +87,57 @@ enum Split {
     HeaderMatch(Vec<Vec<Rule>>),
 }
 
+/// One session cookie of Flagger's session affinity, with its `Set-Cookie` values ready.
+#[derive(Debug, Clone)]
+struct SessionCookie {
+    name: String,
+    value: String,
+    /// `name=value; Max-Age=<seconds>`.
+    give: Rc<str>,
+    /// `name=value; Max-Age=-1`.
+    clear: Rc<str>,
+}
+
+impl SessionCookie {
+    fn compile(name: &str, value: &str, max_age_seconds: u32) -> Result<Self, String> {
+        // Both go into a response header: nothing that could end the cookie or the header.
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+        };
+        if !token(name) || !token(value) {
+            return Err(format!(
+                "session cookie `{name}` with value `{value}` is not a valid cookie"
+            ));
+        }
+        Ok(SessionCookie {
+            name: name.to_owned(),
+            value: value.to_owned(),
+            give: Rc::from(format!("{name}={value}; Max-Age={max_age_seconds}")),
+            clear: Rc::from(format!("{name}={value}; Max-Age=-1")),
+        })
+    }
+}
+
+/// Flagger's session affinity for one canary, compiled.
+#[derive(Debug, Clone)]
+struct Affinity {
+    /// Cookies are given and honoured (true), or cleared (the rollout ended).
+    active: bool,
+    canary: SessionCookie,
+    primary: Option<SessionCookie>,
+}
+
+/// The decision for one request: the version, and a `Set-Cookie` value for its response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Where the request goes.
+    pub version: Version,
+    /// A session cookie to give or clear in the response.
+    pub set_cookie: Option<Rc<str>>,
+}
+
 /// One canary's compiled route.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -94,6 +145,7 @@ pub struct Route {
     pub key: Rc<str>,
     weight_bp: u32,
     split: Split,
+    affinity: Option<Affinity>,
     /// The routing header to set; empty means the filter's configured one.
     pub routing_header: String,
     primary_value: String,
@@ -109,8 +161,56 @@ impl Route {
         }
     }
 
-    /// Decides the version of one request. With `fail_safe` (the controller has been silent for
-    /// longer than the grace period) every request goes to primary.
+    /// Decides one request, session cookies included: while the affinity is active, a request
+    /// carrying the canary's (or the primary's) cookie with the controller's value keeps its
+    /// version, and any other is split and gets the cookie of the version it went to; once the
+    /// rollout ended, a request still carrying a cookie gets it cleared. In fail-safe every
+    /// request goes to the primary and no cookie is honoured or given.
+    pub fn decide_request(
+        &self,
+        headers: &impl RequestHeaders,
+        rng: &mut Rng,
+        fail_safe: bool,
+    ) -> Decision {
+        let plain = |version| Decision {
+            version,
+            set_cookie: None,
+        };
+        let Some(affinity) = self.affinity.as_ref().filter(|_| !fail_safe) else {
+            return plain(self.decide(headers, rng, fail_safe));
+        };
+        let cookies = headers.header("cookie");
+        let cookies = cookies.as_deref().unwrap_or_default();
+        if !affinity.active {
+            let carried = std::iter::once(&affinity.canary)
+                .chain(&affinity.primary)
+                .find(|c| cookie_value(cookies, &c.name).is_some());
+            return Decision {
+                version: self.decide(headers, rng, fail_safe),
+                set_cookie: carried.map(|c| c.clear.clone()),
+            };
+        }
+        if cookie_value(cookies, &affinity.canary.name) == Some(affinity.canary.value.as_str()) {
+            return plain(Version::Canary);
+        }
+        if let Some(primary) = &affinity.primary {
+            if cookie_value(cookies, &primary.name) == Some(primary.value.as_str()) {
+                return plain(Version::Primary);
+            }
+        }
+        let version = self.decide(headers, rng, fail_safe);
+        let cookie = match version {
+            Version::Canary => Some(&affinity.canary),
+            Version::Primary => affinity.primary.as_ref(),
+        };
+        Decision {
+            version,
+            set_cookie: cookie.map(|c| c.give.clone()),
+        }
+    }
+
+    /// Decides the version of one request by the split alone. With `fail_safe` (the controller
+    /// has been silent for longer than the grace period) every request goes to primary.
     pub fn decide(&self, headers: &impl RequestHeaders, rng: &mut Rng, fail_safe: bool) -> Version {
         if fail_safe {
             return Version::Primary;
@@ -122,7 +222,7 @@ impl Route {
                     StickyKey::Header(name) => headers.header(name),
                     StickyKey::Cookie(name) => headers
                         .header("cookie")
-                        .and_then(|c| cookie_value(&c, name)),
+                        .and_then(|c| cookie_value(&c, name).map(str::to_owned)),
                 };
                 match value {
                     Some(v) => sticky_bucket(&self.key, &v) < self.weight_bp,
@@ -271,6 +371,22 @@ fn compile_route(canary: &v1::CanaryRoute) -> Result<Route, String> {
             Split::HeaderMatch(groups)
         }
     };
+    let affinity = match &canary.session_affinity {
+        None => None,
+        Some(sa) => Some(Affinity {
+            active: sa.active,
+            canary: SessionCookie::compile(&sa.cookie_name, &sa.cookie_value, sa.max_age_seconds)?,
+            primary: if sa.primary_cookie_name.is_empty() {
+                None
+            } else {
+                Some(SessionCookie::compile(
+                    &sa.primary_cookie_name,
+                    &sa.primary_cookie_value,
+                    sa.primary_max_age_seconds,
+                )?)
+            },
+        }),
+    };
     let or_default = |value: &str, default: &str| {
         if value.is_empty() {
             default.to_string()
@@ -282,6 +398,7 @@ fn compile_route(canary: &v1::CanaryRoute) -> Result<Route, String> {
         key: Rc::from(canary.key.as_str()),
         weight_bp: canary.canary_weight_bp,
         split,
+        affinity,
         routing_header: canary.routing_header.to_ascii_lowercase(),
         primary_value: or_default(&canary.primary_value, "primary"),
         canary_value: or_default(&canary.canary_value, "canary"),
@@ -289,10 +406,10 @@ fn compile_route(canary: &v1::CanaryRoute) -> Result<Route, String> {
 }
 
 /// The value of cookie `name` in a Cookie header.
-fn cookie_value(header: &str, name: &str) -> Option<String> {
+fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     header.split(';').find_map(|pair| {
         let (k, v) = pair.trim().split_once('=')?;
-        (k == name).then(|| v.to_string())
+        (k == name).then_some(v)
     })
 }
 
@@ -470,7 +587,7 @@ mod tests {
     #[test]
     fn sticky_by_cookie_reads_the_named_cookie() {
         assert_eq!(
-            cookie_value("a=1; session=abc; b=2", "session").as_deref(),
+            cookie_value("a=1; session=abc; b=2", "session"),
             Some("abc")
         );
         assert_eq!(cookie_value("a=1", "session"), None);
@@ -564,6 +681,116 @@ mod tests {
         assert!(problems[1].contains("app/heavy"));
         assert!(t.find("bad").is_none() && t.find("heavy").is_none());
         assert!(t.find("good").is_some());
+    }
+
+    fn with_affinity(weight: u32, active: bool, primary: bool) -> RoutingTable {
+        let mut r = route("app/a", &["a"], weight, None);
+        r.session_affinity = Some(v1::SessionAffinity {
+            active,
+            cookie_name: "flagger-cookie".into(),
+            cookie_value: "c0ffee".into(),
+            max_age_seconds: 120,
+            primary_cookie_name: if primary {
+                "flagger-primary".into()
+            } else {
+                String::new()
+            },
+            primary_cookie_value: if primary {
+                "beef".into()
+            } else {
+                String::new()
+            },
+            primary_max_age_seconds: 10,
+        });
+        table(vec![r])
+    }
+
+    #[test]
+    fn a_request_split_to_the_canary_gets_the_session_cookie_and_keeps_the_canary_with_it() {
+        let t = with_affinity(10_000, true, false);
+        let r = t.find("a").unwrap();
+        let mut rng = Rng::new(1);
+        let first = r.decide_request(&no_headers(), &mut rng, false);
+        assert_eq!(first.version, Version::Canary);
+        assert_eq!(
+            first.set_cookie.as_deref(),
+            Some("flagger-cookie=c0ffee; Max-Age=120")
+        );
+        // Later, at a weight of 0 bp (the step is still running): the cookie keeps the canary.
+        let t = with_affinity(0, true, false);
+        let r = t.find("a").unwrap();
+        let cookie = Headers(Map::from([("cookie", "a=1; flagger-cookie=c0ffee")]));
+        let again = r.decide_request(&cookie, &mut rng, false);
+        assert_eq!((again.version, again.set_cookie), (Version::Canary, None));
+        // Without a primary cookie name, the primary's responses set nothing.
+        let primary = r.decide_request(&no_headers(), &mut rng, false);
+        assert_eq!(
+            (primary.version, primary.set_cookie),
+            (Version::Primary, None)
+        );
+        // In fail-safe no cookie is honoured.
+        assert_eq!(
+            r.decide_request(&cookie, &mut rng, true).version,
+            Version::Primary
+        );
+    }
+
+    #[test]
+    fn a_forged_session_cookie_is_split_like_any_request() {
+        let t = with_affinity(0, true, false);
+        let r = t.find("a").unwrap();
+        let forged = Headers(Map::from([("cookie", "flagger-cookie=guess")]));
+        let d = r.decide_request(&forged, &mut Rng::new(1), false);
+        assert_eq!((d.version, d.set_cookie), (Version::Primary, None));
+    }
+
+    #[test]
+    fn the_primary_cookie_keeps_a_client_on_the_primary() {
+        let t = with_affinity(0, true, true);
+        let r = t.find("a").unwrap();
+        let d = r.decide_request(&no_headers(), &mut Rng::new(1), false);
+        assert_eq!(d.version, Version::Primary);
+        assert_eq!(
+            d.set_cookie.as_deref(),
+            Some("flagger-primary=beef; Max-Age=10")
+        );
+        let t = with_affinity(10_000, true, true);
+        let r = t.find("a").unwrap();
+        let pinned = Headers(Map::from([("cookie", "flagger-primary=beef")]));
+        let d = r.decide_request(&pinned, &mut Rng::new(1), false);
+        assert_eq!((d.version, d.set_cookie), (Version::Primary, None));
+    }
+
+    #[test]
+    fn after_the_rollout_a_carried_session_cookie_is_cleared_and_not_honoured() {
+        let t = with_affinity(0, false, true);
+        let r = t.find("a").unwrap();
+        let cookie = Headers(Map::from([("cookie", "flagger-cookie=c0ffee")]));
+        let d = r.decide_request(&cookie, &mut Rng::new(1), false);
+        assert_eq!(d.version, Version::Primary);
+        assert_eq!(
+            d.set_cookie.as_deref(),
+            Some("flagger-cookie=c0ffee; Max-Age=-1")
+        );
+        let d = r.decide_request(&no_headers(), &mut Rng::new(1), false);
+        assert_eq!(d.set_cookie, None);
+    }
+
+    #[test]
+    fn a_session_cookie_that_could_break_the_header_is_refused() {
+        let mut r = route("app/a", &["a"], 0, None);
+        r.session_affinity = Some(v1::SessionAffinity {
+            active: true,
+            cookie_name: "c".into(),
+            cookie_value: "x; Domain=evil".into(),
+            ..Default::default()
+        });
+        let (t, problems) = RoutingTable::compile(&v1::Directive {
+            generation: 1,
+            canaries: vec![r],
+        });
+        assert!(t.find("a").is_none());
+        assert!(problems[0].contains("not a valid cookie"), "{problems:?}");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum RequestPlan<'a> {
         value: &'a str,
         /// What to record the outcome under.
         ticket: Ticket,
+        /// A session cookie for the response (`Set-Cookie` value), to give or to clear.
+        set_cookie: Option<Rc<str>>,
     },
 }
 
@@ -209,7 +211,8 @@ impl Worker {
         let Some(route) = authority.and_then(|a| self.table.find(a)) else {
             return RequestPlan::PassThrough;
         };
-        let version = route.decide(headers, &mut self.rng, self.fail_safe);
+        let decision = route.decide_request(headers, &mut self.rng, self.fail_safe);
+        let version = decision.version;
         let header = if route.routing_header.is_empty() {
             &self.config.routing_header
         } else {
@@ -222,6 +225,7 @@ impl Worker {
                 canary: route.key.clone(),
                 version,
             },
+            set_cookie: decision.set_cookie,
         }
     }
 
@@ -301,8 +305,10 @@ mod tests {
                 header,
                 value,
                 ticket,
+                set_cookie,
             } => {
                 assert_eq!((header, value), ("x-weir-route", "canary"));
+                assert_eq!(set_cookie, None);
                 assert_eq!(ticket.version, Version::Canary);
             }
             other => panic!("{other:?}"),

@@ -8,10 +8,12 @@
 //! - [`load`]: a bounded load generator that records every response;
 //! - [`local`]: the controller's local mode with its own state folder and steady traffic;
 //! - [`local_cli`]: `weir local` as a user runs it (the binary, real signals, its processes);
+//! - [`operator`]: the operator's CLI (`weir status`, `promote`, ...) and `weir watch` in tmux;
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it;
 //! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
 //! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app;
-//! - [`receiver`]: an HTTP(S) endpoint that records what webhooks, alerts and load send it.
+//! - [`receiver`]: an HTTP(S) endpoint that records what webhooks, alerts and load send it;
+//! - [`hostile`]: the ingest in its own process, its memory, and clients that break the rules.
 
 pub mod bench_detect;
 pub mod bench_filter;
@@ -22,10 +24,12 @@ pub mod binaries;
 pub mod certs;
 pub mod control_plane;
 pub mod fallback;
+pub mod hostile;
 pub mod http;
 pub mod load;
 pub mod local;
 pub mod local_cli;
+pub mod operator;
 pub mod prometheus;
 pub mod receiver;
 pub mod reporter;

@@ -50,6 +50,8 @@ pub struct CanaryFile {
     pub duration_max_ms: Option<u32>,
     /// More of `spec.analysis`, as YAML lines indented by four spaces (`    webhooks:\n...`).
     pub analysis_extra: String,
+    /// More of `spec.service`, as YAML lines indented by four spaces (`    timeout: 1s\n`).
+    pub service_extra: String,
 }
 
 impl Default for CanaryFile {
@@ -66,6 +68,7 @@ impl Default for CanaryFile {
             success_rate_min: Some(99),
             duration_max_ms: Some(500),
             analysis_extra: String::new(),
+            service_extra: String::new(),
         }
     }
 }
@@ -100,7 +103,7 @@ spec:
   service:
     port: 80
     targetPort: 8080
-  analysis:
+{service_extra}  analysis:
     interval: {interval}
     threshold: {threshold}
     maxWeight: {max_weight}
@@ -114,6 +117,7 @@ spec:
             step_weight = self.step_weight,
             min_samples = self.min_sample_count,
             extra = self.analysis_extra,
+            service_extra = self.service_extra,
         )
     }
 }

@@ -4,6 +4,7 @@
 //! machine needs nothing but the Rust toolchain and the two commands in the README.
 
 mod bench;
+mod fuzz;
 mod setup;
 mod steps;
 
@@ -29,9 +30,12 @@ commands:
   demo [args]    setup, build, then run `weir demo [args]`: the local demo
   bench <name>   setup (with wrk), release builds, then the benchmark binary `bench-<name>`
                  of the weir-e2e crate; `cargo xtask bench` lists them
+  fuzz [--seconds N] [report|canary]...
+                 each fuzz target of fuzz/ for N seconds (default 120): cargo-fuzz, installed
+                 when missing (stable: RUSTC_BOOTSTRAP=1, no sanitizer); never part of `test`
   help           this text
 
-The commands set WEIR_ENVOY, WEIR_WASM, WEIR_MIRROR, WEIR_BIN and WEIR_PROMETHEUS (absolute
+The commands set WEIR_ENVOY, WEIR_WASM, WEIR_MIRROR, WEIR_BIN, WEIR_PROMETHEUS and WEIR_TMUX (absolute
 paths) for what they run; setting WEIR_ENVOY or WEIR_PROMETHEUS yourself picks that binary.
 ";
 
@@ -76,6 +80,7 @@ fn run() -> Result<()> {
         Some("test") => test(&ws, &rest),
         Some("demo") => demo(&ws, &rest),
         Some("bench") => bench::run(&ws, &rest),
+        Some("fuzz") => fuzz::run(&ws, &rest),
         Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
     }
 }
@@ -150,6 +155,7 @@ impl Workspace {
             ("WEIR_MIRROR", self.bin(profile_dir, "mirror")),
             ("WEIR_BIN", self.bin(profile_dir, "weir")),
             ("WEIR_PROMETHEUS", tools.prometheus.clone()),
+            ("WEIR_TMUX", tools.tmux.clone()),
         ];
         if let Some(wrk) = &tools.wrk {
             env.push(("WEIR_WRK", wrk.clone()));

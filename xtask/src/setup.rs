@@ -34,6 +34,8 @@ pub struct Tools {
     pub envoy: PathBuf,
     /// A Prometheus server binary (the tests start their own servers on free ports).
     pub prometheus: PathBuf,
+    /// tmux: the `weir watch` test draws it in a real terminal.
+    pub tmux: PathBuf,
     /// wrk, when asked for.
     pub wrk: Option<PathBuf>,
 }
@@ -44,6 +46,7 @@ pub fn ensure(ws: &Workspace, needs: Needs) -> Result<Tools> {
     let mut apt = Apt::default();
     let envoy = ensure_envoy(ws, &mut apt)?;
     let prometheus = ensure_debian_tool(&mut apt, "prometheus", "WEIR_PROMETHEUS", &["--version"])?;
+    let tmux = ensure_debian_tool(&mut apt, "tmux", "WEIR_TMUX", &["-V"])?;
     let wrk = if needs.wrk {
         Some(ensure_debian_tool(&mut apt, "wrk", "WEIR_WRK", &["-v"])?)
     } else {
@@ -68,6 +71,7 @@ pub fn ensure(ws: &Workspace, needs: Needs) -> Result<Tools> {
     Ok(Tools {
         envoy,
         prometheus,
+        tmux,
         wrk,
     })
 }

@@ -4,6 +4,9 @@ use crate::spec::{AlertSeverity, CanaryStatus, MetricCheck, Phase, Webhook, Weig
 use serde::{Deserialize, Serialize};
 
 /// The result of calling [`step`](super::step).
+// A step's status is the big variant: it is returned once per step and moved straight on, never
+// stored in bulk, so boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The step needs inputs it does not have yet: gather them into the observations and call

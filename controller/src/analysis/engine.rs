@@ -6,10 +6,10 @@ use super::check::{evaluate, CheckResult, Verdict};
 use super::effect::{
     Alert, Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall,
 };
-use super::observe::{Observations, Readiness, WebhookResult};
+use super::observe::{Observations, OperatorRequest, Readiness, Verb, WebhookResult};
 use crate::spec::{
-    format_go_duration, AlertSeverity, CanaryPlan, CanaryStatus, Condition, Decision, HookKind,
-    MetricCheck, Phase, Strategy, Timestamp, Webhook, Weight,
+    format_go_duration, AlertSeverity, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, MetricCheck,
+    Pause, PauseCause, Phase, Strategy, Timestamp, Webhook, Weight,
 };
 use std::time::Duration;
 
@@ -85,6 +85,70 @@ pub fn canary_runs(status: &CanaryStatus) -> bool {
         ) => true,
         Some(Phase::Failed) => status.canary_weight > Weight::ZERO,
         _ => false,
+    }
+}
+
+/// What an operator request would do to a canary in this status. The engine acts on it only
+/// when it says [`RequestFit::Acts`]; the CLI asks the same question before it sends a
+/// request, so both say the same thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestFit {
+    /// The request changes the rollout.
+    Acts,
+    /// The canary is already where the request would take it: nothing to do (a request sent
+    /// twice does what it did once).
+    Already(String),
+    /// The request makes no sense in this phase; why, and what to do instead.
+    Refused(String),
+}
+
+/// Whether `verb` makes sense for a canary in `status`.
+pub fn request_fit(status: &CanaryStatus, verb: Verb) -> RequestFit {
+    let analysing = matches!(
+        status.phase,
+        Some(Phase::Progressing | Phase::WaitingPromotion)
+    );
+    let state = match status.phase {
+        None => "not initialized yet".to_owned(),
+        Some(p @ (Phase::Progressing | Phase::WaitingPromotion | Phase::Promoting)) => {
+            format!("{p} at canary weight {}", status.canary_weight)
+        }
+        Some(p) => p.to_string(),
+    };
+    let promoting = matches!(status.phase, Some(Phase::Promoting | Phase::Finalising));
+    let hint = match status.phase {
+        Some(Phase::Failed) => "; weir retry analyses the failed version again",
+        Some(Phase::Waiting) => {
+            "; it waits for its confirm-rollout gate, which starts the analysis once it opens"
+        }
+        _ => "",
+    };
+    match verb {
+        _ if analysing => match (verb, status.is_paused()) {
+            (Verb::Pause, true) => RequestFit::Already(format!("it is already paused ({state})")),
+            (Verb::Resume, false) => RequestFit::Already(format!("it is not paused ({state})")),
+            _ => RequestFit::Acts,
+        },
+        Verb::Promote if promoting || status.phase == Some(Phase::Succeeded) => {
+            RequestFit::Already(format!("it is already promoted or being promoted ({state})"))
+        }
+        Verb::Abort if status.phase == Some(Phase::Failed) => {
+            RequestFit::Already("it is already rolled back (Failed)".to_owned())
+        }
+        Verb::Abort if promoting => RequestFit::Refused(format!(
+            "its promotion is under way ({state}): the primary already runs the new revision, so there is nothing to roll back to; set the target back to the old version to roll back"
+        )),
+        Verb::Promote | Verb::Abort | Verb::Pause | Verb::Resume => {
+            let what = match verb {
+                Verb::Promote => "promoted",
+                Verb::Abort => "aborted",
+                Verb::Pause => "paused",
+                Verb::Resume => "resumed",
+            };
+            RequestFit::Refused(format!(
+                "only a canary under analysis (Progressing or WaitingPromotion) can be {what}, this one is {state}{hint}"
+            ))
+        }
     }
 }
 
@@ -223,6 +287,9 @@ impl<'a> Run<'a> {
             Some(Phase::Terminating) => return self.finish_termination(),
             _ => {}
         }
+        if let Some(flow) = self.take_operator_request() {
+            return flow;
+        }
         if self.plan.suspend {
             // Flagger says so at every run; nothing else changes, and no decision is recorded
             // (the history keeps the rollout's real decisions).
@@ -252,6 +319,100 @@ impl<'a> Run<'a> {
             ) => self.advance(),
             Some(Phase::Terminating | Phase::Terminated) => Ok(()),
         }
+    }
+
+    /// Consumes a new operator request: `Some` when it decided the step, `None` when the step
+    /// goes on as if there was none (no new request, or one ignored with an event).
+    fn take_operator_request(&mut self) -> Option<Flow> {
+        let request: &'a OperatorRequest = self.obs.request.as_ref()?;
+        if self.old.last_request.as_ref() == Some(&request.token) {
+            return None;
+        }
+        self.s.last_request = Some(request.token.clone());
+        let (verb, by, id) = (request.verb, request.by.as_str(), self.id());
+        let fit = if self.plan.suspend {
+            RequestFit::Refused(
+                "the Canary is suspended (spec.suspend: true), so nothing acts on it; set suspend to false first".to_owned(),
+            )
+        } else {
+            request_fit(self.old, verb)
+        };
+        match fit {
+            RequestFit::Already(why) => {
+                self.info(
+                    "Request",
+                    format!("{verb} of {id} requested by {by}: {why}, nothing to do"),
+                );
+                return None;
+            }
+            RequestFit::Refused(why) => {
+                self.warn(
+                    "RequestRefused",
+                    format!("Ignoring {verb} request by {by} for {id}: {why}"),
+                );
+                return None;
+            }
+            RequestFit::Acts => {}
+        }
+        let weight = self.old.canary_weight;
+        Some(match verb {
+            Verb::Promote => {
+                self.ticked = true;
+                self.info(
+                    "Promote",
+                    format!("Promotion of {id} requested by {by}: skipping the rest of the analysis at canary weight {weight}"),
+                );
+                self.promote_now()
+            }
+            Verb::Abort => {
+                self.ticked = true;
+                self.warn(
+                    "Rollback",
+                    format!("Rolling back {id}: abort requested by {by} at canary weight {weight}"),
+                );
+                self.rollback()
+            }
+            // Neither moves the analysis' clock: a step due now still runs at once.
+            Verb::Pause => {
+                self.s.paused = Some(Pause {
+                    since: self.now,
+                    cause: PauseCause::Requested,
+                    by: by.to_owned(),
+                });
+                self.info(
+                    "Paused",
+                    format!("Paused {id} at canary weight {weight} as requested by {by}: the weight holds and the checks go on; weir resume continues, weir promote or weir abort decides"),
+                );
+                Ok(())
+            }
+            Verb::Resume => {
+                self.s.paused = None;
+                self.s.consecutive_inconclusive = 0;
+                self.info(
+                    "Resumed",
+                    format!("Resumed {id} at canary weight {weight} as requested by {by}"),
+                );
+                Ok(())
+            }
+        })
+    }
+
+    /// A paused analysis at a step that would move on: say so, with the numbers, and hold.
+    fn hold(&mut self) -> Flow {
+        let Some(pause) = &self.old.paused else {
+            return Ok(());
+        };
+        let why = match pause.cause {
+            PauseCause::Requested => format!("by {}", pause.by),
+            PauseCause::InconclusiveLimit => "by inconclusiveLimit".to_owned(),
+        };
+        let message = self.with_numbers(format!(
+            "{} is paused at canary weight {} ({why}): holding; weir resume continues, weir promote or weir abort decides",
+            self.id(),
+            self.s.canary_weight
+        ));
+        self.info("Paused", message);
+        Ok(())
     }
 
     /// Consumes a new retry token; true when it retries a Failed canary.
@@ -511,6 +672,8 @@ impl<'a> Run<'a> {
         self.s.failed_checks = 0;
         self.s.iterations = 0;
         self.s.inconclusive_checks = 0;
+        self.s.consecutive_inconclusive = 0;
+        self.s.paused = None;
         self.s.not_ready_since = Some(self.now);
         self.s.primary_not_ready_since = None;
         // Nothing the canary served before counts for this analysis.
@@ -624,7 +787,13 @@ impl<'a> Run<'a> {
             return self.rollback();
         }
 
-        if self.old.canary_weight == Weight::ZERO && self.old.iterations == 0 {
+        let paused = self.old.is_paused();
+        let starting = self.old.canary_weight == Weight::ZERO && self.old.iterations == 0;
+        if paused && starting {
+            // Paused before the first step: nothing started, so nothing to measure yet.
+            return self.hold();
+        }
+        if starting {
             self.info(
                 "Start",
                 format!("Starting canary analysis for {}", self.target_id()),
@@ -651,6 +820,9 @@ impl<'a> Run<'a> {
             return Ok(());
         }
 
+        if paused {
+            return self.hold();
+        }
         self.run_strategy(phase)
     }
 
@@ -718,6 +890,10 @@ impl<'a> Run<'a> {
             self.warn("Halt", message);
         }
         let any = |v: Verdict| self.checks.iter().any(|c| c.verdict == v);
+        if any(Verdict::Fail) || !any(Verdict::Inconclusive) {
+            // Any other outcome ends a run of Inconclusive steps.
+            self.s.consecutive_inconclusive = 0;
+        }
         if any(Verdict::Fail) {
             self.count_failure()?;
             return Ok(false);
@@ -738,9 +914,45 @@ impl<'a> Run<'a> {
             if self.plan.analysis.inconclusive_counts_as_failure && !filling {
                 self.count_failure()?;
             }
+            if !filling {
+                self.s.consecutive_inconclusive += 1;
+                self.pause_at_inconclusive_limit();
+            }
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// Pauses for an operator's decision once `inconclusiveLimit` steps in a row were
+    /// Inconclusive (Argo Rollouts' `inconclusiveLimit`): more of the same would only hold the
+    /// weight forever.
+    fn pause_at_inconclusive_limit(&mut self) {
+        let Some(limit) = self.plan.analysis.inconclusive_limit else {
+            return;
+        };
+        let still_analysing = matches!(
+            self.s.phase,
+            Some(Phase::Progressing | Phase::WaitingPromotion)
+        );
+        if !still_analysing
+            || self.s.paused.is_some()
+            || self.s.consecutive_inconclusive < limit.get()
+        {
+            return;
+        }
+        self.s.paused = Some(Pause {
+            since: self.now,
+            cause: PauseCause::InconclusiveLimit,
+            by: "inconclusiveLimit".to_owned(),
+        });
+        let message = format!(
+            "{} needs a decision: weir promote / weir abort ({} inconclusive analysis steps in a row reached inconclusiveLimit {}; paused at canary weight {}, the checks go on)",
+            self.id(),
+            self.s.consecutive_inconclusive,
+            limit,
+            self.s.canary_weight
+        );
+        self.warn("Paused", message);
     }
 
     /// A failed check; rolls back at once when it reaches the threshold.
@@ -774,6 +986,7 @@ impl<'a> Run<'a> {
         self.s.phase = Some(Phase::Failed);
         self.s.canary_weight = Weight::ZERO;
         self.s.iterations = 0;
+        self.s.paused = None;
         self.s.not_ready_since = None;
         self.s.primary_not_ready_since = None;
         self.post_rollout(Phase::Failed);
@@ -1053,6 +1266,13 @@ impl<'a> Run<'a> {
         if !self.confirm_promotion()? {
             return Ok(());
         }
+        self.promote_now()
+    }
+
+    /// Copies the analysed template to the primary, gates passed or skipped (`weir promote`).
+    fn promote_now(&mut self) -> Flow {
+        self.s.paused = None;
+        self.s.consecutive_inconclusive = 0;
         let message = self.with_numbers(self.copying_message());
         self.info("Promote", message);
         self.effects.push(Effect::PromotePrimary {
@@ -1120,6 +1340,9 @@ impl<'a> Run<'a> {
         if let (true, Some(phase)) = (s.phase != old.phase, s.phase) {
             set_promoted_condition(s, phase, &self.plan.target.kind, now);
         }
+        if s.paused != old.paused {
+            set_paused_condition(s, now);
+        }
         let events: Vec<Event> = self
             .effects
             .iter()
@@ -1145,6 +1368,41 @@ impl<'a> Run<'a> {
             effects: self.effects,
         }
     }
+}
+
+/// The status condition that says an analysis is paused, and what it waits for.
+pub const PAUSED_CONDITION: &str = "Paused";
+
+/// Weir's `Paused` condition: present while the analysis is paused, with what to do.
+fn set_paused_condition(s: &mut CanaryStatus, now: Timestamp) {
+    s.conditions.retain(|c| c.kind != PAUSED_CONDITION);
+    let Some(pause) = &s.paused else {
+        return;
+    };
+    let (reason, message) = match pause.cause {
+        PauseCause::InconclusiveLimit => (
+            "InconclusiveLimit",
+            format!(
+                "needs a decision: weir promote / weir abort ({} inconclusive analysis steps in a row)",
+                s.consecutive_inconclusive
+            ),
+        ),
+        PauseCause::Requested => (
+            "Requested",
+            format!(
+                "paused by {}: weir resume continues, weir promote or weir abort decides",
+                pause.by
+            ),
+        ),
+    };
+    s.conditions.push(Condition {
+        kind: PAUSED_CONDITION.into(),
+        status: "True".into(),
+        last_update_time: Some(now),
+        last_transition_time: Some(pause.since),
+        reason: reason.into(),
+        message,
+    });
 }
 
 /// Flagger's `Promoted` condition for a phase (`MakeStatusConditions`).

@@ -41,6 +41,12 @@
 //!   `weir.dev/retry` annotation ([`Canary::retry_token`](crate::spec::Canary::retry_token)) or a
 //!   CLI nonce. A Failed canary is retried once per new token; a token seen in another phase is
 //!   recorded and ignored (with an event).
+//! - **Operator requests.** Pass the current request in `Observations::request` on every call
+//!   (`weir.dev/request` annotation, or the state folder's `request` file). Each new token is
+//!   handled at once, whatever the interval: promote and abort decide the step, pause and
+//!   resume only set or clear [`CanaryStatus::paused`](crate::spec::CanaryStatus::paused) and
+//!   let a due step run. A request that makes no sense in the phase ([`request_fit`]) is
+//!   recorded and ignored with an event, as is one that changes nothing.
 //! - **Deletion.** Set `Observations::deleting`; the canary goes Terminating at once, and
 //!   Terminated in the same step without `revertOnDeletion`; with it, on the first later call
 //!   that sees the restored target ready (not only once per interval). Drop it once Terminated.
@@ -110,10 +116,34 @@
 //!   analysis, such a revert starts nothing, as in Flagger, and Weir says so in an event.
 //! - A retry of a Failed canary without changing it (`weir.dev/retry`, `weir retry`) is Weir's
 //!   own.
+//! - Operator verbs are Weir's own (Argo Rollouts' `promote`, `abort`, `pause`, `resume`):
+//!   Flagger has none; it offers `spec.suspend` and gates (confirm-promotion, rollback hooks,
+//!   the load tester's `/gate/*`). `weir promote` skips the rest of the analysis and the
+//!   confirm-promotion gate (the operator is the gate) and promotes from the current weight;
+//!   `weir abort` rolls back at once; both are refused during Promoting and Finalising.
+//!   `weir pause` differs from `spec.suspend`, which Weir keeps as Flagger's (nothing runs):
+//!   a paused analysis holds its weight but goes on measuring at every interval, so failed
+//!   checks still count and still roll back at the threshold, and the readiness deadline
+//!   still applies. Requests to a suspended Canary are ignored with an event.
+//! - `inconclusiveLimit` (Argo Rollouts', counted in steps in a row; default 10, 0 for none):
+//!   after that many Inconclusive steps in a row the canary pauses with a `Paused` condition
+//!   (`needs a decision: weir promote / weir abort`) instead of halting for ever; with Flagger
+//!   the same canary would count "no values found" as failures and roll back. Steps whose
+//!   window was still filling do not count.
 //! - A Canary whose primary already runs when it is first seen (deleted without
 //!   `revertOnDeletion` and applied again) keeps that primary, and a target that differs is
 //!   analysed as a new revision (`Observations::primary_revision`); Flagger copies the target
 //!   to the primary at initialization, unanalysed.
+//!
+//! Autoscalers (`autoscalerRef`, `platform/kubernetes/autoscalers.rs`):
+//! - The primary's copy follows an edit of the original on the next reconcile (within an
+//!   analysis interval); Flagger updates it only while promoting.
+//! - A target scaled up from zero gets the replicas it had when Weir scaled it down (Flagger:
+//!   the autoscaler's `minReplicas`, at least 1); its autoscaler takes over from there in both.
+//! - A ScaledObject's whole spec is copied (Flagger copies the fields its vendored KEDA types
+//!   know, dropping newer ones such as `initialCooldownPeriod` or `scalingModifiers`).
+//! - Deleted without `revertOnDeletion`, the copy stays with the primary it scales, which Weir
+//!   keeps serving (see Revisions above); Flagger's garbage collection deletes both.
 //!
 //! Status and events:
 //! - `failedChecks` keeps its value in Failed (Flagger resets it), and the status weight is the
@@ -123,7 +153,10 @@
 //! - Event messages of decisions that used metrics end with the numbers, in parentheses.
 //! - Event reasons name the decision (`Advance`, `Halt`, `Rollback`, `Promote`, ...); Flagger
 //!   writes `Synced` for every event. Severities are Flagger's.
-//! - Events Flagger does not have: `New Deployment detected, starting initialization of ...`,
+//! - Events Flagger does not have: the operator requests' (`Promotion of ... requested by
+//!   ...`, `Rolling back ...: abort requested by ...`, `Paused ...`, `Resumed ...`, `Ignoring
+//!   <verb> request by ...`, and `... needs a decision: weir promote / weir abort`),
+//!   `New Deployment detected, starting initialization of ...`,
 //!   `New revision of ... detected while initializing, updating ...`, the retry events
 //!   (`Retrying ...`, `Ignoring retry request ...`), the manual-rollback note, and `: traffic is
 //!   back on <target>` after `Terminated canary ...` with `revertOnDeletion`.
@@ -140,8 +173,22 @@
 //!   (an alert with up to 3 attempts), where Flagger sends them inline during the step.
 //! - Webhooks: any 2xx passes (Flagger: a status above 202 fails); `retries` repeat at once
 //!   (Flagger's retryablehttp waits between tries and does not retry a 4xx).
-//! - Spec fields Weir parses but does not implement (mirroring, session affinity, ...) are named
-//!   in a warning when the Canary is loaded, rather than listed here.
+//! - Spec fields Weir parses but does not implement (for instance autoscaler fields it cannot honour) are named in a warning when the
+//!   Canary is loaded, rather than listed here.
+//!
+//! Session affinity and mirroring:
+//! - `sessionAffinity` is done by the filters: requests a cookie keeps on the canary are counted
+//!   under the canary, as any other, so the analysis sees exactly the traffic the canary served.
+//!   The cookie values are derived from the canary's secret routing value and the revision under
+//!   analysis (Flagger keeps random ones in the status), so a controller restart keeps every
+//!   session and each new revision starts with new cookies. The primary cookie gets a new value
+//!   at each step and lives one analysis interval, as in Flagger.
+//! - It applies to progressive traffic shifting only (a warning says so for iterations), as
+//!   Flagger, which sets the cookies only while the canary has a weight.
+//! - `analysis.mirror` is refused when the Canary is loaded: a mirrored request's answer never
+//!   reaches the caller's filter, so the analysis would promote on numbers without the mirrored
+//!   traffic. (Measuring it would need the filter on the canary's inbound side or the
+//!   Prometheus fallback forced for that canary; neither is built.)
 
 mod check;
 mod effect;
@@ -150,8 +197,10 @@ mod observe;
 
 pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict, PROMETHEUS_SOURCE};
 pub use effect::{Alert, Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
-pub use engine::{canary_runs, desired_route, next_step_at, step};
-pub use observe::{Observations, Readiness, WebhookResult};
+pub use engine::{
+    canary_runs, desired_route, next_step_at, request_fit, step, RequestFit, PAUSED_CONDITION,
+};
+pub use observe::{Observations, OperatorRequest, Readiness, Verb, WebhookResult};
 
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,11 @@ pub struct Observations {
     /// `weir.dev/retry` annotation, or a CLI-generated nonce). A Failed canary is retried once per
     /// distinct token; the last token seen is stored in the status.
     pub retry: Option<String>,
+    /// The current operator request, if any (`weir promote`, `abort`, `pause`, `resume`): the
+    /// `weir.dev/request` annotation in Kubernetes, the state folder's `request` file locally.
+    /// Each distinct token is handled once, at the first call that sees it (not only once per
+    /// interval); the last token seen is stored in the status.
+    pub request: Option<OperatorRequest>,
     /// The Canary is being deleted.
     pub deleting: bool,
     /// Before the first step only: the revision the primary workload already runs, if it
@@ -66,4 +71,85 @@ pub enum WebhookResult {
     Passed,
     /// The hook answered otherwise or could not be reached; the reason goes into the message.
     Failed(String),
+}
+
+/// What an operator can ask of a running analysis. Retry has its own token
+/// ([`Observations::retry`]), as it did before these verbs existed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    /// Skip the rest of the analysis and promote now.
+    Promote,
+    /// Roll back now.
+    Abort,
+    /// Hold the weight; keep measuring.
+    Pause,
+    /// Continue a paused analysis.
+    Resume,
+}
+
+impl Verb {
+    /// Every verb.
+    pub const ALL: [Verb; 4] = [Verb::Promote, Verb::Abort, Verb::Pause, Verb::Resume];
+
+    /// The CLI's spelling, like `promote`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Promote => "promote",
+            Verb::Abort => "abort",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+        }
+    }
+
+    /// Parses the CLI's spelling.
+    pub fn parse(text: &str) -> Option<Verb> {
+        Verb::ALL.into_iter().find(|v| v.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Verb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One operator request: what, who asked, and a token that makes it distinct.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorRequest {
+    /// What is asked.
+    pub verb: Verb,
+    /// Unique per request (the CLI writes the time in nanoseconds); the same token is never
+    /// handled twice.
+    pub token: String,
+    /// Who asked: the CLI's user in local mode, the annotation's field manager in Kubernetes.
+    pub by: String,
+}
+
+impl OperatorRequest {
+    /// The request as an annotation value: `<verb> <token>`, e.g. `promote 1765000000000000000`.
+    pub fn annotation_value(&self) -> String {
+        format!("{} {}", self.verb, self.token)
+    }
+
+    /// Reads an annotation value written by [`OperatorRequest::annotation_value`] (or by hand:
+    /// `kubectl annotate canary/podinfo weir.dev/request="abort $(date +%s)"`).
+    pub fn parse_annotation(value: &str, by: &str) -> Result<OperatorRequest, String> {
+        let mut words = value.split_whitespace();
+        let (Some(verb), Some(token), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!(
+                "`{value}` is not a request: write `<verb> <token>`, e.g. `promote 1`, with a new token each time"
+            ));
+        };
+        let verb = Verb::parse(verb).ok_or_else(|| {
+            format!(
+                "`{verb}` is not a request verb: use one of {}",
+                Verb::ALL.map(Verb::as_str).join(", ")
+            )
+        })?;
+        Ok(OperatorRequest {
+            verb,
+            token: token.to_owned(),
+            by: by.to_owned(),
+        })
+    }
 }

@@ -57,11 +57,17 @@ pub enum RejectReason {
     TooManyReporters,
     /// A stream that sent no report within the hello timeout. Ends the stream.
     SilentStream,
+    /// A message refused on the wire, before decoding: more stats entries than weir.v1 allows,
+    /// or bytes that are not a Report. Ends the stream with `INVALID_ARGUMENT`.
+    Malformed,
+    /// The server's budget for reports in transit (all streams together) was spent. Ends the
+    /// stream with `RESOURCE_EXHAUSTED`; the reporter resends later.
+    BufferFull,
 }
 
 impl RejectReason {
     /// Every reason, in a stable order (for metrics).
-    pub const ALL: [RejectReason; 20] = [
+    pub const ALL: [RejectReason; 22] = [
         RejectReason::MissingReporter,
         RejectReason::IdentityChanged,
         RejectReason::StaleEpoch,
@@ -82,6 +88,8 @@ impl RejectReason {
         RejectReason::BadNodeId,
         RejectReason::TooManyReporters,
         RejectReason::SilentStream,
+        RejectReason::Malformed,
+        RejectReason::BufferFull,
     ];
 
     /// A snake_case name, for metric labels and logs.
@@ -107,6 +115,8 @@ impl RejectReason {
             RejectReason::BadNodeId => "bad_node_id",
             RejectReason::TooManyReporters => "too_many_reporters",
             RejectReason::SilentStream => "silent_stream",
+            RejectReason::Malformed => "malformed",
+            RejectReason::BufferFull => "buffer_full",
         }
     }
 
@@ -125,6 +135,8 @@ impl RejectReason {
                 | RejectReason::BadNodeId
                 | RejectReason::TooManyReporters
                 | RejectReason::SilentStream
+                | RejectReason::Malformed
+                | RejectReason::BufferFull
         )
     }
 
@@ -136,7 +148,7 @@ impl RejectReason {
             RejectReason::Oversized => Code::OutOfRange,
             RejectReason::Unauthenticated => Code::Unauthenticated,
             RejectReason::ClaimMismatch => Code::PermissionDenied,
-            RejectReason::TooManyReporters => Code::ResourceExhausted,
+            RejectReason::TooManyReporters | RejectReason::BufferFull => Code::ResourceExhausted,
             RejectReason::SilentStream => Code::DeadlineExceeded,
             _ => Code::InvalidArgument,
         }

@@ -35,6 +35,7 @@
 //! reconnect does fix (a gap), end the stream.
 
 mod accounting;
+mod budget;
 mod counters;
 mod directives;
 pub mod identity;
@@ -74,13 +75,21 @@ pub struct IngestConfig {
     /// Largest report message accepted. Default 1 MiB: a report of the most entries weir.v1
     /// allows, each with a realistic histogram (about 700 bytes), fits.
     pub max_message_bytes: usize,
+    /// Bytes of reports in transit (received but not yet decoded), across every stream together:
+    /// each stream holds the size of the largest message it has sent until it ends (see
+    /// `ingest::budget`). A stream that would go past it is ended with `RESOURCE_EXHAUSTED`.
+    /// Default 64 MiB: every connection's 4 KiB reports many times over, or 64 reports at the
+    /// message limit.
+    pub max_buffered_bytes: usize,
     /// Most stats entries (canary, version pairs) in one report. Default (and at most) 1024,
     /// checked on the encoded bytes before anything is decoded (weir_proto::codec).
     pub max_entries_per_report: usize,
     /// How reporters connect: TLS with verified client certificates, or plaintext on loopback.
     /// Default: plaintext on loopback.
     pub transport: Transport,
-    /// Connections open at once. Default 16384.
+    /// Connections open at once. Default 1024: with the other defaults, what the controller's
+    /// Deployment (2 GiB) holds in the worst case (docs/security.md, "Worst-case memory"); an
+    /// Envoy holds one.
     pub max_connections: usize,
     /// Concurrent streams on one connection (an Envoy opens one; two while its stream changes
     /// owner). Default 4.
@@ -95,9 +104,10 @@ pub struct IngestConfig {
     pub hello_timeout: Duration,
     /// Longest node id accepted. Default 512 bytes (Istio's are under 200).
     pub max_node_id_bytes: usize,
-    /// Envoys tracked in the ledger, in all. Default 100,000.
+    /// Envoys tracked in the ledger, in all. Default 20,000 (Envoys come and go: one not heard
+    /// from for [`IngestConfig::forget_reporter_after`] is forgotten).
     pub max_reporters: usize,
-    /// Envoys tracked for one identity (one service account). Default 25,000.
+    /// Envoys tracked for one identity (one service account). Default 5,000.
     pub max_reporters_per_identity: usize,
     /// Requests one Envoy can serve per second, at most: a report claiming more than this rate
     /// since the Envoy's previous report is implausible and dropped. Default 1,000,000 (ten
@@ -128,16 +138,17 @@ impl Default for IngestConfig {
             retention: Duration::from_secs(15 * 60),
             retired_canary_grace: Duration::from_secs(60),
             max_message_bytes: 1024 * 1024,
+            max_buffered_bytes: 64 * 1024 * 1024,
             max_entries_per_report: weir_proto::codec::MAX_STATS_PER_REPORT,
             transport: Transport::PlaintextLoopback,
-            max_connections: 16_384,
+            max_connections: 1_024,
             max_streams_per_connection: 4,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(150),
             hello_timeout: Duration::from_secs(30),
             max_node_id_bytes: 512,
-            max_reporters: 100_000,
-            max_reporters_per_identity: 25_000,
+            max_reporters: 20_000,
+            max_reporters_per_identity: 5_000,
             max_requests_per_second: 1_000_000,
             reporter_policy: ReporterPolicy::default(),
             keepalive: Duration::from_secs(3),
@@ -253,6 +264,8 @@ impl Ingest {
             Some("max_entries_per_report must be at least 1")
         } else if config.max_message_bytes < 1024 {
             Some("max_message_bytes must be at least 1024")
+        } else if config.max_buffered_bytes < config.max_message_bytes + 5 {
+            Some("max_buffered_bytes must hold at least one message at max_message_bytes")
         } else if config.max_entries_per_report > weir_proto::codec::MAX_STATS_PER_REPORT {
             Some("max_entries_per_report must be at most weir.v1's 1024")
         } else if config.max_connections == 0 || config.max_streams_per_connection == 0 {

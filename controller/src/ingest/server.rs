@@ -15,6 +15,7 @@ use weir_proto::v1::controller_message::Kind;
 use weir_proto::v1::telemetry_server::{Telemetry, TelemetryServer};
 use weir_proto::v1::{ControllerMessage, Directive, Report};
 
+use super::budget::{self, Budget, Budgeted};
 use super::counters::{RejectReason, Rejection};
 use super::identity::PeerIdentity;
 use super::transport::{self, Limits, PeerInfo};
@@ -23,6 +24,22 @@ use super::{Ingest, IngestError};
 /// Messages buffered towards one Envoy. Small on purpose: a reporter that stops reading stalls
 /// only its own stream (back-pressure), never the controller.
 const OUTBOUND_BUFFER: usize = 16;
+
+/// HTTP/2 flow-control windows the server grants: how much a client may send that no stream
+/// has read yet, per connection and per stream. These bound what a connection makes the
+/// HTTP/2 layer buffer while its stream task waits (a client that does not read its acks); a
+/// real report (a few KiB) fits in one stream window, and a larger one just takes a few window
+/// updates. hyper's defaults are 1 MiB each.
+pub(crate) const CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
+/// See [`CONNECTION_WINDOW_BYTES`].
+pub(crate) const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+
+/// The server pings every connection this often, and closes one that does not answer within
+/// [`PING_TIMEOUT`]: a client that stops reading its socket stops answering, so what the
+/// server buffers towards it is released within these two.
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(30);
+/// See [`PING_EVERY`].
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often [`Ingest::serve`] expires old buckets and idle Envoys.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -87,7 +104,10 @@ impl Ingest {
         )
         .map_err(|e| IngestError::Config(e.to_string()))?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let service = self.service_with_stop(Some(stop_rx.clone()));
+        let service = Budgeted::new(
+            self.service_with_stop(Some(stop_rx.clone())),
+            Budget::new(config.max_buffered_bytes),
+        );
         let streams = config.max_streams_per_connection;
 
         let sweeper = {
@@ -110,6 +130,10 @@ impl Ingest {
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .max_concurrent_streams(streams)
+                .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+                .initial_stream_window_size(STREAM_WINDOW_BYTES)
+                .http2_keepalive_interval(Some(PING_EVERY))
+                .http2_keepalive_timeout(Some(PING_TIMEOUT))
                 .add_service(service)
                 .serve_with_incoming_shutdown(incoming, signal)
                 .await;
@@ -321,6 +345,25 @@ impl StreamTask {
             counters.reject(&rejection);
             return End::Refuse(rejection.status());
         }
+        // The codec's wire checks (weir_proto::codec) and prost refuse with INVALID_ARGUMENT.
+        let reason = if status.code() == Code::InvalidArgument {
+            Some(RejectReason::Malformed)
+        } else if budget::is_buffer_full(&status) {
+            Some(RejectReason::BufferFull)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let rejection = Rejection::new(reason, status.message());
+            counters.reject(&rejection);
+            if counters.should_log(reason, Instant::now()) {
+                tracing::warn!(
+                    node_id = self.node_id(),
+                    "ending a telemetry stream: {rejection} (warnings for this reason are rate-limited)"
+                );
+            }
+            return End::Refuse(rejection.status());
+        }
         // A reset or a broken connection: the reporter reconnects on its own.
         counters.stream_error();
         tracing::debug!(node_id = self.node_id(), %status, "telemetry stream broke");
@@ -331,14 +374,29 @@ impl StreamTask {
         self.session.as_ref().map_or("", |s| &s.node)
     }
 
-    /// Accounts for one report and answers it. The report is consumed (dropped) before anything
-    /// is awaited, so a reporter that stops reading its acknowledgements holds no decoded report
-    /// in the controller.
+    /// Accounts for one report and answers it. The report is consumed by [`Self::account`],
+    /// which is not async: nothing of it can live across the sends, so a reporter that stops
+    /// reading its acknowledgements makes the controller hold no decoded report while it waits.
     async fn on_report(
         &mut self,
         report: Report,
         directives: &mut watch::Receiver<Arc<Directive>>,
     ) -> Result<(), End> {
+        let answer = self.account(report)?;
+        if answer.first {
+            // The directive goes first, so the reporter routes by it before anything else.
+            let directive = directives.borrow_and_update().clone();
+            self.send(directive_message(&directive)).await?;
+        }
+        // Dropped reports (already logged and counted) are acked too: that releases them.
+        self.send(ControllerMessage {
+            kind: Some(Kind::Ack(answer.ack)),
+        })
+        .await
+    }
+
+    /// The accounting of one report; the report is gone when this returns.
+    fn account(&mut self, report: Report) -> Result<Answer, End> {
         if let Some(session) = &self.session {
             let node_id = report.reporter.as_ref().map_or("", |r| r.node_id.as_str());
             if node_id != session.node_id || report.epoch != session.epoch {
@@ -371,10 +429,12 @@ impl StreamTask {
                 End::Refuse(rejection.status())
             })?;
         let (epoch, applied_generation) = (report.epoch, report.applied_generation);
-        let node_id = report.reporter.map(|r| r.node_id).unwrap_or_default();
         let publisher = self.ingest.publisher();
-        match &self.session {
-            Some(session) => publisher.applied(&session.node, session.stream, applied_generation),
+        let first = match &self.session {
+            Some(session) => {
+                publisher.applied(&session.node, session.stream, applied_generation);
+                false
+            }
             None => {
                 let stream = publisher.connect(ingested.node_id.clone(), applied_generation);
                 self.ingest.counters().stream_opened();
@@ -382,19 +442,23 @@ impl StreamTask {
                 self.session = Some(Session {
                     ingest: self.ingest.clone(),
                     node: ingested.node_id.clone(),
-                    node_id,
+                    node_id: report.reporter.map(|r| r.node_id).unwrap_or_default(),
                     epoch,
                     stream,
                 });
-                // The directive goes first, so the reporter routes by it before anything else.
-                let directive = directives.borrow_and_update().clone();
-                self.send(directive_message(&directive)).await?;
+                true
             }
-        }
-        // Dropped reports (already logged and counted) are acked too: that releases them.
-        self.send(ControllerMessage {
-            kind: Some(Kind::Ack(ingested.ack)),
+        };
+        Ok(Answer {
+            ack: ingested.ack,
+            first,
         })
-        .await
     }
+}
+
+/// What a stream sends back for one report.
+struct Answer {
+    ack: weir_proto::v1::Ack,
+    /// The stream's first report: the directive goes out before the ack.
+    first: bool,
 }

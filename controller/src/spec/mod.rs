@@ -17,8 +17,8 @@
 //!   [`Steps`]). All problems are reported at once, each as `path: rule`, e.g.
 //!   `spec.analysis.stepWeight: must be between 1 and 100, got 150`.
 //! - Warnings, logged once by the caller, list what is accepted without effect: Flagger fields
-//!   not supported yet (mirroring, alerts, autoscalerRef, retries, corsPolicy, ...), deprecated
-//!   fields, settings that do not apply, and **unknown keys**: Weir does not reject keys outside
+//!   not supported yet (alerts, ...), other providers' fields
+//!   (no effect with Istio), deprecated fields, settings that do not apply, and **unknown keys**: Weir does not reject keys outside
 //!   Flagger's schema (a newer Flagger may have them) but warns about each one with its path.
 //!   Conditions that would change *who* gets the canary if ignored (A/B `match` on query
 //!   parameters, say) are errors instead.
@@ -28,6 +28,8 @@
 //!   verdict instead of Pass or Fail.
 //! - `inconclusiveCountsAsFailure` (default false): count Inconclusive steps as failed checks;
 //!   by default they only halt the rollout.
+//! - `inconclusiveLimit` (default 10, 0 for none): after that many Inconclusive steps in a row
+//!   the canary pauses and asks for a decision (`weir promote` / `weir abort`).
 //!
 //! The status ([`CanaryStatus`]) keeps Flagger's field names and adds Weir's bookkeeping; it
 //! round-trips through JSON, with times as RFC 3339 strings ([`Timestamp`]).
@@ -36,6 +38,7 @@ mod alert;
 mod duration;
 mod plan;
 mod resource;
+mod routes;
 mod status;
 mod template;
 mod time;
@@ -48,16 +51,24 @@ pub use alert::{
 };
 pub use duration::{format_go_duration, parse_go_duration, serde_go, DurationError};
 pub use plan::{
-    AnalysisPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup, MetricCheck, MetricKind, PortRef,
-    Range, ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
-    DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup,
+    MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range, ServicePlan,
+    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
+    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
-    Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook,
-    IntOrString, MatchCondition, ObjectMeta, ObjectReference, SessionAffinity, StringMatch,
-    ThresholdRange, Unknown, RETRY_ANNOTATION,
+    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
+    CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta, ObjectReference,
+    ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown, UnmanagedMetadata,
+    REQUEST_ANNOTATION, RETRY_ANNOTATION,
 };
-pub use status::{CanaryStatus, Condition, Decision, Phase, RetryState, DECISION_HISTORY_LEN};
+pub use routes::{
+    CorsPolicy, HeaderOperations, HeaderOps, Retries, Rewrite, RouteMatch, RouteOptions,
+    WrittenDuration,
+};
+pub use status::{
+    CanaryStatus, Condition, Decision, Pause, PauseCause, Phase, RetryState, DECISION_HISTORY_LEN,
+};
 pub use template::{
     LocalObjectReference, MetricTemplate, MetricTemplateProvider, MetricTemplateSpec, ProviderKind,
     ProviderPlan, QueryTemplate, TemplateError, TemplateModel, TemplatePlan, PROMETHEUS_PROVIDER,
@@ -65,8 +76,8 @@ pub use template::{
 pub use time::{Timestamp, TimestampError};
 pub use validate::{
     Compiled, FieldError, Rule, ValidationErrors, Warning, WarningKind, API_VERSION,
-    DEFAULT_INTERVAL, DEFAULT_METRIC_INTERVAL, DEFAULT_PROGRESS_DEADLINE, DEFAULT_WEBHOOK_TIMEOUT,
-    FLAGGER_API_VERSION, PROVIDERS, TARGET_KINDS,
+    AUTOSCALER_KINDS, DEFAULT_INTERVAL, DEFAULT_METRIC_INTERVAL, DEFAULT_PROGRESS_DEADLINE,
+    DEFAULT_WEBHOOK_TIMEOUT, FLAGGER_API_VERSION, PROVIDERS, TARGET_KINDS,
 };
 pub use weight::{Weight, WeightError};
 
@@ -101,6 +112,8 @@ pub fn load_yaml(text: &str) -> Result<Compiled, SpecError> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod workload_tests;
 
 /// The canary's routing-header value before a platform makes it secret (tests, Flagger's own
 /// header routing).

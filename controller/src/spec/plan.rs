@@ -37,6 +37,8 @@ pub struct CanaryPlan {
     pub provider: Option<String>,
     /// Prometheus URL for the fallback metric source.
     pub metrics_server: Option<String>,
+    /// The target's autoscaler, copied for the primary.
+    pub autoscaler: Option<AutoscalerPlan>,
     /// The routing header's value that sends a request to the canary, in the directive (which
     /// the filters set) and in the routes (which match it). Not from the spec: the platform makes
     /// it a per-canary secret (see [`crate::traffic::route_secret`]), so that a client that
@@ -65,6 +67,36 @@ impl CanaryPlan {
         format!("{}-primary", self.target.name)
     }
 
+    /// The settings written that only shape Kubernetes objects (the primary's autoscaler, the
+    /// generated Services and DestinationRules, delegation), by path: local mode, which makes
+    /// none of those objects, says it ignores them.
+    pub fn kubernetes_only_settings(&self) -> Vec<&'static str> {
+        let s = &self.service;
+        let metadata = |m: &ObjectMetadata| !m.labels.is_empty() || !m.annotations.is_empty();
+        [
+            ("spec.autoscalerRef", self.autoscaler.is_some()),
+            ("spec.service.portDiscovery", s.port_discovery),
+            ("spec.service.appProtocol", s.app_protocol.is_some()),
+            (
+                "spec.service.trafficDistribution",
+                s.traffic_distribution.is_some(),
+            ),
+            ("spec.service.headless", s.headless),
+            ("spec.service.trafficPolicy", s.traffic_policy.is_some()),
+            ("spec.service.apex", metadata(&s.apex)),
+            ("spec.service.primary", metadata(&s.primary)),
+            ("spec.service.canary", metadata(&s.canary)),
+            (
+                "spec.service.unmanagedMetadata",
+                !s.unmanaged.labels.is_empty() || !s.unmanaged.annotations.is_empty(),
+            ),
+            ("spec.service.delegation", s.delegation),
+        ]
+        .into_iter()
+        .filter_map(|(path, set)| set.then_some(path))
+        .collect()
+    }
+
     /// The stable key used in directives and reports: `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -80,6 +112,39 @@ pub struct Target {
     pub kind: String,
     /// Name of the workload.
     pub name: String,
+}
+
+/// `spec.autoscalerRef`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoscalerPlan {
+    /// HorizontalPodAutoscaler or ScaledObject.
+    pub kind: AutoscalerKind,
+    /// Name of the target's autoscaler; the primary's is `<name>-primary`.
+    pub name: String,
+    /// `primaryScalerReplicas.minReplicas`: replaces the copy's minimum.
+    pub primary_min_replicas: Option<i32>,
+    /// `primaryScalerReplicas.maxReplicas`: replaces the copy's maximum.
+    pub primary_max_replicas: Option<i32>,
+    /// `primaryScalerQueries` (ScaledObject): trigger name → the primary's query.
+    pub primary_queries: BTreeMap<String, String>,
+}
+
+/// The kinds of autoscaler Weir copies for the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoscalerKind {
+    /// `autoscaling/v2` HorizontalPodAutoscaler.
+    HorizontalPodAutoscaler,
+    /// KEDA `keda.sh/v1alpha1` ScaledObject.
+    ScaledObject,
+}
+
+/// Labels and annotations Weir sets on a generated object.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObjectMetadata {
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A container port by number or name.
@@ -106,6 +171,38 @@ pub struct ServicePlan {
     pub hosts: Vec<String>,
     /// Istio gateways.
     pub gateways: Vec<String>,
+    /// `appProtocol` of the Services' port (never `tcp`).
+    pub app_protocol: Option<String>,
+    /// Add the target's other container ports to the Services.
+    pub port_discovery: bool,
+    /// `trafficDistribution` of the Services.
+    pub traffic_distribution: Option<String>,
+    /// Headless Services (`clusterIP: None`).
+    pub headless: bool,
+    /// Istio `TrafficPolicy` of the `-primary` and `-canary` DestinationRules, as written.
+    pub traffic_policy: Option<serde_json::Value>,
+    /// Metadata of the apex Service and of the VirtualService.
+    pub apex: ObjectMetadata,
+    /// Metadata of the `-primary` Service.
+    pub primary: ObjectMetadata,
+    /// Metadata of the `-canary` Service.
+    pub canary: ObjectMetadata,
+    /// Keys of the Services' labels and annotations that others set (`unmanagedMetadata`).
+    pub unmanaged: ObjectMetadataKeys,
+    /// Write a delegate VirtualService: no hosts, no gateways.
+    pub delegation: bool,
+    /// Route options (`timeout`, `retries`, `headers`, `rewrite`, `corsPolicy`, `match`), for
+    /// the VirtualService and local mode's Envoy alike.
+    pub routes: super::routes::RouteOptions,
+}
+
+/// Label and annotation keys.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObjectMetadataKeys {
+    /// Label keys.
+    pub labels: Vec<String>,
+    /// Annotation keys.
+    pub annotations: Vec<String>,
 }
 
 /// `spec.analysis`, checked, with Flagger's defaults applied.
@@ -129,11 +226,15 @@ pub struct AnalysisPlan {
     pub min_sample_count: u64,
     /// Count Inconclusive checks as failed checks.
     pub inconclusive_counts_as_failure: bool,
+    /// Inconclusive steps in a row after which the canary pauses for an operator's decision;
+    /// `None`: no limit.
+    pub inconclusive_limit: Option<NonZeroU32>,
     /// Percent of primary replicas that must be available (for the platform's readiness).
     pub primary_ready_threshold: Weight,
     /// Percent of canary replicas that must be available (for the platform's readiness).
     pub canary_ready_threshold: Weight,
-    /// Cookie-based session affinity, parsed but not acted on yet.
+    /// Cookie-based session affinity (the filter sets and honours the cookies; without filters,
+    /// the VirtualService does, as Flagger writes it).
     pub session_affinity: Option<SessionAffinityPlan>,
     /// Who besides the canary's namespace and the trusted identities may report its traffic.
     pub reporters: Vec<crate::ingest::identity::ReporterRule>,
@@ -148,6 +249,12 @@ impl AnalysisPlan {
 
 /// Default `analysis.minSampleCount`: fewer requests than this in a window is Inconclusive.
 pub const DEFAULT_MIN_SAMPLE_COUNT: u64 = 20;
+
+/// Default `analysis.inconclusiveLimit`. Ten steps in a row is long enough that a lull in
+/// traffic, or the windows filling after a restart, never pauses a rollout, and short enough
+/// that a canary nobody sends traffic to asks for a decision within ten intervals (10 minutes
+/// at Flagger's default 1m) instead of holding its weight forever.
+pub const DEFAULT_INCONCLUSIVE_LIMIT: u32 = 10;
 
 /// How traffic moves to the canary during analysis.
 #[derive(Debug, Clone, PartialEq)]
@@ -393,6 +500,9 @@ pub struct SessionAffinityPlan {
     pub cookie_name: String,
     /// Cookie lifetime.
     pub max_age: Duration,
+    /// Cookie set on responses from the primary, which keeps a client there for one analysis
+    /// interval (Flagger's `primaryCookieName`).
+    pub primary_cookie_name: Option<String>,
 }
 
 #[cfg(test)]

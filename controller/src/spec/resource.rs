@@ -16,6 +16,11 @@ use std::collections::BTreeMap;
 /// say) for each retry; the same value never triggers twice.
 pub const RETRY_ANNOTATION: &str = "weir.dev/retry";
 
+/// The annotation that carries an operator request (`weir promote`, `abort`, `pause`,
+/// `resume`): `<verb> <token>`, a new token for each request; who asked is the annotation's
+/// field manager.
+pub const REQUEST_ANNOTATION: &str = "weir.dev/request";
+
 /// Keys that are not part of Flagger's Canary schema, kept so validation can warn about each one.
 pub type Unknown = BTreeMap<String, Value>;
 
@@ -96,16 +101,18 @@ pub struct CanarySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "target_ref_schema")]
     pub target_ref: Option<ObjectReference>,
-    /// HPA / ScaledObject reference (not supported yet).
+    /// The target's HorizontalPodAutoscaler or KEDA ScaledObject: Weir gives the primary a
+    /// `-primary` copy of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub autoscaler_ref: Option<Value>,
-    /// NGINX ingress reference (not supported: Weir routes in Envoy).
+    #[schemars(schema_with = "autoscaler_ref_schema")]
+    pub autoscaler_ref: Option<AutoscalerReference>,
+    /// NGINX ingress reference (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_ref: Option<Value>,
-    /// APISIX route reference (not supported: Weir routes in Envoy).
+    /// APISIX route reference (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_ref: Option<Value>,
-    /// Gloo upstream reference (not supported: Weir routes in Envoy).
+    /// Gloo upstream reference (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_ref: Option<Value>,
     /// How the apex/primary/canary services and routes are generated (required).
@@ -158,6 +165,49 @@ pub struct ObjectReference {
     pub unknown: Unknown,
 }
 
+/// `spec.autoscalerRef`: Flagger's `AutoscalerRefernce`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalerReference {
+    /// `autoscaling/v2` (HorizontalPodAutoscaler) or `keda.sh/v1alpha1` (ScaledObject).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// `HorizontalPodAutoscaler` or `ScaledObject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Name of the target's autoscaler, in the Canary's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub name: Option<String>,
+    /// ScaledObject only: trigger name → the query the primary's copy uses instead of the
+    /// target's (by default the target's name in each query becomes `<target>-primary`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub primary_scaler_queries: BTreeMap<String, String>,
+    /// Replica bounds of the primary's copy instead of the target autoscaler's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_scaler_replicas: Option<ScalerReplicas>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// `spec.autoscalerRef.primaryScalerReplicas`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalerReplicas {
+    /// Fewest replicas of the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = i32::MAX))]
+    pub min_replicas: Option<i64>,
+    /// Most replicas of the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = i32::MAX))]
+    pub max_replicas: Option<i64>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
 /// A port given as a number or as a name (Kubernetes `IntOrString`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -197,28 +247,30 @@ pub struct CanaryService {
     /// Container port, by number or name (default: `port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<IntOrString>,
-    /// Add every container port to the generated services (not supported yet).
+    /// Add the target's other container ports to the generated services (Flagger's rules:
+    /// sidecars and the service's own target port left out).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub port_discovery: bool,
-    /// Application protocol of the port (not supported yet).
+    /// Application protocol of the service port (`appProtocol` on the generated Services);
+    /// `tcp` is refused: the filter sees HTTP only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_protocol: Option<Value>,
-    /// Kubernetes traffic distribution (not supported yet).
+    pub app_protocol: Option<String>,
+    /// `trafficDistribution` of the generated Services (Kubernetes 1.31+, e.g. `PreferClose`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traffic_distribution: Option<Value>,
-    /// Generate headless services (not supported yet).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headless: Option<Value>,
-    /// Request timeout on the generated route (not supported yet).
+    pub traffic_distribution: Option<String>,
+    /// Generate headless Services (`clusterIP: None`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
+    /// Request timeout on the generated routes (Istio's `timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Value>,
-    /// Gateway API backend timeout (not supported).
+    /// Gateway API backend timeout (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_timeout: Option<Value>,
-    /// App Mesh mesh name (not supported).
+    /// App Mesh mesh name (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh_name: Option<Value>,
-    /// App Mesh backends (not supported).
+    /// App Mesh backends (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backends: Option<Value>,
     /// Host names this canary's traffic arrives on; Weir splits requests for these authorities.
@@ -227,52 +279,85 @@ pub struct CanaryService {
     /// Istio gateways the generated VirtualService attaches to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
-    /// Istio VirtualService delegation (not supported yet).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delegation: Option<Value>,
-    /// URI match conditions of the generated route (not supported yet).
+    /// Write a delegate VirtualService (no hosts, no gateways) for a root VirtualService to
+    /// delegate to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delegation: bool,
+    /// Match conditions of the generated routes (Istio's `HTTPMatchRequest` list).
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
     pub matches: Option<Value>,
-    /// Retry policy of the generated route (not supported yet).
+    /// Retry policy of the generated routes (Istio's `HTTPRetry`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Value>,
-    /// URI rewrite of the generated route (not supported yet).
+    /// URI and authority rewrite of the generated routes (Istio's `HTTPRewrite`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<Value>,
-    /// Gateway API request mirroring (not supported).
+    /// Gateway API request mirroring (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Value>,
-    /// Header manipulation on the generated route (not supported yet).
+    /// Header operations on the generated routes (Istio's `Headers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<Value>,
-    /// Gateway API parent references (not supported).
+    /// Gateway API parent references (another provider's: no effect with Istio).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_refs: Option<Value>,
-    /// CORS policy of the generated route (not supported yet).
+    /// CORS policy of the generated routes (Istio's `CorsPolicy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<Value>,
-    /// Istio DestinationRule traffic policy (not supported yet).
+    /// Istio traffic policy of the `-primary` and `-canary` DestinationRules (Istio's
+    /// `TrafficPolicy`, written as given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<Value>,
-    /// Labels/annotations for the apex service (not supported yet).
+    /// Labels and annotations of the apex Service and of the VirtualService.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub apex: Option<Value>,
-    /// Labels/annotations for the primary service (not supported yet).
+    pub apex: Option<CustomMetadata>,
+    /// Labels and annotations of the `-primary` Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub primary: Option<Value>,
-    /// Labels/annotations for the canary service (not supported yet).
+    pub primary: Option<CustomMetadata>,
+    /// Labels and annotations of the `-canary` Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub canary: Option<Value>,
-    /// Metadata keys to leave alone (not supported yet).
+    pub canary: Option<CustomMetadata>,
+    /// Label and annotation keys of the generated Services that someone else sets: Weir
+    /// keeps the value they have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unmanaged_metadata: Option<Value>,
+    pub unmanaged_metadata: Option<UnmanagedMetadata>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// Labels and annotations for a generated object (Flagger's `CustomMetadata`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomMetadata {
+    /// Labels to set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations to set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// Metadata keys Weir leaves to others (Flagger's `UnmanagedMetadata`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnmanagedMetadata {
+    /// Label keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Annotation keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub annotations: Vec<String>,
     /// Keys Flagger does not know.
     #[serde(flatten)]
     pub unknown: Unknown,
 }
 
 /// `spec.analysis`: Flagger's `CanaryAnalysis`, plus Weir's own keys (`minSampleCount`,
-/// `inconclusiveCountsAsFailure`).
+/// `inconclusiveCountsAsFailure`, `inconclusiveLimit`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryAnalysis {
@@ -303,10 +388,10 @@ pub struct CanaryAnalysis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub step_weight_promotion: Option<i64>,
-    /// Mirror traffic to the canary (not supported yet).
+    /// Mirror traffic to the canary (refused: the filters cannot measure mirrored answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<bool>,
-    /// Share of mirrored traffic (not supported yet).
+    /// Share of mirrored traffic (with `mirror`, which is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_weight: Option<i64>,
     /// Percent of primary pods that must be available, 1 to 100 (default 100).
@@ -329,7 +414,7 @@ pub struct CanaryAnalysis {
     /// Gates, tests and notifications around the rollout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<CanaryWebhook>,
-    /// Cookie-based session affinity (not supported yet).
+    /// Cookie-based session affinity, set and honoured by the filter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_affinity: Option<SessionAffinity>,
     /// Weir: fewest requests a metric window must hold to give a verdict (default 20); with
@@ -340,6 +425,12 @@ pub struct CanaryAnalysis {
     /// Weir: count an Inconclusive check as a failed check (default false: it only halts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inconclusive_counts_as_failure: Option<bool>,
+    /// Weir (Argo Rollouts' idea): after this many Inconclusive analysis steps in a row the
+    /// canary pauses until an operator decides (`weir promote` / `weir abort`, or `weir resume`);
+    /// default 10, 0 for no limit (it then halts for as long as the data is missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = u32::MAX))]
+    pub inconclusive_limit: Option<i64>,
     /// Weir: who else may report this canary's traffic, as `namespace/serviceAccount` or
     /// `namespace/*` (callers in other namespaces). The canary's own namespace and the ingress
     /// gateways may always; reports from anyone else are refused.
@@ -528,6 +619,24 @@ fn webhook_types() -> Vec<&'static str> {
     std::iter::once("")
         .chain(super::plan::HookKind::ALL.iter().map(|(_, name)| *name))
         .collect()
+}
+
+/// The CRD schema of `spec.autoscalerRef`: its `kind` one of
+/// [`AUTOSCALER_KINDS`](super::validate::AUTOSCALER_KINDS), and its `kind` and `name` required.
+fn autoscaler_ref_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <AutoscalerReference as schemars::JsonSchema>::json_schema(generator);
+    schema.insert("required".into(), serde_json::json!(["kind", "name"]));
+    if let Some(kind) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("kind"))
+        .and_then(Value::as_object_mut)
+    {
+        kind.insert(
+            "enum".into(),
+            serde_json::json!(super::validate::AUTOSCALER_KINDS),
+        );
+    }
+    schema
 }
 
 /// The CRD schema of `spec.targetRef`: an [`ObjectReference`] whose `kind` is one of

@@ -194,6 +194,18 @@ pub struct CanaryStatus {
     /// Weir: retry bookkeeping.
     #[serde(default, skip_serializing_if = "RetryState::is_empty")]
     pub retry: RetryState,
+    /// Weir: the token of the last operator request seen (`weir promote`, `abort`, `pause`,
+    /// `resume`), acted on or ignored; the same request is never handled twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request: Option<String>,
+    /// Weir: set while the analysis is paused (by an operator, or by `inconclusiveLimit`): the
+    /// weight holds, the checks go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Pause>,
+    /// Weir: Inconclusive analysis steps in a row (a step with any other outcome ends the run),
+    /// measured against `inconclusiveLimit`.
+    #[serde(default)]
+    pub consecutive_inconclusive: u32,
     /// Weir: the last [`DECISION_HISTORY_LEN`] decisions, oldest first, each with its numbers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decisions: Vec<Decision>,
@@ -214,10 +226,38 @@ impl CanaryStatus {
         }
     }
 
+    /// Whether the analysis is paused (see [`CanaryStatus::paused`]).
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
     /// The `Promoted` condition, if set.
     pub fn promoted_condition(&self) -> Option<&Condition> {
         self.conditions.iter().find(|c| c.kind == "Promoted")
     }
+}
+
+/// Why and since when an analysis is paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Pause {
+    /// When it paused.
+    pub since: Timestamp,
+    /// What paused it.
+    pub cause: PauseCause,
+    /// Who asked (the CLI's user, or the annotation's field manager); `inconclusiveLimit` when
+    /// the limit paused it.
+    pub by: String,
+}
+
+/// What paused an analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum PauseCause {
+    /// An operator ran `weir pause`.
+    Requested,
+    /// `inconclusiveLimit` Inconclusive steps in a row: nobody can tell whether the canary is
+    /// good, so an operator has to decide.
+    InconclusiveLimit,
 }
 
 /// Which retry requests were already honoured, so the same request never triggers twice.

@@ -125,14 +125,22 @@ fn a_flagger_tutorial_canary_loads_with_warnings_for_what_weir_does_not_do_yet()
         plan.analysis.webhooks[1].metadata["cmd"],
         "hey -z 1m -q 10 -c 2 http://mhs-canary.application/"
     );
+    assert_eq!(
+        plan.service.routes.retries,
+        Some(Retries {
+            attempts: 3,
+            per_try_timeout: Some(WrittenDuration {
+                text: "1s".into(),
+                value: Duration::from_secs(1)
+            }),
+            retry_on: Some("gateway-error,connect-failure,refused-stream".into()),
+        })
+    );
     let warnings: Vec<String> = compiled.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
         warnings,
         vec![
             "apiVersion: flagger.app/v1beta1 accepted for copy-paste from Flagger; change it to weir.dev/v1alpha1",
-            "spec.autoscalerRef: not supported yet, ignored",
-            "spec.service.retries: not supported yet, ignored",
-            "spec.service.trafficPolicy: not supported yet, ignored",
         ]
     );
 }
@@ -197,6 +205,7 @@ fn flaggers_defaults_fill_what_is_left_out() {
     assert_eq!(a.webhooks[0].timeout, Duration::from_secs(10));
     assert_eq!(a.min_sample_count, 20);
     assert!(!a.inconclusive_counts_as_failure);
+    assert_eq!(a.inconclusive_limit.map(|n| n.get()), Some(10));
     assert_eq!(a.primary_ready_threshold, Weight::FULL);
     assert_eq!(plan.progress_deadline, Duration::from_secs(600));
     assert_eq!(plan.service.target_port, PortRef::Number(80));
@@ -209,6 +218,22 @@ fn an_out_of_range_step_weight_names_the_field_and_the_rule() {
     assert_eq!(
         errors(&yaml),
         vec!["spec.analysis.stepWeight: must be between 1 and 100, got 150"]
+    );
+}
+
+#[test]
+fn inconclusive_limit_zero_turns_the_limit_off_and_a_negative_one_is_refused() {
+    let plan = compile(&with_analysis(
+        "analysis:\n  inconclusiveLimit: 0\n  stepWeight: 10",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"))
+    .plan;
+    assert_eq!(plan.analysis.inconclusive_limit, None);
+    assert_eq!(
+        errors(&with_analysis(
+            "analysis:\n  inconclusiveLimit: -2\n  stepWeight: 10"
+        )),
+        vec!["spec.analysis.inconclusiveLimit: must be between 0 and 4294967295, got -2"]
     );
 }
 
@@ -349,8 +374,6 @@ fn fields_weir_does_not_implement_yet_are_listed_not_ignored_silently() {
     let yaml = with_analysis(
         "analysis:
   iterations: 5
-  mirror: true
-  mirrorWeight: 50
   alerts:
   - name: on-call
     providerRef: {name: slack}
@@ -363,9 +386,7 @@ fn fields_weir_does_not_implement_yet_are_listed_not_ignored_silently() {
     assert_eq!(
         warnings(&yaml),
         vec![
-            "spec.analysis.mirror: not supported yet, ignored",
-            "spec.analysis.mirrorWeight: not supported yet, ignored",
-            "spec.analysis.sessionAffinity: not supported yet, ignored",
+            "spec.analysis.sessionAffinity: ignored, session affinity applies to progressive traffic shifting (stepWeight or stepWeights), not to iterations",
         ]
     );
 }
@@ -407,6 +428,50 @@ fn alerts_are_checked_with_flaggers_defaults() {
             "spec.analysis.alerts[1].providerRef.name: is required: the name of an AlertProvider",
         ]
     );
+}
+
+#[test]
+fn mirroring_is_refused_because_the_filters_never_see_the_mirrored_answers() {
+    let yaml = with_analysis("analysis:\n  iterations: 5\n  mirror: true\n  mirrorWeight: 50");
+    let e = errors(&yaml);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("spec.analysis.mirror: not supported yet: Weir measures the canary in the callers' filters"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("without the mirrored traffic"), "{e:?}");
+    // mirrorWeight alone mirrors nothing, as in Flagger.
+    let yaml = with_analysis("analysis:\n  iterations: 5\n  mirrorWeight: 50");
+    assert_eq!(
+        warnings(&yaml),
+        vec!["spec.analysis.mirrorWeight: ignored, mirrorWeight is the share of traffic mirrored with mirror: true"]
+    );
+}
+
+#[test]
+fn session_affinity_compiles_with_flaggers_default_max_age_and_checks_cookie_names() {
+    let yaml = with_analysis(
+        "analysis:\n  stepWeight: 10\n  sessionAffinity: {cookieName: flagger-cookie, primaryCookieName: flagger-primary}",
+    );
+    let c = compile(&yaml).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(
+        c.plan.analysis.session_affinity,
+        Some(SessionAffinityPlan {
+            cookie_name: "flagger-cookie".into(),
+            max_age: Duration::from_secs(86_400),
+            primary_cookie_name: Some("flagger-primary".into()),
+        })
+    );
+    let yaml = with_analysis(
+        "analysis:\n  stepWeight: 10\n  sessionAffinity: {cookieName: \"a;b\", primaryCookieName: \"a;b\"}",
+    );
+    let e = errors(&yaml);
+    assert!(
+        e[0].starts_with("spec.analysis.sessionAffinity.cookieName: `a;b` is not a cookie name"),
+        "{e:?}"
+    );
+    assert_eq!(e.len(), 2, "{e:?}");
 }
 
 #[test]

@@ -4,13 +4,14 @@
 use super::alert::{AlertPlan, AlertSeverity};
 use super::duration::{parse_go_duration, DurationError};
 use super::plan::{
-    AnalysisPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup, MetricCheck, MetricKind, PortRef,
-    Range, ServicePlan, SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
-    DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
+    AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, MatchGroup,
+    MetricCheck, MetricKind, ObjectMetadata, ObjectMetadataKeys, PortRef, Range, ServicePlan,
+    SessionAffinityPlan, Steps, Strategy, StringMatcher, Target, Webhook,
+    DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 use super::resource::{
-    Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec, CanaryWebhook,
-    IntOrString, MatchCondition, ObjectReference, Unknown,
+    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
+    CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectReference, Unknown,
 };
 use super::weight::Weight;
 use serde_json::Value;
@@ -24,8 +25,11 @@ pub const API_VERSION: &str = "weir.dev/v1alpha1";
 /// Flagger's `apiVersion`, accepted (with a warning) so a Flagger Canary can be pasted as is.
 pub const FLAGGER_API_VERSION: &str = "flagger.app/v1beta1";
 
-/// The kinds `spec.targetRef` may name (also the CRD schema's enum).
-pub const TARGET_KINDS: [&str; 3] = ["Deployment", "DaemonSet", "Service"];
+/// The kinds `spec.targetRef` may name (also the CRD schema's enum). Flagger also takes
+/// `DaemonSet` and `Service`; Weir refuses them with the reason (see [`Checker::target`]).
+pub const TARGET_KINDS: [&str; 1] = ["Deployment"];
+/// The kinds `spec.autoscalerRef` may name (also the CRD schema's enum).
+pub const AUTOSCALER_KINDS: [&str; 2] = ["HorizontalPodAutoscaler", "ScaledObject"];
 /// The values `spec.provider` may have (also the CRD schema's enum): Weir splits traffic in
 /// its Envoy filter, on Istio.
 pub const PROVIDERS: [&str; 1] = ["istio"];
@@ -181,6 +185,12 @@ pub enum WarningKind {
     },
     /// `flagger.app/v1beta1` was accepted; Weir's own is `weir.dev/v1alpha1`.
     FlaggerApiVersion,
+    /// A Flagger field of another traffic provider (NGINX, APISIX, Gloo, Gateway API, App
+    /// Mesh); Flagger ignores it with Istio too.
+    OtherProvider {
+        /// Which provider the field belongs to.
+        provider: &'static str,
+    },
     /// A field that has no effect in this combination.
     Ignored {
         /// Why.
@@ -203,6 +213,10 @@ impl fmt::Display for Warning {
             WarningKind::FlaggerApiVersion => write!(
                 f,
                 "{path}: {FLAGGER_API_VERSION} accepted for copy-paste from Flagger; change it to {API_VERSION}"
+            ),
+            WarningKind::OtherProvider { provider } => write!(
+                f,
+                "{path}: has no effect with Istio (it is for {provider}), ignored"
             ),
             WarningKind::Ignored { why } => write!(f, "{path}: ignored, {why}"),
         }
@@ -276,9 +290,9 @@ impl Checker {
         }
     }
 
-    fn not_supported(&mut self, path: &str, value: &Option<Value>) {
+    fn other_provider(&mut self, path: &str, value: &Option<Value>, provider: &'static str) {
         if value.is_some() {
-            self.warn(path, WarningKind::NotSupportedYet);
+            self.warn(path, WarningKind::OtherProvider { provider });
         }
     }
 
@@ -439,13 +453,13 @@ impl Checker {
             ),
         }
         let target = self.target(s.target_ref.as_ref());
-        for (path, v) in [
-            ("spec.autoscalerRef", &s.autoscaler_ref),
-            ("spec.ingressRef", &s.ingress_ref),
-            ("spec.routeRef", &s.route_ref),
-            ("spec.upstreamRef", &s.upstream_ref),
+        let autoscaler = s.autoscaler_ref.as_ref().map(|r| self.autoscaler(r));
+        for (path, v, provider) in [
+            ("spec.ingressRef", &s.ingress_ref, "NGINX ingress"),
+            ("spec.routeRef", &s.route_ref, "APISIX"),
+            ("spec.upstreamRef", &s.upstream_ref, "Gloo"),
         ] {
-            self.not_supported(path, v);
+            self.other_provider(path, v, provider);
         }
         let service = self.service(s.service.as_ref(), &target.name);
         let progress_deadline = match s.progress_deadline_seconds {
@@ -511,6 +525,7 @@ impl Checker {
             suspend: s.suspend,
             provider: s.provider.clone(),
             metrics_server: s.metrics_server.clone().filter(|m| !m.is_empty()),
+            autoscaler,
             canary_route_value: super::DEFAULT_CANARY_ROUTE_VALUE.to_owned(),
         }
     }
@@ -549,21 +564,41 @@ impl Checker {
             );
         }
         let kind = r.kind.clone().unwrap_or_default();
-        if kind.is_empty() {
-            self.error(
+        match kind.as_str() {
+            "" => self.error(
                 "spec.targetRef.kind",
                 Rule::Required {
-                    hint: "Deployment, DaemonSet or Service".into(),
+                    hint: "Deployment (the kind of workload Weir rolls out)".into(),
                 },
-            );
-        } else if !TARGET_KINDS.contains(&kind.as_str()) {
-            self.error(
+            ),
+            k if TARGET_KINDS.contains(&k) => {}
+            "DaemonSet" => self.error(
+                "spec.targetRef.kind",
+                Rule::Unsupported {
+                    why: "Weir rolls out Deployments only. A DaemonSet runs one pod per node and \
+                          cannot be scaled to zero or split by replicas; Flagger parks it with a \
+                          node selector no node has, which Weir does not do. Roll it out as a \
+                          Deployment, or keep Flagger for this workload"
+                        .into(),
+                },
+            ),
+            "Service" => self.error(
+                "spec.targetRef.kind",
+                Rule::Unsupported {
+                    why: "Weir rolls out Deployments only: it builds the primary from the \
+                          target's pod template. Flagger's Service targets (traffic moved \
+                          between two Services someone else deploys) have no pods for Weir to \
+                          copy; name the Deployment behind the Service instead"
+                        .into(),
+                },
+            ),
+            other => self.error(
                 "spec.targetRef.kind",
                 Rule::NotOneOf {
-                    got: kind.clone(),
-                    expected: "Deployment, DaemonSet or Service".into(),
+                    got: other.to_string(),
+                    expected: "Deployment".into(),
                 },
-            );
+            ),
         }
         let api_version = r
             .api_version
@@ -577,6 +612,107 @@ impl Checker {
             api_version,
             kind,
             name,
+        }
+    }
+
+    fn autoscaler(&mut self, r: &AutoscalerReference) -> AutoscalerPlan {
+        let path = "spec.autoscalerRef";
+        self.unknown(path, &r.unknown);
+        let kind = match r.kind.as_deref().unwrap_or_default() {
+            "HorizontalPodAutoscaler" => AutoscalerKind::HorizontalPodAutoscaler,
+            "ScaledObject" => AutoscalerKind::ScaledObject,
+            "" => {
+                self.error(
+                    join(path, "kind"),
+                    Rule::Required {
+                        hint: "HorizontalPodAutoscaler (autoscaling/v2) or ScaledObject \
+                               (keda.sh/v1alpha1)"
+                            .into(),
+                    },
+                );
+                AutoscalerKind::HorizontalPodAutoscaler
+            }
+            other => {
+                self.error(
+                    join(path, "kind"),
+                    Rule::NotOneOf {
+                        got: other.to_string(),
+                        expected: AUTOSCALER_KINDS.join(" or "),
+                    },
+                );
+                AutoscalerKind::HorizontalPodAutoscaler
+            }
+        };
+        let name = r.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            self.error(
+                join(path, "name"),
+                Rule::Required {
+                    hint: "the name of the target's autoscaler".into(),
+                },
+            );
+        }
+        if kind == AutoscalerKind::HorizontalPodAutoscaler && !r.primary_scaler_queries.is_empty() {
+            self.warn(
+                join(path, "primaryScalerQueries"),
+                WarningKind::Ignored {
+                    why: "it applies to a ScaledObject's triggers, not to a \
+                          HorizontalPodAutoscaler"
+                        .into(),
+                },
+            );
+        }
+        let (mut min, mut max) = (None, None);
+        if let Some(replicas) = &r.primary_scaler_replicas {
+            let rp = join(path, "primaryScalerReplicas");
+            self.unknown(&rp, &replicas.unknown);
+            let mut bounded = |field: &str, v: Option<i64>, lowest: i64| {
+                let n = v?;
+                match i32::try_from(n) {
+                    Ok(n) if i64::from(n) >= lowest => Some(n),
+                    _ => {
+                        self.error(
+                            join(&rp, field),
+                            Rule::OutOfRange {
+                                min: lowest,
+                                max: i64::from(i32::MAX),
+                                got: n,
+                            },
+                        );
+                        None
+                    }
+                }
+            };
+            min = bounded("minReplicas", replicas.min_replicas, 0);
+            max = bounded("maxReplicas", replicas.max_replicas, 1);
+            if let (Some(lo), Some(hi)) = (min, max) {
+                if lo > hi {
+                    self.error(
+                        rp,
+                        Rule::Invalid(format!(
+                            "minReplicas ({lo}) must not be above maxReplicas ({hi})"
+                        )),
+                    );
+                }
+            }
+        }
+        AutoscalerPlan {
+            kind,
+            name,
+            primary_min_replicas: min,
+            primary_max_replicas: max,
+            primary_queries: r.primary_scaler_queries.clone(),
+        }
+    }
+
+    fn metadata(&mut self, path: &str, m: Option<&CustomMetadata>) -> ObjectMetadata {
+        let Some(m) = m else {
+            return ObjectMetadata::default();
+        };
+        self.unknown(path, &m.unknown);
+        ObjectMetadata {
+            labels: m.labels.clone(),
+            annotations: m.annotations.clone(),
         }
     }
 
@@ -639,33 +775,62 @@ impl Checker {
                 PortRef::Number(port)
             }
         };
-        if s.port_discovery {
-            self.warn("spec.service.portDiscovery", WarningKind::NotSupportedYet);
+        let app_protocol = s.app_protocol.clone().filter(|p| !p.is_empty());
+        if app_protocol
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case("tcp"))
+        {
+            self.error(
+                "spec.service.appProtocol",
+                Rule::Unsupported {
+                    why: "Weir splits and measures HTTP requests in its Envoy filter, which \
+                          never sees raw TCP; Flagger's TCP routes (VirtualService weights and \
+                          Prometheus' TCP metrics) are not implemented. Remove appProtocol, or \
+                          set it to http, http2 or grpc"
+                        .into(),
+                },
+            );
         }
-        for (field, v) in [
-            ("appProtocol", &s.app_protocol),
-            ("trafficDistribution", &s.traffic_distribution),
-            ("headless", &s.headless),
-            ("timeout", &s.timeout),
-            ("backendTimeout", &s.backend_timeout),
-            ("meshName", &s.mesh_name),
-            ("backends", &s.backends),
-            ("delegation", &s.delegation),
-            ("match", &s.matches),
-            ("retries", &s.retries),
-            ("rewrite", &s.rewrite),
-            ("mirror", &s.mirror),
-            ("headers", &s.headers),
-            ("gatewayRefs", &s.gateway_refs),
-            ("corsPolicy", &s.cors_policy),
-            ("trafficPolicy", &s.traffic_policy),
-            ("apex", &s.apex),
-            ("primary", &s.primary),
-            ("canary", &s.canary),
-            ("unmanagedMetadata", &s.unmanaged_metadata),
+        let routes = super::routes::compile(s, path);
+        for (field, why) in routes.errors {
+            self.error(field, Rule::Invalid(why));
+        }
+        for field in routes.unknown {
+            self.warn(field, WarningKind::UnknownField);
+        }
+        for (field, v, provider) in [
+            ("backendTimeout", &s.backend_timeout, "Gateway API"),
+            ("meshName", &s.mesh_name, "App Mesh"),
+            ("backends", &s.backends, "App Mesh"),
+            ("mirror", &s.mirror, "Gateway API"),
+            ("gatewayRefs", &s.gateway_refs, "Gateway API"),
         ] {
-            self.not_supported(&join(path, field), v);
+            self.other_provider(&join(path, field), v, provider);
         }
+        if s.delegation && !s.gateways.is_empty() {
+            self.error(
+                "spec.service.gateways",
+                Rule::Invalid(
+                    "a delegate VirtualService (spec.service.delegation: true) has no \
+                     gateways: the root VirtualService that delegates to it names them; remove \
+                     spec.service.gateways or set delegation to false"
+                        .into(),
+                ),
+            );
+        }
+        let apex = self.metadata("spec.service.apex", s.apex.as_ref());
+        let primary = self.metadata("spec.service.primary", s.primary.as_ref());
+        let canary = self.metadata("spec.service.canary", s.canary.as_ref());
+        let unmanaged = match &s.unmanaged_metadata {
+            None => ObjectMetadataKeys::default(),
+            Some(u) => {
+                self.unknown("spec.service.unmanagedMetadata", &u.unknown);
+                ObjectMetadataKeys {
+                    labels: u.labels.clone(),
+                    annotations: u.annotations.clone(),
+                }
+            }
+        };
         let name = s
             .name
             .clone()
@@ -695,6 +860,17 @@ impl Checker {
             target_port,
             hosts,
             gateways: s.gateways.clone(),
+            app_protocol,
+            port_discovery: s.port_discovery,
+            traffic_distribution: s.traffic_distribution.clone().filter(|t| !t.is_empty()),
+            headless: s.headless,
+            traffic_policy: s.traffic_policy.clone(),
+            apex,
+            primary,
+            canary,
+            unmanaged,
+            delegation: s.delegation,
+            routes: routes.options,
         }
     }
 
@@ -750,10 +926,18 @@ impl Checker {
         let step_weight_promotion =
             self.optional_weight(&p("stepWeightPromotion"), a.step_weight_promotion);
         if a.mirror == Some(true) {
-            self.warn(p("mirror"), WarningKind::NotSupportedYet);
+            self.error(
+                p("mirror"),
+                Rule::Unsupported {
+                    why: MIRROR_REFUSED.into(),
+                },
+            );
         }
-        if a.mirror_weight.is_some() {
-            self.warn(p("mirrorWeight"), WarningKind::NotSupportedYet);
+        if a.mirror_weight.is_some() && a.mirror != Some(true) {
+            self.warn(
+                p("mirrorWeight"),
+                ignored_kind("mirrorWeight is the share of traffic mirrored with mirror: true"),
+            );
         }
         let alerts = self.alerts(&p("alerts"), &a.alerts, namespace);
         let primary_ready_threshold = self.percent(
@@ -890,9 +1074,11 @@ impl Checker {
             }
         }
 
-        let session_affinity = a.session_affinity.as_ref().map(|sa| {
+        let session_affinity = a.session_affinity.as_ref().and_then(|sa| {
             let sp = p("sessionAffinity");
-            self.warn(&sp, WarningKind::NotSupportedYet);
+            for key in sa.other.keys() {
+                self.warn(join(&sp, key), WarningKind::UnknownField);
+            }
             let cookie_name = sa.cookie_name.clone().unwrap_or_default();
             if cookie_name.is_empty() {
                 self.error(
@@ -901,6 +1087,19 @@ impl Checker {
                         hint: "the name of the session affinity cookie".into(),
                     },
                 );
+            } else if let Err(why) = cookie_name_ok(&cookie_name) {
+                self.error(join(&sp, "cookieName"), Rule::Invalid(why));
+            }
+            let primary_cookie_name = sa.primary_cookie_name.clone().filter(|n| !n.is_empty());
+            if let Some(name) = &primary_cookie_name {
+                if let Err(why) = cookie_name_ok(name) {
+                    self.error(join(&sp, "primaryCookieName"), Rule::Invalid(why));
+                } else if *name == cookie_name {
+                    self.error(
+                        join(&sp, "primaryCookieName"),
+                        Rule::Invalid("must differ from cookieName".into()),
+                    );
+                }
             }
             let max_age = match sa.max_age {
                 None => Duration::from_secs(86_400),
@@ -910,10 +1109,20 @@ impl Checker {
                     Duration::from_secs(86_400)
                 }
             };
-            SessionAffinityPlan {
+            if !matches!(strategy, Strategy::Canary { .. }) {
+                // Flagger sets the cookies only while traffic shifts by weight: an A/B test
+                // routes by its match, and blue/green moves all traffic at once.
+                self.warn(
+                    &sp,
+                    ignored_kind("session affinity applies to progressive traffic shifting (stepWeight or stepWeights), not to iterations"),
+                );
+                return None;
+            }
+            Some(SessionAffinityPlan {
                 cookie_name,
                 max_age,
-            }
+                primary_cookie_name,
+            })
         });
 
         let min_sample_count = match a.min_sample_count {
@@ -922,6 +1131,24 @@ impl Checker {
             Some(n) => {
                 self.error(p("minSampleCount"), Rule::TooSmall { min: 0, got: n });
                 DEFAULT_MIN_SAMPLE_COUNT
+            }
+        };
+
+        let inconclusive_limit = match a.inconclusive_limit {
+            None => NonZeroU32::new(DEFAULT_INCONCLUSIVE_LIMIT),
+            Some(n) if (0..=i64::from(u32::MAX)).contains(&n) => {
+                NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX))
+            }
+            Some(n) => {
+                self.error(
+                    p("inconclusiveLimit"),
+                    Rule::OutOfRange {
+                        min: 0,
+                        max: i64::from(u32::MAX),
+                        got: n,
+                    },
+                );
+                NonZeroU32::new(DEFAULT_INCONCLUSIVE_LIMIT)
             }
         };
 
@@ -943,6 +1170,7 @@ impl Checker {
             alerts,
             min_sample_count,
             inconclusive_counts_as_failure: a.inconclusive_counts_as_failure.unwrap_or(false),
+            inconclusive_limit,
             primary_ready_threshold,
             canary_ready_threshold,
             session_affinity,
@@ -1292,6 +1520,29 @@ impl Checker {
             disable_tls: w.disable_tls,
             mute_alert: w.mute_alert,
         })
+    }
+}
+
+/// Why `spec.analysis.mirror` is refused.
+pub const MIRROR_REFUSED: &str = "Weir measures the canary in the callers' filters, and a \
+    mirrored request's answer from the canary never reaches the caller (Envoy drops it), so \
+    the analysis would judge the canary without the mirrored traffic; run blue/green without \
+    mirror (iterations, the canary tested by webhooks), or progressive traffic shifting";
+
+fn ignored_kind(why: &str) -> WarningKind {
+    WarningKind::Ignored { why: why.into() }
+}
+
+/// A cookie name must be an RFC 6265 token: visible ASCII without separators.
+fn cookie_name_ok(name: &str) -> Result<(), String> {
+    let bad = name
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || "()<>@,;:\\\"/[]?={}".contains(*c));
+    match bad {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "`{name}` is not a cookie name: {c:?} is not allowed (use letters, digits and -_.)"
+        )),
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Http {
     state: Option<Rc<RefCell<FilterState>>>,
     ticket: Option<Ticket>,
     grpc_status: Option<u32>,
+    /// The session cookie to give or clear in the response.
+    set_cookie: Option<Rc<str>>,
 }
 
 impl Http {
@@ -26,6 +28,7 @@ impl Http {
             state,
             ticket: None,
             grpc_status: None,
+            set_cookie: None,
         }
     }
 
@@ -68,12 +71,14 @@ impl HttpContext for Http {
                 header,
                 value,
                 ticket,
+                set_cookie,
             } => {
                 // Replacing the header also drops any value the client sent: no self-steering.
                 if hostcalls::set_map_value(MapType::HttpRequestHeaders, header, Some(value))
                     .is_ok()
                 {
                     self.ticket = Some(ticket);
+                    self.set_cookie = set_cookie;
                 } else {
                     let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, header);
                 }
@@ -83,6 +88,10 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(cookie) = self.set_cookie.take() {
+            // Added beside the app's own cookies; a failure costs the session, not the request.
+            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie);
+        }
         self.read_grpc_status(MapType::HttpResponseHeaders);
         Action::Continue
     }

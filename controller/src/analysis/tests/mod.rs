@@ -5,6 +5,7 @@
 mod failures;
 mod hooks;
 mod lifecycle;
+mod operator;
 mod restart;
 mod strategies;
 mod windows;

@@ -67,6 +67,42 @@ impl CanaryResource {
     }
 }
 
+impl CanaryResource {
+    /// The operator request in the [`spec::REQUEST_ANNOTATION`] annotation, if any, with who
+    /// asked: the field manager that last wrote the annotation (`weir-cli:alice` for `weir
+    /// pause` run by alice, `kubectl-annotate` for a hand-written one). A value that is not a
+    /// request is logged and ignored.
+    pub fn operator_request(&self) -> Option<crate::analysis::OperatorRequest> {
+        let value = self
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(spec::REQUEST_ANNOTATION)?;
+        let by = self
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|entry| {
+                entry.fields_v1.as_ref().is_some_and(|fields| {
+                    fields.0["f:metadata"]["f:annotations"]
+                        .get(format!("f:{}", spec::REQUEST_ANNOTATION))
+                        .is_some()
+                })
+            })
+            .max_by_key(|entry| entry.time.as_ref().map(|t| t.0))
+            .and_then(|entry| entry.manager.clone())
+            .unwrap_or_else(|| "an unknown field manager".to_owned());
+        match crate::analysis::OperatorRequest::parse_annotation(value, &by) {
+            Ok(request) => Some(request),
+            Err(why) => {
+                tracing::warn!(canary = ?self.metadata.name, "{}: {why}", spec::REQUEST_ANNOTATION);
+                None
+            }
+        }
+    }
+}
+
 /// The `spec` of a [`MetricTemplateResource`]: Flagger's MetricTemplate spec (a provider and a
 /// query), as [`crate::spec`] reads it.
 #[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -36,8 +36,12 @@ pub struct Health {
     /// The last probe of the API server: `None` before the first one.
     api: Mutex<Option<Result<(), String>>>,
     metrics: Mutex<Option<Render>>,
+    live: Mutex<Option<LiveRender>>,
     module: Option<Arc<FilterModule>>,
 }
+
+/// Renders `/live/<namespace>/<name>`: the canary's live numbers as JSON, `None` if unknown.
+type LiveRender = Box<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
 
 impl Health {
     /// Endpoints that also serve `module` (every replica does, so the module is there whichever
@@ -71,6 +75,21 @@ impl Health {
     /// Sets what `/metrics` adds after `weir_leader`.
     pub fn set_metrics(&self, render: impl Fn() -> String + Send + Sync + 'static) {
         *self.metrics.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(render));
+    }
+
+    /// Sets what `/live/<namespace>/<name>` answers (`weir status` and `weir watch` read it
+    /// through the API server's service proxy).
+    pub fn set_live(&self, render: impl Fn(&str, &str) -> Option<String> + Send + Sync + 'static) {
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(render));
+    }
+
+    /// The `/live/<namespace>/<name>` body, if the canary is known here.
+    pub fn live(&self, namespace: &str, name: &str) -> Option<String> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|render| render(namespace, name))
     }
 
     /// The `/metrics` body.
@@ -166,6 +185,20 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             ),
         },
         "/metrics" => ("200 OK", text, Bytes::from(health.render())),
+        live if live.starts_with("/live/") => {
+            let mut parts = live["/live/".len()..].splitn(2, '/');
+            let (namespace, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            match health.live(namespace, name) {
+                Some(json) => ("200 OK", "application/json", Bytes::from(json)),
+                None => (
+                    "404 Not Found",
+                    text,
+                    Bytes::from(format!(
+                        "no canary {namespace}/{name} runs on this controller (ask the leader)\n"
+                    )),
+                ),
+            }
+        }
         other => match health.module.as_ref().and_then(|m| m.serve(other)) {
             Some(module) => ("200 OK", "application/wasm", module),
             None => (
@@ -249,6 +282,35 @@ mod tests {
             assert!(metrics.contains("weir_leader 1"), "{metrics}");
             assert!(metrics.contains("weir_reconciles_total 3"), "{metrics}");
             assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        };
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .unwrap();
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn live_numbers_are_served_per_canary_and_an_unknown_one_is_a_404() {
+        let health = Arc::new(Health::default());
+        health.set_live(|namespace, name| {
+            (namespace == "application" && name == "mhs").then(|| "{\"name\":\"mhs\"}".to_owned())
+        });
+        let (addr, task) = serve(SocketAddr::from(([127, 0, 0, 1], 0)), health)
+            .await
+            .unwrap();
+        let run = async {
+            let live = get(addr, "/live/application/mhs").await;
+            assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+            assert!(
+                live.contains("application/json") && live.ends_with("{\"name\":\"mhs\"}"),
+                "{live}"
+            );
+            let unknown = get(addr, "/live/application/other").await;
+            assert!(
+                unknown.starts_with("HTTP/1.1 404")
+                    && unknown.contains("no canary application/other"),
+                "{unknown}"
+            );
         };
         tokio::time::timeout(Duration::from_secs(10), run)
             .await

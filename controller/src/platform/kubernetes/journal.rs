@@ -256,6 +256,8 @@ pub struct View {
     pub status: Option<CanaryStatus>,
     /// The `weir.dev/retry` annotation.
     pub retry: Option<String>,
+    /// The `weir.dev/request` annotation, with its field manager.
+    pub request: Option<crate::analysis::OperatorRequest>,
     /// `metadata.deletionTimestamp` is set.
     pub deleting: bool,
 }
@@ -301,6 +303,10 @@ impl Journal for KubernetesJournal {
 
     fn retry_token(&self) -> Option<String> {
         self.view().retry.clone()
+    }
+
+    fn request(&self) -> Option<crate::analysis::OperatorRequest> {
+        self.view().request.clone()
     }
 
     fn deleting(&self) -> bool {

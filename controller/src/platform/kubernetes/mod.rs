@@ -28,6 +28,7 @@
 //! | Services `mhs-primary`, `mhs-canary` | Canary | primary pods, target pods |
 //! | DestinationRules `mhs-primary`, `mhs-canary` | Canary | one per routed Service |
 //! | VirtualService `mhs` | Canary | routing header `canary` → `mhs-canary`, the rest → `mhs-primary` |
+//! | HPA or ScaledObject `<autoscaler>-primary` | Canary | with `autoscalerRef`: the target's autoscaler, aimed at the primary ([`autoscalers`]) |
 //!
 //! The apex Service has no owner: clients address it, so deleting the Canary must not delete it.
 //!
@@ -37,6 +38,7 @@
 //! as a new revision, instead of copying it to the primary unanalysed at initialization.
 
 pub mod alerts;
+pub mod autoscalers;
 pub mod configs;
 pub mod crd;
 pub mod deployments;
@@ -139,6 +141,12 @@ fn destination_rules() -> ApiResource {
         &GroupVersionKind::gvk("networking.istio.io", "v1beta1", "DestinationRule"),
         "destinationrules",
     )
+}
+
+fn autoscaler_resource(kind: crate::spec::AutoscalerKind) -> ApiResource {
+    let (api_version, kind, plural) = autoscalers::api(kind);
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
 fn is_not_found(e: &kube::Error) -> bool {
@@ -305,11 +313,19 @@ impl KubernetesPlatform {
         let primary = deployments::primary_selector(&selector);
         let api: Api<Service> = Api::namespaced(self.client.clone(), &self.plan.namespace);
         let apex_selects = if routed { &primary } else { &selector };
+        let containers = target
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .map_or(&[][..], |p| &p.containers[..]);
+        let discovered = services::discovered_ports(&self.plan, containers);
         let apex = services::service(
             &self.plan,
-            self.plan.service.name.clone(),
+            services::Role::Apex,
             apex_selects.clone(),
             None,
+            &discovered,
         );
         self.apply(&api, &self.plan.service.name, &apex)
             .await
@@ -318,11 +334,12 @@ impl KubernetesPlatform {
             return Ok(());
         }
         let owner = Some(self.owner.clone());
-        for (name, selector) in [
-            (services::primary_name(&self.plan), primary),
-            (services::canary_name(&self.plan), selector),
+        for (role, selector) in [
+            (services::Role::Primary, primary),
+            (services::Role::Canary, selector),
         ] {
-            let service = services::service(&self.plan, name.clone(), selector, owner.clone());
+            let name = role.name(&self.plan);
+            let service = services::service(&self.plan, role, selector, owner.clone(), &discovered);
             self.apply(&api, &name, &service)
                 .await
                 .map_err(self.failed("applying a Service"))?;
@@ -339,12 +356,25 @@ impl KubernetesPlatform {
         route: Route,
         mode: RoutingMode,
     ) -> Result<(), PlatformError> {
+        // Without filters the VirtualService sets and matches the session cookies, with the
+        // values the filters would use: derived from the revision under analysis, which the
+        // engine records as the target's revision.
+        let session = match (mode, &self.plan.analysis.session_affinity) {
+            (RoutingMode::Weights, Some(_)) => {
+                let target = self.target().await?;
+                let configs = self.configs(&target.spec.template).await?;
+                let revision = configs::revision(&target.spec.template, &configs);
+                crate::traffic::session_cookies(&self.plan, route, &revision)
+            }
+            _ => None,
+        };
         let vs = istio::virtual_service(
             &self.plan,
             route,
             mode,
             &self.settings.routing_header,
             &self.plan.canary_route_value,
+            session.as_ref(),
             &self.owner_json(),
         );
         self.apply(
@@ -462,6 +492,71 @@ impl KubernetesPlatform {
         Ok(())
     }
 
+    /// With `autoscalerRef`: makes the primary's copy of the target's autoscaler, or brings it
+    /// up to date with the original (called at each promotion and on every reconcile, so an
+    /// edit of the original reaches the copy within an analysis interval).
+    pub async fn sync_autoscaler(&self) -> Result<(), PlatformError> {
+        let Some(autoscaler) = &self.plan.autoscaler else {
+            return Ok(());
+        };
+        let (_, kind, _) = autoscalers::api(autoscaler.kind);
+        let api = self.dynamic(&autoscaler_resource(autoscaler.kind));
+        let original = api
+            .get_opt(&autoscaler.name)
+            .await
+            .map_err(self.failed("reading the target's autoscaler"))?
+            .ok_or_else(|| {
+                self.invalid(format!(
+                    "spec.autoscalerRef names {kind} {}, which does not exist in namespace {}; create it, or fix spec.autoscalerRef",
+                    autoscaler.name, self.plan.namespace
+                ))
+            })?;
+        let original = serde_json::to_value(&original).unwrap_or_default();
+        let wanted =
+            autoscalers::primary_copy(&self.plan, autoscaler, &original, &self.owner_json());
+        let name = autoscalers::primary_name(autoscaler);
+        let existing = api
+            .get_opt(&name)
+            .await
+            .map_err(self.failed("reading the primary's autoscaler"))?;
+        if let Some(existing) = existing {
+            let existing = serde_json::to_value(&existing).unwrap_or_default();
+            if autoscalers::up_to_date(&existing, &wanted) {
+                return Ok(());
+            }
+        }
+        self.apply(&api, &name, &wanted)
+            .await
+            .map_err(self.failed("applying the primary's autoscaler"))
+    }
+
+    /// Pauses (`true`) or resumes the target's ScaledObject; an HPA needs neither (see
+    /// [`autoscalers`]).
+    async fn pause_target_scaler(&self, pause: bool) -> Result<(), PlatformError> {
+        let Some(autoscaler) = &self.plan.autoscaler else {
+            return Ok(());
+        };
+        if autoscaler.kind != crate::spec::AutoscalerKind::ScaledObject {
+            return Ok(());
+        }
+        let value = if pause { json!("0") } else { Value::Null };
+        let patch =
+            json!({"metadata": {"annotations": {autoscalers::KEDA_PAUSED_REPLICAS: value}}});
+        self.dynamic(&autoscaler_resource(autoscaler.kind))
+            .patch(
+                &autoscaler.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(self.failed(if pause {
+                "pausing the target's ScaledObject"
+            } else {
+                "resuming the target's ScaledObject"
+            }))
+    }
+
     /// Before a Canary without `revertOnDeletion` goes: take the owner references off what serves
     /// traffic (the primary, its Services, the routing), so the garbage collector does not delete
     /// the only ready pods with the Canary. The objects stay; delete them when the app goes.
@@ -519,6 +614,16 @@ impl KubernetesPlatform {
             )
             .map_err(self.failed("releasing a DestinationRule"))?;
         }
+        if let Some(autoscaler) = &self.plan.autoscaler {
+            // The primary stays, and goes on scaling.
+            ignore_missing(
+                self.dynamic(&autoscaler_resource(autoscaler.kind))
+                    .patch(&autoscalers::primary_name(autoscaler), &params, &patch)
+                    .await
+                    .map(|_| ()),
+            )
+            .map_err(self.failed("releasing the primary's autoscaler"))?;
+        }
         ignore_missing(
             self.dynamic(&virtual_services())
                 .patch(&self.plan.service.name, &params, &patch)
@@ -561,6 +666,19 @@ impl Platform for KubernetesPlatform {
         }
         let mut primary = deployments::primary_deployment(&target, self.owner.clone())
             .map_err(|e| self.invalid(e))?;
+        if self.plan.autoscaler.is_some() {
+            // The primary's autoscaler owns its replicas once it runs (Flagger's `Promote`
+            // leaves them alone too): keep what it set.
+            let name = primary.metadata.name.clone().unwrap_or_default();
+            if let Some(running) = self
+                .deployments()
+                .get_opt(&name)
+                .await
+                .map_err(self.failed("reading the primary Deployment"))?
+            {
+                primary.spec.replicas = running.spec.replicas.or(primary.spec.replicas);
+            }
+        }
         if !configs.is_empty() {
             primary.spec.template = configs::to_primary(&primary.spec.template);
         }
@@ -577,10 +695,13 @@ impl Platform for KubernetesPlatform {
         // instead of holding a reconcile for the length of a rollout.
         self.apply(&self.deployments(), &name, &primary)
             .await
-            .map_err(self.failed("applying the primary Deployment"))
+            .map_err(self.failed("applying the primary Deployment"))?;
+        self.sync_autoscaler().await
     }
 
     async fn scale_canary(&self, _canary: &CanaryRef, up: bool) -> Result<(), PlatformError> {
+        // A ScaledObject would scale the target back up: paused first, resumed first.
+        self.pause_target_scaler(!up).await?;
         let target = self.target().await?;
         let current = target.spec.replicas.unwrap_or(1);
         let patch = if up {

@@ -3,13 +3,13 @@
 //!
 //! A reconcile: put the finalizer on; compile the spec (an invalid one is reported once per
 //! generation as a Warning event, and as a `Valid=False` status condition until it is fixed);
-//! find the Canary's runner, or build one resuming from the
-//! status (a spec change rebuilds it from the last status written); refresh what the journal
-//! reads (retry annotation, deletion); on a new runner, publish the route the status calls for;
-//! one runner step; check the routing mode; write events and status; after a deletion has been
-//! reverted, drop the finalizer. Every path returns an explicit requeue: the engine's next step
-//! time (see [`Context::requeue_after`]), sooner while the routing mode is unsettled or a
-//! deletion waits for the restored target.
+//! find the Canary's runner, or build one resuming from the status (a spec change rebuilds it
+//! from the last status written); refresh what the journal reads (retry annotation,
+//! deletion); on a new runner, publish the route the status calls for; one runner step; check
+//! the routing mode; bring the primary's autoscaler copy up to date; write events and status;
+//! after a deletion has been reverted, drop the finalizer. Every path returns an explicit
+//! requeue: the engine's next step time (see [`Context::requeue_after`]), sooner while the
+//! routing mode is unsettled or a deletion waits for the restored target.
 //!
 //! Runners live in memory between reconciles because the runner's status is ahead of the
 //! reflector's copy of the Canary until the watch delivers Weir's own status write; a runner
@@ -119,6 +119,8 @@ pub struct Context<M> {
     notifier: crate::notify::Notifier,
     /// Counters.
     pub stats: Stats,
+    /// Each stepped canary's plan and next step, for its live numbers (`/live/...`).
+    live: Mutex<HashMap<String, (CanaryPlan, Timestamp)>>,
 }
 
 impl<M: MetricSource + Clone + 'static> Context<M> {
@@ -145,6 +147,7 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             entries: Mutex::default(),
             announced: Mutex::default(),
             stats: Stats::default(),
+            live: Mutex::default(),
         }
     }
 
@@ -168,7 +171,29 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The live numbers of the canary `namespace/name`, if this controller steps it.
+    pub fn live_snapshot(&self, namespace: &str, name: &str) -> Option<crate::live::LiveSnapshot> {
+        let key = format!("{namespace}/{name}");
+        let (plan, next) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned()?;
+        let now = Timestamp::from_system_time(std::time::SystemTime::now());
+        Some(crate::live::LiveSnapshot::take(
+            &plan,
+            self.directives.ingest(),
+            next,
+            now,
+        ))
+    }
+
     fn forget(&self, key: &str) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         self.slots().remove(key);
         self.announced
             .lock()
@@ -443,6 +468,7 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     {
         let mut view = entry.view.lock().unwrap_or_else(|p| p.into_inner());
         view.retry = canary.to_spec_canary().retry_token().map(str::to_owned);
+        view.request = canary.operator_request();
         view.deleting = deleting;
     }
     if announce_warnings {
@@ -470,6 +496,10 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
     }
     if stepped.is_ok() {
         stepped = entry.runner.tick().await.map_err(Into::into);
+        ctx.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(plan.key(), (plan.clone(), entry.runner.next_step_at()));
     }
     if stepped.is_ok() {
         let route = analysis::desired_route(&plan, entry.runner.status());
@@ -477,6 +507,22 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
             .runner
             .platform()
             .sync_routing(route)
+            .await
+            .map_err(Into::into);
+    }
+    let phase = entry.runner.status().phase;
+    let initialized = !matches!(
+        phase,
+        None | Some(Phase::Initializing | Phase::Terminating | Phase::Terminated)
+    );
+    if stepped.is_ok() && initialized && !deleting {
+        // An edit of the target's autoscaler reaches the primary's copy (no watch on
+        // autoscalers: within an analysis interval). Last, so that a missing autoscaler
+        // (reported) does not hold back the routing.
+        stepped = entry
+            .runner
+            .platform()
+            .sync_autoscaler()
             .await
             .map_err(Into::into);
     }

@@ -424,6 +424,13 @@ where
         });
     }
 
+    {
+        let ctx = ctx.clone();
+        health.set_live(move |namespace, name| {
+            serde_json::to_string(&ctx.live_snapshot(namespace, name)?).ok()
+        });
+    }
+
     let installer = options
         .filter
         .clone()

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::filter_module::remote_plugin_config;
+use crate::spec::{RouteOptions, StringMatcher};
 
 /// The header the filter sets and the routes match, unless configured otherwise.
 pub const ROUTING_HEADER: &str = "x-weir-route";
@@ -164,6 +165,9 @@ pub struct EnvoyBootstrap {
     /// The service's host name (names the virtual host; clients send it as the authority and
     /// directives list it). The virtual host itself matches every domain.
     pub host: String,
+    /// `spec.service`'s route options, on the primary and the canary route alike (see
+    /// [`RouteOptions`]: the VirtualService renders the same value in a cluster).
+    pub routes: RouteOptions,
 }
 
 impl EnvoyBootstrap {
@@ -187,6 +191,7 @@ impl EnvoyBootstrap {
             routing_header: ROUTING_HEADER.to_owned(),
             canary_value: CANARY_VALUE.to_owned(),
             host: "mhs.application".to_owned(),
+            routes: RouteOptions::default(),
         }
     }
 
@@ -223,6 +228,13 @@ impl EnvoyBootstrap {
                     }
                 }
             }
+        }
+        if self.routes.cors.is_some() {
+            // First in the chain, as in Istio: a preflight request is answered here.
+            http_filters.insert(0, json!({
+                "name": CORS_FILTER,
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"},
+            }));
         }
         http_filters.push(json!({
             "name": "envoy.filters.http.router",
@@ -262,6 +274,30 @@ impl EnvoyBootstrap {
                 "num_retries": 2,
                 "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
             });
+        }
+        let mut canary_route = json!({"cluster": CANARY_CLUSTER});
+        self.routes.apply_to_action(&mut canary_route);
+        self.routes.apply_to_action(&mut primary_route);
+        let mut routes = Vec::new();
+        for m in self.routes.envoy_matches() {
+            let mut with_header = m.clone();
+            let headers = with_header["headers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            with_header["headers"] = json!(std::iter::once(json!({
+                "name": self.routing_header,
+                "string_match": {"exact": self.canary_value},
+            }))
+            .chain(headers)
+            .collect::<Vec<_>>());
+            routes.push(
+                self.routes
+                    .route(CANARY_CLUSTER, with_header, canary_route.clone()),
+            );
+        }
+        for m in self.routes.envoy_matches() {
+            routes.push(self.routes.route(PRIMARY_CLUSTER, m, primary_route.clone()));
         }
         clusters.insert(0, static_cluster(CANARY_CLUSTER, self.canary));
         clusters.insert(0, primary);
@@ -330,24 +366,7 @@ impl EnvoyBootstrap {
                                     "name": self.host,
                                     // One service here; a mesh has one virtual host per service.
                                     "domains": ["*"],
-                                    "routes": [
-                                        {
-                                            "name": CANARY_CLUSTER,
-                                            "match": {
-                                                "prefix": "/",
-                                                "headers": [{
-                                                    "name": self.routing_header,
-                                                    "string_match": {"exact": self.canary_value},
-                                                }],
-                                            },
-                                            "route": {"cluster": CANARY_CLUSTER},
-                                        },
-                                        {
-                                            "name": PRIMARY_CLUSTER,
-                                            "match": {"prefix": "/"},
-                                            "route": primary_route,
-                                        },
-                                    ],
+                                    "routes": routes,
                                 }],
                             },
                             "http_filters": http_filters,
@@ -466,6 +485,207 @@ impl WasmFilter {
             ),
         }
     }
+}
+
+/// The name of Envoy's CORS filter, in the chain when `corsPolicy` is set.
+pub const CORS_FILTER: &str = "envoy.filters.http.cors";
+
+/// `spec.service`'s route options as Envoy's route configuration: the renderer for local mode,
+/// beside the one for the VirtualService (`platform/kubernetes/istio.rs`), doing what istiod
+/// makes of the same fields.
+impl RouteOptions {
+    /// Refuses what only Istio can evaluate (a `match` on source labels, ports, gateways, ...),
+    /// naming the field: local mode's Envoy would route differently than the cluster.
+    pub fn check_for_envoy(&self) -> Result<(), String> {
+        for (i, m) in self.matches.iter().enumerate() {
+            if let Some(key) = m.istio_only.keys().next() {
+                return Err(format!(
+                    "spec.service.match[{i}].{key}: only Istio evaluates this condition, so local \
+                     mode's Envoy cannot route as the cluster would; remove it to run the Canary locally"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Envoy route matches: one per `match` entry, or the catch-all.
+    fn envoy_matches(&self) -> Vec<Value> {
+        if self.matches.is_empty() {
+            return vec![json!({"prefix": "/"})];
+        }
+        self.matches
+            .iter()
+            .map(|m| {
+                let mut out = match &m.uri {
+                    None => json!({"prefix": "/"}),
+                    Some(StringMatcher::Exact(p)) => json!({"path": p}),
+                    Some(StringMatcher::Prefix(p)) => json!({"prefix": p}),
+                    Some(StringMatcher::Regex(r)) => json!({"safe_regex": {"regex": r}}),
+                };
+                if m.ignore_uri_case {
+                    out["case_sensitive"] = json!(false);
+                }
+                // As istiod does: method, authority and scheme are pseudo-header matches.
+                let mut headers: Vec<Value> = [
+                    (":method", &m.method),
+                    (":authority", &m.authority),
+                    (":scheme", &m.scheme),
+                ]
+                .into_iter()
+                .filter_map(|(name, v)| {
+                    v.as_ref()
+                        .map(|v| json!({"name": name, "string_match": envoy_string_match(v)}))
+                })
+                .collect();
+                headers.extend(m.headers.iter().map(
+                    |h| json!({"name": h.name, "string_match": envoy_string_match(&h.value)}),
+                ));
+                if !headers.is_empty() {
+                    out["headers"] = json!(headers);
+                }
+                if !m.query_params.is_empty() {
+                    out["query_parameters"] = json!(m
+                        .query_params
+                        .iter()
+                        .map(|(k, v)| json!({"name": k, "string_match": envoy_string_match(v)}))
+                        .collect::<Vec<_>>());
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Timeout, retries and rewrite, on a route action.
+    fn apply_to_action(&self, action: &mut Value) {
+        if let Some(timeout) = &self.timeout {
+            action["timeout"] = json!(envoy_duration(timeout.value));
+        }
+        if let Some(retries) = &self.retries {
+            let mut on: Vec<String> = Vec::new();
+            let mut codes: Vec<u32> = Vec::new();
+            for condition in retries.retry_on.as_deref().unwrap_or_default().split(',') {
+                let condition = condition.trim();
+                match condition.parse::<u32>() {
+                    Ok(code) => codes.push(code),
+                    Err(_) if !condition.is_empty() => on.push(condition.to_owned()),
+                    Err(_) => {}
+                }
+            }
+            if retries.retry_on.is_none() {
+                // Istio's default conditions when retryOn is not set.
+                on.extend(
+                    [
+                        "connect-failure",
+                        "refused-stream",
+                        "unavailable",
+                        "cancelled",
+                    ]
+                    .map(str::to_owned),
+                );
+                codes.push(503);
+            }
+            if !codes.is_empty() {
+                on.push("retriable-status-codes".to_owned());
+            }
+            // Local mode's standby primary slot needs connection failures retried elsewhere.
+            let policy = action["retry_policy"].take();
+            for needed in policy["retry_on"].as_str().unwrap_or_default().split(',') {
+                if !needed.is_empty() && !on.iter().any(|o| o == needed) {
+                    on.push(needed.to_owned());
+                }
+            }
+            let mut new = json!({"retry_on": on.join(","), "num_retries": retries.attempts});
+            if !codes.is_empty() {
+                new["retriable_status_codes"] = json!(codes);
+            }
+            if let Some(t) = &retries.per_try_timeout {
+                new["per_try_timeout"] = json!(envoy_duration(t.value));
+            }
+            if let Some(predicate) = policy.get("retry_host_predicate") {
+                new["retry_host_predicate"] = predicate.clone();
+            }
+            action["retry_policy"] = new;
+        }
+        if let Some(rewrite) = &self.rewrite {
+            if let Some(uri) = &rewrite.uri {
+                action["prefix_rewrite"] = json!(uri);
+            }
+            if let Some(authority) = &rewrite.authority {
+                action["host_rewrite_literal"] = json!(authority);
+            }
+        }
+    }
+
+    /// A route: its match and action, with the header operations and the CORS policy.
+    fn route(&self, name: &str, route_match: Value, action: Value) -> Value {
+        let mut route = json!({"name": name, "match": route_match, "route": action});
+        if let Some(headers) = &self.headers {
+            for (ops, add_key, remove_key) in [
+                (
+                    &headers.request,
+                    "request_headers_to_add",
+                    "request_headers_to_remove",
+                ),
+                (
+                    &headers.response,
+                    "response_headers_to_add",
+                    "response_headers_to_remove",
+                ),
+            ] {
+                let add: Vec<Value> = ops
+                    .set
+                    .iter()
+                    .map(|(k, v)| (k, v, "OVERWRITE_IF_EXISTS_OR_ADD"))
+                    .chain(ops.add.iter().map(|(k, v)| (k, v, "APPEND_IF_EXISTS_OR_ADD")))
+                    .map(|(k, v, action)| {
+                        json!({"header": {"key": k, "value": v}, "append_action": action})
+                    })
+                    .collect();
+                if !add.is_empty() {
+                    route[add_key] = json!(add);
+                }
+                if !ops.remove.is_empty() {
+                    route[remove_key] = json!(ops.remove);
+                }
+            }
+        }
+        if let Some(cors) = &self.cors {
+            let mut policy = json!({
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+                "allow_origin_string_match": cors.allow_origins.iter().map(envoy_string_match).collect::<Vec<_>>(),
+            });
+            for (key, list) in [
+                ("allow_methods", &cors.allow_methods),
+                ("allow_headers", &cors.allow_headers),
+                ("expose_headers", &cors.expose_headers),
+            ] {
+                if !list.is_empty() {
+                    policy[key] = json!(list.join(","));
+                }
+            }
+            if let Some(max_age) = &cors.max_age {
+                policy["max_age"] = json!(max_age.value.as_secs().to_string());
+            }
+            if let Some(credentials) = cors.allow_credentials {
+                policy["allow_credentials"] = json!(credentials);
+            }
+            route["typed_per_filter_config"] = json!({CORS_FILTER: policy});
+        }
+        route
+    }
+}
+
+fn envoy_string_match(m: &StringMatcher) -> Value {
+    match m {
+        StringMatcher::Exact(v) => json!({"exact": v}),
+        StringMatcher::Prefix(v) => json!({"prefix": v}),
+        StringMatcher::Regex(r) => json!({"safe_regex": {"regex": r}}),
+    }
+}
+
+/// A protobuf JSON duration (`1.500s`).
+fn envoy_duration(d: Duration) -> String {
+    format!("{}.{:09}s", d.as_secs(), d.subsec_nanos())
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -1010,6 +1230,85 @@ mod tests {
             Some(2)
         );
         assert!(json.get("bootstrap_extensions").is_none());
+    }
+
+    #[test]
+    fn route_options_go_on_both_routes_as_istiod_would_write_them() {
+        let plan =
+            crate::spec::load_yaml(include_str!("../../spec/testdata/weir-route-options.yaml"))
+                .unwrap()
+                .plan;
+        let mut bootstrap = with_everything();
+        bootstrap.primary_standby = Some(addr(8_003));
+        bootstrap.routes = plan.service.routes;
+        let json = bootstrap.to_json();
+        let hcm = &json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        assert_eq!(hcm["http_filters"][0]["name"], CORS_FILTER);
+        let routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+            .as_array()
+            .unwrap();
+        // Two service matches: two canary routes (with the routing header), then two primary.
+        assert_eq!(routes.len(), 4);
+        assert_eq!(routes[0]["match"]["prefix"], "/api");
+        assert_eq!(routes[0]["match"]["headers"][0]["name"], "x-weir-route");
+        assert_eq!(routes[1]["match"]["path"], "/healthz");
+        assert_eq!(
+            routes[1]["match"]["headers"][1],
+            json!({"name": "x-region", "string_match": {"exact": "eu"}})
+        );
+        assert_eq!(
+            routes[3]["match"]["headers"].as_array().map(Vec::len),
+            Some(1)
+        );
+        for route in routes {
+            let action = &route["route"];
+            assert_eq!(action["timeout"], "5.000000000s");
+            assert_eq!(action["prefix_rewrite"], "/v2/");
+            assert_eq!(action["host_rewrite_literal"], "podinfo.internal");
+            assert_eq!(action["retry_policy"]["num_retries"], 3);
+            assert_eq!(action["retry_policy"]["per_try_timeout"], "1.000000000s");
+            assert_eq!(
+                route["request_headers_to_add"],
+                json!([
+                    {"header": {"key": "x-forwarded-by", "value": "weir"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                    {"header": {"key": "x-some-header", "value": "value"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"},
+                ])
+            );
+            assert_eq!(route["request_headers_to_remove"], json!(["x-debug"]));
+            assert_eq!(
+                route["response_headers_to_remove"],
+                json!(["x-envoy-upstream-service-time"])
+            );
+            let cors = &route["typed_per_filter_config"][CORS_FILTER];
+            assert_eq!(cors["allow_methods"], "GET,POST");
+            assert_eq!(cors["max_age"], "86400");
+        }
+        // The primary keeps its standby slot's retry of connection failures.
+        let primary = &routes[2]["route"]["retry_policy"];
+        assert_eq!(
+            primary["retry_on"],
+            "gateway-error,connect-failure,refused-stream,reset"
+        );
+        assert!(primary.get("retry_host_predicate").is_some());
+        assert_eq!(
+            routes[0]["route"]["retry_policy"]["retry_on"],
+            "gateway-error,connect-failure,refused-stream"
+        );
+    }
+
+    #[test]
+    fn a_match_only_istio_can_evaluate_is_refused_for_local_mode_naming_the_field() {
+        let yaml = include_str!("../../spec/testdata/weir-route-options.yaml").replace(
+            "    - uri: {prefix: /api}\n",
+            "    - uri: {prefix: /api}\n      sourceLabels: {app: loadgen}\n",
+        );
+        let plan = crate::spec::load_yaml(&yaml).unwrap().plan;
+        let error = plan.service.routes.check_for_envoy().unwrap_err();
+        assert!(
+            error.starts_with("spec.service.match[0].sourceLabels: only Istio"),
+            "{error}"
+        );
     }
 
     #[test]
