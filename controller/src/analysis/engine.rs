@@ -8,8 +8,8 @@ use super::effect::{
 };
 use super::observe::{Observations, OperatorRequest, Readiness, Verb, WebhookResult};
 use crate::spec::{
-    format_go_duration, AlertSeverity, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, MetricCheck,
-    Pause, PauseCause, Phase, Strategy, Timestamp, Webhook, Weight,
+    format_go_duration, AlertSeverity, CanaryPlan, CanaryStatus, Condition, Decision, HookKind,
+    MetricCheck, Pause, PauseCause, Phase, Strategy, Timestamp, Webhook, Weight,
 };
 use std::time::Duration;
 

@@ -101,12 +101,14 @@ impl LoadTester {
         }
         let payload: serde_json::Value = match serde_json::from_slice(&body) {
             Ok(p) => p,
-            Err(e) => return answer(
-                StatusCode::BAD_REQUEST,
-                &format!(
+            Err(e) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
                     "the body is not Flagger's webhook payload (JSON with name and namespace): {e}"
                 ),
-            ),
+                )
+            }
         };
         let field = |name: &str| payload[name].as_str().unwrap_or("").to_owned();
         let canary = format!("{}.{}", field("name"), field("namespace"));

@@ -57,10 +57,10 @@ pub use plan::{
     DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
-    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
-    CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta, ObjectReference,
-    ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown, UnmanagedMetadata,
-    REQUEST_ANNOTATION, RETRY_ANNOTATION,
+    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService,
+    CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta,
+    ObjectReference, ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown,
+    UnmanagedMetadata, REQUEST_ANNOTATION, RETRY_ANNOTATION,
 };
 pub use routes::{
     CorsPolicy, HeaderOperations, HeaderOps, Retries, Rewrite, RouteMatch, RouteOptions,

@@ -10,8 +10,9 @@ use super::plan::{
     DEFAULT_INCONCLUSIVE_LIMIT, DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 use super::resource::{
-    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService, CanarySpec,
-    CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectReference, Unknown,
+    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryMetric, CanaryService,
+    CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectReference,
+    Unknown,
 };
 use super::weight::Weight;
 use serde_json::Value;
