@@ -8,22 +8,29 @@
 //!   and for custom PromQL checks).
 //! - [`exporter`]: the controller's own metrics (`/metrics`, Flagger's series under `weir_`).
 //! - [`filter_module`]: the filter module the controller serves to the mesh, and its digest.
+//! - [`http`]: the one HTTP(S) client of webhooks, alerts and Prometheus queries.
 //! - [`platform`]: where workloads live (local processes; Kubernetes later).
 //! - [`traffic`]: routes turned into the directives the filters apply.
 //! - [`live`]: the live per-version numbers the CLI shows (`weir status`, `weir watch`).
 //! - [`cli`]: the operator's verbs (`weir status`, `watch`, `promote`, ...) in both modes.
 //! - [`runner`]: the executor: observe, ask the engine, perform its effects, persist.
 //! - [`webhook`]: Flagger-style webhook calls.
+//! - [`loadtest`]: `weir loadtest`, flagger-loadtester's gates and hey load, natively.
+//! - [`notify`]: alerts (Slack, Teams, Discord, generic) and event hooks, delivered in the
+//!   background.
 
 pub mod analysis;
 pub mod cli;
 pub mod demo;
 pub mod exporter;
 pub mod filter_module;
+pub mod http;
 pub mod ingest;
 pub mod live;
+pub mod loadtest;
 pub mod local;
 pub mod metrics;
+pub mod notify;
 pub mod platform;
 pub mod runner;
 pub mod spec;

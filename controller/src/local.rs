@@ -23,6 +23,8 @@ use crate::metrics::prometheus::{
 };
 use crate::metrics::select::{SelectingSource, SourcePolicy};
 use crate::metrics::template::Templates;
+use crate::notify::files::DirProviders;
+use crate::notify::Notifier;
 use crate::platform::local::envoy::{
     ControllerTls, EnvoyBootstrap, EnvoyProcess, FilterInstall, WasmFilter,
 };
@@ -642,6 +644,7 @@ fn metric_source(
                 .transpose()
                 .map_err(LocalError::Setup)?,
             timeout,
+            insecure_skip_verify: false,
         }),
     };
     let prometheus = PrometheusSource::new(global, templates);
@@ -656,6 +659,33 @@ fn metric_source(
     // A few report intervals: one late report must not flip a check to Prometheus.
     let freshness = (options.report_interval * 4).max(Duration::from_secs(1));
     Ok(SelectingSource::new(ingest.clone(), prometheus, metrics.source).with_freshness(freshness))
+}
+
+/// Alerts and event hooks for local mode: AlertProviders from YAML files beside the Canary
+/// (read again at each alert); a Canary naming a provider that is not there is refused.
+fn notifier(
+    options: &LocalOptions,
+    plan: &CanaryPlan,
+    warnings: &mut Vec<String>,
+) -> Result<Notifier, LocalError> {
+    let folder = options
+        .canary
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let providers = DirProviders::new(folder, &plan.namespace);
+    warnings.extend(
+        providers
+            .check_plan(plan)
+            .map_err(|reason| LocalError::Canary {
+                path: options.canary.clone(),
+                reason,
+            })?,
+    );
+    Ok(Notifier::start(
+        Arc::new(providers),
+        crate::http::shared().clone(),
+    ))
 }
 
 impl LocalMode {
@@ -724,6 +754,7 @@ impl LocalMode {
         })
         .map_err(|e| LocalError::Setup(e.to_string()))?;
         let source = metric_source(options, metrics, &plan, &ingest, &mut warnings)?;
+        let notifier = notifier(options, &plan, &mut warnings)?;
         let recorder = Recorder::new();
         recorder.include_ingest(ingest.clone());
         let module = match options.filter_install {
@@ -780,7 +811,8 @@ impl LocalMode {
             journal,
         )
         .map_err(LocalError::Setup)?
-        .with_confirm_wait(options.report_interval * 3);
+        .with_confirm_wait(options.report_interval * 3)
+        .with_notifier(notifier);
 
         // Bring back what the persisted status says runs, and its route, before Envoy connects.
         let canary_running = crate::analysis::canary_runs(runner.status());

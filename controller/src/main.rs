@@ -37,7 +37,7 @@ struct MetricsArgs {
     /// MetricTemplates and inline queries always run on Prometheus.
     #[arg(long, default_value = "auto")]
     metric_source: weir_controller::metrics::select::SourcePolicy,
-    /// Prometheus for Canaries without spec.metricsServer, e.g. http://127.0.0.1:9090 (http only).
+    /// Prometheus for Canaries without spec.metricsServer, e.g. http://127.0.0.1:9090.
     #[arg(long, env = "WEIR_PROMETHEUS_ADDRESS")]
     prometheus_address: Option<String>,
     /// Credentials for --prometheus-address: a Secret manifest or a YAML map with `username` and
@@ -61,6 +61,29 @@ impl MetricsArgs {
             prometheus_timeout: Some(self.prometheus_timeout),
             listen_metrics: self.metrics_address,
         }
+    }
+}
+
+/// The HTTP client of webhooks, alerts and Prometheus queries.
+#[derive(clap::Args, Clone)]
+struct HttpArgs {
+    /// CA certificates (PEM) to trust besides the system's, for https webhooks, alert providers
+    /// and Prometheus servers signed by a private CA.
+    #[arg(long, env = "WEIR_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl HttpArgs {
+    /// Builds the process's shared HTTP client; a bad CA file stops the start with the reason.
+    fn install(&self) -> anyhow::Result<()> {
+        use weir_controller::http;
+        let client = http::HttpClient::try_new(&http::HttpOptions {
+            ca_file: self.ca_file.clone(),
+        })?;
+        if http::install(client).is_err() {
+            anyhow::bail!("the HTTP client was built twice");
+        }
+        Ok(())
     }
 }
 
@@ -130,6 +153,8 @@ struct KubernetesArgs {
     istio_namespace: String,
     #[command(flatten)]
     telemetry: TelemetryArgs,
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 /// Local mode over TLS, as in a mesh: the controller's certificate, key and CA, and Envoy's
@@ -236,6 +261,8 @@ impl KubernetesArgs {
             FilterInstallation, InstallSettings,
         };
         use weir_controller::platform::kubernetes::{run, Settings};
+
+        self.http.install()?;
 
         let prometheus = self
             .prometheus_address
@@ -349,6 +376,8 @@ enum Command {
         tls: LocalTlsArgs,
         #[command(flatten)]
         metrics: MetricsArgs,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// Print the CustomResourceDefinitions (generated from the Rust types), or write them into a
     /// folder (`--out manifests/crds`).
@@ -411,6 +440,16 @@ enum Command {
         canary: Option<String>,
         #[command(flatten)]
         place: Place,
+    },
+    /// A load tester compatible with flagger-loadtester: Canary webhooks whose metadata.cmd is
+    /// a hey command get that load (generated natively, no shell), and the gates
+    /// (/gate/check, /gate/open, /rollback/check, ...) answer as the loadtester's do.
+    Loadtest {
+        /// Where to listen.
+        #[arg(long, env = "WEIR_LOADTEST_ADDRESS", default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// Serve only the telemetry ingest, with a directive of synthetic canaries: the controller
     /// side of `cargo xtask bench ingest`. Prints the bound address as its first line; then each
@@ -721,7 +760,9 @@ async fn main() -> anyhow::Result<()> {
             envoy_concurrency,
             tls,
             metrics,
+            http,
         } => {
+            http.install()?;
             let options = local::LocalOptions {
                 canary,
                 workloads,
@@ -870,6 +911,17 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Loadtest { listen, http } => {
+            http.install()?;
+            let tester =
+                weir_controller::loadtest::LoadTester::new(weir_controller::http::shared().clone());
+            let (addr, task) = tester.serve(listen).await?;
+            println!("weir loadtest: listening on http://{addr}");
+            let mut stop = local::StopSignals::listen().context("cannot listen for signals")?;
+            let signal = stop.recv().await;
+            say(&format!("weir loadtest: {signal}: stopped"));
+            task.abort();
+        }
         Command::IngestServer {
             listen,
             canaries,

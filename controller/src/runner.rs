@@ -8,6 +8,7 @@ use crate::analysis::{
     self, Effect, Event, Observations, Outcome, Readiness, Route, Scale, Severity,
 };
 use crate::metrics::MetricSource;
+use crate::notify::Notifier;
 use crate::platform::{CanaryRef, Platform, PlatformError};
 use crate::spec::{CanaryPlan, CanaryStatus, HookKind, Timestamp};
 use crate::traffic::{self, Directives};
@@ -100,6 +101,8 @@ pub struct Runner<P, M, J> {
     grace_announced: bool,
     /// The comparative judge's evidence so far, absorbed from the ingest bucket by bucket.
     judge: Option<JudgeTracker>,
+    /// Where alerts and events for the event hooks go (none: not sent).
+    notifier: Option<Notifier>,
 }
 
 /// What the judge has absorbed of one analysis attempt.
@@ -207,7 +210,29 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             grace: ReconnectGrace::default(),
             grace_announced: false,
             judge: None,
+            notifier: None,
         })
+    }
+
+    /// Sends the engine's alerts and every event (to the `type: event` hooks) through
+    /// `notifier`.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// [`Runner::record`] with the status' current phase.
+    fn record_now(&mut self, event: &Event) {
+        self.record(event, self.status.phase);
+    }
+
+    /// Records an event and hands it to the event hooks, with the phase the status has then.
+    fn record(&mut self, event: &Event, phase: Option<crate::spec::Phase>) {
+        self.journal.event(event);
+        if let Some(notifier) = &self.notifier {
+            let revision = self.status.last_applied_spec.clone().unwrap_or_default();
+            notifier.event(&self.plan, phase, &webhook::checksum(&revision), event);
+        }
     }
 
     /// Sets how long the filters get to reconnect after the controller started.
@@ -360,15 +385,16 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                         }
                         obs.measurements = Some(measurements);
                     }
+                    let checksum = self.checksum(&obs.revision);
                     for call in &need.webhooks {
-                        let result = webhook::call(&self.plan, call).await;
+                        let result = webhook::call(&self.plan, &checksum, call).await;
                         obs.webhooks.insert(call.webhook.name.clone(), result);
                     }
                 }
             }
         };
         for effect in &step.effects {
-            self.perform(effect).await?;
+            self.perform(effect, step.status.phase).await?;
         }
         self.status = step.status;
         self.journal
@@ -379,11 +405,22 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             })
     }
 
+    /// Flagger's payload checksum, of the revision the status says is under analysis (the
+    /// target's current one before the first).
+    fn checksum(&self, target_revision: &str) -> String {
+        webhook::checksum(
+            self.status
+                .last_applied_spec
+                .as_deref()
+                .unwrap_or(target_revision),
+        )
+    }
+
     /// One Warning event for each identity whose reports for this canary the ingest refused
     /// since the last step (each identity once per controller life).
     fn announce_refused_reporters(&mut self) {
         for refused in self.directives.ingest().new_refusals(&self.plan.key()) {
-            self.journal.event(&Event {
+            self.record_now(&Event {
                 severity: Severity::Warning,
                 reason: "Synced".to_owned(),
                 message: format!(
@@ -401,7 +438,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             return;
         }
         self.grace_announced = true;
-        self.journal.event(&Event {
+        self.record_now(&Event {
             severity: Severity::Normal,
             reason: "Synced".to_owned(),
             message: format!(
@@ -429,7 +466,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             }
             if published.elapsed() >= self.confirm_wait {
                 self.pending = None;
-                self.journal.event(&Event {
+                self.record_now(&Event {
                     severity: Severity::Warning,
                     reason: "Synced".to_owned(),
                     message: format!(
@@ -446,7 +483,12 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
         }
     }
 
-    async fn perform(&mut self, effect: &Effect) -> Result<(), RunError> {
+    /// Performs one effect of a step whose new status has `phase` (the event hooks' phase).
+    async fn perform(
+        &mut self,
+        effect: &Effect,
+        phase: Option<crate::spec::Phase>,
+    ) -> Result<(), RunError> {
         match effect {
             Effect::InitializePrimary { revision } | Effect::PromotePrimary { revision } => {
                 // A promotion names what was analysed: never promote a newer, unanalysed template.
@@ -476,11 +518,17 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 self.platform.apply_route(&self.canary, None).await?;
             }
             Effect::CallWebhook(call) => {
-                let outcome = webhook::call(&self.plan, call).await;
+                let revision = self.status.last_applied_spec.clone().unwrap_or_default();
+                let outcome = webhook::call(&self.plan, &self.checksum(&revision), call).await;
                 let event = called_hook_event(&self.plan, call, &outcome);
-                self.journal.event(&event);
+                self.record(&event, phase);
             }
-            Effect::Event(event) => self.journal.event(event),
+            Effect::Event(event) => self.record(event, phase),
+            Effect::Alert(alert) => {
+                if let Some(notifier) = &self.notifier {
+                    notifier.alert(&self.plan, alert);
+                }
+            }
         }
         Ok(())
     }

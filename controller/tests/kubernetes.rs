@@ -300,6 +300,7 @@ fn path_of(object: &Value) -> String {
     let collection = match kind {
         "Deployment" => format!("/apis/apps/v1/namespaces/{ns}/deployments"),
         "Canary" => format!("/apis/weir.dev/v1alpha1/namespaces/{ns}/canaries"),
+        "AlertProvider" => format!("/apis/weir.dev/v1alpha1/namespaces/{ns}/alertproviders"),
         "Lease" => format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),
         "Pod" => format!("/api/v1/namespaces/{ns}/pods"),
         "Secret" => format!("/api/v1/namespaces/{ns}/secrets"),
@@ -1738,6 +1739,58 @@ async fn metric_templates_from_the_cluster_reach_the_prometheus_source_with_thei
         bad.spec.0.provider.kind = "datadog".into();
         templates::store(&cluster.client, &store, &bad).await;
         assert!(store.get(NS, "not-found-percentage").is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn alert_providers_and_their_secrets_are_read_from_the_cluster_when_an_alert_is_sent() {
+    use weir_controller::notify::ProviderSource;
+    use weir_controller::platform::kubernetes::alerts::ClusterProviders;
+    use weir_controller::spec::AlertProviderType;
+
+    bounded(async {
+        let cluster = Cluster::start();
+        cluster.put(
+            json!({"apiVersion": "weir.dev/v1alpha1", "kind": "AlertProvider",
+            "metadata": {"name": "on-call", "namespace": NS},
+            "spec": {"type": "slack", "channel": "on-call", "secretRef": {"name": "slack-url"}}}),
+        );
+        // https://hooks.example/T0/B0/x and a bearer token, base64 as the API server sends them.
+        cluster.put(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "slack-url", "namespace": NS},
+            "data": {"address": "aHR0cHM6Ly9ob29rcy5leGFtcGxlL1QwL0IwL3g=", "token": "dDBr"}}));
+        let providers = ClusterProviders::new(cluster.client.clone());
+        let resolved = providers.resolve(NS, "on-call").await.unwrap();
+        assert_eq!(resolved.kind, AlertProviderType::Slack);
+        assert_eq!(resolved.url, "https://hooks.example/T0/B0/x");
+        assert_eq!(resolved.token.as_deref(), Some("t0k"));
+        assert_eq!(
+            (resolved.channel.as_str(), resolved.username.as_str()),
+            ("on-call", "flagger")
+        );
+        let log = cluster.log();
+        assert!(log[0].is(
+            "GET",
+            "/apis/weir.dev/v1alpha1/namespaces/application/alertproviders/on-call"
+        ));
+        assert!(log[1].is("GET", "/api/v1/namespaces/application/secrets/slack-url"));
+
+        let missing = providers.resolve(NS, "nobody").await.unwrap_err();
+        assert!(
+            missing.contains("AlertProvider application/nobody not found"),
+            "{missing}"
+        );
+        cluster.put(
+            json!({"apiVersion": "weir.dev/v1alpha1", "kind": "AlertProvider",
+            "metadata": {"name": "lost", "namespace": NS},
+            "spec": {"type": "msteams", "secretRef": {"name": "gone"}}}),
+        );
+        let no_secret = providers.resolve(NS, "lost").await.unwrap_err();
+        assert!(
+            no_secret.contains("Secret application/gone not found"),
+            "{no_secret}"
+        );
     })
     .await;
 }

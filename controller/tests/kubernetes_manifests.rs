@@ -237,6 +237,8 @@ const CONTROLLER_NEEDS: &[(&str, &str, &str)] = &[
     ("weir.dev", "canaries/status", "patch"),
     ("weir.dev", "metrictemplates", "list"),
     ("weir.dev", "metrictemplates", "watch"),
+    // Alerts (platform/kubernetes/alerts.rs): the provider and its Secret, read when sent.
+    ("weir.dev", "alertproviders", "get"),
     ("apps", "deployments", "get"),
     ("apps", "deployments", "list"),
     ("apps", "deployments", "watch"),
@@ -394,7 +396,7 @@ fn the_install_renders_and_its_objects_fit_together() {
         m
     });
     for (kind, n) in [
-        ("CustomResourceDefinition", 2),
+        ("CustomResourceDefinition", 3),
         ("Namespace", 1),
         ("ServiceAccount", 1),
         ("ClusterRole", 1),

@@ -102,6 +102,16 @@ impl TestCa {
         )
     }
 
+    /// A web server's certificate for 127.0.0.1 and localhost (an https webhook, an alert
+    /// receiver, a Prometheus), written as `<name>.pem` and `<name>-key.pem`.
+    pub fn server(&self, name: &str) -> anyhow::Result<Pem> {
+        self.issue(
+            name,
+            vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+            None,
+        )
+    }
+
     /// A certificate from this CA with no SPIFFE id at all.
     pub fn without_identity(&self) -> anyhow::Result<Pem> {
         self.issue("anonymous", vec!["anonymous.example".to_owned()], None)

@@ -12,6 +12,7 @@
 //! - [`stack`]: all of the above wired around one Envoy, as the data-plane tests use it;
 //! - [`prometheus`]: a real Prometheus server (scrapes, queries, outages);
 //! - [`fallback`]: local mode analysing with Prometheus, scraped from Envoy and the app;
+//! - [`receiver`]: an HTTP(S) endpoint that records what webhooks, alerts and load send it;
 //! - [`hostile`]: the ingest in its own process, its memory, and clients that break the rules.
 
 pub mod bench_detect;
@@ -31,6 +32,7 @@ pub mod local;
 pub mod local_cli;
 pub mod operator;
 pub mod prometheus;
+pub mod receiver;
 pub mod reporter;
 pub mod stack;
 pub mod upstream;

@@ -175,6 +175,17 @@ impl WeirLocal {
     /// Starts `weir local` on `files` with `state` and Envoy's listener on `port` (0: any free
     /// port), filters reporting every 250ms; `name` names its output file.
     pub fn start(files: &LocalFiles, state: &Path, port: u16, name: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(files, state, port, name, &[])
+    }
+
+    /// [`WeirLocal::start`] with these environment variables set (`WEIR_CA_FILE`, ...).
+    pub fn start_with_env(
+        files: &LocalFiles,
+        state: &Path,
+        port: u16,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let output = files.dir().join(format!("{name}.out"));
         let out = std::fs::File::create(&output)
             .with_context(|| format!("cannot create {}", output.display()))?;
@@ -196,6 +207,7 @@ impl WeirLocal {
             // Errors as a user reads them, without a backtrace.
             .env("RUST_BACKTRACE", "0")
             .env_remove("RUST_LIB_BACKTRACE")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -67,6 +67,8 @@ pub struct Prometheus {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Served over HTTPS with this certificate (Prometheus' `--web.config.file`).
+    tls: Option<crate::certs::Pem>,
 }
 
 impl Prometheus {
@@ -77,6 +79,27 @@ impl Prometheus {
         port: u16,
         jobs: &[ScrapeJob],
         scrape_interval: Duration,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(dir, port, jobs, scrape_interval, None)
+    }
+
+    /// [`Prometheus::start`] serving HTTPS only, with `cert` (its own TLS, as a Prometheus
+    /// behind no proxy configures it).
+    pub fn start_tls(
+        dir: &Path,
+        jobs: &[ScrapeJob],
+        scrape_interval: Duration,
+        cert: &crate::certs::Pem,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(dir, 0, jobs, scrape_interval, Some(cert.clone()))
+    }
+
+    fn start_with(
+        dir: &Path,
+        port: u16,
+        jobs: &[ScrapeJob],
+        scrape_interval: Duration,
+        tls: Option<crate::certs::Pem>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let interval = format!("{}ms", scrape_interval.as_millis());
@@ -94,10 +117,21 @@ impl Prometheus {
         }
         std::fs::write(dir.join("prometheus.yml"), config)?;
         let port = if port == 0 { free_port()? } else { port };
+        if let Some(pem) = &tls {
+            std::fs::write(
+                dir.join("web.yml"),
+                format!(
+                    "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+                    pem.cert.display(),
+                    pem.key.display()
+                ),
+            )?;
+        }
         let mut prometheus = Self {
             child: None,
             port,
             dir: dir.to_owned(),
+            tls,
         };
         prometheus.start_again()?;
         Ok(prometheus)
@@ -113,7 +147,14 @@ impl Prometheus {
             .append(true)
             .open(self.dir.join("prometheus.log"))?;
         let binary = binary();
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if self.tls.is_some() {
+            command.arg(format!(
+                "--web.config.file={}",
+                self.dir.join("web.yml").display()
+            ));
+        }
+        let child = command
             .arg(format!(
                 "--config.file={}",
                 self.dir.join("prometheus.yml").display()
@@ -148,7 +189,7 @@ impl Prometheus {
                     self.dir.join("prometheus.log").display()
                 );
             }
-            if ready(self.port) {
+            if ready(self.port, self.tls.is_some()) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -170,9 +211,10 @@ impl Prometheus {
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` when serving TLS).
     pub fn address(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The port.
@@ -243,7 +285,9 @@ impl Prometheus {
     }
 }
 
-fn ready(port: u16) -> bool {
+/// Whether Prometheus answers `/-/ready`; over TLS, whether its TLS listener is up (it answers
+/// a plain request with 400 "Client sent an HTTP request to an HTTPS server").
+fn ready(port: u16, tls: bool) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
@@ -259,7 +303,8 @@ fn ready(port: u16) -> bool {
         return false;
     }
     let mut head = [0u8; 12];
-    stream.read_exact(&mut head).is_ok() && &head[9..12] == b"200"
+    let expected: &[u8] = if tls { b"400" } else { b"200" };
+    stream.read_exact(&mut head).is_ok() && &head[9..12] == expected
 }
 
 impl Drop for Prometheus {

@@ -1,6 +1,6 @@
 //! What a step asks the executor to do.
 
-use crate::spec::{CanaryStatus, MetricCheck, Phase, Timestamp, Webhook, Weight};
+use crate::spec::{AlertSeverity, CanaryStatus, MetricCheck, Phase, Timestamp, Webhook, Weight};
 use serde::{Deserialize, Serialize};
 
 /// The result of calling [`step`](super::step).
@@ -89,6 +89,21 @@ pub enum Effect {
     CallWebhook(WebhookCall),
     /// Record an event (a Kubernetes Event, a log line locally).
     Event(Event),
+    /// Send an alert to the Canary's alert providers whose severity it reaches (Flagger's
+    /// `alert`); delivered in the background, its outcome changes nothing.
+    Alert(Alert),
+}
+
+/// An alert, in Flagger's words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// How serious it is.
+    pub severity: AlertSeverity,
+    /// The message.
+    pub message: String,
+    /// Whether the Canary's details go with it (target, failed checks threshold, progress
+    /// deadline, traffic routing), as Flagger sends them with the new-revision alerts.
+    pub details: bool,
 }
 
 /// Direction of a canary scale.

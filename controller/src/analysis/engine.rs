@@ -3,12 +3,14 @@
 //! listed in the module documentation of [`analysis`](super).
 
 use super::check::{evaluate, CheckResult, Verdict};
-use super::effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
+use super::effect::{
+    Alert, Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall,
+};
 use super::judge::{self, JudgeResult};
 use super::observe::{Observations, OperatorRequest, Readiness, Verb, WebhookResult};
 use crate::spec::{
-    format_go_duration, CanaryPlan, CanaryStatus, Condition, Decision, HookKind, MetricCheck,
-    Pause, PauseCause, Phase, Strategy, Timestamp, Webhook, Weight,
+    format_go_duration, AlertSeverity, CanaryPlan, CanaryStatus, Condition, Decision, HookKind,
+    MetricCheck, Pause, PauseCause, Phase, Strategy, Timestamp, Webhook, Weight,
 };
 use std::time::Duration;
 
@@ -191,6 +193,16 @@ impl<'a> Run<'a> {
 
     fn info(&mut self, reason: &str, message: String) {
         self.event(Severity::Normal, reason, message);
+    }
+
+    /// An alert for the Canary's alert providers, where Flagger sends one and in its words;
+    /// `details` adds the target, threshold, deadline and routing fields.
+    fn alert(&mut self, severity: AlertSeverity, message: &str, details: bool) {
+        self.effects.push(Effect::Alert(Alert {
+            severity,
+            message: message.to_owned(),
+            details,
+        }));
     }
 
     fn warn(&mut self, reason: &str, message: String) {
@@ -509,6 +521,16 @@ impl<'a> Run<'a> {
         );
     }
 
+    /// Flagger's alert when a rollback follows an exceeded deadline (a failed promotion has its
+    /// own).
+    fn deadline_alert(&mut self, message: &str) {
+        self.alert(
+            AlertSeverity::Error,
+            &format!("Progress deadline exceeded {message}"),
+            false,
+        );
+    }
+
     /// First sighting: create the primary from the target, or keep the primary that already
     /// runs (then `lastPromotedSpec` is set from the start, which marks the adoption).
     fn initialize(&mut self) -> Flow {
@@ -579,6 +601,14 @@ impl<'a> Run<'a> {
         self.s.canary_weight = Weight::ZERO;
         self.s.last_promoted_spec = self.s.last_applied_spec.clone();
         self.info("Initialized", format!("Initialization done! {}", self.id()));
+        self.alert(
+            AlertSeverity::Info,
+            &format!(
+                "New {} detected, initialization completed.",
+                self.plan.target.kind
+            ),
+            true,
+        );
         Ok(())
     }
 
@@ -640,6 +670,13 @@ impl<'a> Run<'a> {
                                 hook.name
                             ),
                         );
+                        if !hook.mute_alert {
+                            self.alert(
+                                AlertSeverity::Warn,
+                                "Canary is waiting for approval.",
+                                false,
+                            );
+                        }
                     }
                     return Ok(());
                 }
@@ -666,6 +703,11 @@ impl<'a> Run<'a> {
                 format!("New revision detected! Scaling up {}", self.target_id()),
             );
         }
+        self.alert(
+            AlertSeverity::Info,
+            "New revision detected, progressing canary analysis.",
+            true,
+        );
         self.effects.push(Effect::ScaleCanary(Scale::Up));
         self.restart_analysis();
         Ok(())
@@ -712,7 +754,10 @@ impl<'a> Run<'a> {
                         // The canary is the only healthy copy of the new revision: keep serving
                         // from it rather than roll back onto the unhealthy primary.
                         Phase::Promoting | Phase::Finalising => self.fail_promotion(&message),
-                        _ => self.rollback(),
+                        _ => {
+                            self.deadline_alert(&message);
+                            self.rollback()
+                        }
                     };
                 }
                 Readiness::Ready => self.s.primary_not_ready_since = None,
@@ -744,6 +789,7 @@ impl<'a> Run<'a> {
                     let since = self.old.not_ready_since.unwrap_or(self.now);
                     self.s.not_ready_since = Some(since);
                     if self.past_deadline(since) {
+                        self.deadline_alert(&message);
                         self.deadline_exceeded(message, since);
                         return self.rollback();
                     }
@@ -766,6 +812,11 @@ impl<'a> Run<'a> {
                         self.warn(
                             "Rollback",
                             format!("Rolling back {} manual webhook invoked", self.id()),
+                        );
+                        self.alert(
+                            AlertSeverity::Warn,
+                            "Rolling back manual webhook invoked",
+                            false,
                         );
                         return self.rollback();
                     }
@@ -986,6 +1037,8 @@ impl<'a> Run<'a> {
                     self.s.failed_checks
                 ),
             );
+            let message = format!("Failed checks threshold reached {}", self.s.failed_checks);
+            self.alert(AlertSeverity::Error, &message, false);
         }
         self.route_to(Route::Primary);
         self.warn(
@@ -1013,6 +1066,11 @@ impl<'a> Run<'a> {
                 "Promotion of {} failed, primary not ready: {readiness}",
                 self.target_id()
             ),
+        );
+        self.alert(
+            AlertSeverity::Error,
+            &format!("Promotion failed, primary not ready: {readiness}"),
+            false,
         );
         self.route_to(Route::Weighted(Weight::FULL));
         self.s.phase = Some(Phase::Failed);
@@ -1060,6 +1118,11 @@ impl<'a> Run<'a> {
                 "Promotion completed! Canary analysis was skipped for {}",
                 self.target_id()
             ),
+        );
+        self.alert(
+            AlertSeverity::Info,
+            "Canary analysis was skipped, promotion finished.",
+            false,
         );
         Ok(())
     }
@@ -1110,6 +1173,11 @@ impl<'a> Run<'a> {
         self.info(
             "Succeeded",
             format!("Promotion completed! Scaling down {}", self.target_id()),
+        );
+        self.alert(
+            AlertSeverity::Info,
+            "Canary analysis completed successfully, promotion finished.",
+            false,
         );
         Ok(())
     }
@@ -1204,6 +1272,13 @@ impl<'a> Run<'a> {
                             hook.name
                         ),
                     );
+                    if !hook.mute_alert {
+                        self.alert(
+                            AlertSeverity::Warn,
+                            "Canary traffic increase is waiting for approval.",
+                            false,
+                        );
+                    }
                     return Ok(false);
                 }
                 WebhookResult::Passed => self.info(
@@ -1230,6 +1305,13 @@ impl<'a> Run<'a> {
                                 hook.name
                             ),
                         );
+                        if !hook.mute_alert {
+                            self.alert(
+                                AlertSeverity::Warn,
+                                "Canary promotion is waiting for approval.",
+                                false,
+                            );
+                        }
                     }
                     return Ok(false);
                 }

@@ -178,7 +178,18 @@
 //!   back on <target>` after `Terminated canary ...` with `revertOnDeletion`.
 //! - Suspended steps (`skipping canary run as object is suspended`, as Flagger) are not kept in
 //!   the status' decision history, which is Weir's own.
-//! - Spec fields Weir parses but does not implement (alerts, ...) are named in a warning when the
+//! - Alerts are raised at Flagger's points with its texts and severities, but also after a retry
+//!   (`New revision detected, progressing canary analysis.`), and a failed promotion past the
+//!   deadline sends only `Promotion failed, ...` (Flagger's path does too) while a rollback past
+//!   the deadline sends `Progress deadline exceeded ...`. Without `spec.analysis.alerts` nothing
+//!   is sent (Flagger falls back to its global `-slack-url` notifier; Weir has none). The alert's
+//!   traffic-routing field always lists the weights (`Weight steps: 10,20,30 max: 30`), where
+//!   Flagger writes `Weight step: 10 max: 30` for a `stepWeight`.
+//! - Alert and event-hook deliveries leave the step: they are queued and sent in the background
+//!   (an alert with up to 3 attempts), where Flagger sends them inline during the step.
+//! - Webhooks: any 2xx passes (Flagger: a status above 202 fails); `retries` repeat at once
+//!   (Flagger's retryablehttp waits between tries and does not retry a 4xx).
+//! - Spec fields Weir parses but does not implement (for instance autoscaler fields it cannot honour) are named in a warning when the
 //!   Canary is loaded, rather than listed here.
 //!
 //! Session affinity and mirroring:
@@ -202,7 +213,7 @@ pub mod judge;
 mod observe;
 
 pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict, PROMETHEUS_SOURCE};
-pub use effect::{Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
+pub use effect::{Alert, Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
 pub use engine::{
     canary_runs, desired_route, next_step_at, request_fit, step, RequestFit, PAUSED_CONDITION,
 };

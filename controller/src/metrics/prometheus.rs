@@ -10,21 +10,21 @@
 //! What an answer means: one value is the measurement; an empty result or NaN is "no values"
 //! (the engine's Inconclusive, "probably … is not receiving traffic"); an unreachable server, a
 //! timeout, an HTTP error, a rejected query or an answer with several series is the Error
-//! verdict, which halts the analysis without counting a failed check. Only `http://` is
-//! supported for now (no TLS client is built in).
+//! verdict, which halts the analysis without counting a failed check.
+//!
+//! Queries go through the controller's shared HTTP client ([`crate::http`]): `http://` and
+//! `https://` (verified against the system's CAs and `--ca-file`; a MetricTemplate's
+//! `provider.insecureSkipVerify` skips the verification for its queries).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
 use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION};
-use hyper::{Request, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::Uri;
+
+use crate::http::{CallError, HttpClient};
 
 use super::template::{builtin_query, model, Templates, ISTIO_REQUEST_COUNT};
 use super::MetricSource;
@@ -37,10 +37,11 @@ pub const NAME: &str = crate::analysis::PROMETHEUS_SOURCE;
 /// How long one query may take (Flagger's Prometheus provider uses 5s too).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A Prometheus server's base URL, checked: `http://host:port` with an optional path prefix
+/// A Prometheus server's base URL, checked: `http(s)://host:port` with an optional path prefix
 /// (`http://gateway/prometheus`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct PrometheusAddress {
+    scheme: &'static str,
     authority: String,
     base_path: String,
 }
@@ -56,7 +57,7 @@ pub struct AddressError {
 }
 
 impl PrometheusAddress {
-    /// Parses `http://host:port[/prefix]`.
+    /// Parses `http(s)://host:port[/prefix]`.
     pub fn try_new(text: &str) -> Result<Self, AddressError> {
         let err = |problem: &str| AddressError {
             address: text.to_owned(),
@@ -66,15 +67,15 @@ impl PrometheusAddress {
         let uri: Uri = trimmed
             .parse()
             .map_err(|_| err("is not a URL; write it like http://prometheus.istio-system:9090"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+        let scheme = match uri.scheme_str() {
+            Some("http") => "http",
+            Some("https") => "https",
+            _ => {
                 return Err(err(
-                    "uses https, which is not supported yet: Weir queries Prometheus over plain http (use an http address, e.g. the in-cluster Service)",
+                    "must start with http:// or https://, e.g. http://prometheus:9090",
                 ))
             }
-            _ => return Err(err("must start with http://, e.g. http://prometheus:9090")),
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| err("has no host; write it like http://prometheus:9090"))?
@@ -83,6 +84,7 @@ impl PrometheusAddress {
             return Err(err("must not have a query string"));
         }
         Ok(Self {
+            scheme,
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
         })
@@ -91,7 +93,8 @@ impl PrometheusAddress {
     /// The instant-query URL for `promql`.
     fn query_uri(&self, promql: &str) -> Result<Uri, String> {
         format!(
-            "http://{}{}/api/v1/query?query={}",
+            "{}://{}{}/api/v1/query?query={}",
+            self.scheme,
             self.authority,
             self.base_path,
             percent_encode(promql)
@@ -103,7 +106,7 @@ impl PrometheusAddress {
 
 impl fmt::Display for PrometheusAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.base_path)
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
     }
 }
 
@@ -232,15 +235,18 @@ pub struct PrometheusConfig {
     pub credentials: Option<Credentials>,
     /// How long one query may take.
     pub timeout: Duration,
+    /// Skip TLS verification (a MetricTemplate's `provider.insecureSkipVerify`).
+    pub insecure_skip_verify: bool,
 }
 
 impl PrometheusConfig {
-    /// A server without authentication and with the default timeout.
+    /// A server without authentication, verified, with the default timeout.
     pub fn new(address: PrometheusAddress) -> Self {
         Self {
             address,
             credentials: None,
             timeout: DEFAULT_TIMEOUT,
+            insecure_skip_verify: false,
         }
     }
 }
@@ -428,10 +434,10 @@ fn squash_whitespace(query: &str) -> String {
     query.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// An HTTP client for the query API, shared by every query (keeps connections alive).
-#[derive(Clone)]
+/// The query API's client: the controller's shared HTTP client (keeps connections alive).
+#[derive(Clone, Debug)]
 pub struct PrometheusClient {
-    http: Client<HttpConnector, Empty<Bytes>>,
+    http: HttpClient,
 }
 
 impl Default for PrometheusClient {
@@ -440,23 +446,15 @@ impl Default for PrometheusClient {
     }
 }
 
-impl fmt::Debug for PrometheusClient {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PrometheusClient")
-    }
-}
-
 impl PrometheusClient {
-    /// A client (plain HTTP/1.1).
+    /// Queries through the process's shared client.
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        connector.set_nodelay(true);
-        Self {
-            http: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
-        }
+        Self::with_http(crate::http::shared().clone())
+    }
+
+    /// Queries through `http`.
+    pub fn with_http(http: HttpClient) -> Self {
+        Self { http }
     }
 
     /// Runs an instant query and returns its single value (`None`: empty result).
@@ -474,61 +472,35 @@ impl PrometheusClient {
             .address
             .query_uri(&squash_whitespace(promql))
             .map_err(|e| unusable(ResponseError::Malformed(e)))?;
-        let mut request = Request::get(uri).header(ACCEPT, "application/json");
+        let mut request = self
+            .http
+            .client(config.insecure_skip_verify)
+            .get(uri.to_string())
+            .header(ACCEPT, "application/json");
         if let Some(credentials) = &config.credentials {
             let header = credentials
                 .header()
                 .map_err(|e| unusable(ResponseError::Malformed(e)))?;
             request = request.header(AUTHORIZATION, header);
         }
-        let request = request
-            .body(Empty::new())
-            .map_err(|e| unusable(ResponseError::Malformed(e.to_string())))?;
-        let exchange = async {
-            let response =
-                self.http
-                    .request(request)
-                    .await
-                    .map_err(|e| QueryError::Unreachable {
-                        address: address.clone(),
-                        reason: error_chain(&e),
-                    })?;
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| QueryError::Unreachable {
-                    address: address.clone(),
-                    reason: format!("the answer broke off: {}", error_chain(&e)),
-                })?
-                .to_bytes();
-            Ok((status, body))
-        };
-        let (status, body) = tokio::time::timeout(config.timeout, exchange)
+        let answer = self
+            .http
+            .send(request, config.timeout)
             .await
-            .map_err(|_| QueryError::Timeout {
-                address: address.clone(),
-                timeout: config.timeout,
-            })??;
+            .map_err(|e| match e {
+                CallError::Timeout(timeout) => QueryError::Timeout {
+                    address: address.clone(),
+                    timeout,
+                },
+                CallError::Transport(reason) => QueryError::Unreachable {
+                    address: address.clone(),
+                    reason,
+                },
+                CallError::Request(reason) => unusable(ResponseError::Malformed(reason)),
+            })?;
+        let (status, body) = (answer.status, answer.body);
         parse_response(status, &body).map_err(unusable)
     }
-}
-
-/// An error and its sources, `outer: inner: innermost` (hyper's top-level message alone is
-/// "client error (Connect)").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// A query ready to run: where, what, and how to name it in messages.
@@ -584,6 +556,7 @@ impl PrometheusSource {
                 Ok(Some(PrometheusConfig {
                     credentials: global.and_then(|g| g.credentials.clone()),
                     timeout: self.timeout,
+                    insecure_skip_verify: global.is_some_and(|g| g.insecure_skip_verify),
                     address,
                 }))
             }
@@ -634,6 +607,7 @@ impl PrometheusSource {
                             .map_err(|e| format!("{what}: spec.provider.address: {e}"))?,
                         credentials: stored.credentials.clone(),
                         timeout: self.timeout,
+                        insecure_skip_verify: stored.plan.provider.insecure_skip_verify,
                     },
                     None => default_server(&what)?,
                 };
@@ -796,7 +770,7 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_plain_http_with_an_optional_prefix() {
+    fn addresses_are_http_or_https_with_an_optional_prefix() {
         let a = PrometheusAddress::try_new("http://prom.istio-system:9090/").unwrap();
         assert_eq!(a.to_string(), "http://prom.istio-system:9090");
         let uri = a.query_uri("sum(x{a=\"b\"}) * 100").unwrap();
@@ -810,10 +784,16 @@ mod tests {
             .unwrap()
             .to_string()
             .starts_with("http://gw/prometheus/api/v1/query?"));
-        let https = PrometheusAddress::try_new("https://prom:9090")
+        let https = PrometheusAddress::try_new("https://prom:9090").unwrap();
+        assert!(https
+            .query_uri("up")
+            .unwrap()
+            .to_string()
+            .starts_with("https://prom:9090/api/v1/query?"));
+        let ftp = PrometheusAddress::try_new("ftp://prom:9090")
             .unwrap_err()
             .to_string();
-        assert!(https.contains("not supported yet"), "{https}");
+        assert!(ftp.contains("must start with http:// or https://"), "{ftp}");
         assert!(PrometheusAddress::try_new("prom:9090").is_err());
         assert!(PrometheusAddress::try_new("http://").is_err());
     }

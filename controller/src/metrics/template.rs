@@ -330,7 +330,7 @@ impl Templates {
 use serde::Deserialize as _;
 
 /// A Secret manifest's keys: `stringData` as is, `data` base64-decoded.
-fn secret_data(secret: &serde_yaml::Value) -> Result<BTreeMap<String, Vec<u8>>, String> {
+pub(crate) fn secret_data(secret: &serde_yaml::Value) -> Result<BTreeMap<String, Vec<u8>>, String> {
     let mut out = BTreeMap::new();
     if let Some(data) = secret.get("data").and_then(serde_yaml::Value::as_mapping) {
         for (k, v) in data {

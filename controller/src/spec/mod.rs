@@ -38,6 +38,7 @@
 //! The status ([`CanaryStatus`]) keeps Flagger's field names and adds Weir's bookkeeping; it
 //! round-trips through JSON, with times as RFC 3339 strings ([`Timestamp`]).
 
+mod alert;
 mod duration;
 mod plan;
 mod resource;
@@ -48,6 +49,10 @@ mod time;
 mod validate;
 mod weight;
 
+pub use alert::{
+    AlertPlan, AlertProvider, AlertProviderError, AlertProviderPlan, AlertProviderSpec,
+    AlertProviderType, AlertSeverity, ResolvedProvider, ALERT_PROVIDER_TYPES,
+};
 pub use duration::{format_go_duration, parse_go_duration, serde_go, DurationError};
 pub use plan::{
     AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, JudgePlan,
@@ -57,10 +62,10 @@ pub use plan::{
     DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 pub use resource::{
-    AutoscalerReference, Canary, CanaryAnalysis, CanaryJudge, CanaryMetric, CanaryService,
-    CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectMeta,
-    ObjectReference, ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange, Unknown,
-    UnmanagedMetadata, REQUEST_ANNOTATION, RETRY_ANNOTATION,
+    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryJudge, CanaryMetric,
+    CanaryService, CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition,
+    ObjectMeta, ObjectReference, ScalerReplicas, SessionAffinity, StringMatch, ThresholdRange,
+    Unknown, UnmanagedMetadata, REQUEST_ANNOTATION, RETRY_ANNOTATION,
 };
 pub use routes::{
     CorsPolicy, HeaderOperations, HeaderOps, Retries, Rewrite, RouteMatch, RouteOptions,

@@ -220,6 +220,8 @@ pub struct AnalysisPlan {
     pub metrics: Vec<MetricCheck>,
     /// Webhooks, with unique names.
     pub webhooks: Vec<Webhook>,
+    /// Alerts, with unique names.
+    pub alerts: Vec<super::alert::AlertPlan>,
     /// Fewest requests a metric window must hold for a verdict; fewer is Inconclusive.
     pub min_sample_count: u64,
     /// Count Inconclusive checks as failed checks.
@@ -475,7 +477,8 @@ pub enum HookKind {
     PostRollout,
     /// Polled during analysis: OK rolls the canary back.
     Rollback,
-    /// Receives every event (not supported yet).
+    /// Receives every event (Flagger's payload, the event in `metadata`); its outcome changes
+    /// nothing.
     Event,
 }
 

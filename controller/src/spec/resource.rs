@@ -408,9 +408,9 @@ pub struct CanaryAnalysis {
     /// Checks run at every step.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<CanaryMetric>,
-    /// Alert providers to notify (not supported yet).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub alerts: Option<Value>,
+    /// Alert providers to notify, each with the least severity it is sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<CanaryAlert>,
     /// Gates, tests and notifications around the rollout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<CanaryWebhook>,
@@ -556,6 +556,28 @@ pub struct ThresholdRange {
     /// Largest accepted value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
+    /// Keys Flagger does not know.
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+/// One entry of `spec.analysis.alerts` (Flagger's `CanaryAlert`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("required" = ["name", "providerRef"]))]
+pub struct CanaryAlert {
+    /// The alert's name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// The least severity sent: `info` (everything, the default), `warn` (warnings and errors)
+    /// or `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["info", "warn", "error"]))]
+    pub severity: Option<String>,
+    /// The AlertProvider (`namespace` defaults to the Canary's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_ref: Option<ObjectReference>,
     /// Keys Flagger does not know.
     #[serde(flatten)]
     pub unknown: Unknown,

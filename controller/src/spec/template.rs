@@ -86,7 +86,8 @@ pub struct MetricTemplateProvider {
     /// A Secret (in the template's namespace) with `username` and `password`, or `token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
-    /// Skip TLS verification (has no effect: Weir speaks plain HTTP to Prometheus for now).
+    /// Skip TLS verification of an `https://` address (for a self-signed Prometheus; prefer
+    /// trusting its CA with the controller's `--ca-file`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_verify: bool,
     /// Keys Flagger does not know.
@@ -142,6 +143,8 @@ pub struct ProviderPlan {
     pub address: Option<String>,
     /// The name of the Secret holding its credentials, if any.
     pub secret_ref: Option<String>,
+    /// Skip TLS verification of an https address.
+    pub insecure_skip_verify: bool,
 }
 
 /// The provider types Weir implements.
@@ -215,12 +218,6 @@ impl MetricTemplate {
                 None
             }
         };
-        if provider.insecure_skip_verify {
-            warnings.push(
-                "spec.provider.insecureSkipVerify: ignored, Weir reaches Prometheus over plain HTTP (https is not supported yet)"
-                    .to_owned(),
-            );
-        }
         let address = provider.address.clone().filter(|a| !a.trim().is_empty());
         let secret_ref = match &provider.secret_ref {
             Some(r) if r.name.is_empty() => {
@@ -251,6 +248,7 @@ impl MetricTemplate {
                         kind,
                         address,
                         secret_ref,
+                        insecure_skip_verify: provider.insecure_skip_verify,
                     },
                     query,
                 },
@@ -568,16 +566,14 @@ spec:
     }
 
     #[test]
-    fn unknown_keys_and_insecure_skip_verify_are_warnings() {
-        let (_, warnings) = template(
+    fn unknown_keys_are_warnings_and_insecure_skip_verify_is_kept() {
+        let (plan, warnings) = template(
             "apiVersion: weir.dev/v1alpha1\nkind: MetricTemplate\nmetadata: {name: t}\nspec: {provider: {type: prometheus, insecureSkipVerify: true, region: x}, query: 'vector(1)', extra: 1}",
         )
         .compile("app")
         .unwrap();
-        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings.iter().any(|w| w.contains("spec.provider.region")));
-        assert!(warnings
-            .iter()
-            .any(|w| w.contains("https is not supported")));
+        assert!(plan.provider.insecure_skip_verify);
     }
 }

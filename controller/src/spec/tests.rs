@@ -386,9 +386,46 @@ fn fields_weir_does_not_implement_yet_are_listed_not_ignored_silently() {
     assert_eq!(
         warnings(&yaml),
         vec![
-            "spec.analysis.alerts: not supported yet, ignored",
-            "spec.analysis.webhooks[0].type: not supported yet, ignored",
             "spec.analysis.sessionAffinity: ignored, session affinity applies to progressive traffic shifting (stepWeight or stepWeights), not to iterations",
+        ]
+    );
+}
+
+#[test]
+fn alerts_are_checked_with_flaggers_defaults() {
+    let plan = crate::spec::load_yaml(&with_analysis(
+        "analysis:
+  stepWeight: 10
+  alerts:
+  - name: on-call
+    severity: error
+    providerRef: {name: pager, namespace: ops}
+  - name: chat
+    providerRef: {name: slack}",
+    ))
+    .unwrap()
+    .plan;
+    let alerts = &plan.analysis.alerts;
+    assert_eq!(alerts[0].severity, crate::spec::AlertSeverity::Error);
+    assert_eq!(alerts[0].provider_id(), "ops/pager");
+    assert_eq!(alerts[1].severity, crate::spec::AlertSeverity::Info);
+    assert_eq!(alerts[1].provider_id(), format!("{}/slack", plan.namespace));
+    let bad = errors(&with_analysis(
+        "analysis:
+  stepWeight: 10
+  alerts:
+  - name: a
+    severity: critical
+    providerRef: {name: x}
+  - name: a
+    providerRef: {}",
+    ));
+    assert_eq!(
+        bad,
+        vec![
+            "spec.analysis.alerts[0].severity: `critical` is not supported, expected info, warn or error",
+            "spec.analysis.alerts[1].name: duplicate name `a`; names must be unique",
+            "spec.analysis.alerts[1].providerRef.name: is required: the name of an AlertProvider",
         ]
     );
 }

@@ -1,6 +1,7 @@
 //! Validation: a parsed [`Canary`] becomes a [`CanaryPlan`] plus warnings, or a list of every
 //! problem found (not just the first), each naming the field path and the rule it breaks.
 
+use super::alert::{AlertPlan, AlertSeverity};
 use super::duration::{parse_go_duration, DurationError};
 use super::plan::{
     AnalysisPlan, AutoscalerKind, AutoscalerPlan, CanaryPlan, HeaderRule, HookKind, JudgePlan,
@@ -10,9 +11,9 @@ use super::plan::{
     DEFAULT_MIN_SAMPLE_COUNT, REQUEST_DURATION, REQUEST_SUCCESS_RATE,
 };
 use super::resource::{
-    AutoscalerReference, Canary, CanaryAnalysis, CanaryJudge, CanaryMetric, CanaryService,
-    CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition, ObjectReference,
-    Unknown,
+    AutoscalerReference, Canary, CanaryAlert, CanaryAnalysis, CanaryJudge, CanaryMetric,
+    CanaryService, CanarySpec, CanaryWebhook, CustomMetadata, IntOrString, MatchCondition,
+    ObjectReference, Unknown,
 };
 use super::weight::Weight;
 use serde_json::Value;
@@ -288,12 +289,6 @@ impl Checker {
     fn unknown(&mut self, path: &str, unknown: &Unknown) {
         for key in unknown.keys() {
             self.warn(join(path, key), WarningKind::UnknownField);
-        }
-    }
-
-    fn not_supported(&mut self, path: &str, value: &Option<Value>) {
-        if value.is_some() {
-            self.warn(path, WarningKind::NotSupportedYet);
         }
     }
 
@@ -946,7 +941,7 @@ impl Checker {
                 ignored_kind("mirrorWeight is the share of traffic mirrored with mirror: true"),
             );
         }
-        self.not_supported(&p("alerts"), &a.alerts);
+        let alerts = self.alerts(&p("alerts"), &a.alerts, namespace);
         let primary_ready_threshold = self.percent(
             &p("primaryReadyThreshold"),
             a.primary_ready_threshold,
@@ -1176,6 +1171,7 @@ impl Checker {
             step_weight_promotion,
             metrics,
             webhooks,
+            alerts,
             min_sample_count,
             inconclusive_counts_as_failure: a.inconclusive_counts_as_failure.unwrap_or(false),
             inconclusive_limit,
@@ -1449,6 +1445,64 @@ impl Checker {
         })
     }
 
+    fn alerts(&mut self, path: &str, list: &[CanaryAlert], namespace: &str) -> Vec<AlertPlan> {
+        let mut names = BTreeSet::new();
+        let mut alerts = Vec::new();
+        for (i, alert) in list.iter().enumerate() {
+            let apath = format!("{path}[{i}]");
+            self.unknown(&apath, &alert.unknown);
+            let reference = alert.provider_ref.clone().unwrap_or_default();
+            self.unknown(&join(&apath, "providerRef"), &reference.unknown);
+            if alert.name.is_empty() {
+                self.error(
+                    join(&apath, "name"),
+                    Rule::Required {
+                        hint: "a unique name for the alert".into(),
+                    },
+                );
+            } else if !names.insert(alert.name.clone()) {
+                self.error(
+                    join(&apath, "name"),
+                    Rule::Duplicate {
+                        name: alert.name.clone(),
+                    },
+                );
+            }
+            let severity = alert.severity.as_deref().unwrap_or("");
+            let Some(severity) = AlertSeverity::parse(severity) else {
+                self.error(
+                    join(&apath, "severity"),
+                    Rule::NotOneOf {
+                        got: severity.to_owned(),
+                        expected: "info, warn or error".to_owned(),
+                    },
+                );
+                continue;
+            };
+            let provider = reference.name.clone().unwrap_or_default();
+            if provider.is_empty() {
+                self.error(
+                    join(&apath, "providerRef.name"),
+                    Rule::Required {
+                        hint: "the name of an AlertProvider".into(),
+                    },
+                );
+                continue;
+            }
+            alerts.push(AlertPlan {
+                name: alert.name.clone(),
+                severity,
+                provider_namespace: reference
+                    .namespace
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| namespace.to_owned()),
+                provider_name: provider,
+            });
+        }
+        alerts
+    }
+
     fn webhook(&mut self, path: &str, w: &CanaryWebhook) -> Option<Webhook> {
         self.unknown(path, &w.unknown);
         let name_ok = !w.name.is_empty();
@@ -1473,9 +1527,6 @@ impl Checker {
                 return None;
             }
         };
-        if kind == HookKind::Event {
-            self.warn(join(path, "type"), WarningKind::NotSupportedYet);
-        }
         let url = w.url.clone().unwrap_or_default();
         if url.is_empty() {
             self.error(

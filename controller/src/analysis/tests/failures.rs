@@ -475,3 +475,59 @@ fn an_unready_canary_does_not_hold_a_promotion_that_moves_traffic_off_it() {
     );
     assert_eq!(sim.status.phase, Some(Phase::Succeeded));
 }
+
+#[test]
+fn alerts_are_raised_where_flagger_raises_them_with_its_severities() {
+    use crate::spec::AlertSeverity::{Error, Info, Warn};
+    let mut sim = Sim::new(mhs_plus(
+        "  webhooks:\n  - name: more\n    type: confirm-traffic-increase\n    url: http://gate/\n  - name: quiet\n    type: confirm-traffic-increase\n    url: http://gate/\n    muteAlert: true",
+    ));
+    sim.hook("more", WebhookResult::Passed);
+    sim.hook("quiet", WebhookResult::Passed);
+    sim.tick();
+    let initialized = sim.tick();
+    assert_eq!(
+        alerts(&initialized),
+        vec![(
+            Info,
+            "New Deployment detected, initialization completed.".to_owned()
+        )]
+    );
+    sim.obs.revision = "r2".into();
+    let detected = sim.tick();
+    assert_eq!(
+        alerts(&detected),
+        vec![(
+            Info,
+            "New revision detected, progressing canary analysis.".to_owned()
+        )]
+    );
+    assert!(detected
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::Alert(a) if a.details)));
+    sim.tick();
+    sim.hook("more", failed());
+    assert_eq!(
+        alerts(&sim.tick()),
+        vec![(
+            Warn,
+            "Canary traffic increase is waiting for approval.".to_owned()
+        )]
+    );
+    // A muted gate holds the weight without an alert.
+    sim.hook("more", WebhookResult::Passed);
+    sim.hook("quiet", failed());
+    let muted = sim.tick();
+    assert!(alerts(&muted).is_empty(), "{:?}", muted.effects);
+    sim.hook("quiet", WebhookResult::Passed);
+    sim.fail_metric(REQUEST_SUCCESS_RATE, 90.0, 1000);
+    let mut last = Vec::new();
+    while sim.status.phase != Some(Phase::Failed) {
+        last = alerts(&sim.tick());
+    }
+    assert_eq!(
+        last,
+        vec![(Error, "Failed checks threshold reached 5".to_owned())]
+    );
+}

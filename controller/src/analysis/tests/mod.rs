@@ -317,12 +317,23 @@ fn messages(step: &Step) -> Vec<String> {
     step.events().map(|e| e.message.clone()).collect()
 }
 
-/// The non-event effects of a step.
+/// The effects of a step on the world: neither events nor alerts.
 fn actions(step: &Step) -> Vec<Effect> {
     step.effects
         .iter()
-        .filter(|e| !matches!(e, Effect::Event(_)))
+        .filter(|e| !matches!(e, Effect::Event(_) | Effect::Alert(_)))
         .cloned()
+        .collect()
+}
+
+/// The alerts of a step: severity and message.
+fn alerts(step: &Step) -> Vec<(crate::spec::AlertSeverity, String)> {
+    step.effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Alert(a) => Some((a.severity, a.message.clone())),
+            _ => None,
+        })
         .collect()
 }
 

@@ -16,7 +16,7 @@ use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::spec::{self, CanarySpec, CanaryStatus, MetricTemplateSpec};
+use crate::spec::{self, AlertProviderSpec, CanarySpec, CanaryStatus, MetricTemplateSpec};
 
 /// The `spec` of a [`CanaryResource`]: the Canary spec of [`crate::spec`], unchanged on the wire.
 #[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -136,6 +136,62 @@ impl MetricTemplateResource {
             unknown: Default::default(),
         }
     }
+}
+
+/// The `spec` of an [`AlertProviderResource`]: Flagger's AlertProvider spec (type, channel,
+/// username, address or secretRef), as [`crate::spec`] reads it.
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "AlertProvider",
+    root = "AlertProviderResource",
+    namespaced,
+    schema = "disabled",
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#
+)]
+#[serde(transparent)]
+pub struct AlertProviderResourceSpec(pub AlertProviderSpec);
+
+impl AlertProviderResource {
+    /// The resource as [`crate::spec`] reads it (for [`spec::AlertProvider::compile`]).
+    pub fn to_spec_provider(&self) -> spec::AlertProvider {
+        let meta = &self.metadata;
+        spec::AlertProvider {
+            api_version: spec::API_VERSION.to_owned(),
+            kind: "AlertProvider".to_owned(),
+            metadata: spec::ObjectMeta {
+                name: meta.name.clone().unwrap_or_default(),
+                namespace: meta.namespace.clone(),
+                annotations: meta.annotations.clone().unwrap_or_default(),
+                labels: meta.labels.clone().unwrap_or_default(),
+                generation: meta.generation,
+            },
+            spec: self.spec.0.clone(),
+            unknown: Default::default(),
+        }
+    }
+}
+
+/// Only for schema generation: an AlertProvider's `spec`.
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct AlertProviderSchema {
+    /// Where and how alerts are sent (Flagger's `spec` field names).
+    spec: AlertProviderSpec,
+}
+
+/// The CRD of [`AlertProviderResource`], with the schema generated from [`crate::spec`].
+pub fn alert_provider_crd() -> CustomResourceDefinition {
+    let mut crd = AlertProviderResource::crd();
+    for version in &mut crd.spec.versions {
+        version.schema = Some(
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceValidation {
+                open_api_v3_schema: Some(structural_schema::<AlertProviderSchema>()),
+            },
+        );
+    }
+    crd
 }
 
 /// Only for schema generation: a MetricTemplate's `spec`.
@@ -258,6 +314,7 @@ pub fn crd_files() -> Vec<(Cow<'static, str>, String)> {
             "metrictemplate.yaml".into(),
             to_yaml(&metric_template_crd()),
         ),
+        ("alertprovider.yaml".into(), to_yaml(&alert_provider_crd())),
     ]
 }
 

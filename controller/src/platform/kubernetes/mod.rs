@@ -11,6 +11,7 @@
 //!   Canary, the finalizer, requeues;
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease;
 //! - [`templates`]: MetricTemplates from the cluster for the Prometheus source;
+//! - [`alerts`]: AlertProviders (and their Secrets) from the cluster for the alerts;
 //! - [`filter_install`]: the WasmPlugin (or EnvoyFilter) that puts the filter into opted-in
 //!   Pods and gateways, pointing at the module the controller serves;
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics` and the filter module;
@@ -36,6 +37,7 @@
 //! serving; applied again, it keeps that primary as it is and analyses a target that differs
 //! as a new revision, instead of copying it to the primary unanalysed at initialization.
 
+pub mod alerts;
 pub mod autoscalers;
 pub mod configs;
 pub mod crd;

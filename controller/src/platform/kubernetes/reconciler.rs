@@ -115,6 +115,8 @@ pub struct Context<M> {
     recorder: journal::Recorder,
     /// `(uid, generation)` whose validation problems were already reported, per Canary key.
     announced: Mutex<HashMap<String, (String, Option<i64>)>>,
+    /// Where alerts and event-hook deliveries go.
+    notifier: crate::notify::Notifier,
     /// Counters.
     pub stats: Stats,
     /// Each stepped canary's plan and next step, for its live numbers (`/live/...`).
@@ -130,7 +132,12 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             instance: settings.instance.clone(),
             series: journal::EventSeriesCache::default(),
         };
+        let notifier = crate::notify::Notifier::start(
+            Arc::new(super::alerts::ClusterProviders::new(client.clone())),
+            crate::http::shared().clone(),
+        );
         Self {
+            notifier,
             client,
             recorder,
             settings: Arc::new(settings),
@@ -282,7 +289,8 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
                 reason,
             })
         })?
-        .with_confirm_wait(self.confirm_wait);
+        .with_confirm_wait(self.confirm_wait)
+        .with_notifier(self.notifier.clone());
         let entry = Arc::new(tokio::sync::Mutex::new(Entry {
             runner,
             view: view.clone(),

@@ -1,0 +1,235 @@
+//! The one HTTP client the controller calls out with: webhooks, alerts and Prometheus queries
+//! all go through it (reqwest over rustls), so they share connection pools, TLS settings and
+//! timeouts.
+//!
+//! Which servers are trusted: the system's trust store (`/etc/ssl/certs` on Debian, which the
+//! image installs) plus the PEM certificates of `--ca-file` / `WEIR_CA_FILE` (a private CA, the
+//! mesh's root, a test CA). A webhook's `disableTLS` and a MetricTemplate's
+//! `provider.insecureSkipVerify` skip verification for that call only, as in Flagger.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How long a connection may take to open (TCP and TLS), whatever the request's own timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to build the client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpOptions {
+    /// A PEM file of CA certificates to trust besides the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl HttpOptions {
+    /// The options the environment gives: `WEIR_CA_FILE` when set and not empty.
+    pub fn from_env() -> Self {
+        Self {
+            ca_file: std::env::var_os("WEIR_CA_FILE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+        }
+    }
+}
+
+/// Why the client cannot be built, or a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The CA file cannot be read or holds no certificate.
+    #[error("CA file {path}: {reason}; pass a PEM file of CA certificates with --ca-file (WEIR_CA_FILE)")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The TLS backend could not start.
+    #[error("cannot build the HTTP client: {0}")]
+    Build(String),
+}
+
+/// A call that got no answer, in words that say where it stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// No answer within the timeout.
+    #[error("no answer within {}", crate::spec::format_go_duration(*.0))]
+    Timeout(Duration),
+    /// No connection, a TLS failure, a broken answer.
+    #[error("{0}")]
+    Transport(String),
+    /// The URL or a header cannot be sent.
+    #[error("{0}")]
+    Request(String),
+}
+
+/// An answer: its status and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+impl Answer {
+    /// The start of the body as text, for error messages.
+    pub fn snippet(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let text = text.trim();
+        match text.char_indices().nth(200) {
+            Some((i, _)) => format!("{}…", &text[..i]),
+            None => text.to_owned(),
+        }
+    }
+}
+
+/// The shared client: one verifying, one for the calls that asked to skip verification.
+#[derive(Clone)]
+pub struct HttpClient {
+    verified: reqwest::Client,
+    unverified: reqwest::Client,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpClient")
+    }
+}
+
+impl HttpClient {
+    /// A client trusting the system's store and the certificates of `options.ca_file`.
+    pub fn try_new(options: &HttpOptions) -> Result<Self, HttpError> {
+        let extra = match &options.ca_file {
+            Some(path) => read_ca_file(path)?,
+            None => Vec::new(),
+        };
+        let base = || {
+            reqwest::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .pool_idle_timeout(Duration::from_secs(30))
+                .tcp_nodelay(true)
+                .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
+                // A proxy only when asked for per call (an AlertProvider's `proxy`): Weir talks
+                // to in-cluster services, which a system-wide proxy setting must not divert.
+                .no_proxy()
+        };
+        let mut verified = base();
+        for certificate in extra {
+            verified = verified.add_root_certificate(certificate);
+        }
+        Ok(Self {
+            verified: verified
+                .build()
+                .map_err(|e| HttpError::Build(error_chain(&e)))?,
+            unverified: base()
+                .danger_accept_invalid_certs(true)
+                .build()
+                .map_err(|e| HttpError::Build(error_chain(&e)))?,
+        })
+    }
+
+    /// The client for a call: verifying, unless `skip_verify`.
+    pub fn client(&self, skip_verify: bool) -> &reqwest::Client {
+        if skip_verify {
+            &self.unverified
+        } else {
+            &self.verified
+        }
+    }
+
+    /// Sends `request` (built from [`HttpClient::client`]) and reads the whole answer within
+    /// `timeout`.
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Answer, CallError> {
+        let exchange = async {
+            let response = request.send().await.map_err(|e| {
+                if e.is_builder() {
+                    CallError::Request(error_chain(&e))
+                } else {
+                    CallError::Transport(error_chain(&e))
+                }
+            })?;
+            let status = response.status().as_u16();
+            let body = response.bytes().await.map_err(|e| {
+                CallError::Transport(format!("the answer broke off: {}", error_chain(&e)))
+            })?;
+            Ok(Answer { status, body })
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(CallError::Timeout(timeout)))
+    }
+
+    /// POSTs `body` as JSON.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+        skip_verify: bool,
+    ) -> Result<Answer, CallError> {
+        let request = self
+            .client(skip_verify)
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        self.send(request, timeout).await
+    }
+}
+
+fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, HttpError> {
+    let err = |reason: String| HttpError::CaFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(format!("cannot be read ({e})")))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| err(format!("is not PEM ({e})")))?;
+    if certificates.is_empty() {
+        return Err(err("holds no CERTIFICATE block".to_owned()));
+    }
+    Ok(certificates)
+}
+
+static SHARED: OnceLock<HttpClient> = OnceLock::new();
+
+/// Makes `client` the process's shared client. Call it once at start-up, before any call goes
+/// out; `Err` gives the client back when one is already in use.
+pub fn install(client: HttpClient) -> Result<(), HttpClient> {
+    SHARED.set(client)
+}
+
+/// The process's shared client: the one [`install`]ed, else one built from the environment
+/// (`WEIR_CA_FILE`), else one trusting the system's store only (the problem logged).
+pub fn shared() -> &'static HttpClient {
+    SHARED.get_or_init(|| {
+        HttpClient::try_new(&HttpOptions::from_env()).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "falling back to an HTTP client that trusts the system's CAs only");
+            // Building without extra certificates fails only if TLS cannot start at all, and
+            // then no client can be had: the first call reports the broken TLS setup.
+            HttpClient::try_new(&HttpOptions::default()).unwrap_or_else(|_| HttpClient {
+                verified: reqwest::Client::new(),
+                unverified: reqwest::Client::new(),
+            })
+        })
+    })
+}
+
+/// An error and its sources, `outer: inner: innermost` (reqwest's top-level message alone is
+/// "error sending request").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}

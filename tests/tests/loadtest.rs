@@ -1,0 +1,115 @@
+//! `weir loadtest` (issue 12, item 5): flagger-loadtester's gates with its semantics, and hey
+//! commands turned into that load, counted at a real receiver on 127.0.0.1.
+
+use std::time::Duration;
+
+use serde_json::json;
+use weir_controller::http::{HttpClient, HttpOptions};
+use weir_controller::loadtest::LoadTester;
+use weir_e2e::receiver::Receiver;
+
+async fn post(http: &HttpClient, url: &str, body: serde_json::Value) -> (u16, String) {
+    let answer = http
+        .post_json(url, &body, Duration::from_secs(30), false)
+        .await
+        .expect("the load tester answers");
+    (
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gates_open_and_close_per_canary_as_flagger_loadtesters_do() {
+    let http = HttpClient::try_new(&HttpOptions::default()).unwrap();
+    let (addr, task) = LoadTester::new(http.clone())
+        .serve("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = |path: &str| format!("http://{addr}{path}");
+    let mhs = json!({"name": "mhs", "namespace": "application", "phase": "Progressing"});
+    let other = json!({"name": "other", "namespace": "application"});
+    assert_eq!(post(&http, &url("/gate/approve"), mhs.clone()).await.0, 200);
+    assert_eq!(post(&http, &url("/gate/halt"), mhs.clone()).await.0, 403);
+    for (check, open, close) in [
+        ("/gate/check", "/gate/open", "/gate/close"),
+        ("/rollback/check", "/rollback/open", "/rollback/close"),
+    ] {
+        assert_eq!(
+            post(&http, &url(check), mhs.clone()).await.0,
+            403,
+            "{check} closed at first"
+        );
+        assert_eq!(post(&http, &url(open), mhs.clone()).await.0, 202);
+        assert_eq!(
+            post(&http, &url(check), mhs.clone()).await,
+            (200, "Approved".to_owned())
+        );
+        assert_eq!(
+            post(&http, &url(check), other.clone()).await.0,
+            403,
+            "per canary"
+        );
+        assert_eq!(post(&http, &url(close), mhs.clone()).await.0, 202);
+        assert_eq!(post(&http, &url(check), mhs.clone()).await.0, 403);
+    }
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hey_command_sends_the_load_it_asks_for_and_other_commands_are_refused() {
+    let http = HttpClient::try_new(&HttpOptions::default()).unwrap();
+    let (addr, task) = LoadTester::new(http.clone())
+        .serve("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let receiver = Receiver::start().await.unwrap();
+    let hook = |cmd: String| {
+        json!({"name": "mhs", "namespace": "application", "phase": "Progressing",
+               "metadata": {"type": "cmd", "cmd": cmd, "blocking": "true"}})
+    };
+    // -n: exactly that many requests, spread over the workers, with the method, header and body.
+    let cmd = format!(
+        "hey -n 30 -c 3 -m POST -H 'X-Load: weir' -d '{{\"a\": 1}}' {}",
+        receiver.url("/counted")
+    );
+    let (status, text) = post(&http, &format!("http://{addr}/"), hook(cmd)).await;
+    assert_eq!(status, 200, "{text}");
+    let counted = receiver.at("/counted");
+    assert_eq!(counted.len(), 30);
+    assert!(counted.iter().all(|r| r.method == "POST"
+        && r.headers["x-load"] == "weir"
+        && r.json() == json!({"a": 1})));
+
+    // -z with -q and -c: 2 workers at 10 per second for 2 seconds, about 40 requests.
+    let cmd = format!("hey -z 2s -q 10 -c 2 {}", receiver.url("/paced"));
+    let (status, text) = post(&http, &format!("http://{addr}/"), hook(cmd)).await;
+    assert_eq!(status, 200, "{text}");
+    let paced = receiver.at("/paced").len();
+    assert!(
+        (30..=42).contains(&paced),
+        "{paced} requests for 2 x 10/s over 2s"
+    );
+
+    // Not hey: refused, saying what runs.
+    let (status, text) = post(
+        &http,
+        &format!("http://{addr}/"),
+        hook("curl -s http://x/".into()),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        text.contains("`curl` is not supported") && text.contains("hey"),
+        "{text}"
+    );
+    let mut helm = hook("helm test app".into());
+    helm["metadata"]["type"] = json!("helm");
+    let (status, text) = post(&http, &format!("http://{addr}/"), helm).await;
+    assert_eq!(status, 400);
+    assert!(
+        text.contains("metadata.type `helm` is not supported"),
+        "{text}"
+    );
+    task.abort();
+}
