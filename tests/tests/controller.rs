@@ -610,8 +610,15 @@ fn weir_demo_runs_the_tutorials_experiments_and_exits_zero() {
         "`weir demo` exits 0, got {status}; its last lines:\n{tail}"
     );
     assert!(
-        printed.contains("All three experiments ended as expected."),
+        printed.contains("All experiments ended as expected."),
         "`weir demo` says every experiment ended as expected; its last lines:\n{tail}"
+    );
+    // The judge's two experiments: client-requested 500s on both versions pass the judge, and
+    // a canary failing on its own is rolled back on the judge's evidence.
+    assert!(
+        printed.contains("judge pass: canary failure rate")
+            && printed.contains("Rolling back mhs.application: canary failure rate"),
+        "the demo shows the judge passing experiment 2's canary and rolling back a failing one:\n{tail}"
     );
     assert!(
         printed.contains("Promotion completed!") && printed.contains("Rolling back"),
