@@ -733,3 +733,15 @@ fn with_step_weight_and_step_weights_the_last_entry_is_the_maximum_weight_as_in_
         ]
     );
 }
+
+#[test]
+fn a_canary_survives_a_json_round_trip_with_its_numbers_exact() {
+    // Found by the Canary fuzz target: without serde_json's exact float parsing,
+    // 5.033333333333334e+108 came back from a JSON round trip as ...335e+108.
+    let yaml =
+        with_analysis("  threshold: 2\n  iterations: 10\n  someNumber: 5.033333333333334e+108\n");
+    let canary: Canary = serde_yaml::from_str(&yaml).unwrap();
+    let json = serde_json::to_string(&canary).unwrap();
+    let back: Canary = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, canary, "{json}");
+}
