@@ -30,18 +30,18 @@ spec:
     )
 }
 
-fn compile(yaml: &str) -> Result<Compiled, ValidationErrors> {
+pub(super) fn compile(yaml: &str) -> Result<Compiled, ValidationErrors> {
     from_yaml(yaml).expect("parses").compile()
 }
 
-fn errors(yaml: &str) -> Vec<String> {
+pub(super) fn errors(yaml: &str) -> Vec<String> {
     match compile(yaml) {
         Ok(c) => panic!("expected errors, got a plan: {:?}", c.plan),
         Err(e) => e.errors.iter().map(ToString::to_string).collect(),
     }
 }
 
-fn warnings(yaml: &str) -> Vec<String> {
+pub(super) fn warnings(yaml: &str) -> Vec<String> {
     compile(yaml)
         .unwrap_or_else(|e| panic!("{e}"))
         .warnings

@@ -1,6 +1,7 @@
 //! Validation of the fields about Kubernetes objects: the target's kind, its autoscaler, the
 //! generated Services and DestinationRules, delegation, and other providers' fields.
 
+use super::tests::{compile, errors, warnings};
 use super::*;
 
 /// A minimal valid Canary with `spec_extra` (YAML at the indentation of `spec`'s keys) added
@@ -28,26 +29,6 @@ spec:
         indent(service_extra, "    "),
         indent(spec_extra, "  "),
     )
-}
-
-fn compile(yaml: &str) -> Result<Compiled, ValidationErrors> {
-    from_yaml(yaml).expect("parses").compile()
-}
-
-fn errors(yaml: &str) -> Vec<String> {
-    match compile(yaml) {
-        Ok(c) => panic!("expected errors, got a plan: {:?}", c.plan),
-        Err(e) => e.errors.iter().map(ToString::to_string).collect(),
-    }
-}
-
-fn warnings(yaml: &str) -> Vec<String> {
-    compile(yaml)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .warnings
-        .iter()
-        .map(ToString::to_string)
-        .collect()
 }
 
 #[test]

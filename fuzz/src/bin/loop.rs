@@ -135,20 +135,24 @@ fn random_report(rng: &mut Rng) -> Vec<u8> {
     .encode_to_vec()
 }
 
-fn read_seeds(dirs: &[PathBuf]) -> Vec<Vec<u8>> {
+/// The seeds in `dirs`; a folder that cannot be read is an error (a mistyped --seeds would
+/// otherwise fuzz from nothing without saying so).
+fn read_seeds(dirs: &[PathBuf]) -> Result<Vec<Vec<u8>>, String> {
     let mut seeds = Vec::new();
     for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            eprintln!("weir-fuzz-loop: no seeds in {} (skipped)", dir.display());
-            continue;
-        };
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            format!(
+                "cannot read the seeds in {}: {e}; pass an existing folder with --seeds",
+                dir.display()
+            )
+        })?;
         for entry in entries.flatten() {
             if let Ok(bytes) = std::fs::read(entry.path()) {
                 seeds.push(bytes);
             }
         }
     }
-    seeds
+    Ok(seeds)
 }
 
 fn save(target: &str, input: &[u8]) -> PathBuf {
@@ -186,7 +190,13 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
-    let seeds = read_seeds(&dirs);
+    let seeds = match read_seeds(&dirs) {
+        Ok(seeds) => seeds,
+        Err(why) => {
+            eprintln!("weir-fuzz-loop: {why}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
