@@ -13,6 +13,18 @@
 //! | `weir_canary_successes_total` | counter | `name`, `namespace`, `deployment_strategy`, `analysis_status` | promotions |
 //! | `weir_canary_failures_total` | counter | `name`, `namespace`, `deployment_strategy`, `analysis_status` | rollbacks |
 //!
+//!
+//! Beyond Flagger's, from what the filters stream (the dashboard in `manifests/dashboards/` reads
+//! these):
+//!
+//! | series | type | labels | value |
+//! |---|---|---|---|
+//! | `weir_canary_phase` | gauge | `name`, `namespace`, `phase` | 1 for the current phase, 0 for the others |
+//! | `weir_canary_failed_checks` | gauge | `name`, `namespace` | failed checks of this analysis (rolled back at the threshold) |
+//! | `weir_canary_requests_total` | counter | `name`, `namespace`, `version` | requests the filters counted, `version` `primary` or `canary` |
+//! | `weir_canary_request_failures_total` | counter | `name`, `namespace`, `version` | of those, the failed ones |
+//! | `weir_canary_request_duration_seconds` | gauge | `name`, `namespace`, `version`, `quantile` | latency quantiles 0.5, 0.9, 0.99 over the first metric's window, from the exact merged histograms (what `weir status` shows) |
+//!
 //! As in Flagger, `name` is the target workload's name, `deployment_strategy` is `canary`,
 //! `ab-testing` or `blue-green`, and `analysis_status` is `completed` (or `skipped` when
 //! `skipAnalysis` promoted without analysis).
@@ -58,7 +70,14 @@ struct CanaryState {
     weight: u8,
     analysis: BTreeMap<String, f64>,
     last_step: Option<Timestamp>,
+    failed_checks: u32,
+    /// The window the live latency quantiles cover: the first metric's (the analysis interval
+    /// without metrics), as `weir status` shows them.
+    window: Duration,
 }
+
+/// The latency quantiles `weir_canary_request_duration_seconds` shows.
+const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
 
 #[derive(Debug, Default)]
 struct State {
@@ -118,6 +137,12 @@ impl Recorder {
         entry.phase = status.phase;
         entry.weight = status.canary_weight.percent();
         entry.last_step = status.last_step_time;
+        entry.failed_checks = status.failed_checks;
+        entry.window = plan
+            .analysis
+            .metrics
+            .first()
+            .map_or(plan.analysis.interval, |m| m.window);
         if let Some(checks) = status.decisions.iter().rev().find(|d| !d.checks.is_empty()) {
             for check in &checks.checks {
                 if let Some(v) = check.value {
@@ -151,7 +176,12 @@ impl Recorder {
 
     /// Forgets a deleted Canary (its counters stay, as Prometheus counters do).
     pub fn forget(&self, plan: &CanaryPlan) {
-        self.lock().canaries.remove(&plan.key());
+        self.forget_key(&plan.key());
+    }
+
+    /// [`Recorder::forget`] by the Canary's `namespace/name`.
+    pub fn forget_key(&self, key: &str) {
+        self.lock().canaries.remove(key);
     }
 
     /// Everything in the Prometheus text exposition format (version 0.0.4).
@@ -213,6 +243,41 @@ impl Recorder {
                 "weir_canary_status{{name=\"{}\",namespace=\"{}\"}} {value}",
                 escape(&c.target),
                 escape(&c.namespace)
+            );
+        }
+
+        header(
+            &mut out,
+            "weir_canary_phase",
+            "gauge",
+            "The canary's phase: 1 for the current one, 0 for the others",
+        );
+        for c in state.canaries.values() {
+            for phase in Phase::ALL {
+                let _ = writeln!(
+                    out,
+                    "weir_canary_phase{{name=\"{}\",namespace=\"{}\",phase=\"{}\"}} {}",
+                    escape(&c.target),
+                    escape(&c.namespace),
+                    phase.as_str(),
+                    u8::from(c.phase == Some(phase))
+                );
+            }
+        }
+
+        header(
+            &mut out,
+            "weir_canary_failed_checks",
+            "gauge",
+            "Failed checks of the current analysis (rolled back at the threshold)",
+        );
+        for c in state.canaries.values() {
+            let _ = writeln!(
+                out,
+                "weir_canary_failed_checks{{name=\"{}\",namespace=\"{}\"}} {}",
+                escape(&c.target),
+                escape(&c.namespace),
+                c.failed_checks
             );
         }
 
@@ -315,16 +380,99 @@ impl Recorder {
                 );
             }
         }
-        drop(state);
-        if let Some(ingest) = self
+        let ingest = self
             .ingest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+            .clone();
+        if let Some(ingest) = ingest {
+            render_versions(&mut out, &state.canaries, &ingest);
+            drop(state);
             out.push_str(&ingest.counters().render_prometheus());
         }
         out
+    }
+}
+
+/// The per-version series from the streamed windows: request and failure counters, and the
+/// latency quantiles of the live window.
+fn render_versions(
+    out: &mut String,
+    canaries: &BTreeMap<String, CanaryState>,
+    ingest: &crate::ingest::Ingest,
+) {
+    use weir_proto::v1::Version;
+    const VERSIONS: [(Version, &str); 2] =
+        [(Version::Primary, "primary"), (Version::Canary, "canary")];
+    let labels = |c: &CanaryState, version: &str| {
+        format!(
+            "name=\"{}\",namespace=\"{}\",version=\"{version}\"",
+            escape(&c.target),
+            escape(&c.namespace)
+        )
+    };
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let totals: Vec<_> = canaries
+        .iter()
+        .flat_map(|(key, c)| {
+            VERSIONS.map(|(version, label)| (c, label, ingest.totals(key, version)))
+        })
+        .filter_map(|(c, label, totals)| Some((c, label, totals?)))
+        .collect();
+    header(
+        out,
+        "weir_canary_requests_total",
+        "counter",
+        "Requests the filters counted, per version",
+    );
+    for (c, version, totals) in &totals {
+        let _ = writeln!(
+            out,
+            "weir_canary_requests_total{{{}}} {}",
+            labels(c, version),
+            totals.requests
+        );
+    }
+    header(
+        out,
+        "weir_canary_request_failures_total",
+        "counter",
+        "Failed requests the filters counted, per version",
+    );
+    for (c, version, totals) in &totals {
+        let _ = writeln!(
+            out,
+            "weir_canary_request_failures_total{{{}}} {}",
+            labels(c, version),
+            totals.failures
+        );
+    }
+    header(
+        out,
+        "weir_canary_request_duration_seconds",
+        "gauge",
+        "Latency quantiles per version over the first metric's window, from the exact merged histograms",
+    );
+    let now = std::time::Instant::now();
+    for (key, c) in canaries {
+        for (version, label) in VERSIONS {
+            let Some(window) = ingest.window(key, version, c.window, now) else {
+                continue;
+            };
+            for q in QUANTILES {
+                let Some(micros) = window.latency.quantile(q) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    out,
+                    "weir_canary_request_duration_seconds{{{},quantile=\"{q}\"}} {}",
+                    labels(c, label),
+                    number(micros / 1e6)
+                );
+            }
+        }
     }
 }
 
@@ -527,6 +675,113 @@ mod tests {
         assert!(
             text.contains("weir_canary_status{name=\"mhs\",namespace=\"application\"} 2"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn phase_failed_checks_and_the_streamed_numbers_per_version_are_rendered() {
+        use crate::ingest::{Ingest, IngestConfig};
+        use weir_proto::v1::{CanaryRoute, Report, Reporter, Version, VersionStats};
+        use weir_proto::LatencyHistogram;
+
+        let ingest = Ingest::try_new(IngestConfig::default()).unwrap();
+        ingest
+            .publish(vec![CanaryRoute {
+                key: "application/mhs".into(),
+                hosts: vec!["mhs.application".into()],
+                canary_weight_bp: 1_000,
+                ..Default::default()
+            }])
+            .unwrap();
+        let stats = |version: Version, latencies_us: &[u64], failures: u64| {
+            let mut histogram = LatencyHistogram::new();
+            latencies_us.iter().for_each(|&l| histogram.record(l));
+            VersionStats {
+                canary: "application/mhs".into(),
+                version: version as i32,
+                requests: latencies_us.len() as u64,
+                failures,
+                latency: Some(histogram.encode()),
+            }
+        };
+        // 100 canary requests: 98 at 10 ms, 2 at 900 ms (P99: 900 ms); 4 primary at 5 ms.
+        let mut canary = vec![10_000; 98];
+        canary.extend([900_000, 900_000]);
+        let report = Report {
+            reporter: Some(Reporter {
+                node_id: "envoy-1".into(),
+                namespace: "application".into(),
+                workload: "gateway".into(),
+            }),
+            epoch: 1,
+            sequence: 1,
+            applied_generation: 0,
+            stats: vec![
+                stats(Version::Canary, &canary, 3),
+                stats(Version::Primary, &[5_000; 4], 0),
+            ],
+        };
+        ingest.ingest(&report, std::time::Instant::now()).unwrap();
+
+        let r = Recorder::new();
+        r.include_ingest(ingest);
+        let mut s = status(Phase::Progressing, 10, 1, None);
+        s.failed_checks = 2;
+        r.record(&plan(), &s, Duration::ZERO);
+        let text = r.render();
+        let labels =
+            |version: &str| format!("name=\"mhs\",namespace=\"application\",version=\"{version}\"");
+        for line in [
+            "weir_canary_phase{name=\"mhs\",namespace=\"application\",phase=\"Progressing\"} 1"
+                .to_owned(),
+            "weir_canary_phase{name=\"mhs\",namespace=\"application\",phase=\"Succeeded\"} 0"
+                .to_owned(),
+            "weir_canary_failed_checks{name=\"mhs\",namespace=\"application\"} 2".to_owned(),
+            format!("weir_canary_requests_total{{{}}} 100", labels("canary")),
+            format!(
+                "weir_canary_request_failures_total{{{}}} 3",
+                labels("canary")
+            ),
+            format!("weir_canary_requests_total{{{}}} 4", labels("primary")),
+            format!(
+                "weir_canary_request_failures_total{{{}}} 0",
+                labels("primary")
+            ),
+            "# TYPE weir_canary_requests_total counter".to_owned(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+        let quantile = |version: &str, q: &str| -> f64 {
+            let prefix = format!(
+                "weir_canary_request_duration_seconds{{{},quantile=\"{q}\"}} ",
+                labels(version)
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no `{prefix}` in\n{text}"))
+                .parse()
+                .unwrap()
+        };
+        // The HDR histograms are exact to 1%.
+        for (version, q, want) in [
+            ("canary", "0.99", 0.9),
+            ("canary", "0.5", 0.01),
+            ("primary", "0.99", 0.005),
+        ] {
+            let got = quantile(version, q);
+            assert!(
+                (got - want).abs() <= want * 0.01,
+                "{version} {q}: {got} vs {want}"
+            );
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("weir_canary_phase{"))
+                .count(),
+            Phase::ALL.len()
         );
     }
 

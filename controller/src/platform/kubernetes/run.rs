@@ -420,7 +420,7 @@ where
                 ctx.stats.failures.load(Ordering::Relaxed),
                 ctx.canaries_now().unwrap_or(0),
                 ingest.known_reporters(),
-            ) + &ingest.counters().render_prometheus()
+            ) + &ctx.exporter().render()
         });
     }
 
