@@ -83,11 +83,31 @@ impl Answer {
     }
 }
 
-/// The shared client: one verifying, one for the calls that asked to skip verification.
+/// The shared client: one verifying, one for the calls that asked to skip verification, and one
+/// per proxy an AlertProvider names (made on first use).
 #[derive(Clone)]
 pub struct HttpClient {
     verified: reqwest::Client,
     unverified: reqwest::Client,
+    /// The extra CAs, for the proxied clients.
+    roots: std::sync::Arc<Vec<reqwest::Certificate>>,
+    proxied: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>>,
+}
+
+/// How many proxies' clients are kept (each AlertProvider with a proxy names one; more distinct
+/// proxies than this is a misconfiguration, refused rather than held).
+pub const MAX_PROXIES: usize = 32;
+
+/// Why `url` cannot be a proxy, if it cannot.
+pub fn check_proxy(url: &str) -> Result<(), String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "`{url}` must be an http:// or https:// URL (http://proxy:3128)"
+        ));
+    }
+    reqwest::Proxy::all(url)
+        .map(|_| ())
+        .map_err(|e| format!("`{url}` is not a proxy URL: {}", error_chain(&e)))
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -103,19 +123,9 @@ impl HttpClient {
             Some(path) => read_ca_file(path)?,
             None => Vec::new(),
         };
-        let base = || {
-            reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .pool_idle_timeout(Duration::from_secs(30))
-                .tcp_nodelay(true)
-                .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
-                // A proxy only when asked for per call (an AlertProvider's `proxy`): Weir talks
-                // to in-cluster services, which a system-wide proxy setting must not divert.
-                .no_proxy()
-        };
         let mut verified = base();
-        for certificate in extra {
-            verified = verified.add_root_certificate(certificate);
+        for certificate in &extra {
+            verified = verified.add_root_certificate(certificate.clone());
         }
         Ok(Self {
             verified: verified
@@ -125,7 +135,33 @@ impl HttpClient {
                 .danger_accept_invalid_certs(true)
                 .build()
                 .map_err(|e| HttpError::Build(error_chain(&e)))?,
+            roots: std::sync::Arc::new(extra),
+            proxied: std::sync::Arc::default(),
         })
+    }
+
+    /// The verifying client that sends through `proxy` (an AlertProvider's), made on first use.
+    pub fn through_proxy(&self, proxy: &str) -> Result<reqwest::Client, CallError> {
+        let mut clients = self.proxied.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(proxy) {
+            return Ok(client.clone());
+        }
+        if clients.len() >= MAX_PROXIES {
+            return Err(CallError::Request(format!(
+                "more than {MAX_PROXIES} distinct proxies are in use; AlertProviders should share a few"
+            )));
+        }
+        let proxy_setting = reqwest::Proxy::all(proxy)
+            .map_err(|e| CallError::Request(format!("proxy {proxy}: {}", error_chain(&e))))?;
+        let mut builder = base().proxy(proxy_setting);
+        for certificate in self.roots.iter() {
+            builder = builder.add_root_certificate(certificate.clone());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| CallError::Request(format!("proxy {proxy}: {}", error_chain(&e))))?;
+        clients.insert(proxy.to_owned(), client.clone());
+        Ok(client)
     }
 
     /// The client for a call: verifying, unless `skip_verify`.
@@ -180,6 +216,18 @@ impl HttpClient {
     }
 }
 
+/// Every client's settings.
+fn base() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
+        // A proxy only when asked for per call (an AlertProvider's `proxy`): Weir talks to
+        // in-cluster services, which a system-wide proxy setting must not divert.
+        .no_proxy()
+}
+
 fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, HttpError> {
     let err = |reason: String| HttpError::CaFile {
         path: path.to_owned(),
@@ -213,6 +261,8 @@ pub fn shared() -> &'static HttpClient {
             HttpClient::try_new(&HttpOptions::default()).unwrap_or_else(|_| HttpClient {
                 verified: reqwest::Client::new(),
                 unverified: reqwest::Client::new(),
+                roots: std::sync::Arc::default(),
+                proxied: std::sync::Arc::default(),
             })
         })
     })

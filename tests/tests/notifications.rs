@@ -228,7 +228,13 @@ apiVersion: weir.dev/v1alpha1
 kind: AlertProvider
 metadata: {{name: flaky}}
 spec: {{type: generic, address: '{flaky}'}}
+---
+apiVersion: weir.dev/v1alpha1
+kind: AlertProvider
+metadata: {{name: proxied}}
+spec: {{type: generic, address: 'http://127.0.0.1:1/proxied', proxy: '{proxy}'}}
 ",
+        proxy = receiver.url(""),
         slack = receiver.url("/slack"),
         teams = receiver.url("/teams"),
         discord = receiver.url("/discord"),
@@ -290,6 +296,9 @@ async fn alerts_reach_each_provider_in_its_shape_filtered_by_severity_and_event_
     - name: flaky
       severity: error
       providerRef: {{name: flaky}}
+    - name: proxied
+      severity: error
+      providerRef: {{name: proxied}}
 ",
                 gate = receiver.url("/gate"),
                 events = receiver.url("/events"),
@@ -360,6 +369,12 @@ async fn alerts_reach_each_provider_in_its_shape_filtered_by_severity_and_event_
         assert_eq!(generic[2].json()["severity"], "error");
         assert_eq!(generic[2].json()["message"], "Failed checks threshold reached 1");
         assert_eq!(generic[0].headers["authorization"], "Bearer t0k");
+
+        // Through the provider's proxy: nothing listens at the address itself (port 1), the
+        // proxy (the receiver) gets the request for it.
+        let proxied = receiver.wait_for("/proxied", 1, limit).await?;
+        assert_eq!(proxied[0].headers["host"], "127.0.0.1:1");
+        assert_eq!(proxied[0].json()["message"], "Failed checks threshold reached 1");
 
         // Retried: two failures, then delivered; nothing more.
         let flaky = receiver.wait_for("/flaky", 3, limit).await?;

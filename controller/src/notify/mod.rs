@@ -328,8 +328,13 @@ async fn send(
     provider: &ResolvedProvider,
     body: &serde_json::Value,
 ) -> Result<(), String> {
-    let mut request = http
-        .client(false)
+    let client = match &provider.proxy {
+        Some(proxy) => http
+            .through_proxy(proxy)
+            .map_err(|e| format!("AlertProvider {}: {e}", provider.id))?,
+        None => http.client(false).clone(),
+    };
+    let mut request = client
         .post(&provider.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body.to_string());
