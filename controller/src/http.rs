@@ -60,7 +60,15 @@ pub enum CallError {
     /// The URL or a header cannot be sent.
     #[error("{0}")]
     Request(String),
+    /// The answer's body is larger than Weir reads.
+    #[error("the answer is larger than {} KiB, the most Weir reads of an answer", .0 / 1024)]
+    TooLarge(usize),
 }
+
+/// The most of an answer's body Weir reads (webhooks, alerts, Prometheus): a server, hostile or
+/// broken, cannot make the controller hold more per call. A Prometheus answer for one series is
+/// a few hundred bytes.
+pub const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 /// An answer: its status and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,15 +181,36 @@ impl HttpClient {
         }
     }
 
-    /// Sends `request` (built from [`HttpClient::client`]) and reads the whole answer within
-    /// `timeout`.
+    /// Sends `request` (built from [`HttpClient::client`]) and reads the whole answer, at most
+    /// [`MAX_ANSWER_BYTES`] of it, within `timeout`.
     pub async fn send(
         &self,
         request: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<Answer, CallError> {
+        self.exchange(request, timeout, Some(MAX_ANSWER_BYTES))
+            .await
+    }
+
+    /// [`HttpClient::send`] for load: the body is read to its end and dropped as it comes
+    /// (whatever its size); the answer's body is empty.
+    pub async fn send_discarding(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Answer, CallError> {
+        self.exchange(request, timeout, None).await
+    }
+
+    /// Sends and reads the answer, keeping at most `keep` bytes of the body (`None`: none).
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+        keep: Option<usize>,
+    ) -> Result<Answer, CallError> {
         let exchange = async {
-            let response = request.send().await.map_err(|e| {
+            let mut response = request.send().await.map_err(|e| {
                 if e.is_builder() {
                     CallError::Request(error_chain(&e))
                 } else {
@@ -189,10 +218,21 @@ impl HttpClient {
                 }
             })?;
             let status = response.status().as_u16();
-            let body = response.bytes().await.map_err(|e| {
+            let mut body = bytes::BytesMut::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| {
                 CallError::Transport(format!("the answer broke off: {}", error_chain(&e)))
-            })?;
-            Ok(Answer { status, body })
+            })? {
+                if let Some(limit) = keep {
+                    if body.len() + chunk.len() > limit {
+                        return Err(CallError::TooLarge(limit));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+            }
+            Ok(Answer {
+                status,
+                body: body.freeze(),
+            })
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -282,4 +322,81 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on 127.0.0.1 answering every request with 200 and a body of `size` bytes
+    /// (chunked, `None`: without end).
+    async fn server(size: Option<usize>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let mut sent = 0;
+                    while size.is_none_or(|size| sent < size) {
+                        let frame = format!("{:x}\r\n", chunk.len());
+                        if stream.write_all(frame.as_bytes()).await.is_err()
+                            || stream.write_all(&chunk).await.is_err()
+                            || stream.write_all(b"\r\n").await.is_err()
+                        {
+                            return;
+                        }
+                        sent += chunk.len();
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_end_is_refused_at_the_limit_not_held() {
+        let http = HttpClient::try_new(&HttpOptions::default()).unwrap();
+        let addr = server(None).await;
+        let request = http.client(false).get(format!("http://{addr}/"));
+        let err = http
+            .send(request, Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        assert_eq!(err, CallError::TooLarge(MAX_ANSWER_BYTES));
+        assert!(err.to_string().contains("4096 KiB"), "{err}");
+        // Within the limit, the whole body.
+        let small = server(Some(128 * 1024)).await;
+        let answer = http
+            .send(
+                http.client(false).get(format!("http://{small}/")),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        assert_eq!((answer.status, answer.body.len()), (200, 128 * 1024));
+    }
+
+    #[tokio::test]
+    async fn load_reads_a_large_answer_to_its_end_without_keeping_it() {
+        let http = HttpClient::try_new(&HttpOptions::default()).unwrap();
+        let addr = server(Some(2 * MAX_ANSWER_BYTES)).await;
+        let answer = http
+            .send_discarding(
+                http.client(false).get(format!("http://{addr}/")),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        assert!(answer.body.is_empty());
+    }
 }

@@ -203,3 +203,77 @@ async fn a_rollout_measures_the_load_testers_traffic_and_waits_at_its_gate() {
         Err(_) => panic!("the test did not finish within 150s"),
     }
 }
+
+/// Anyone who reaches the load tester can post to it: what a client can make it hold is bounded,
+/// and each refusal says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_client_cannot_make_the_load_tester_hold_without_bound() {
+    use weir_controller::loadtest::hey::MAX_CONCURRENCY;
+    use weir_controller::loadtest::{MAX_BODY_BYTES, MAX_OPEN, MAX_RUNNING};
+    let test = async {
+        let http = HttpClient::try_new(&HttpOptions::default())?;
+        let (tester, task) = LoadTester::new(http.clone())
+            .serve("127.0.0.1:0".parse()?)
+            .await?;
+        // A body beyond the limit is refused, not read to its end.
+        let huge = json!({"name": "x".repeat(MAX_BODY_BYTES), "namespace": "application"});
+        let (status, text) = post(&http, &format!("http://{tester}/gate/open"), huge).await;
+        assert_eq!(status, 413, "{text}");
+        assert!(text.contains(&MAX_BODY_BYTES.to_string()), "{text}");
+        // Gates: at most MAX_OPEN open; then refused until one closes.
+        let gate = |i: usize| json!({"name": format!("c{i}"), "namespace": "application"});
+        use futures::StreamExt;
+        let opens: Vec<u16> = futures::stream::iter(0..MAX_OPEN)
+            .map(|i| {
+                let (http, url) = (http.clone(), format!("http://{tester}/gate/open"));
+                async move { post(&http, &url, gate(i)).await.0 }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        assert!(opens.iter().all(|s| *s == 202));
+        let (status, text) =
+            post(&http, &format!("http://{tester}/gate/open"), gate(MAX_OPEN)).await;
+        assert_eq!(status, 429, "{text}");
+        assert!(text.contains("close some"), "{text}");
+        assert_eq!(
+            post(&http, &format!("http://{tester}/gate/close"), gate(0))
+                .await
+                .0,
+            202
+        );
+        assert_eq!(
+            post(&http, &format!("http://{tester}/gate/open"), gate(MAX_OPEN))
+                .await
+                .0,
+            202
+        );
+        // Loads: at most MAX_RUNNING at once (each a distinct command, each holding its time).
+        let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let target = hole.local_addr()?;
+        let load = |i: usize| {
+            json!({"name": "mhs", "namespace": "application",
+                   "metadata": {"cmd": format!("hey -z 1m -c 1 -q 1 http://{target}/{i}")}})
+        };
+        for i in 0..MAX_RUNNING {
+            let (status, text) = post(&http, &format!("http://{tester}/"), load(i)).await;
+            assert_eq!(status, 202, "{text}");
+        }
+        let (status, text) = post(&http, &format!("http://{tester}/"), load(MAX_RUNNING)).await;
+        assert_eq!(status, 429, "{text}");
+        assert!(text.contains("running already"), "{text}");
+        // One load cannot ask for more workers than the limit.
+        let wide = json!({"name": "mhs", "namespace": "application",
+            "metadata": {"cmd": format!("hey -n 1 -c {} http://{target}/", MAX_CONCURRENCY + 1)}});
+        let (status, text) = post(&http, &format!("http://{tester}/"), wide).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains("at most"), "{text}");
+        task.abort();
+        drop(hole);
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(120), test).await {
+        Ok(result) => result.unwrap_or_else(|e| panic!("{e:#}")),
+        Err(_) => panic!("the test did not finish within 120s"),
+    }
+}
