@@ -12,8 +12,9 @@
 //!   makes the comparison sharp with few canary requests.
 //! - Fail, "the canary fails more often than the primary", is `θ > 1`. The product over buckets
 //!   of the likelihood ratio `P_θ1(k_c) / P_1(k_c)` is a test supermartingale whenever `θ <= 1`
-//!   (the family has a monotone likelihood ratio in `k_c`); an equally weighted mixture over a
-//!   fixed grid of alternatives `θ1 > 1` is one too. By Ville's inequality it ever reaches `1/α`
+//!   (the family has a monotone likelihood ratio in `k_c`); a mixture over a fixed grid of
+//!   alternatives `θ1 > 1`, weighted towards the regressions a rollout can catch
+//!   ([`Mixture`]), is one too. The factors multiply across the whole attempt, steps included. By Ville's inequality it ever reaches `1/α`
 //!   with probability at most `α`: a canary no worse than the primary is rolled back with
 //!   probability at most `α`, however long and however often the judge looks
 //!   ([`Verdict::Fail`]).
@@ -32,7 +33,7 @@ use std::time::Duration;
 /// The latency thresholds, in microseconds: 1 ms to 8.192 s, doubling. A canary request counts
 /// as slow at threshold `t` when it took longer than `latencyRatio × t`, a primary request when
 /// it took longer than `t`. Fixed in advance (not taken from the data), so that each threshold's
-/// test keeps its guarantee; the union bound over them costs `ln 14` in the evidence needed.
+/// test keeps its guarantee; [`decide`] averages their e-values.
 pub const LATENCY_THRESHOLDS_US: [u64; 14] = [
     1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000,
     2_048_000, 4_096_000, 8_192_000,

@@ -506,11 +506,18 @@ struct Schedule {
     canary_failure: f64,
     latency: Option<f64>,
     extra_minutes: u32,
+    /// Failures judged by the likelihood ratio at this one odds ratio (the test that knows the
+    /// effect) instead of the mixture.
+    oracle: Option<f64>,
 }
 
 impl Schedule {
     fn ever(&self, judge: &JudgePlan, wanted: Verdict, rng: &mut Rng) -> bool {
         let mut evidence = Evidence::new(judge, Duration::from_secs(1));
+        if let Some(theta) = self.oracle {
+            evidence.errors.fail_alternatives = vec![(theta.ln(), 0.0)];
+            evidence.errors.log_fail = vec![0.0];
+        }
         let weights = [10u32, 20, 30, 40, 50]
             .into_iter()
             .chain(std::iter::repeat_n(50, self.extra_minutes as usize));
@@ -570,6 +577,7 @@ fn under_the_null_the_judge_looking_every_second_fails_at_most_alpha_and_the_che
         canary_failure: 0.05,
         latency: Some(1.2),
         extra_minutes: 10,
+        oracle: None,
     };
     let judge = JudgePlan {
         latency_ratio: Some(1.2),
@@ -603,6 +611,7 @@ fn under_the_null_without_latency_the_full_budget_still_bounds_false_failures() 
         canary_failure: 0.02,
         latency: None,
         extra_minutes: 25,
+        oracle: None,
     };
     let judge = plan(0.99, 1.5);
     let failed = null.share_ever(&judge, Verdict::Fail, 2000, 22);
@@ -618,12 +627,13 @@ fn a_five_point_regression_at_sixty_requests_a_minute_is_caught_within_the_sched
     // primary failing 0.5%, the tutorial's five minutes, at 99% with latency compared too (the
     // canary as fast as the primary). The e-process that knows the true odds ratio (11.6) and
     // has the whole budget catches about 95% (docs/judge.md); the equal-weight mixture over
-    // 1.25..100 with half the budget, which this replaced, caught about 89%.
+    // 1.25..100 with half the budget, which this replaced, caught 90.3% of these.
     let regression = Schedule {
         primary_failure: 0.005,
         canary_failure: 0.055,
         latency: Some(1.0),
         extra_minutes: 0,
+        oracle: None,
     };
     let judge = JudgePlan {
         latency_ratio: Some(1.2),
@@ -631,4 +641,88 @@ fn a_five_point_regression_at_sixty_requests_a_minute_is_caught_within_the_sched
     };
     let caught = regression.share_ever(&judge, Verdict::Fail, 600, 23);
     assert!(caught >= 0.92, "caught in only {caught} of rollouts");
+}
+
+/// The power of the most powerful test at level `alpha` (Neyman-Pearson, randomised) of "both
+/// versions fail with probability `p0`" against "the canary fails with `p_c`, the primary with
+/// `p_p`", from `n_c` canary and `n_p` primary requests. Any test valid for "the canary is no
+/// worse" is valid at every such `p0`, so its power is at most the least of these.
+fn neyman_pearson_power(n: (u64, u64), p0: f64, (p_c, p_p): (f64, f64), alpha: f64) -> f64 {
+    let ln_pmf = |n: u64, k: u64, p: f64| {
+        ln_choose(n, k) + k as f64 * p.ln() + (n - k) as f64 * (1.0 - p).ln()
+    };
+    let (n_c, n_p) = n;
+    let slope_c = (p_c / (1.0 - p_c)).ln() - (p0 / (1.0 - p0)).ln();
+    let slope_p = (p_p / (1.0 - p_p)).ln() - (p0 / (1.0 - p0)).ln();
+    let mut cells = Vec::new();
+    for k_c in 0..=n_c.min(80) {
+        for k_p in 0..=n_p.min(130) {
+            let null = (ln_pmf(n_c, k_c, p0) + ln_pmf(n_p, k_p, p0)).exp();
+            let alternative = (ln_pmf(n_c, k_c, p_c) + ln_pmf(n_p, k_p, p_p)).exp();
+            cells.push((
+                slope_c * k_c as f64 + slope_p * k_p as f64,
+                null,
+                alternative,
+            ));
+        }
+    }
+    // Reject the outcomes with the largest likelihood ratio first, until alpha is spent.
+    cells.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut size, mut power) = (0.0, 0.0);
+    for (_, null, alternative) in cells {
+        if size + null > alpha {
+            return power + alternative * (alpha - size) / null;
+        }
+        size += null;
+        power += alternative;
+    }
+    power
+}
+
+#[test]
+fn no_test_at_99_percent_catches_95_percent_of_five_point_regressions_beside_a_2_percent_primary() {
+    // The tutorial's five minutes at 60 canary requests a minute: 300 canary requests, and
+    // 60 × (9 + 4 + 7/3 + 3/2 + 1) = 1070 primary requests. Even knowing the effect and the
+    // horizon in advance and looking only once, no test that rolls back a no-worse canary at
+    // most 1% of the time catches +5 points beside 2% in 95% of rollouts; beside 0.5% the
+    // information is there (over 99%), and what is lost is the price of looking continuously
+    // (docs/judge.md, "How much five minutes can show").
+    let least = |p_p: f64| {
+        let p_c = p_p + 0.05;
+        (1..40)
+            .map(|i| p_p + (p_c - p_p) * f64::from(i) / 40.0)
+            .map(|p0| neyman_pearson_power((300, 1070), p0, (p_c, p_p), 0.01))
+            .fold(1.0, f64::min)
+    };
+    let at_two = least(0.02);
+    assert!(at_two < 0.95 && at_two > 0.93, "{at_two}");
+    let at_half = least(0.005);
+    assert!(at_half > 0.99, "{at_half}");
+}
+
+#[test]
+fn the_mixture_catches_about_as_many_as_the_test_that_knows_the_effect() {
+    // +5 points, errors only at 99%, the tutorial's five minutes. The likelihood ratio at the
+    // true odds ratio is the best bet for that one effect; the mixture does not know it and
+    // comes close beside 0.5%. Beside 2%, even the test that knows it catches under 85%: the
+    // evidence in five minutes is short of ln 100 too often (docs/judge.md).
+    let judge = plan(0.99, 1.5);
+    let odds_ratio = |p_c: f64, p_p: f64| odds(p_c) / odds(p_p);
+    let schedule = |p_p: f64, oracle: Option<f64>| Schedule {
+        primary_failure: p_p,
+        canary_failure: p_p + 0.05,
+        latency: None,
+        extra_minutes: 0,
+        oracle,
+    };
+    let knows =
+        schedule(0.005, Some(odds_ratio(0.055, 0.005))).share_ever(&judge, Verdict::Fail, 600, 31);
+    let mixture = schedule(0.005, None).share_ever(&judge, Verdict::Fail, 600, 31);
+    assert!(
+        mixture >= knows - 0.02,
+        "mixture {mixture}, knowing the effect {knows}"
+    );
+    let knows_at_two =
+        schedule(0.02, Some(odds_ratio(0.07, 0.02))).share_ever(&judge, Verdict::Fail, 600, 32);
+    assert!(knows_at_two < 0.85, "{knows_at_two}");
 }
