@@ -173,10 +173,21 @@ impl JudgeTracker {
     }
 }
 
-/// How often the runner looks for new reports while the judge watches a canary: a quarter of a
-/// window bucket (the judge weighs completed buckets only).
-pub fn judge_poll(bucket_width: Duration) -> Duration {
-    (bucket_width / 4).max(Duration::from_millis(50))
+/// How long after a window bucket ends the judge looks at it: long enough that the clock has
+/// surely moved past the bucket's end, short enough not to delay a rollback.
+pub const JUDGE_LOOK_DELAY: Duration = Duration::from_millis(20);
+
+/// How long from `now` until the judge has something new to weigh: the end of the current
+/// window bucket (of `bucket_width`, counted from the ingest's `origin`), plus
+/// [`JUDGE_LOOK_DELAY`]. The judge weighs completed buckets only, so its evidence can change
+/// only when a bucket ends; looking in between (it looked every quarter bucket before) would
+/// read the same buckets again, and in Kubernetes mode cost a reconcile with its API reads
+/// each time.
+pub fn until_judge_look(origin: Instant, bucket_width: Duration, now: Instant) -> Duration {
+    let width = bucket_width.as_nanos().max(1);
+    let into = now.saturating_duration_since(origin).as_nanos() % width;
+    let left = u64::try_from(width - into).unwrap_or(u64::MAX);
+    Duration::from_nanos(left) + JUDGE_LOOK_DELAY
 }
 
 impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
@@ -309,9 +320,14 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 Some(crate::spec::Phase::Progressing | crate::spec::Phase::WaitingPromotion)
             );
         if judging {
-            // The judge looks whenever reports may have completed a bucket.
-            let poll = judge_poll(self.directives.ingest().config().bucket_width);
-            next = next.min(Timestamp::from_system_time(SystemTime::now() + poll));
+            // The judge looks as soon as the current bucket is complete.
+            let ingest = self.directives.ingest();
+            let wait = until_judge_look(
+                ingest.started_at(),
+                ingest.config().bucket_width,
+                Instant::now(),
+            );
+            next = next.min(Timestamp::from_system_time(SystemTime::now() + wait));
         }
         match self.reconnect_wait() {
             Some(wait) => next.max(Timestamp::from_system_time(
@@ -593,6 +609,42 @@ mod tests {
     use crate::spec::{Phase, Weight};
     use std::sync::{Arc, Mutex};
     use weir_proto::v1::{Report, Reporter, Version, VersionStats};
+
+    #[test]
+    fn the_judge_looks_just_after_each_bucket_ends_and_not_in_between() {
+        let origin = Instant::now();
+        let width = Duration::from_secs(1);
+        let at = |millis: u64| origin + Duration::from_millis(millis);
+        // (now, wait): the rest of the bucket, plus the delay that makes sure it has ended.
+        for (now, left) in [
+            (0, 1000),
+            (1, 999),
+            (250, 750),
+            (999, 1),
+            (1000, 1000),
+            (5300, 700),
+        ] {
+            assert_eq!(
+                until_judge_look(origin, width, at(now)),
+                Duration::from_millis(left) + JUDGE_LOOK_DELAY,
+                "at {now} ms"
+            );
+        }
+        // Looking when it says, the judge finds one more completed bucket each time: never the
+        // same buckets twice (the quarter-bucket polling it replaced looked four times a bucket).
+        let index = |t: Instant| t.duration_since(origin).as_nanos() / width.as_nanos();
+        let mut now = at(130);
+        for _ in 0..5 {
+            let next = now + until_judge_look(origin, width, now);
+            assert_eq!(index(next), index(now) + 1);
+            now = next;
+        }
+        // Clocks before the ingest's origin (a fresh ingest) wait for the first bucket.
+        assert_eq!(
+            until_judge_look(at(10), width, origin),
+            Duration::from_secs(1) + JUDGE_LOOK_DELAY
+        );
+    }
 
     /// Both workloads serve; the target is at revision r2.
     struct Serving;

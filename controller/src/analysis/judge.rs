@@ -12,8 +12,9 @@
 //!   makes the comparison sharp with few canary requests.
 //! - Fail, "the canary fails more often than the primary", is `θ > 1`. The product over buckets
 //!   of the likelihood ratio `P_θ1(k_c) / P_1(k_c)` is a test supermartingale whenever `θ <= 1`
-//!   (the family has a monotone likelihood ratio in `k_c`); an equally weighted mixture over a
-//!   fixed grid of alternatives `θ1 > 1` is one too. By Ville's inequality it ever reaches `1/α`
+//!   (the family has a monotone likelihood ratio in `k_c`); a mixture over a fixed grid of
+//!   alternatives `θ1 > 1`, weighted towards the regressions a rollout can catch
+//!   ([`Mixture`]), is one too. The factors multiply across the whole attempt, steps included. By Ville's inequality it ever reaches `1/α`
 //!   with probability at most `α`: a canary no worse than the primary is rolled back with
 //!   probability at most `α`, however long and however often the judge looks
 //!   ([`Verdict::Fail`]).
@@ -32,15 +33,59 @@ use std::time::Duration;
 /// The latency thresholds, in microseconds: 1 ms to 8.192 s, doubling. A canary request counts
 /// as slow at threshold `t` when it took longer than `latencyRatio × t`, a primary request when
 /// it took longer than `t`. Fixed in advance (not taken from the data), so that each threshold's
-/// test keeps its guarantee; the union bound over them costs `ln 14` in the evidence needed.
+/// test keeps its guarantee; [`decide`] averages their e-values.
 pub const LATENCY_THRESHOLDS_US: [u64; 14] = [
     1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000,
     2_048_000, 4_096_000, 8_192_000,
 ];
 
-/// The alternatives each test mixes over, as multiples (Fail) or fractions (Pass) of the
-/// tolerance: from barely beyond it to far beyond it, equally weighted.
-const ALTERNATIVES: [f64; 8] = [1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0];
+/// Which alternatives a test's Fail mixture weighs (docs/judge.md, "Choosing the mixture").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mixture {
+    /// For failures: odds ratios 1.08 to 161 around 8. A +5 point regression is odds ratio
+    /// 3.7 beside a primary failing 2%, 11.6 beside 0.5%, 54 beside 0.1%; a 50%-error canary
+    /// is 50 to 1000 and is caught in a handful of requests whatever its weight here.
+    Errors,
+    /// For latency at one threshold: odds ratios 1.1 to 164 around 3. A canary uniformly 1.5
+    /// times slower, judged with `latencyRatio` 1.2, is odds ratio 2 to 3 where most requests
+    /// are; twice as slow, about 5.
+    Latency,
+}
+
+impl Mixture {
+    /// The odds ratio the weight is centred on, and the range of `k` in `centre · e^(k/2)`.
+    fn grid(self) -> (f64, std::ops::RangeInclusive<i32>) {
+        match self {
+            Mixture::Errors => (8.0, -4..=6),
+            Mixture::Latency => (3.0, -2..=8),
+        }
+    }
+
+    /// The alternatives as `(ln θ1 / θ0, ln weight)`: odds ratios `centre · e^(k/2)` times the
+    /// null's, weighted as a normal law on `ln θ` (standard deviation 1, so weights
+    /// `∝ e^(-k²/8)`), normalised to sum to 1. Fixed in advance, never taken from the data.
+    pub fn alternatives(self) -> Vec<(f64, f64)> {
+        let (centre, ks) = self.grid();
+        let raw: Vec<(f64, f64)> = ks
+            .map(|k| {
+                let k = f64::from(k);
+                (centre.ln() + k / 2.0, -k * k / 8.0)
+            })
+            .collect();
+        let log_total = log_sum_exp(raw.iter().map(|(_, w)| *w));
+        raw.into_iter().map(|(g, w)| (g, w - log_total)).collect()
+    }
+}
+
+/// Pass's alternatives, as fractions of the tolerance: from barely inside it to far inside it,
+/// equally weighted.
+const PASS_ALTERNATIVES: [f64; 8] = [1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0];
+
+/// With latency compared, the weight of failures in the combined e-value against "the canary is
+/// no worse"; the rest goes to latency, spread evenly over the thresholds. Failures get most:
+/// they are what a rollout must catch at low traffic, and latency evidence, from every request
+/// rather than from the few failed ones, comes faster.
+pub const ERROR_WEIGHT_WITH_LATENCY: f64 = 0.9;
 
 /// What one version served in one bucket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,11 +140,12 @@ pub struct SequentialTest {
     fail_above: f64,
     /// The odds ratio below which the canary passes (Pass's null is "at least this").
     pass_below: f64,
-    /// ln of the product of likelihood ratios, per Fail alternative
-    /// (`fail_above × ALTERNATIVES`).
-    log_fail: [f64; ALTERNATIVES.len()],
-    /// The same per Pass alternative (`pass_below / ALTERNATIVES`).
-    log_pass: [f64; ALTERNATIVES.len()],
+    /// Fail's alternatives: (ln of the odds ratio over `fail_above`, ln weight).
+    fail_alternatives: Vec<(f64, f64)>,
+    /// ln of the product of likelihood ratios, per Fail alternative.
+    log_fail: Vec<f64>,
+    /// The same per Pass alternative (`pass_below / PASS_ALTERNATIVES`).
+    log_pass: [f64; PASS_ALTERNATIVES.len()],
     /// Events and requests seen, per version: (canary events, canary requests, primary events,
     /// primary requests).
     totals: [u64; 4],
@@ -108,14 +154,17 @@ pub struct SequentialTest {
 impl SequentialTest {
     /// A test that fails when the canary's odds of an event exceed `fail_above` × the primary's
     /// and passes when they are below `pass_below` × the primary's (both positive; `pass_below`
-    /// at least `fail_above`, or the two verdicts could both be right).
-    pub fn new(fail_above: f64, pass_below: f64) -> Self {
+    /// at least `fail_above`, or the two verdicts could both be right). Fail mixes over
+    /// `mixture`'s alternatives.
+    pub fn new(fail_above: f64, pass_below: f64, mixture: Mixture) -> Self {
         let fail_above = fail_above.max(f64::MIN_POSITIVE);
+        let fail_alternatives = mixture.alternatives();
         Self {
             fail_above,
             pass_below: pass_below.max(fail_above),
-            log_fail: [0.0; ALTERNATIVES.len()],
-            log_pass: [0.0; ALTERNATIVES.len()],
+            log_fail: vec![0.0; fail_alternatives.len()],
+            fail_alternatives,
+            log_pass: [0.0; PASS_ALTERNATIVES.len()],
             totals: [0; 4],
         }
     }
@@ -133,22 +182,32 @@ impl SequentialTest {
             return;
         }
         let law = NoncentralHypergeometric::new(n_c, n_p, events);
-        let fail_null = law.log_pmf(k_c, self.fail_above.ln());
-        let pass_null = law.log_pmf(k_c, self.pass_below.ln());
-        for (i, g) in ALTERNATIVES.iter().enumerate() {
-            self.log_fail[i] += law.log_pmf(k_c, (self.fail_above * g).ln()) - fail_null;
-            self.log_pass[i] += law.log_pmf(k_c, (self.pass_below / g).ln()) - pass_null;
+        let (fail_null, pass_null) = (self.fail_above.ln(), self.pass_below.ln());
+        let fail_at_null = law.log_pmf(k_c, fail_null);
+        let pass_at_null = law.log_pmf(k_c, pass_null);
+        for (log, (shift, _)) in self.log_fail.iter_mut().zip(&self.fail_alternatives) {
+            *log += law.log_pmf(k_c, fail_null + shift) - fail_at_null;
+        }
+        for (log, g) in self.log_pass.iter_mut().zip(PASS_ALTERNATIVES) {
+            *log += law.log_pmf(k_c, pass_null - g.ln()) - pass_at_null;
         }
     }
 
-    /// The e-value against "not worse" (large: the canary is worse).
+    /// The e-value against "not worse" (large: the canary is worse): the weighted mixture of
+    /// the alternatives' likelihood ratios.
     pub fn e_fail(&self) -> f64 {
-        mixture(&self.log_fail)
+        let terms = self
+            .log_fail
+            .iter()
+            .zip(&self.fail_alternatives)
+            .map(|(log, (_, weight))| log + weight);
+        finite_exp(log_sum_exp(terms))
     }
 
     /// The e-value against "worse beyond the tolerance" (large: the canary is not).
     pub fn e_pass(&self) -> f64 {
-        mixture(&self.log_pass)
+        let weight = -(PASS_ALTERNATIVES.len() as f64).ln();
+        finite_exp(log_sum_exp(self.log_pass.iter().map(|log| log + weight)))
     }
 
     /// Fail when the evidence against "not worse" reaches `1/alpha`, Pass when the evidence
@@ -170,14 +229,23 @@ impl SequentialTest {
     }
 }
 
-/// The equally weighted mixture of the alternatives' e-values.
-fn mixture(logs: &[f64]) -> f64 {
-    let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+/// ln Σ e^x, without overflow; `-inf` for no terms.
+fn log_sum_exp(terms: impl Iterator<Item = f64> + Clone) -> f64 {
+    let max = terms.clone().fold(f64::NEG_INFINITY, f64::max);
     if !max.is_finite() {
-        return if max > 0.0 { f64::INFINITY } else { 0.0 };
+        return max;
     }
-    let sum: f64 = logs.iter().map(|l| (l - max).exp()).sum();
-    (max + (sum / logs.len() as f64).ln()).exp()
+    max + terms.map(|t| (t - max).exp()).sum::<f64>().ln()
+}
+
+/// e^x, where a mixture's ln of `+inf` (a likelihood ratio of an impossible null) reads as
+/// `inf` and `-inf` as 0.
+fn finite_exp(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.exp()
+    }
 }
 
 /// Fisher's noncentral hypergeometric law of the canary's share of `events` events among `n_c`
@@ -265,12 +333,12 @@ impl Evidence {
     /// No evidence yet, for `plan`'s tolerances, over buckets `bucket_width` wide.
     pub fn new(plan: &JudgePlan, bucket_width: Duration) -> Self {
         Self {
-            errors: SequentialTest::new(1.0, plan.error_ratio),
+            errors: SequentialTest::new(1.0, plan.error_ratio, Mixture::Errors),
             latency: match plan.latency_ratio {
                 // The latency tolerance is in the thresholds: the canary's are the larger.
                 Some(_) => LATENCY_THRESHOLDS_US
                     .iter()
-                    .map(|_| SequentialTest::new(1.0, 1.0))
+                    .map(|_| SequentialTest::new(1.0, 1.0, Mixture::Latency))
                     .collect(),
                 None => Vec::new(),
             },
@@ -344,8 +412,8 @@ pub struct JudgeResult {
     pub span: String,
     /// The confidence the verdict holds with.
     pub confidence: f64,
-    /// The failure comparison's e-value against "not worse" (Fail at `1/(1-confidence)`, less
-    /// the latency share when latency is compared).
+    /// The failure comparison's e-value against "not worse" (Fail at `1/(1-confidence)`; with
+    /// latency compared, its share of the averaged e-value, see [`decide`]).
     pub e_fail: f64,
     /// Its e-value against "worse" (Pass at the same bar).
     pub e_pass: f64,
@@ -454,18 +522,22 @@ fn trim(v: f64) -> String {
     text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
-/// The judge's verdict on `evidence` under `plan`. With latency compared, the error budget
-/// `1 - confidence` is split in half between failures and latency, and the latency half evenly
-/// over the thresholds (a union bound): the chance that any comparison wrongly says Fail stays
-/// within `1 - confidence`.
+/// The judge's verdict on `evidence` under `plan`.
+///
+/// Fail: without latency, when the failures' e-value reaches `1/α` (`α = 1 - confidence`).
+/// With latency, the e-values are averaged into one against "the canary is no worse in
+/// anything": [`ERROR_WEIGHT_WITH_LATENCY`] × the failures' plus the rest × the mean over the
+/// latency thresholds. An average of test supermartingales for the same data is one, so the
+/// chance that the judge ever wrongly says Fail stays within `α`. The finding names the
+/// comparison that weighs most in the average.
+///
+/// Pass: when the failures' e-value against "worse beyond the tolerance" reaches `1/α` and
+/// nothing says Fail. It claims failures only, so it needs no share of Fail's budget.
 pub fn decide(plan: &JudgePlan, evidence: &Evidence) -> JudgeResult {
     let alpha = (1.0 - plan.confidence).max(f64::MIN_POSITIVE);
-    let (alpha_errors, alpha_latency) = if evidence.latency.is_empty() {
-        (alpha, 0.0)
-    } else {
-        (alpha / 2.0, alpha / 2.0 / evidence.latency.len() as f64)
-    };
+    let bar = 1.0 / alpha;
     let [cf, cn, pf, pn] = evidence.errors.totals();
+    let e_errors = evidence.errors.e_fail();
     let mut result = JudgeResult {
         verdict: Verdict::Continue.as_str().to_owned(),
         by: "none".to_owned(),
@@ -475,36 +547,49 @@ pub fn decide(plan: &JudgePlan, evidence: &Evidence) -> JudgeResult {
         primary_failures: pf,
         span: format_go_duration(evidence.span()),
         confidence: plan.confidence,
-        e_fail: shown(evidence.errors.e_fail()),
+        e_fail: shown(e_errors),
         e_pass: shown(evidence.errors.e_pass()),
         latency: None,
     };
-    let errors = evidence.errors.verdict(alpha_errors);
-    if errors == Verdict::Fail {
-        result.verdict = Verdict::Fail.as_str().to_owned();
-        result.by = "errors".to_owned();
-        return result;
-    }
-    let ratio = plan.latency_ratio.unwrap_or(1.0);
-    let slow = evidence
+    let slowest = evidence
         .latency
         .iter()
         .zip(LATENCY_THRESHOLDS_US)
-        .filter(|(test, _)| test.e_fail() >= 1.0 / alpha_latency)
         .max_by(|(a, _), (b, _)| a.e_fail().total_cmp(&b.e_fail()));
-    if let Some((test, threshold)) = slow {
-        let [sc, n_c, sp, n_p] = test.totals();
+    let (from_errors, from_latency) = match slowest {
+        None => (e_errors, 0.0),
+        Some(_) => {
+            let mean = evidence
+                .latency
+                .iter()
+                .map(SequentialTest::e_fail)
+                .sum::<f64>()
+                / evidence.latency.len() as f64;
+            (
+                ERROR_WEIGHT_WITH_LATENCY * e_errors,
+                (1.0 - ERROR_WEIGHT_WITH_LATENCY) * mean,
+            )
+        }
+    };
+    if from_errors + from_latency >= bar {
         result.verdict = Verdict::Fail.as_str().to_owned();
-        result.by = "latency".to_owned();
-        result.latency = Some(LatencyFinding {
-            threshold_ms: threshold as f64 / 1000.0,
-            canary_threshold_ms: threshold as f64 * ratio / 1000.0,
-            canary_share: sc as f64 / n_c.max(1) as f64,
-            primary_share: sp as f64 / n_p.max(1) as f64,
-        });
+        match slowest {
+            Some((test, threshold)) if from_latency > from_errors => {
+                let ratio = plan.latency_ratio.unwrap_or(1.0);
+                let [sc, n_c, sp, n_p] = test.totals();
+                result.by = "latency".to_owned();
+                result.latency = Some(LatencyFinding {
+                    threshold_ms: threshold as f64 / 1000.0,
+                    canary_threshold_ms: threshold as f64 * ratio / 1000.0,
+                    canary_share: sc as f64 / n_c.max(1) as f64,
+                    primary_share: sp as f64 / n_p.max(1) as f64,
+                });
+            }
+            _ => result.by = "errors".to_owned(),
+        }
         return result;
     }
-    if errors == Verdict::Pass {
+    if evidence.errors.e_pass() >= bar {
         result.verdict = Verdict::Pass.as_str().to_owned();
         result.by = "errors".to_owned();
     }
