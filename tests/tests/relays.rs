@@ -1,0 +1,439 @@
+//! Relays (docs/scale.md, section 3), with real processes over real gRPC on 127.0.0.1: a leader
+//! `weir ingest-server`, a relay `weir ingest-server --relay-to <leader>`, and Envoys of the
+//! tests' own speaking the filter's protocol to the relay. What the leader counted is read from
+//! its windows (`window <canary>` on its stdin).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use tonic::Code;
+use weir_e2e::certs::TestCa;
+use weir_e2e::hostile::{IngestProcess, CANARY};
+use weir_e2e::reporter::{channel, successes, Dial, TestReporter};
+use weir_e2e::tcp_proxy::TcpProxy;
+use weir_e2e::WorkDir;
+use weir_proto::v1::{controller_message::Kind, Version};
+
+async fn bounded<T>(limit: Duration, body: impl Future<Output = anyhow::Result<T>>) -> T {
+    match tokio::time::timeout(limit, body).await {
+        Ok(Ok(value)) => value,
+        Ok(Err(e)) => panic!("{e:#}"),
+        Err(_) => panic!("the test did not finish within {limit:?}"),
+    }
+}
+
+/// A simulated Envoy on one `Exchange` stream: hello, then numbered reports of canary
+/// successes, echoing the directive generation it runs.
+struct Envoy {
+    reporter: TestReporter,
+    node: String,
+    epoch: u64,
+    next: u64,
+    /// The newest directive: generation and the canary's weight.
+    directive: Option<(u64, u32)>,
+}
+
+impl Envoy {
+    /// Opens a stream to `addr` and says hello; the directive comes first.
+    async fn connect(
+        addr: SocketAddr,
+        dial: &Dial,
+        node: &str,
+        epoch: u64,
+    ) -> anyhow::Result<Self> {
+        let reporter = TestReporter::open(channel(addr, dial).await?)
+            .await
+            .map_err(|s| anyhow!("{node}: the stream was refused: {s}"))?;
+        let mut envoy = Self {
+            reporter,
+            node: node.to_owned(),
+            epoch,
+            next: 1,
+            directive: None,
+        };
+        envoy.send(0, 0).await?;
+        while envoy.directive.is_none() {
+            envoy.receive().await?;
+        }
+        Ok(envoy)
+    }
+
+    async fn send(&self, sequence: u64, requests: u64) -> anyhow::Result<()> {
+        let mut report = successes(
+            &self.node,
+            "",
+            self.epoch,
+            sequence,
+            CANARY,
+            Version::Canary,
+            requests,
+        );
+        report.applied_generation = self.directive.map_or(0, |(generation, _)| generation);
+        self.reporter.send(report).await
+    }
+
+    /// The next message; an ack's sequence is returned.
+    async fn receive(&mut self) -> anyhow::Result<Option<u64>> {
+        let message = self
+            .reporter
+            .next()
+            .await
+            .map_err(|s| anyhow!("{}: the stream ended: {s}", self.node))?;
+        Ok(match message.kind {
+            Some(Kind::Ack(ack)) => Some(ack.sequence),
+            Some(Kind::Directive(d)) => {
+                let weight = d
+                    .canaries
+                    .iter()
+                    .find(|c| c.key == CANARY)
+                    .map_or(0, |c| c.canary_weight_bp);
+                self.directive = Some((d.generation, weight));
+                None
+            }
+            None => None,
+        })
+    }
+
+    /// Sends the next report of `requests` and waits for its ack.
+    async fn report(&mut self, requests: u64) -> anyhow::Result<()> {
+        let sequence = self.next;
+        self.next += 1;
+        self.send(sequence, requests).await?;
+        self.acked(sequence).await
+    }
+
+    /// Reads until `sequence` is acknowledged.
+    async fn acked(&mut self, sequence: u64) -> anyhow::Result<()> {
+        loop {
+            if self.receive().await?.is_some_and(|acked| acked >= sequence) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads until a directive of `generation` arrives.
+    async fn directive_of(&mut self, generation: u64) -> anyhow::Result<u32> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some((g, weight)) = self.directive {
+                if g == generation {
+                    return Ok(weight);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: no directive of generation {generation} within 15 s (has {:?})",
+                    self.node,
+                    self.directive
+                );
+            }
+            self.receive().await?;
+        }
+    }
+}
+
+/// Waits until `process` says the directive it serves has a generation other than 0 (a relay
+/// has the leader's); returns it.
+async fn serving(process: &mut IngestProcess) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let generation = process.counter("weir_directive_generation").await?;
+        if generation != 0 {
+            return Ok(generation);
+        }
+        if Instant::now() > deadline {
+            bail!("the relay has no directive from the leader after 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the leader's canary window holds `requests`, then checks it stays there.
+async fn leader_counts(leader: &mut IngestProcess, requests: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let [_, (canary, _)] = leader.window(CANARY).await?;
+        if canary == requests {
+            break;
+        }
+        if canary > requests || Instant::now() > deadline {
+            bail!("the leader counted {canary} canary requests; {requests} were reported");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Three of the relay's report intervals: nothing more may arrive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let [_, (canary, _)] = leader.window(CANARY).await?;
+    if canary != requests {
+        bail!(
+            "the leader counted {canary} canary requests after settling; {requests} were reported"
+        );
+    }
+    Ok(())
+}
+
+async fn relay_in_flight(relay: &mut IngestProcess) -> anyhow::Result<u64> {
+    relay.counter("weir_relay_reports_in_flight").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_through_a_relay_reach_the_leaders_windows_exactly_once_also_when_its_stream_drops_and_resends(
+) {
+    bounded(Duration::from_secs(120), async {
+        let mut leader = IngestProcess::start(&[]).await?;
+        let link = TcpProxy::start(leader.addr).await?;
+        let to_leader = link.addr.to_string();
+        let mut relay =
+            IngestProcess::start(&["--relay-to", &to_leader, "--relay-name", "r1"]).await?;
+        serving(&mut relay).await?;
+
+        let mut envoys = Vec::new();
+        for i in 0..3 {
+            envoys.push(Envoy::connect(relay.addr, &Dial::Plain, &format!("envoy-{i}"), 100 + i).await?);
+        }
+        for envoy in &mut envoys {
+            for requests in [10, 20, 30] {
+                envoy.report(requests).await?;
+            }
+        }
+        // An Envoy that lost its stream resends what it thinks unacknowledged: the relay's
+        // ledger counts it once.
+        {
+            let mut again = Envoy::connect(relay.addr, &Dial::Plain, "envoy-0", 100).await?;
+            again.send(2, 20).await?;
+            again.send(3, 30).await?;
+            again.acked(3).await?;
+        }
+        leader_counts(&mut leader, 3 * 60).await?;
+
+        // The leader's acks to the relay are lost: the relay's reports are applied but stay
+        // unacknowledged, then its stream is cut and it resends them on a new one.
+        link.hold_back(true);
+        for envoy in &mut envoys {
+            envoy.report(100).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let applied = leader.window(CANARY).await?[1].0;
+        let unacked = relay_in_flight(&mut relay).await?;
+        if applied != 3 * 160 || unacked == 0 {
+            bail!("with acks held back, expected the leader to have applied 480 and the relay to wait for acks; the leader has {applied}, the relay {unacked} unacknowledged");
+        }
+        let duplicates_before = leader.counter("weir_reports_duplicate_total").await?;
+        link.cut();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while relay_in_flight(&mut relay).await? > 1 || link.connections() < 2 {
+            if Instant::now() > deadline {
+                bail!("the relay did not reconnect and resend within 15 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for envoy in &mut envoys {
+            envoy.report(1).await?;
+        }
+        leader_counts(&mut leader, 3 * 161).await?;
+        let duplicates = leader.counter("weir_reports_duplicate_total").await? - duplicates_before;
+        if duplicates == 0 {
+            bail!("the relay resent nothing after the cut (the leader saw no duplicate)");
+        }
+        // One reporter at the leader: the relay.
+        let known = leader.counter("weir_reporters_known").await?;
+        if known != 1 {
+            bail!("the leader knows {known} reporters; only the relay reports to it");
+        }
+        relay.stop().await;
+        leader.stop().await;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directive_passes_down_to_the_envoys_on_a_relay_unchanged() {
+    bounded(Duration::from_secs(60), async {
+        let mut leader = IngestProcess::start(&[]).await?;
+        let to_leader = leader.addr.to_string();
+        let mut relay = IngestProcess::start(&["--relay-to", &to_leader]).await?;
+        let first = serving(&mut relay).await?;
+        let leaders = leader.counter("weir_directive_generation").await?;
+        if first != leaders {
+            bail!("the relay serves generation {first}, the leader {leaders}");
+        }
+        let mut envoy = Envoy::connect(relay.addr, &Dial::Plain, "envoy-0", 7).await?;
+        if envoy.directive != Some((leaders, 1_000)) {
+            bail!(
+                "the Envoy on the relay got {:?}, not the leader's directive",
+                envoy.directive
+            );
+        }
+        let generation = leader.publish(2_500).await?;
+        let started = Instant::now();
+        let weight = envoy.directive_of(generation).await?;
+        if weight != 2_500 {
+            bail!("the relayed directive has weight {weight}, the leader published 2500");
+        }
+        eprintln!("leader → relay → Envoy: {:?}", started.elapsed());
+        // A relay publishes nothing of its own.
+        if relay.publish(0).await.is_ok() {
+            bail!("the relay published a directive of its own");
+        }
+        relay.stop().await;
+        leader.stop().await;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_controller_replica_can_be_a_relay_and_a_relay_forwards_only_verified_identities() {
+    let certs = WorkDir::new("relay_trust_certs").unwrap();
+    bounded(Duration::from_secs(90), async {
+        let ca = TestCa::new(certs.path())?;
+        let controller = ca.controller()?;
+        let (cert, key, root) = (
+            controller.cert.to_string_lossy().into_owned(),
+            controller.key.to_string_lossy().into_owned(),
+            ca.root.to_string_lossy().into_owned(),
+        );
+        let tls = [
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &root,
+        ];
+        let mut leader = IngestProcess::start(&tls).await?;
+        let dial = |pem| Dial::Tls {
+            root: ca.root.clone(),
+            identity: Some(pem),
+        };
+
+        // A workload of the canary's own namespace claiming to be a relay.
+        let workload = ca.workload("bench", "default")?;
+        let forged = TestReporter::open(channel(leader.addr, &dial(workload.clone())).await?)
+            .await
+            .map_err(|s| anyhow!("the stream was refused before its hello: {s}"))?;
+        let mut forged = forged;
+        forged
+            .send(successes("relay~r1", "", 1, 0, CANARY, Version::Canary, 0))
+            .await?;
+        match forged.next().await {
+            Err(status) if status.code() == Code::PermissionDenied => {
+                eprintln!("forged relay refused: {}", status.message())
+            }
+            other => bail!("a workload claiming to be a relay was not refused: {other:?}"),
+        }
+        let refused = leader.rejected("not_a_replica").await?;
+        if refused != 1 {
+            bail!("not_a_replica counted {refused}, expected 1");
+        }
+
+        // A replica with the controller's own certificate is a relay.
+        let to_leader = leader.addr.to_string();
+        let mut args = tls.to_vec();
+        args.extend(["--relay-to", &to_leader, "--relay-name", "r1"]);
+        let mut relay = IngestProcess::start(&args).await?;
+        serving(&mut relay).await?;
+        let mut own = Envoy::connect(relay.addr, &dial(workload), "bench-envoy", 11).await?;
+        own.report(10).await?;
+        // A workload of another namespace: its entries for the canary are dropped at the relay.
+        let intruder = ca.workload("intruder", "default")?;
+        let mut other = Envoy::connect(relay.addr, &dial(intruder), "intruder-envoy", 12).await?;
+        other.report(7).await?;
+        // Without a certificate, the relay refuses the stream as the leader would.
+        let anonymous = TestReporter::open(
+            channel(
+                relay.addr,
+                &Dial::Tls {
+                    root: ca.root.clone(),
+                    identity: None,
+                },
+            )
+            .await?,
+        )
+        .await;
+        match anonymous {
+            Err(status) if status.code() == Code::Unauthenticated => {}
+            Err(status) => bail!("an anonymous stream at the relay ended with {status}"),
+            Ok(_) => bail!("the relay served a stream without a certificate"),
+        }
+        leader_counts(&mut leader, 10).await?;
+        let dropped = relay.rejected("not_allowed").await?;
+        if dropped == 0 {
+            bail!("the relay did not drop the intruder's entries");
+        }
+        relay.stop().await;
+        leader.stop().await;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_change_moves_only_the_relay_streams() {
+    bounded(Duration::from_secs(120), async {
+        let mut old = IngestProcess::start(&[]).await?;
+        let address = old.addr.to_string();
+        let mut relay =
+            IngestProcess::start(&["--relay-to", &address, "--relay-grace", "20s"]).await?;
+        serving(&mut relay).await?;
+        let mut envoys = Vec::new();
+        for i in 0..2 {
+            envoys.push(
+                Envoy::connect(relay.addr, &Dial::Plain, &format!("envoy-{i}"), 40 + i).await?,
+            );
+        }
+        for envoy in &mut envoys {
+            envoy.report(5).await?;
+        }
+        leader_counts(&mut old, 10).await?;
+        // Everything the old leader counted is acknowledged to the relay.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while relay_in_flight(&mut relay).await? != 0 {
+            if Instant::now() > deadline {
+                bail!("the relay still waits for the old leader's acks");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let streams = relay.counter("weir_telemetry_streams_total").await?;
+
+        old.kill().await?;
+        let mut new = None;
+        for _ in 0..50 {
+            match IngestProcess::start_on(&address, &[]).await {
+                Ok(process) => {
+                    new = Some(process);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let mut new = new.with_context(|| format!("no new leader could listen on {address}"))?;
+        let generation = new.counter("weir_directive_generation").await?;
+
+        // The Envoys keep their streams to the relay: they report on, and get the new
+        // leader's directive through it.
+        for envoy in &mut envoys {
+            envoy.report(7).await?;
+            envoy.directive_of(generation).await?;
+        }
+        leader_counts(&mut new, 14).await?;
+        let after = relay.counter("weir_telemetry_streams_total").await?;
+        if after != streams {
+            bail!(
+                "the relay's Envoys opened {} new streams across the leader change",
+                after - streams
+            );
+        }
+        let known = new.counter("weir_reporters_known").await?;
+        if known != 1 {
+            bail!("the new leader knows {known} reporters; only the relay moved to it");
+        }
+        relay.stop().await;
+        new.stop().await;
+        Ok(())
+    })
+    .await;
+}
