@@ -437,3 +437,54 @@ async fn a_leader_change_moves_only_the_relay_streams() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_the_leader_serves_no_envoy_so_none_runs_stale_weights() {
+    bounded(Duration::from_secs(60), async {
+        // No leader at all: the relay refuses every stream.
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut orphan = IngestProcess::start(&["--relay-to", &nowhere.to_string()]).await?;
+        match Envoy::connect(orphan.addr, &Dial::Plain, "envoy-0", 1).await {
+            Err(e) if format!("{e:#}").contains("no contact with the leader") => {}
+            Err(e) => bail!("a relay without a leader refused with something else: {e:#}"),
+            Ok(_) => bail!("a relay that never heard from a leader served an Envoy"),
+        }
+        if orphan.counter("weir_directive_generation").await? != 0 {
+            bail!("a relay without a leader has a directive");
+        }
+        orphan.stop().await;
+
+        // The leader goes away: after the grace the relay ends its Envoys' streams.
+        let leader = IngestProcess::start(&[]).await?;
+        let to_leader = leader.addr.to_string();
+        let mut relay = IngestProcess::start(&["--relay-to", &to_leader, "--relay-grace", "2s"]).await?;
+        serving(&mut relay).await?;
+        let mut envoy = Envoy::connect(relay.addr, &Dial::Plain, "envoy-1", 2).await?;
+        envoy.report(3).await?;
+        leader.kill().await?;
+        let killed = Instant::now();
+        let ended = loop {
+            match envoy.reporter.next().await {
+                Ok(_) => {}
+                Err(status) if status.code() == Code::DeadlineExceeded => {}
+                Err(status) => break status,
+            }
+            if killed.elapsed() > Duration::from_secs(15) {
+                bail!("the relay kept its Envoy's stream 15 s after losing the leader");
+            }
+        };
+        let after = killed.elapsed();
+        if ended.code() != Code::Unavailable || after < Duration::from_secs(2) {
+            bail!("the Envoy's stream ended after {after:?} with {ended}; expected UNAVAILABLE after the 2 s grace");
+        }
+        eprintln!("stream ended {after:?} after the leader was killed: {}", ended.message());
+        match Envoy::connect(relay.addr, &Dial::Plain, "envoy-1", 3).await {
+            Err(e) if format!("{e:#}").contains("no contact with the leader") => {}
+            Err(e) => bail!("the relay refused a new stream with something else: {e:#}"),
+            Ok(_) => bail!("a relay out of contact with the leader served a new Envoy"),
+        }
+        relay.stop().await;
+        Ok(())
+    })
+    .await;
+}
