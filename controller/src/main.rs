@@ -498,13 +498,6 @@ enum Command {
         /// The relay's name (its node id is `relay~<name>`).
         #[arg(long, default_value = "relay", requires = "relay_to")]
         relay_name: String,
-        /// The DNS name the leader's certificate carries (with TLS).
-        #[arg(
-            long,
-            default_value = "weir.weir-system.svc.cluster.local",
-            requires = "relay_to"
-        )]
-        leader_name: String,
         /// How long a relay serves its Envoys after the leader's last message.
         #[arg(long, value_parser = parse_duration, requires = "relay_to")]
         relay_grace: Option<Duration>,
@@ -966,7 +959,6 @@ async fn main() -> anyhow::Result<()> {
             tls_client_ca,
             relay_to,
             relay_name,
-            leader_name,
             relay_grace,
         } => {
             use weir_controller::ingest::transport::{TlsFiles, Transport};
@@ -1002,7 +994,6 @@ async fn main() -> anyhow::Result<()> {
                     cert_chain: files.cert_chain.clone(),
                     private_key: files.private_key.clone(),
                     ca: files.client_ca.clone(),
-                    server_name: leader_name,
                 });
                 if let Some(grace) = relay_grace {
                     relay.contact_grace = grace;

@@ -488,3 +488,68 @@ async fn a_relay_without_the_leader_serves_no_envoy_so_none_runs_stale_weights()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_trusts_as_its_leader_only_a_replica_of_its_own_identity_with_istio_certificates() {
+    let certs = WorkDir::new("relay_leader_identity_certs").unwrap();
+    bounded(Duration::from_secs(90), async {
+        let ca = TestCa::new(certs.path())?;
+        let root = ca.root.to_string_lossy().into_owned();
+        let files = |pem: &weir_e2e::certs::Pem| {
+            [
+                "--tls-cert".to_owned(),
+                pem.cert.to_string_lossy().into_owned(),
+                "--tls-key".to_owned(),
+                pem.key.to_string_lossy().into_owned(),
+                "--tls-client-ca".to_owned(),
+                root.clone(),
+            ]
+        };
+        // The leader's certificate names the SPIFFE id only (no DNS name), as Istio's do; the
+        // relay's carries a DNS name too, only for the test's Envoys, which check one.
+        let leader_cert = ca.controller_as_istio_issues_it("leader")?;
+        let relay_cert = ca.controller()?;
+        let leader_args = files(&leader_cert);
+        let leader_args: Vec<&str> = leader_args.iter().map(String::as_str).collect();
+        let mut leader = IngestProcess::start(&leader_args).await?;
+        let mut relay_args = files(&relay_cert).to_vec();
+        relay_args.extend(["--relay-to".to_owned(), leader.addr.to_string()]);
+        let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+        let mut relay = IngestProcess::start(&relay_args).await?;
+        serving(&mut relay).await?;
+        // Its Envoys' reports reach the leader through it.
+        let workload = ca.workload("bench", "default")?;
+        let dial = Dial::Tls {
+            root: ca.root.clone(),
+            identity: Some(workload.clone()),
+        };
+        let mut envoy = Envoy::connect(relay.addr, &dial, "bench-envoy", 5).await?;
+        envoy.report(4).await?;
+        leader_counts(&mut leader, 4).await?;
+        relay.stop().await;
+
+        // A "leader" with another identity (a workload's certificate): the relay does not
+        // take its directive, so it serves no Envoy.
+        let impostor_args = files(&workload);
+        let impostor_args: Vec<&str> = impostor_args.iter().map(String::as_str).collect();
+        let impostor = IngestProcess::start(&impostor_args).await?;
+        let mut relay_args = files(&relay_cert).to_vec();
+        relay_args.extend(["--relay-to".to_owned(), impostor.addr.to_string()]);
+        let relay_args: Vec<&str> = relay_args.iter().map(String::as_str).collect();
+        let mut fooled = IngestProcess::start(&relay_args).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let generation = fooled.counter("weir_directive_generation").await?;
+        if generation != 0 {
+            bail!("the relay took generation {generation} from a leader that is not a controller replica");
+        }
+        let hellos = leader.counter("weir_reporter_hellos_total").await?;
+        if hellos == 0 {
+            bail!("the real leader never heard the first relay's hello");
+        }
+        fooled.stop().await;
+        impostor.stop().await;
+        leader.stop().await;
+        Ok(())
+    })
+    .await;
+}

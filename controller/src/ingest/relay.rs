@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 use weir_filter::reporter::{Command, Reporter};
 use weir_proto::v1::telemetry_client::TelemetryClient;
@@ -77,8 +77,10 @@ impl RelayConfig {
 }
 
 /// The relay's TLS towards the leader: the replica's own certificate (the one it serves its
-/// Envoys with: it proves to the leader that this stream comes from a controller replica), the
-/// CA the leader's certificate must chain to, and the name it must carry.
+/// Envoys with: it proves to the leader that this stream comes from a controller replica) and
+/// the CA the leader's certificate must chain to. The leader must present the same SPIFFE id as
+/// this replica's own certificate — replicas of one Deployment share a service account — and
+/// no DNS name is checked: Istio's workload certificates carry only the SPIFFE id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayTls {
     /// This replica's certificate chain (PEM).
@@ -87,8 +89,6 @@ pub struct RelayTls {
     pub private_key: PathBuf,
     /// The mesh's root (PEM).
     pub ca: PathBuf,
-    /// The DNS name in the leader's certificate.
-    pub server_name: String,
 }
 
 /// The relay's state shared with the ingest's stream tasks: the pending delta and the contact
@@ -156,34 +156,164 @@ impl Relay {
         lock(&self.reporter).in_flight()
     }
 
-    fn endpoint(&self) -> Result<Endpoint, String> {
-        let (scheme, tls) = match &self.config.tls {
-            None => ("http", None),
-            Some(files) => {
-                let read = |path: &PathBuf| {
-                    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-                };
-                let tls = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(read(&files.ca)?))
-                    .identity(Identity::from_pem(
-                        read(&files.cert_chain)?,
-                        read(&files.private_key)?,
-                    ))
-                    .domain_name(files.server_name.clone());
-                ("https", Some(tls))
-            }
-        };
-        let uri = format!("{scheme}://{}", self.config.leader);
-        let mut endpoint = Channel::from_shared(uri.clone())
+    fn endpoint(&self) -> Result<Leader, String> {
+        let uri = format!("http://{}", self.config.leader);
+        let endpoint = Channel::from_shared(uri.clone())
             .map_err(|e| format!("the leader address {uri:?} is not a URI: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        if let Some(tls) = tls {
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| format!("TLS towards the leader: {e}"))?;
+        let tls = match &self.config.tls {
+            None => None,
+            Some(files) => Some(same_identity::connector(files)?),
+        };
+        Ok(Leader { endpoint, tls })
+    }
+}
+
+/// How to reach the leader: the endpoint, and with TLS the connector that does the handshake.
+struct Leader {
+    endpoint: Endpoint,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Leader {
+    async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        let Some(tls) = self.tls.clone() else {
+            return self.endpoint.connect().await;
+        };
+        let connector = tower::service_fn(move |uri: http::Uri| {
+            let tls = tls.clone();
+            async move {
+                let host = uri.host().unwrap_or_default().to_owned();
+                let port = uri.port_u16().unwrap_or(443);
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                // The name is not checked (the verifier checks the SPIFFE id); rustls needs one.
+                let name = rustls::pki_types::ServerName::try_from(host)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let stream = tls.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        self.endpoint.connect_with_connector(connector).await
+    }
+}
+
+/// The relay's TLS client: its own certificate, and a verifier that accepts the leader only if
+/// its certificate chains to the mesh's root and names this replica's own SPIFFE id.
+mod same_identity {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::WebPkiSupportedAlgorithms;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+    use super::RelayTls;
+    use crate::ingest::identity::SpiffeId;
+
+    #[derive(Debug)]
+    struct SameIdentity {
+        roots: Arc<RootCertStore>,
+        expected: SpiffeId,
+        algorithms: WebPkiSupportedAlgorithms,
+    }
+
+    impl ServerCertVerifier for SameIdentity {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &self.roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+            let id = SpiffeId::from_certificate(end_entity.as_ref()).map_err(|why| {
+                rustls::Error::General(format!("the leader's certificate: {why}"))
+            })?;
+            if id != self.expected {
+                return Err(rustls::Error::General(format!(
+                    "the leader's certificate is {id}, not a replica of this controller ({})",
+                    self.expected
+                )));
+            }
+            Ok(ServerCertVerified::assertion())
         }
-        Ok(endpoint)
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algorithms.supported_schemes()
+        }
+    }
+
+    pub(super) fn connector(files: &RelayTls) -> Result<tokio_rustls::TlsConnector, String> {
+        use rustls::pki_types::pem::PemObject;
+        let expected = crate::ingest::transport::certificate_identity(&files.cert_chain)
+            .map_err(|why| format!("this replica's own certificate: {why}"))?;
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read(&files.cert_chain)?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| {
+                    format!(
+                        "no certificate chain in {}: {e}",
+                        files.cert_chain.display()
+                    )
+                })?;
+        let key = PrivateKeyDer::from_pem_slice(&read(&files.private_key)?)
+            .map_err(|e| format!("no private key in {}: {e}", files.private_key.display()))?;
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&read(&files.ca)?) {
+            let ca = ca.map_err(|e| format!("no CA certificate in {}: {e}", files.ca.display()))?;
+            roots.add(ca).map_err(|e| {
+                format!(
+                    "a CA certificate in {} cannot be used: {e}",
+                    files.ca.display()
+                )
+            })?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = SameIdentity {
+            roots: Arc::new(roots),
+            expected,
+            algorithms: provider.signature_verification_algorithms,
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("the key does not fit {}: {e}", files.cert_chain.display()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
 }
 
@@ -333,7 +463,7 @@ fn send(upstream: &mut Option<Upstream>, relay: &Relay, bytes: &[u8]) {
 }
 
 /// Opens the stream: hello first, then everything unacknowledged, in order.
-async fn open(endpoint: &Endpoint, relay: &Relay, token: u32) -> Result<Upstream, String> {
+async fn open(endpoint: &Leader, relay: &Relay, token: u32) -> Result<Upstream, String> {
     let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
         .await
         .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))?
