@@ -219,6 +219,12 @@ struct TelemetryArgs {
         default_value = "istio-system/istio-ingressgateway-service-account"
     )]
     trusted_reporters: Vec<String>,
+    /// While this replica is not the leader, serve its filters as a relay of the leader's
+    /// ingest at this host:port (the `weir-leader` Service): their reports are merged and
+    /// forwarded, the leader's directives passed down (docs/scale.md). Unset: a standby serves
+    /// no filters.
+    #[arg(long, env = "WEIR_RELAY_TO")]
+    relay_to: Option<String>,
 }
 
 impl TelemetryArgs {
@@ -247,6 +253,7 @@ impl TelemetryArgs {
                 trust_domain: self.trust_domain.clone(),
                 everywhere,
             },
+            relay_to: self.relay_to.clone().filter(|to| !to.is_empty()),
         })
     }
 }

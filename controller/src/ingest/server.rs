@@ -178,6 +178,19 @@ impl Served {
     pub async fn finished(self) -> Result<(), IngestError> {
         Ok(self.task.await??)
     }
+
+    /// Waits at most `limit` for the shut-down under way, then ends the server outright (its
+    /// connections closed, its port freed).
+    pub async fn finish_within(mut self, limit: Duration) -> Result<(), IngestError> {
+        match tokio::time::timeout(limit, &mut self.task).await {
+            Ok(result) => Ok(result??),
+            Err(_) => {
+                self.task.abort();
+                let _ = self.task.await;
+                Ok(())
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]

@@ -82,6 +82,10 @@ pub struct Telemetry {
     pub transport: crate::ingest::transport::Transport,
     /// Who may report for which canary.
     pub policy: crate::ingest::identity::ReporterPolicy,
+    /// While not the leader, serve this replica's Envoys as a relay of the leader's ingest at
+    /// this `host:port` (the `weir-leader` Service; docs/scale.md, section 3). None: a standby
+    /// serves no filters.
+    pub relay_to: Option<String>,
 }
 
 /// Why `weir kubernetes` stopped.
@@ -274,11 +278,14 @@ where
             }
         }
         tracing::info!(lease = %options.lease_name, %identity, "waiting to lead");
+        // A standby serves its Envoys as a relay of the leader until it leads itself.
+        let relay = StandbyRelay::start(options, &identity).await;
         let renew_every = options.lease_duration / 3;
         loop {
             match unless_stopped(&stop, lock.try_acquire_or_renew()).await {
                 // A take-over may have been under way: give back whatever this replica holds.
                 None => {
+                    StandbyRelay::stop(relay).await;
                     step_down(&client, options, &lock, None).await;
                     return Ok(());
                 }
@@ -290,15 +297,83 @@ where
                 .await
                 .is_none()
             {
+                StandbyRelay::stop(relay).await;
                 return Ok(());
             }
         }
+        // Elected: the relay's Envoys are told to reconnect (UNAVAILABLE) and its port is
+        // freed for the leader's ingest.
+        StandbyRelay::stop(relay).await;
     }
     // From here on this replica may hold the Lease: every way out steps down.
     let outcome = lead(&client, options, health, &stop, &lock, &mut pod, metrics).await;
     health.set_leader(false);
     step_down(&client, options, &lock, pod.as_deref()).await;
     outcome
+}
+
+/// The relay a standby serves its Envoys with (docs/scale.md, section 3).
+struct StandbyRelay {
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: crate::ingest::Served,
+}
+
+impl StandbyRelay {
+    /// Starts the relay when `relay_to` is set; a relay that cannot start is logged, and the
+    /// replica waits to lead without it.
+    async fn start(options: &KubernetesOptions, name: &str) -> Option<Self> {
+        use crate::ingest::transport::Transport;
+        use crate::ingest::{RelayConfig, RelayTls};
+        let leader = options.telemetry.relay_to.clone()?;
+        let mut relay = RelayConfig::new(leader, name);
+        if let Transport::Tls(files) = &options.telemetry.transport {
+            relay.tls = Some(RelayTls {
+                cert_chain: files.cert_chain.clone(),
+                private_key: files.private_key.clone(),
+                ca: files.client_ca.clone(),
+            });
+        }
+        let ingest = match Ingest::try_new(IngestConfig {
+            transport: options.telemetry.transport.clone(),
+            reporter_policy: options.telemetry.policy.clone(),
+            relay: Some(relay),
+            ..IngestConfig::default()
+        }) {
+            Ok(ingest) => ingest,
+            Err(e) => {
+                tracing::error!("cannot relay for the leader: {e}");
+                return None;
+            }
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        match ingest
+            .serve(options.grpc_address, async {
+                let _ = stopped.await;
+            })
+            .await
+        {
+            Ok(served) => {
+                tracing::info!(addr = %served.local_addr(), leader = ?options.telemetry.relay_to, "serving the filters as a relay of the leader");
+                Some(Self { stop, served })
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot serve the filters as a relay on {}: {e}",
+                    options.grpc_address
+                );
+                None
+            }
+        }
+    }
+
+    /// Ends every relayed stream and frees the port, within [`CLEANUP_TIMEOUT`].
+    async fn stop(relay: Option<Self>) {
+        let Some(relay) = relay else { return };
+        let _ = relay.stop.send(());
+        if let Err(e) = relay.served.finish_within(CLEANUP_TIMEOUT).await {
+            tracing::warn!("the relay did not stop cleanly: {e}");
+        }
+    }
 }
 
 /// Removes this Pod's leader label and releases the Lease, each bounded by
