@@ -1,4 +1,5 @@
-//! The controller's own metrics, in the Prometheus text format (`GET /metrics`).
+//! The controller's own metrics, in the Prometheus text format (`GET /metrics`), written by the
+//! prometheus-client crate from the controller's state at each scrape ([`Collector`]).
 //!
 //! Flagger's `flagger_*` series under Weir's prefix, same labels and meanings:
 //!
@@ -13,13 +14,24 @@
 //! | `weir_canary_successes_total` | counter | `name`, `namespace`, `deployment_strategy`, `analysis_status` | promotions |
 //! | `weir_canary_failures_total` | counter | `name`, `namespace`, `deployment_strategy`, `analysis_status` | rollbacks |
 //!
+//!
+//! Beyond Flagger's, from what the filters stream (the dashboard in `manifests/dashboards/` reads
+//! these):
+//!
+//! | series | type | labels | value |
+//! |---|---|---|---|
+//! | `weir_canary_phase` | gauge | `name`, `namespace`, `phase` | 1 for the current phase, 0 for the others |
+//! | `weir_canary_failed_checks` | gauge | `name`, `namespace` | failed checks of this analysis (rolled back at the threshold) |
+//! | `weir_canary_requests_total` | counter | `name`, `namespace`, `version` | requests the filters counted, `version` `primary` or `canary` |
+//! | `weir_canary_request_failures_total` | counter | `name`, `namespace`, `version` | of those, the failed ones |
+//! | `weir_canary_request_duration_seconds` | gauge | `name`, `namespace`, `version`, `quantile` | latency quantiles 0.5, 0.9, 0.99 over the first metric's window, from the exact merged histograms (what `weir status` shows) |
+//!
 //! As in Flagger, `name` is the target workload's name, `deployment_strategy` is `canary`,
 //! `ab-testing` or `blue-green`, and `analysis_status` is `completed` (or `skipped` when
 //! `skipAnalysis` promoted without analysis).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -33,6 +45,16 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeGaugeValue, EncodeMetric,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::exemplar::Exemplar;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::filter_module::FilterModule;
 use crate::spec::{CanaryPlan, CanaryStatus, Phase, Strategy, Timestamp};
@@ -58,7 +80,14 @@ struct CanaryState {
     weight: u8,
     analysis: BTreeMap<String, f64>,
     last_step: Option<Timestamp>,
+    failed_checks: u32,
+    /// The window the live latency quantiles cover: the first metric's (the analysis interval
+    /// without metrics), as `weir status` shows them.
+    window: Duration,
 }
+
+/// The latency quantiles `weir_canary_request_duration_seconds` shows.
+const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
 
 #[derive(Debug, Default)]
 struct State {
@@ -118,6 +147,12 @@ impl Recorder {
         entry.phase = status.phase;
         entry.weight = status.canary_weight.percent();
         entry.last_step = status.last_step_time;
+        entry.failed_checks = status.failed_checks;
+        entry.window = plan
+            .analysis
+            .metrics
+            .first()
+            .map_or(plan.analysis.interval, |m| m.window);
         if let Some(checks) = status.decisions.iter().rev().find(|d| !d.checks.is_empty()) {
             for check in &checks.checks {
                 if let Some(v) = check.value {
@@ -151,206 +186,321 @@ impl Recorder {
 
     /// Forgets a deleted Canary (its counters stay, as Prometheus counters do).
     pub fn forget(&self, plan: &CanaryPlan) {
-        self.lock().canaries.remove(&plan.key());
+        self.forget_key(&plan.key());
+    }
+
+    /// [`Recorder::forget`] by the Canary's `namespace/name`.
+    pub fn forget_key(&self, key: &str) {
+        self.lock().canaries.remove(key);
     }
 
     /// Everything in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
-        let state = self.lock();
-        let mut out = String::new();
-        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        header(
-            &mut out,
-            "weir_info",
-            "gauge",
-            "Weir version and mesh provider information",
-        );
-        let _ = writeln!(
-            out,
-            "weir_info{{version=\"{}\",mesh_provider=\"istio\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
+        render_text(self.clone())
+    }
+}
 
-        header(
-            &mut out,
-            "weir_canary_total",
-            "gauge",
-            "Total number of canary object",
-        );
-        let mut per_namespace: BTreeMap<&str, usize> = BTreeMap::new();
+impl Collector for Recorder {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        let canary = |c: &CanaryState| labels([("name", &c.target), ("namespace", &c.namespace)]);
+        gauges(
+            &mut encoder,
+            "weir_info",
+            "Weir version and mesh provider information",
+            [(
+                labels([
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("mesh_provider", "istio"),
+                ]),
+                1,
+            )],
+        )?;
+        let mut per_namespace: BTreeMap<&str, i64> = BTreeMap::new();
         for c in state.canaries.values() {
             *per_namespace.entry(&c.namespace).or_default() += 1;
         }
-        for (namespace, n) in per_namespace {
-            let _ = writeln!(
-                out,
-                "weir_canary_total{{namespace=\"{}\"}} {n}",
-                escape(namespace)
-            );
-        }
-
-        header(
-            &mut out,
+        gauges(
+            &mut encoder,
+            "weir_canary_total",
+            "Total number of canary object",
+            per_namespace
+                .into_iter()
+                .map(|(namespace, n)| (labels([("namespace", namespace)]), n)),
+        )?;
+        gauges(
+            &mut encoder,
             "weir_canary_status",
-            "gauge",
             "Last canary analysis result (0 running, 1 successful, 2 failed)",
-        );
-        for c in state.canaries.values() {
-            let value = match c.phase {
-                Some(
-                    Phase::Progressing
-                    | Phase::WaitingPromotion
-                    | Phase::Promoting
-                    | Phase::Finalising,
-                ) => 0,
-                Some(Phase::Failed) => 2,
-                _ => 1,
-            };
-            let _ = writeln!(
-                out,
-                "weir_canary_status{{name=\"{}\",namespace=\"{}\"}} {value}",
-                escape(&c.target),
-                escape(&c.namespace)
-            );
-        }
-
-        header(
-            &mut out,
+            state.canaries.values().map(|c| {
+                let value = match c.phase {
+                    Some(
+                        Phase::Progressing
+                        | Phase::WaitingPromotion
+                        | Phase::Promoting
+                        | Phase::Finalising,
+                    ) => 0,
+                    Some(Phase::Failed) => 2,
+                    _ => 1,
+                };
+                (canary(c), value)
+            }),
+        )?;
+        gauges(
+            &mut encoder,
+            "weir_canary_phase",
+            "The canary's phase: 1 for the current one, 0 for the others",
+            state.canaries.values().flat_map(|c| {
+                Phase::ALL.map(|phase| {
+                    let mut l = canary(c);
+                    l.push(("phase", phase.as_str().to_owned()));
+                    (l, i64::from(c.phase == Some(phase)))
+                })
+            }),
+        )?;
+        gauges(
+            &mut encoder,
+            "weir_canary_failed_checks",
+            "Failed checks of the current analysis (rolled back at the threshold)",
+            state
+                .canaries
+                .values()
+                .map(|c| (canary(c), i64::from(c.failed_checks))),
+        )?;
+        gauges(
+            &mut encoder,
             "weir_canary_weight",
-            "gauge",
             "The virtual service destination weight current value",
-        );
-        for c in state.canaries.values() {
-            let _ = writeln!(
-                out,
-                "weir_canary_weight{{workload=\"{}-primary\",namespace=\"{}\"}} {}",
-                escape(&c.target),
-                escape(&c.namespace),
-                100 - u32::from(c.weight)
-            );
-            let _ = writeln!(
-                out,
-                "weir_canary_weight{{workload=\"{}\",namespace=\"{}\"}} {}",
-                escape(&c.target),
-                escape(&c.namespace),
-                c.weight
-            );
-        }
-
-        header(
-            &mut out,
-            "weir_canary_duration_seconds",
-            "histogram",
-            "Seconds spent performing canary analysis.",
-        );
-        for ((target, namespace), h) in &state.durations {
-            let labels = format!(
-                "name=\"{}\",namespace=\"{}\"",
-                escape(target),
-                escape(namespace)
-            );
-            for (bound, n) in DURATION_BUCKETS.iter().zip(h.buckets) {
-                let _ = writeln!(
-                    out,
-                    "weir_canary_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
-                );
+            state.canaries.values().flat_map(|c| {
+                let primary = format!("{}-primary", c.target);
+                [
+                    (
+                        labels([("workload", &primary), ("namespace", &c.namespace)]),
+                        100 - i64::from(c.weight),
+                    ),
+                    (
+                        labels([("workload", &c.target), ("namespace", &c.namespace)]),
+                        i64::from(c.weight),
+                    ),
+                ]
+            }),
+        )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "weir_canary_duration_seconds",
+                "Seconds spent performing canary analysis.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for ((target, namespace), h) in &state.durations {
+                // The encoder takes each bucket's own count and sums them up.
+                let mut below = 0;
+                let mut buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+                    .iter()
+                    .zip(h.buckets)
+                    .map(|(bound, cumulative)| {
+                        let own = cumulative - below;
+                        below = cumulative;
+                        (*bound, own)
+                    })
+                    .collect();
+                buckets.push((f64::INFINITY, h.count - below));
+                let l = labels([("name", target), ("namespace", namespace)]);
+                family.encode_family(&l)?.encode_histogram(
+                    h.sum,
+                    h.count,
+                    &buckets,
+                    None::<&HashMap<usize, Exemplar<Labels, f64>>>,
+                )?;
             }
-            let _ = writeln!(
-                out,
-                "weir_canary_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "weir_canary_duration_seconds_sum{{{labels}}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "weir_canary_duration_seconds_count{{{labels}}} {}",
-                h.count
-            );
         }
-
-        header(
-            &mut out,
+        gauges(
+            &mut encoder,
             "weir_canary_metric_analysis",
-            "gauge",
             "Last canary analysis result per metric",
-        );
-        for c in state.canaries.values() {
-            for (metric, value) in &c.analysis {
-                let _ = writeln!(
-                    out,
-                    "weir_canary_metric_analysis{{name=\"{}\",namespace=\"{}\",metric=\"{}\"}} {}",
-                    escape(&c.target),
-                    escape(&c.namespace),
-                    escape(metric),
-                    number(*value)
-                );
-            }
-        }
-
+            state.canaries.values().flat_map(|c| {
+                c.analysis.iter().map(|(metric, value)| {
+                    let mut l = canary(c);
+                    l.push(("metric", metric.clone()));
+                    (l, *value)
+                })
+            }),
+        )?;
         for (name, help, counts) in [
             (
-                "weir_canary_successes_total",
+                "weir_canary_successes",
                 "Total number of canary successes",
                 &state.successes,
             ),
             (
-                "weir_canary_failures_total",
+                "weir_canary_failures",
                 "Total number of canary failures",
                 &state.failures,
             ),
         ] {
-            header(&mut out, name, "counter", help);
-            for ((target, namespace, strategy, analysis), n) in counts {
-                let _ = writeln!(
-                    out,
-                    "{name}{{name=\"{}\",namespace=\"{}\",deployment_strategy=\"{strategy}\",analysis_status=\"{analysis}\"}} {n}",
-                    escape(target),
-                    escape(namespace)
-                );
-            }
+            counters(
+                &mut encoder,
+                name,
+                help,
+                counts
+                    .iter()
+                    .map(|((target, namespace, strategy, analysis), n)| {
+                        (
+                            labels([
+                                ("name", target.as_str()),
+                                ("namespace", namespace),
+                                ("deployment_strategy", strategy),
+                                ("analysis_status", analysis),
+                            ]),
+                            *n,
+                        )
+                    }),
+            )?;
         }
-        drop(state);
-        if let Some(ingest) = self
+        let ingest = self
             .ingest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            out.push_str(&ingest.counters().render_prometheus());
+            .clone();
+        if let Some(ingest) = ingest {
+            encode_versions(&mut encoder, &state.canaries, &ingest)?;
+            drop(state);
+            ingest.counters().encode_metrics(&mut encoder)?;
         }
-        out
+        Ok(())
     }
 }
 
-/// A label value escaped as the text format requires.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A sample's labels.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// `pairs` as [`Labels`].
+pub fn labels<const N: usize, V: AsRef<str>>(pairs: [(&'static str, V); N]) -> Labels {
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k, v.as_ref().to_owned()))
+        .collect()
 }
 
-/// A sample value as the text format writes it.
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v == f64::INFINITY {
-        "+Inf".into()
-    } else if v == f64::NEG_INFINITY {
-        "-Inf".into()
-    } else {
-        v.to_string()
+/// Writes a gauge family: its help, type and one sample per label set.
+pub fn gauges<V: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, V)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (l, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&l)?)?;
+    }
+    Ok(())
+}
+
+/// Writes a counter family (`name` without `_total`: the format adds it).
+pub fn counters(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, u64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (l, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&l)?)?;
+    }
+    Ok(())
+}
+
+/// `collector`'s metrics in the Prometheus text format (version 0.0.4), as prometheus-client
+/// writes it. Texts rendered this way can be served one after the other.
+pub fn render_text(collector: impl Collector) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut out = String::new();
+    if let Err(e) = prometheus_text::encode(&mut out, &registry) {
+        // Writing into a String fails only if a collector does.
+        tracing::error!(error = %e, "the metrics could not be rendered");
+    }
+    out
+}
+
+/// A [`Collector`] from a function, for the few series a caller writes itself.
+pub struct CollectWith<F>(pub F);
+
+impl<F> std::fmt::Debug for CollectWith<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CollectWith")
     }
 }
 
-/// Serves `GET /metrics` (and, when given, the filter module at its digest's path) on `addr`
-/// until `shutdown` completes; returns the bound address (port 0 picks one) once listening.
+impl<F> Collector for CollectWith<F>
+where
+    F: Fn(&mut DescriptorEncoder<'_>) -> std::fmt::Result + Send + Sync + 'static,
+{
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        (self.0)(&mut encoder)
+    }
+}
+
+/// The per-version series from the streamed windows: request and failure counters, and the
+/// latency quantiles of the live window.
+fn encode_versions(
+    encoder: &mut DescriptorEncoder<'_>,
+    canaries: &BTreeMap<String, CanaryState>,
+    ingest: &crate::ingest::Ingest,
+) -> std::fmt::Result {
+    use weir_proto::v1::Version;
+    const VERSIONS: [(Version, &str); 2] =
+        [(Version::Primary, "primary"), (Version::Canary, "canary")];
+    let of = |c: &CanaryState, version: &str| {
+        labels([
+            ("name", c.target.as_str()),
+            ("namespace", &c.namespace),
+            ("version", version),
+        ])
+    };
+    let totals: Vec<_> = canaries
+        .iter()
+        .flat_map(|(key, c)| {
+            VERSIONS.map(|(version, label)| (c, label, ingest.totals(key, version)))
+        })
+        .filter_map(|(c, label, totals)| Some((of(c, label), totals?)))
+        .collect();
+    counters(
+        encoder,
+        "weir_canary_requests",
+        "Requests the filters counted, per version",
+        totals.iter().map(|(l, t)| (l.clone(), t.requests)),
+    )?;
+    counters(
+        encoder,
+        "weir_canary_request_failures",
+        "Failed requests the filters counted, per version",
+        totals.iter().map(|(l, t)| (l.clone(), t.failures)),
+    )?;
+    let now = std::time::Instant::now();
+    let mut quantiles = Vec::new();
+    for (key, c) in canaries {
+        for (version, label) in VERSIONS {
+            let Some(window) = ingest.window(key, version, c.window, now) else {
+                continue;
+            };
+            for q in QUANTILES {
+                if let Some(micros) = window.latency.quantile(q) {
+                    let mut l = of(c, label);
+                    l.push(("quantile", q.to_string()));
+                    quantiles.push((l, micros / 1e6));
+                }
+            }
+        }
+    }
+    gauges(
+        encoder,
+        "weir_canary_request_duration_seconds",
+        "Latency quantiles per version over the first metric's window, from the exact merged histograms",
+        quantiles,
+    )
+}
+
 pub async fn serve(
     addr: SocketAddr,
     recorder: Recorder,
@@ -401,7 +551,7 @@ fn respond(
     let (status, content_type, body) = match path {
         "/metrics" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus_text::CONTENT_TYPE,
             Bytes::from(recorder.render()),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
@@ -527,6 +677,113 @@ mod tests {
         assert!(
             text.contains("weir_canary_status{name=\"mhs\",namespace=\"application\"} 2"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn phase_failed_checks_and_the_streamed_numbers_per_version_are_rendered() {
+        use crate::ingest::{Ingest, IngestConfig};
+        use weir_proto::v1::{CanaryRoute, Report, Reporter, Version, VersionStats};
+        use weir_proto::LatencyHistogram;
+
+        let ingest = Ingest::try_new(IngestConfig::default()).unwrap();
+        ingest
+            .publish(vec![CanaryRoute {
+                key: "application/mhs".into(),
+                hosts: vec!["mhs.application".into()],
+                canary_weight_bp: 1_000,
+                ..Default::default()
+            }])
+            .unwrap();
+        let stats = |version: Version, latencies_us: &[u64], failures: u64| {
+            let mut histogram = LatencyHistogram::new();
+            latencies_us.iter().for_each(|&l| histogram.record(l));
+            VersionStats {
+                canary: "application/mhs".into(),
+                version: version as i32,
+                requests: latencies_us.len() as u64,
+                failures,
+                latency: Some(histogram.encode()),
+            }
+        };
+        // 100 canary requests: 98 at 10 ms, 2 at 900 ms (P99: 900 ms); 4 primary at 5 ms.
+        let mut canary = vec![10_000; 98];
+        canary.extend([900_000, 900_000]);
+        let report = Report {
+            reporter: Some(Reporter {
+                node_id: "envoy-1".into(),
+                namespace: "application".into(),
+                workload: "gateway".into(),
+            }),
+            epoch: 1,
+            sequence: 1,
+            applied_generation: 0,
+            stats: vec![
+                stats(Version::Canary, &canary, 3),
+                stats(Version::Primary, &[5_000; 4], 0),
+            ],
+        };
+        ingest.ingest(&report, std::time::Instant::now()).unwrap();
+
+        let r = Recorder::new();
+        r.include_ingest(ingest);
+        let mut s = status(Phase::Progressing, 10, 1, None);
+        s.failed_checks = 2;
+        r.record(&plan(), &s, Duration::ZERO);
+        let text = r.render();
+        let labels =
+            |version: &str| format!("name=\"mhs\",namespace=\"application\",version=\"{version}\"");
+        for line in [
+            "weir_canary_phase{name=\"mhs\",namespace=\"application\",phase=\"Progressing\"} 1"
+                .to_owned(),
+            "weir_canary_phase{name=\"mhs\",namespace=\"application\",phase=\"Succeeded\"} 0"
+                .to_owned(),
+            "weir_canary_failed_checks{name=\"mhs\",namespace=\"application\"} 2".to_owned(),
+            format!("weir_canary_requests_total{{{}}} 100", labels("canary")),
+            format!(
+                "weir_canary_request_failures_total{{{}}} 3",
+                labels("canary")
+            ),
+            format!("weir_canary_requests_total{{{}}} 4", labels("primary")),
+            format!(
+                "weir_canary_request_failures_total{{{}}} 0",
+                labels("primary")
+            ),
+            "# TYPE weir_canary_requests_total counter".to_owned(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+        let quantile = |version: &str, q: &str| -> f64 {
+            let prefix = format!(
+                "weir_canary_request_duration_seconds{{{},quantile=\"{q}\"}} ",
+                labels(version)
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no `{prefix}` in\n{text}"))
+                .parse()
+                .unwrap()
+        };
+        // The HDR histograms are exact to 1%.
+        for (version, q, want) in [
+            ("canary", "0.99", 0.9),
+            ("canary", "0.5", 0.01),
+            ("primary", "0.99", 0.005),
+        ] {
+            let got = quantile(version, q);
+            assert!(
+                (got - want).abs() <= want * 0.01,
+                "{version} {q}: {got} vs {want}"
+            );
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("weir_canary_phase{"))
+                .count(),
+            Phase::ALL.len()
         );
     }
 

@@ -60,7 +60,15 @@ pub enum CallError {
     /// The URL or a header cannot be sent.
     #[error("{0}")]
     Request(String),
+    /// The answer's body is larger than Weir reads.
+    #[error("the answer is larger than {} KiB, the most Weir reads of an answer", .0 / 1024)]
+    TooLarge(usize),
 }
+
+/// The most of an answer's body Weir reads (webhooks, alerts, Prometheus): a server, hostile or
+/// broken, cannot make the controller hold more per call. A Prometheus answer for one series is
+/// a few hundred bytes.
+pub const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 /// An answer: its status and body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,11 +91,31 @@ impl Answer {
     }
 }
 
-/// The shared client: one verifying, one for the calls that asked to skip verification.
+/// The shared client: one verifying, one for the calls that asked to skip verification, and one
+/// per proxy an AlertProvider names (made on first use).
 #[derive(Clone)]
 pub struct HttpClient {
     verified: reqwest::Client,
     unverified: reqwest::Client,
+    /// The extra CAs, for the proxied clients.
+    roots: std::sync::Arc<Vec<reqwest::Certificate>>,
+    proxied: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>>,
+}
+
+/// How many proxies' clients are kept (each AlertProvider with a proxy names one; more distinct
+/// proxies than this is a misconfiguration, refused rather than held).
+pub const MAX_PROXIES: usize = 32;
+
+/// Why `url` cannot be a proxy, if it cannot.
+pub fn check_proxy(url: &str) -> Result<(), String> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "`{url}` must be an http:// or https:// URL (http://proxy:3128)"
+        ));
+    }
+    reqwest::Proxy::all(url)
+        .map(|_| ())
+        .map_err(|e| format!("`{url}` is not a proxy URL: {}", error_chain(&e)))
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -103,19 +131,9 @@ impl HttpClient {
             Some(path) => read_ca_file(path)?,
             None => Vec::new(),
         };
-        let base = || {
-            reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .pool_idle_timeout(Duration::from_secs(30))
-                .tcp_nodelay(true)
-                .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
-                // A proxy only when asked for per call (an AlertProvider's `proxy`): Weir talks
-                // to in-cluster services, which a system-wide proxy setting must not divert.
-                .no_proxy()
-        };
         let mut verified = base();
-        for certificate in extra {
-            verified = verified.add_root_certificate(certificate);
+        for certificate in &extra {
+            verified = verified.add_root_certificate(certificate.clone());
         }
         Ok(Self {
             verified: verified
@@ -125,7 +143,33 @@ impl HttpClient {
                 .danger_accept_invalid_certs(true)
                 .build()
                 .map_err(|e| HttpError::Build(error_chain(&e)))?,
+            roots: std::sync::Arc::new(extra),
+            proxied: std::sync::Arc::default(),
         })
+    }
+
+    /// The verifying client that sends through `proxy` (an AlertProvider's), made on first use.
+    pub fn through_proxy(&self, proxy: &str) -> Result<reqwest::Client, CallError> {
+        let mut clients = self.proxied.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(proxy) {
+            return Ok(client.clone());
+        }
+        if clients.len() >= MAX_PROXIES {
+            return Err(CallError::Request(format!(
+                "more than {MAX_PROXIES} distinct proxies are in use; AlertProviders should share a few"
+            )));
+        }
+        let proxy_setting = reqwest::Proxy::all(proxy)
+            .map_err(|e| CallError::Request(format!("proxy {proxy}: {}", error_chain(&e))))?;
+        let mut builder = base().proxy(proxy_setting);
+        for certificate in self.roots.iter() {
+            builder = builder.add_root_certificate(certificate.clone());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| CallError::Request(format!("proxy {proxy}: {}", error_chain(&e))))?;
+        clients.insert(proxy.to_owned(), client.clone());
+        Ok(client)
     }
 
     /// The client for a call: verifying, unless `skip_verify`.
@@ -137,15 +181,36 @@ impl HttpClient {
         }
     }
 
-    /// Sends `request` (built from [`HttpClient::client`]) and reads the whole answer within
-    /// `timeout`.
+    /// Sends `request` (built from [`HttpClient::client`]) and reads the whole answer, at most
+    /// [`MAX_ANSWER_BYTES`] of it, within `timeout`.
     pub async fn send(
         &self,
         request: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<Answer, CallError> {
+        self.exchange(request, timeout, Some(MAX_ANSWER_BYTES))
+            .await
+    }
+
+    /// [`HttpClient::send`] for load: the body is read to its end and dropped as it comes
+    /// (whatever its size); the answer's body is empty.
+    pub async fn send_discarding(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Answer, CallError> {
+        self.exchange(request, timeout, None).await
+    }
+
+    /// Sends and reads the answer, keeping at most `keep` bytes of the body (`None`: none).
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+        keep: Option<usize>,
+    ) -> Result<Answer, CallError> {
         let exchange = async {
-            let response = request.send().await.map_err(|e| {
+            let mut response = request.send().await.map_err(|e| {
                 if e.is_builder() {
                     CallError::Request(error_chain(&e))
                 } else {
@@ -153,10 +218,21 @@ impl HttpClient {
                 }
             })?;
             let status = response.status().as_u16();
-            let body = response.bytes().await.map_err(|e| {
+            let mut body = bytes::BytesMut::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| {
                 CallError::Transport(format!("the answer broke off: {}", error_chain(&e)))
-            })?;
-            Ok(Answer { status, body })
+            })? {
+                if let Some(limit) = keep {
+                    if body.len() + chunk.len() > limit {
+                        return Err(CallError::TooLarge(limit));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+            }
+            Ok(Answer {
+                status,
+                body: body.freeze(),
+            })
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -178,6 +254,18 @@ impl HttpClient {
             .body(body.to_string());
         self.send(request, timeout).await
     }
+}
+
+/// Every client's settings.
+fn base() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
+        // A proxy only when asked for per call (an AlertProvider's `proxy`): Weir talks to
+        // in-cluster services, which a system-wide proxy setting must not divert.
+        .no_proxy()
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, HttpError> {
@@ -213,6 +301,8 @@ pub fn shared() -> &'static HttpClient {
             HttpClient::try_new(&HttpOptions::default()).unwrap_or_else(|_| HttpClient {
                 verified: reqwest::Client::new(),
                 unverified: reqwest::Client::new(),
+                roots: std::sync::Arc::default(),
+                proxied: std::sync::Arc::default(),
             })
         })
     })
@@ -232,4 +322,81 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on 127.0.0.1 answering every request with 200 and a body of `size` bytes
+    /// (chunked, `None`: without end).
+    async fn server(size: Option<usize>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let mut sent = 0;
+                    while size.is_none_or(|size| sent < size) {
+                        let frame = format!("{:x}\r\n", chunk.len());
+                        if stream.write_all(frame.as_bytes()).await.is_err()
+                            || stream.write_all(&chunk).await.is_err()
+                            || stream.write_all(b"\r\n").await.is_err()
+                        {
+                            return;
+                        }
+                        sent += chunk.len();
+                    }
+                    let _ = stream.write_all(b"0\r\n\r\n").await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_end_is_refused_at_the_limit_not_held() {
+        let http = HttpClient::try_new(&HttpOptions::default()).unwrap();
+        let addr = server(None).await;
+        let request = http.client(false).get(format!("http://{addr}/"));
+        let err = http
+            .send(request, Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        assert_eq!(err, CallError::TooLarge(MAX_ANSWER_BYTES));
+        assert!(err.to_string().contains("4096 KiB"), "{err}");
+        // Within the limit, the whole body.
+        let small = server(Some(128 * 1024)).await;
+        let answer = http
+            .send(
+                http.client(false).get(format!("http://{small}/")),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        assert_eq!((answer.status, answer.body.len()), (200, 128 * 1024));
+    }
+
+    #[tokio::test]
+    async fn load_reads_a_large_answer_to_its_end_without_keeping_it() {
+        let http = HttpClient::try_new(&HttpOptions::default()).unwrap();
+        let addr = server(Some(2 * MAX_ANSWER_BYTES)).await;
+        let answer = http
+            .send_discarding(
+                http.client(false).get(format!("http://{addr}/")),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        assert!(answer.body.is_empty());
+    }
 }

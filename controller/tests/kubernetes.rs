@@ -952,6 +952,32 @@ async fn failing_checks_roll_back_the_canary_to_zero_replicas() {
             primary["spec"]["template"]["spec"]["containers"][0]["image"],
             "ghcr.io/weir/mhs:1.1.1"
         );
+        // The controller's /metrics (the dashboard's series) show the rollback and the
+        // numbers the filters streamed.
+        let metrics = h.ctx.exporter().render();
+        let labels = r#"name="mhs",namespace="application""#;
+        for line in [
+            format!(r#"weir_canary_phase{{{labels},phase="Failed"}} 1"#),
+            format!(r#"weir_canary_status{{{labels}}} 2"#),
+            format!(r#"weir_canary_failed_checks{{{labels}}} 2"#),
+            r#"weir_canary_weight{workload="mhs",namespace="application"} 0"#.to_owned(),
+            format!(
+                r#"weir_canary_failures_total{{{labels},deployment_strategy="canary",analysis_status="completed"}} 1"#
+            ),
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
+        }
+        let requests = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!(r#"weir_canary_requests_total{{{labels},version="canary"}} "#)))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no canary requests in\n{metrics}"));
+        let failures = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!(r#"weir_canary_request_failures_total{{{labels},version="canary"}} "#)))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no canary failures in\n{metrics}"));
+        assert!(requests >= 100 && failures * 2 == requests, "{requests} requests, {failures} failures");
     })
     .await;
 }

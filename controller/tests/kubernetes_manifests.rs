@@ -987,3 +987,29 @@ fn the_controllers_memory_limit_holds_the_worst_case_at_the_ingests_limits() {
         worst / MIB
     );
 }
+
+#[test]
+fn the_load_tester_and_the_dashboard_install_with_kustomize() {
+    let loadtester = install(&manifests().join("loadtester"));
+    let deployment = one(&loadtester, "Deployment", "loadtester");
+    assert_eq!(container(deployment)["image"], "weir:0.1.0");
+    assert_eq!(container(deployment)["args"][0], "loadtest");
+    one(&loadtester, "Service", "loadtester");
+
+    let dir = manifests().join("dashboards");
+    let kustomization =
+        documents(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).remove(0);
+    let generator = &kustomization["configMapGenerator"][0];
+    assert_eq!(generator["options"]["labels"]["grafana_dashboard"], "1");
+    let files = generator["files"].as_array().expect("files");
+    assert_eq!(files.len(), 1);
+    let file = dir.join(files[0].as_str().unwrap());
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", file.display()));
+    assert_eq!(dashboard["uid"], "weir-canary");
+    if let Some(docs) = rendered(&dir) {
+        let map = one(&docs, "ConfigMap", "weir-grafana-dashboard");
+        assert_eq!(map["metadata"]["namespace"], "weir-system");
+        assert!(map["data"]["weir-canary.json"].is_string());
+    }
+}

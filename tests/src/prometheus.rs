@@ -224,18 +224,33 @@ impl Prometheus {
 
     /// Runs an instant query; returns `data.result` (a list for vectors).
     pub async fn query(&self, promql: &str) -> anyhow::Result<serde_json::Value> {
-        let encoded: String = promql
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
+        self.api(
+            promql,
+            &format!("/api/v1/query?query={}", url_encode(promql)),
+        )
+        .await
+    }
+
+    /// Runs a range query from `start` to `end` (Unix seconds) every `step`; returns
+    /// `data.result` (a list of series, each with its `values`).
+    pub async fn query_range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let path = format!(
+            "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={}",
+            url_encode(promql),
+            step.as_secs_f64()
+        );
+        self.api(promql, &path).await
+    }
+
+    async fn api(&self, promql: &str, path: &str) -> anyhow::Result<serde_json::Value> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let (status, body) =
-            crate::http::get(addr, &format!("/api/v1/query?query={encoded}")).await?;
+        let (status, body) = crate::http::get(addr, path).await?;
         let json: serde_json::Value = serde_json::from_str(&body)
             .with_context(|| format!("Prometheus answered {status} with non-JSON: {body}"))?;
         if json["status"] != "success" {
@@ -283,6 +298,11 @@ impl Prometheus {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+}
+
+/// `text` encoded for a URL's query string.
+fn url_encode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
 /// Whether Prometheus answers `/-/ready`; over TLS, whether its TLS listener is up (it answers

@@ -228,7 +228,13 @@ apiVersion: weir.dev/v1alpha1
 kind: AlertProvider
 metadata: {{name: flaky}}
 spec: {{type: generic, address: '{flaky}'}}
+---
+apiVersion: weir.dev/v1alpha1
+kind: AlertProvider
+metadata: {{name: proxied}}
+spec: {{type: generic, address: 'http://127.0.0.1:1/proxied', proxy: '{proxy}'}}
 ",
+        proxy = receiver.url(""),
         slack = receiver.url("/slack"),
         teams = receiver.url("/teams"),
         discord = receiver.url("/discord"),
@@ -290,6 +296,9 @@ async fn alerts_reach_each_provider_in_its_shape_filtered_by_severity_and_event_
     - name: flaky
       severity: error
       providerRef: {{name: flaky}}
+    - name: proxied
+      severity: error
+      providerRef: {{name: proxied}}
 ",
                 gate = receiver.url("/gate"),
                 events = receiver.url("/events"),
@@ -361,6 +370,12 @@ async fn alerts_reach_each_provider_in_its_shape_filtered_by_severity_and_event_
         assert_eq!(generic[2].json()["message"], "Failed checks threshold reached 1");
         assert_eq!(generic[0].headers["authorization"], "Bearer t0k");
 
+        // Through the provider's proxy: nothing listens at the address itself (port 1), the
+        // proxy (the receiver) gets the request for it.
+        let proxied = receiver.wait_for("/proxied", 1, limit).await?;
+        assert_eq!(proxied[0].headers["host"], "127.0.0.1:1");
+        assert_eq!(proxied[0].json()["message"], "Failed checks threshold reached 1");
+
         // Retried: two failures, then delivered; nothing more.
         let flaky = receiver.wait_for("/flaky", 3, limit).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -410,4 +425,118 @@ async fn a_canary_naming_a_missing_alert_provider_is_refused_at_start() {
         err.contains("spec.analysis.alerts[0] (chat): AlertProvider application/nowhere not found"),
         "{err}"
     );
+}
+
+/// A TCP server that accepts connections and never answers, counting them.
+async fn black_hole() -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            held.push(stream);
+        }
+    });
+    Ok((addr, accepted))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_answers_delays_neither_the_analysis_nor_an_https_provider() {
+    use std::sync::atomic::Ordering;
+    use weir_controller::spec::Phase;
+    use weir_e2e::local::LocalRun;
+    bounded(Duration::from_secs(120), async {
+        let dir = WorkDir::new("dead_receiver")?;
+        let ca = TestCa::new(dir.path())?;
+        // The controller's one client, trusting the test CA (as --ca-file makes it).
+        let trusting = HttpClient::try_new(&HttpOptions {
+            ca_file: Some(ca.root.clone()),
+        })?;
+        if weir_controller::http::install(trusting).is_err() {
+            anyhow::bail!("an HTTP client was already in use");
+        }
+        let chat = Receiver::start_tls(&ca.server("receiver")?).await?;
+        let (dead, accepted) = black_hole().await?;
+        let files = format!(
+            "apiVersion: weir.dev/v1alpha1
+kind: AlertProvider
+metadata: {{name: dead}}
+spec: {{type: generic, address: 'http://{dead}/alerts'}}
+---
+apiVersion: weir.dev/v1alpha1
+kind: AlertProvider
+metadata: {{name: chat}}
+spec: {{type: slack, address: '{chat}'}}
+",
+            chat = chat.url("/slack"),
+        );
+        // No metric checks: the steps advance without traffic, one a second.
+        let canary = CanaryFile {
+            success_rate_min: None,
+            duration_max_ms: None,
+            analysis_extra: "    alerts:
+    - name: dead
+      providerRef: {name: dead}
+    - name: chat
+      providerRef: {name: chat}
+"
+            .to_owned(),
+            ..CanaryFile::default()
+        };
+        let mut run = LocalRun::start_with("dead_receiver", &canary, "1.0.0", |options| {
+            if let Some(dir) = options.canary.parent() {
+                let _ = std::fs::write(dir.join("alert-providers.yaml"), &files);
+            }
+        })
+        .await?;
+        run.step_until("the primary is initialized", START, |s| {
+            s.phase == Some(Phase::Initialized)
+        })
+        .await?;
+        run.set_version("2.0.0", &[])?;
+        let started = std::time::Instant::now();
+        run.step_until("the canary is promoted", START, |s| {
+            s.phase == Some(Phase::Succeeded)
+        })
+        .await?;
+        // Each alert to the dead provider takes 3 attempts of 5 s: had the analysis waited for
+        // them, initialization's and the new revision's alone would have held it for 33 s.
+        let took = started.elapsed();
+        anyhow::ensure!(
+            took < Duration::from_secs(25),
+            "the rollout took {took:?}\n{}",
+            run.describe()
+        );
+        // The HTTPS provider has every info alert (initialized, new revision, promoted) while
+        // the dead one still holds its first: delivered in its own lane, through TLS verified
+        // against the test CA.
+        let alerts = chat.wait_for("/slack", 3, Duration::from_secs(5)).await?;
+        let texts = texts(&alerts, "/attachments/0/text");
+        assert_eq!(
+            texts[..2],
+            [
+                "New Deployment detected, initialization completed.",
+                "New revision detected, progressing canary analysis.",
+            ],
+            "{texts:?}"
+        );
+        assert!(
+            texts[2..].iter().any(|t| t.contains("promotion")),
+            "{texts:?}"
+        );
+        assert!(
+            accepted.load(Ordering::Relaxed) >= 1,
+            "the dead provider was never tried"
+        );
+        run.shutdown().await;
+        Ok(())
+    })
+    .await;
 }

@@ -186,7 +186,11 @@
 //!   traffic-routing field always lists the weights (`Weight steps: 10,20,30 max: 30`), where
 //!   Flagger writes `Weight step: 10 max: 30` for a `stepWeight`.
 //! - Alert and event-hook deliveries leave the step: they are queued and sent in the background
-//!   (an alert with up to 3 attempts), where Flagger sends them inline during the step.
+//!   (an alert with up to 3 attempts), where Flagger sends them inline during the step; each
+//!   receiver has its own lane (64 waiting, then dropped and logged), so a receiver that is down
+//!   delays only its own messages.
+//! - Webhook, alert and Prometheus answers are read up to 4 MiB; a larger one fails the call
+//!   (Flagger reads any size).
 //! - Webhooks: any 2xx passes (Flagger: a status above 202 fails); `retries` repeat at once
 //!   (Flagger's retryablehttp waits between tries and does not retry a 4xx).
 //! - Spec fields Weir parses but does not implement (for instance autoscaler fields it cannot honour) are named in a warning when the

@@ -288,57 +288,25 @@ impl IngestCounters {
     /// The counters in Prometheus' text format: reports applied and refused (by reason),
     /// requests applied, duplicates, hellos, streams, and connections refused.
     pub fn render_prometheus(&self) -> String {
-        use std::fmt::Write as _;
         let snap = self.snapshot();
-        let mut out = String::new();
-        let mut one = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        one(
-            "weir_reports_applied_total",
-            "Filter reports applied to the windows.",
-            snap.reports_applied,
-        );
-        one(
-            "weir_requests_applied_total",
-            "Requests the applied reports carried.",
-            snap.requests_applied,
-        );
-        one(
-            "weir_reports_duplicate_total",
-            "Reports received again after they were applied (not counted again).",
-            snap.duplicates,
-        );
-        one(
-            "weir_reporter_hellos_total",
-            "Hellos (sequence 0).",
-            snap.hellos,
-        );
-        one(
-            "weir_telemetry_streams_total",
-            "Telemetry streams that sent a report.",
-            snap.streams_opened,
-        );
-        one(
-            "weir_telemetry_connections_refused_total",
-            "Connections closed before any stream: over the connection limit, or a failed or slow TLS handshake.",
+        let refused = self.connections_refused.load(Ordering::Relaxed);
+        crate::exporter::render_text(crate::exporter::CollectWith(
+            move |encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>| {
+                encode_snapshot(encoder, &snap, refused)
+            },
+        ))
+    }
+
+    /// Writes the counters into `encoder` (see [`IngestCounters::render_prometheus`]).
+    pub fn encode_metrics(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> std::fmt::Result {
+        encode_snapshot(
+            encoder,
+            &self.snapshot(),
             self.connections_refused.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP weir_reports_rejected_total Reports (or their entries, or whole streams) refused, by reason.\n# TYPE weir_reports_rejected_total counter"
-        );
-        for reason in RejectReason::ALL {
-            let _ = writeln!(
-                out,
-                "weir_reports_rejected_total{{reason=\"{reason}\"}} {}",
-                snap.rejected(reason)
-            );
-        }
-        out
+        )
     }
 
     /// The most recent refusal, so an operator can see what a misbehaving reporter sends.
@@ -379,4 +347,53 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn encode_snapshot(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    snap: &CountersSnapshot,
+    connections_refused: u64,
+) -> std::fmt::Result {
+    use crate::exporter::{counters, labels};
+    for (name, help, value) in [
+        (
+            "weir_reports_applied",
+            "Filter reports applied to the windows.",
+            snap.reports_applied,
+        ),
+        (
+            "weir_requests_applied",
+            "Requests the applied reports carried.",
+            snap.requests_applied,
+        ),
+        (
+            "weir_reports_duplicate",
+            "Reports received again after they were applied (not counted again).",
+            snap.duplicates,
+        ),
+        ("weir_reporter_hellos", "Hellos (sequence 0).", snap.hellos),
+        (
+            "weir_telemetry_streams",
+            "Telemetry streams that sent a report.",
+            snap.streams_opened,
+        ),
+        (
+            "weir_telemetry_connections_refused",
+            "Connections closed before any stream: over the connection limit, or a failed or slow TLS handshake.",
+            connections_refused,
+        ),
+    ] {
+        counters(encoder, name, help, [(Vec::new(), value)])?;
+    }
+    counters(
+        encoder,
+        "weir_reports_rejected",
+        "Reports (or their entries, or whole streams) refused, by reason.",
+        RejectReason::ALL.into_iter().map(|reason| {
+            (
+                labels([("reason", reason.to_string())]),
+                snap.rejected(reason),
+            )
+        }),
+    )
 }

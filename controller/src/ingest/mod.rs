@@ -60,7 +60,7 @@ pub use counters::{CountersSnapshot, IngestCounters, RejectReason, Rejection};
 pub use directives::{Confirmation, PublishError};
 pub use relay::{RelayConfig, RelayTls, RELAY_NODE_PREFIX};
 pub use server::{Served, TelemetryService};
-pub use windows::VersionWindow;
+pub use windows::{Totals, VersionWindow};
 
 use accounting::{Accounting, Admission, AdmitError, LedgerLimits};
 use counters::lock;
@@ -675,6 +675,12 @@ impl Ingest {
         now: Instant,
     ) -> Option<VersionWindow> {
         self.inner.windows.window(canary, version, window, now)
+    }
+
+    /// Everything one version of `canary` served since it was first tracked (the `/metrics`
+    /// counters; a retired canary's expire with it). None if the canary is not tracked.
+    pub fn totals(&self, canary: &str, version: Version) -> Option<Totals> {
+        self.inner.windows.totals(canary, version)
     }
 
     /// Both versions' completed buckets of `canary` from the one `since` falls in, after bucket

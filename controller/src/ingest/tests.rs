@@ -899,6 +899,57 @@ fn windows_expire_with_explicit_time_through_the_public_api() {
 }
 
 #[test]
+fn totals_count_everything_ever_applied_and_outlive_the_windows() {
+    let ingest = Ingest::try_new(IngestConfig {
+        retention: Duration::from_secs(60),
+        ..config()
+    })
+    .unwrap();
+    ingest.publish(vec![route("shop/web", 100)]).unwrap();
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    for seq in 1..=30u64 {
+        let report = report(
+            "envoy",
+            1,
+            seq,
+            vec![
+                stats("shop/web", Version::Canary, &[1_000, 2_000], 1),
+                stats("shop/web", Version::Primary, &[1_000; 3], 0),
+            ],
+        );
+        ingest.ingest(&report, t0 + s(seq * 4)).unwrap();
+    }
+    // A duplicate is not counted again.
+    let again = report(
+        "envoy",
+        1,
+        30,
+        vec![stats("shop/web", Version::Canary, &[1_000, 2_000], 1)],
+    );
+    assert_eq!(
+        ingest.ingest(&again, t0 + s(121)).unwrap().outcome,
+        Outcome::Duplicate
+    );
+    ingest.sweep(t0 + s(200));
+    assert_eq!(
+        ingest.totals("shop/web", Version::Canary),
+        Some(Totals {
+            requests: 60,
+            failures: 30
+        })
+    );
+    assert_eq!(
+        ingest.totals("shop/web", Version::Primary),
+        Some(Totals {
+            requests: 90,
+            failures: 0
+        })
+    );
+    assert_eq!(ingest.totals("shop/other", Version::Canary), None);
+}
+
+#[test]
 fn configurations_that_cannot_work_are_refused() {
     for bad in [
         IngestConfig {

@@ -184,6 +184,17 @@ struct VersionSeries {
     /// window exactly when its newest contribution is inside it, so this answers "distinct
     /// reporters" without a set per bucket.
     reporters: HashMap<Arc<str>, u64>,
+    /// Every request and failure ever merged (never expired): the `/metrics` counters.
+    totals: Totals,
+}
+
+/// Requests and failures of one version since the canary was first tracked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Requests routed to the version.
+    pub requests: u64,
+    /// Of those, the ones that failed.
+    pub failures: u64,
 }
 
 impl VersionSeries {
@@ -342,6 +353,8 @@ impl Windows {
             let Some(series) = state.versions.get_mut(entry.version) else {
                 continue;
             };
+            series.totals.requests = series.totals.requests.saturating_add(entry.stats.requests);
+            series.totals.failures = series.totals.failures.saturating_add(entry.stats.failures);
             let Some(bucket) = series.bucket_mut(index, self.retention_buckets) else {
                 continue;
             };
@@ -407,6 +420,20 @@ impl Windows {
             LatencyHistogram::new()
         });
         Some(result)
+    }
+
+    /// Everything one version of one canary served since it was first tracked. None if the
+    /// canary is not tracked.
+    pub(crate) fn totals(&self, key: &str, version: Version) -> Option<Totals> {
+        let cell = {
+            let canaries = self.canaries.read().unwrap_or_else(|e| e.into_inner());
+            canaries.get(key)?.cell.clone()
+        };
+        let Some(version) = version_index(version) else {
+            return Some(Totals::default());
+        };
+        let totals = lock(&cell.state).versions[version].totals;
+        Some(totals)
     }
 
     /// When the newest report with requests for the canary arrived; None if never (or not

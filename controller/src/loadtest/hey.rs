@@ -95,6 +95,9 @@ pub fn split(line: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// The most workers one load may ask for (`-c`): each is a task holding a connection.
+pub const MAX_CONCURRENCY: u64 = 1_000;
+
 impl Hey {
     /// Parses `cmd`; `Err` says what is not supported and what is.
     pub fn parse(cmd: &str) -> Result<Hey, String> {
@@ -138,7 +141,15 @@ impl Hey {
                     );
                 }
                 "-n" => hey.requests = number("-n", value("-n")?)?,
-                "-c" => hey.concurrency = number("-c", value("-c")?)?.max(1),
+                "-c" => {
+                    hey.concurrency = number("-c", value("-c")?)?.max(1);
+                    if hey.concurrency > MAX_CONCURRENCY {
+                        return Err(format!(
+                            "hey -c {}: at most {MAX_CONCURRENCY} workers per load",
+                            hey.concurrency
+                        ));
+                    }
+                }
                 "-q" => {
                     let text = value("-q")?;
                     hey.rate_per_worker = text
@@ -222,7 +233,7 @@ impl Hey {
                     if let Some(body) = &hey.body {
                         request = request.body(body.clone());
                     }
-                    match http.send(request, hey.timeout).await {
+                    match http.send_discarding(request, hey.timeout).await {
                         Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
                         Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                     };

@@ -11,7 +11,7 @@
 
 pub mod hey;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,14 @@ use hyper_util::rt::TokioIo;
 
 use crate::http::HttpClient;
 
+/// The largest request body read (Flagger's webhook payload is well under 1 KiB).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Open gates and rollbacks kept, each; opening more is refused (anyone who reaches the service
+/// can open one: it must not grow without end).
+pub const MAX_OPEN: usize = 10_000;
+/// Loads running at once; more are refused until one finishes.
+pub const MAX_RUNNING: usize = 64;
+
 #[derive(Default)]
 struct State {
     /// Open gates (`/gate/open`), by `name.namespace`.
@@ -31,8 +39,6 @@ struct State {
     rollbacks: BTreeSet<String>,
     /// Load running, by canary and command.
     running: BTreeSet<(String, String)>,
-    /// Loads finished: answered and unanswered requests, by canary and command (the last run).
-    finished: BTreeMap<(String, String), (u64, u64)>,
 }
 
 /// The service.
@@ -87,12 +93,19 @@ impl LoadTester {
 
     async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_owned();
-        let body = request
-            .into_body()
+        let body = match http_body_util::Limited::new(request.into_body(), MAX_BODY_BYTES)
             .collect()
             .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the body is larger than {MAX_BODY_BYTES} bytes; Flagger's webhook payload is well under that"),
+                )
+            }
+            Err(e) => return answer(StatusCode::BAD_REQUEST, &format!("the body broke off: {e}")),
+        };
         match path.as_str() {
             "/healthz" => return answer(StatusCode::OK, "OK"),
             "/gate/approve" => return answer(StatusCode::OK, "Approved"),
@@ -124,6 +137,16 @@ impl LoadTester {
         match path {
             "/gate/check" if state.gates.contains(&canary) => answer(StatusCode::OK, "Approved"),
             "/gate/check" => answer(StatusCode::FORBIDDEN, "Forbidden"),
+            "/gate/open" | "/rollback/open"
+                if state.gates.len().max(state.rollbacks.len()) >= MAX_OPEN
+                    && !state.gates.contains(&canary)
+                    && !state.rollbacks.contains(&canary) =>
+            {
+                answer(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!("{MAX_OPEN} gates are open already: close some (/gate/close, /rollback/close) first"),
+                )
+            }
             "/gate/open" => {
                 state.gates.insert(canary);
                 answer(StatusCode::ACCEPTED, "Gate opened")
@@ -170,18 +193,28 @@ impl LoadTester {
             Err(why) => return answer(StatusCode::BAD_REQUEST, &why),
         };
         let key = (canary.clone(), cmd.clone());
-        if !self.state().running.insert(key.clone()) {
-            // The loadtester's task runner: the same command for the same canary runs once.
-            return answer(StatusCode::ACCEPTED, "already running");
+        {
+            let mut state = self.state();
+            if state.running.contains(&key) {
+                // The loadtester's task runner: the same command for the same canary runs once.
+                return answer(StatusCode::ACCEPTED, "already running");
+            }
+            if state.running.len() >= MAX_RUNNING {
+                return answer(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!(
+                        "{MAX_RUNNING} loads are running already: try again when one has finished"
+                    ),
+                );
+            }
+            state.running.insert(key.clone());
         }
         tracing::info!(%canary, %cmd, "load started");
         let this = self.clone();
         let run = async move {
             let counts = hey.run(&this.http).await;
             tracing::info!(canary = %key.0, cmd = %key.1, answered = counts.0, unanswered = counts.1, "load finished");
-            let mut state = this.state();
-            state.running.remove(&key);
-            state.finished.insert(key, counts);
+            this.state().running.remove(&key);
             counts
         };
         if text("blocking") == "true" {

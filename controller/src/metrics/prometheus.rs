@@ -497,6 +497,9 @@ impl PrometheusClient {
                     reason,
                 },
                 CallError::Request(reason) => unusable(ResponseError::Malformed(reason)),
+                too_large @ CallError::TooLarge(_) => {
+                    unusable(ResponseError::Malformed(too_large.to_string()))
+                }
             })?;
         let (status, body) = (answer.status, answer.body);
         parse_response(status, &body).map_err(unusable)

@@ -1,8 +1,9 @@
 //! Alerts and event hooks, delivered in the background: the runner hands each alert (an
 //! [`Alert`] effect) and each event to the [`Notifier`], which queues it (bounded, never waiting)
-//! and returns; one task sends them in order through the shared HTTP client, retrying a failed
-//! send a bounded number of times and logging what could not be delivered. An analysis step is
-//! never slowed down by a receiver.
+//! and returns; each receiver (an AlertProvider, an event hook's URL) has its own lane that sends
+//! its messages in order through the shared HTTP client, retrying a failed send a bounded number
+//! of times and logging what could not be delivered. An analysis step is never slowed down by a
+//! receiver, and a receiver that is down delays only its own messages.
 //!
 //! - alerts go to the AlertProviders of `spec.analysis.alerts` whose severity they reach, in the
 //!   provider's shape: [`slack`] (also Discord's Slack-compatible endpoint), [`msteams`],
@@ -18,6 +19,7 @@ pub mod generic;
 pub mod msteams;
 pub mod slack;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,8 +35,13 @@ use crate::spec::{
     Strategy, Webhook,
 };
 
-/// How many deliveries may wait; beyond, new ones are dropped (and counted, and logged).
+/// How many deliveries may wait to be sorted into their receivers' lanes; beyond, new ones are
+/// dropped (and counted, and logged).
 pub const QUEUE: usize = 256;
+/// How many deliveries may wait for one receiver (one AlertProvider, one event hook URL); beyond,
+/// that receiver's new ones are dropped. Each receiver has its own lane, delivered in order, so
+/// one that is slow or never answers delays only its own messages.
+pub const LANE_QUEUE: usize = 64;
 /// Attempts per alert (Flagger tries once; a chat service's brief hiccup should not lose one).
 pub const ALERT_ATTEMPTS: u32 = 3;
 /// How long one alert POST may take (Flagger's 5s).
@@ -148,6 +155,30 @@ enum Job {
     },
 }
 
+impl Job {
+    fn canary(&self) -> &str {
+        match self {
+            Job::Alert { canary, .. } | Job::Event { canary, .. } => canary,
+        }
+    }
+
+    /// What it is, for log lines.
+    fn what(&self) -> String {
+        match self {
+            Job::Alert { alert, .. } => format!("alert {}", alert.name),
+            Job::Event { hook, .. } => format!("event hook {}", hook.name),
+        }
+    }
+
+    /// Who receives it: its lane.
+    fn receiver(&self) -> String {
+        match self {
+            Job::Alert { alert, .. } => format!("AlertProvider {}", alert.provider_id()),
+            Job::Event { hook, .. } => hook.url.clone(),
+        }
+    }
+}
+
 /// The handle the runners send through; cheap to clone.
 #[derive(Clone)]
 pub struct Notifier {
@@ -166,15 +197,33 @@ impl Notifier {
     /// `providers` and sending through `http`.
     pub fn start(providers: Arc<dyn ProviderSource>, http: HttpClient) -> Self {
         let (queue, mut jobs) = mpsc::channel::<Job>(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let dropped_in_lanes = dropped.clone();
         tokio::spawn(async move {
+            // One lane per receiver, made when its first message comes: as many as the
+            // Canaries name, each holding at most LANE_QUEUE messages.
+            let mut lanes: HashMap<String, mpsc::Sender<Job>> = HashMap::new();
             while let Some(job) = jobs.recv().await {
-                deliver(providers.as_ref(), &http, job).await;
+                let lane = lanes.entry(job.receiver()).or_insert_with(|| {
+                    let (lane, mut waiting) = mpsc::channel::<Job>(LANE_QUEUE);
+                    let (providers, http) = (providers.clone(), http.clone());
+                    tokio::spawn(async move {
+                        while let Some(job) = waiting.recv().await {
+                            deliver(providers.as_ref(), &http, job).await;
+                        }
+                    });
+                    lane
+                });
+                if let Err(
+                    mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job),
+                ) = lane.try_send(job)
+                {
+                    dropped_in_lanes.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(canary = %job.canary(), "{} dropped: {LANE_QUEUE} deliveries to {} are already waiting (it is slow or down)", job.what(), job.receiver());
+                }
             }
         });
-        Self {
-            queue,
-            dropped: Arc::new(AtomicU64::new(0)),
-        }
+        Self { queue, dropped }
     }
 
     /// Deliveries dropped because the queue was full.
@@ -187,11 +236,7 @@ impl Notifier {
             self.queue.try_send(job)
         {
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            let (canary, what) = match &job {
-                Job::Alert { canary, alert, .. } => (canary, format!("alert {}", alert.name)),
-                Job::Event { canary, hook, .. } => (canary, format!("event hook {}", hook.name)),
-            };
-            tracing::warn!(%canary, "{what} dropped: {QUEUE} deliveries are already waiting (a receiver is slow or down)");
+            tracing::warn!(canary = %job.canary(), "{} dropped: {QUEUE} deliveries are already waiting (a receiver is slow or down)", job.what());
         }
     }
 
@@ -283,8 +328,13 @@ async fn send(
     provider: &ResolvedProvider,
     body: &serde_json::Value,
 ) -> Result<(), String> {
-    let mut request = http
-        .client(false)
+    let client = match &provider.proxy {
+        Some(proxy) => http
+            .through_proxy(proxy)
+            .map_err(|e| format!("AlertProvider {}: {e}", provider.id))?,
+        None => http.client(false).clone(),
+    };
+    let mut request = client
         .post(&provider.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body.to_string());

@@ -129,7 +129,7 @@ pub struct AlertProviderSpec {
     /// The webhook URL (http or https); or set `secretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// An HTTP(S) proxy (not supported yet: refused, the alert would not arrive).
+    /// An HTTP(S) proxy the alerts go through (`http://proxy:3128`), as in Flagger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<String>,
     /// A Secret in the provider's namespace with `address` (the URL, which holds the webhook's
@@ -171,6 +171,8 @@ pub struct AlertProviderPlan {
     pub address: Option<String>,
     /// The Secret holding the address (wins over `address`, as in Flagger).
     pub secret_ref: Option<String>,
+    /// The proxy alerts go through, if any.
+    pub proxy: Option<String>,
 }
 
 /// A provider ready to send to.
@@ -188,6 +190,8 @@ pub struct ResolvedProvider {
     pub channel: String,
     /// User name.
     pub username: String,
+    /// The proxy to send through, if any.
+    pub proxy: Option<String>,
 }
 
 impl std::fmt::Debug for ResolvedProvider {
@@ -257,11 +261,11 @@ impl AlertProvider {
                 None
             }
         };
-        if spec.proxy.as_deref().is_some_and(|p| !p.is_empty()) {
-            problems.push(
-                "spec.proxy: not supported yet: Weir sends alerts directly; remove it and let the controller reach the address (or use a generic provider at a relay you run)"
-                    .to_owned(),
-            );
+        let proxy = spec.proxy.clone().filter(|p| !p.trim().is_empty());
+        if let Some(url) = &proxy {
+            if let Err(e) = crate::http::check_proxy(url) {
+                problems.push(format!("spec.proxy: {e}"));
+            }
         }
         let address = spec.address.clone().filter(|a| !a.trim().is_empty());
         if let Some(url) = &address {
@@ -298,6 +302,7 @@ impl AlertProvider {
                     username: text(&spec.username, "flagger"),
                     address,
                     secret_ref,
+                    proxy,
                 },
                 warnings,
             )),
@@ -367,6 +372,7 @@ impl AlertProviderPlan {
             token,
             channel: self.channel.clone(),
             username: self.username.clone(),
+            proxy: self.proxy.clone(),
         })
     }
 }
@@ -442,7 +448,7 @@ mod tests {
     #[test]
     fn every_problem_of_a_provider_is_said_at_once() {
         let err = provider(
-            "apiVersion: weir.dev/v1alpha1\nkind: AlertProvider\nmetadata: {name: x}\nspec: {type: rocket, proxy: 'http://proxy:3128'}",
+            "apiVersion: weir.dev/v1alpha1\nkind: AlertProvider\nmetadata: {name: x}\nspec: {type: rocket, proxy: 'proxy:3128'}",
         )
         .compile("app")
         .unwrap_err()
@@ -450,7 +456,7 @@ mod tests {
         for needle in [
             "app/x",
             "spec.type: `rocket`",
-            "spec.proxy",
+            "spec.proxy: `proxy:3128`",
             "spec.address: is required",
         ] {
             assert!(err.contains(needle), "{needle} missing from {err}");

@@ -94,10 +94,17 @@ impl Health {
 
     /// The `/metrics` body.
     pub fn render(&self) -> String {
-        let mut body = format!(
-            "# HELP weir_leader Whether this replica leads (1) or stands by (0).\n# TYPE weir_leader gauge\nweir_leader {}\n",
-            u8::from(self.leader.load(Ordering::Relaxed))
-        );
+        let leader = i64::from(self.leader.load(Ordering::Relaxed));
+        let mut body = crate::exporter::render_text(crate::exporter::CollectWith(
+            move |encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>| {
+                crate::exporter::gauges(
+                    encoder,
+                    "weir_leader",
+                    "Whether this replica leads (1) or stands by (0).",
+                    [(Vec::new(), leader)],
+                )
+            },
+        ));
         if let Some(render) = self
             .metrics
             .lock()

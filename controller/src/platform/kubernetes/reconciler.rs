@@ -121,6 +121,8 @@ pub struct Context<M> {
     pub stats: Stats,
     /// Each stepped canary's plan and next step, for its live numbers (`/live/...`).
     live: Mutex<HashMap<String, (CanaryPlan, Timestamp)>>,
+    /// The canary series of `/metrics` (Flagger's under Weir's prefix, and the streamed ones).
+    exporter: crate::exporter::Recorder,
 }
 
 impl<M: MetricSource + Clone + 'static> Context<M> {
@@ -136,7 +138,10 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
             Arc::new(super::alerts::ClusterProviders::new(client.clone())),
             crate::http::shared().clone(),
         );
+        let exporter = crate::exporter::Recorder::new();
+        exporter.include_ingest(directives.ingest().clone());
         Self {
+            exporter,
             notifier,
             client,
             recorder,
@@ -189,7 +194,13 @@ impl<M: MetricSource + Clone + 'static> Context<M> {
         ))
     }
 
+    /// The canary series of `/metrics`, with the ingest's per-version numbers.
+    pub fn exporter(&self) -> &crate::exporter::Recorder {
+        &self.exporter
+    }
+
     fn forget(&self, key: &str) {
+        self.exporter.forget_key(key);
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -495,7 +506,10 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
         entry.restored = stepped.is_ok();
     }
     if stepped.is_ok() {
+        let started = std::time::Instant::now();
         stepped = entry.runner.tick().await.map_err(Into::into);
+        ctx.exporter
+            .record(&plan, entry.runner.status(), started.elapsed());
         ctx.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -489,13 +489,43 @@ where
         let ctx = ctx.clone();
         let ingest = ingest.clone();
         health.set_metrics(move || {
-            format!(
-                "# TYPE weir_reconciles_total counter\nweir_reconciles_total {}\n# TYPE weir_reconcile_errors_total counter\nweir_reconcile_errors_total {}\n# TYPE weir_canaries gauge\nweir_canaries {}\n# TYPE weir_reporters gauge\nweir_reporters {}\n",
+            let numbers = [
                 ctx.stats.reconciles.load(Ordering::Relaxed),
                 ctx.stats.failures.load(Ordering::Relaxed),
-                ctx.canaries_now().unwrap_or(0),
-                ingest.known_reporters(),
-            ) + &ingest.counters().render_prometheus()
+                ctx.canaries_now().unwrap_or(0) as u64,
+                ingest.known_reporters() as u64,
+            ];
+            let controller = crate::exporter::render_text(crate::exporter::CollectWith(
+                move |encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>| {
+                    use crate::exporter::{counters, gauges};
+                    let [reconciles, failures, canaries, reporters] = numbers;
+                    counters(
+                        encoder,
+                        "weir_reconciles",
+                        "Reconciles run.",
+                        [(Vec::new(), reconciles)],
+                    )?;
+                    counters(
+                        encoder,
+                        "weir_reconcile_errors",
+                        "Reconciles that failed.",
+                        [(Vec::new(), failures)],
+                    )?;
+                    gauges(
+                        encoder,
+                        "weir_canaries",
+                        "Canaries this controller sees.",
+                        [(Vec::new(), canaries)],
+                    )?;
+                    gauges(
+                        encoder,
+                        "weir_reporters",
+                        "Envoys in the sequence ledger (connected or recently seen).",
+                        [(Vec::new(), reporters)],
+                    )
+                },
+            ));
+            controller + &ctx.exporter().render()
         });
     }
 
