@@ -2432,10 +2432,10 @@ mod runtime {
             let cluster = Cluster::start();
             // The leader's ingest, with a directive.
             let leader = Ingest::try_new(IngestConfig::default()).unwrap();
-            let canary = "application/podinfo";
+            let podinfo = "application/podinfo";
             let generation = leader
                 .publish(vec![CanaryRoute {
-                    key: canary.to_owned(),
+                    key: podinfo.to_owned(),
                     hosts: vec!["podinfo".to_owned()],
                     canary_weight_bp: 1_500,
                     ..Default::default()
@@ -2461,6 +2461,11 @@ mod runtime {
                 .unwrap()
                 .local_addr()
                 .unwrap();
+            // A Canary that lets another namespace report: the relay reads it too.
+            cluster.put(canary(
+                false,
+                json!({"interval": "1m", "reporters": ["frontend/*", "bad rule/x/y"]}),
+            ));
             let mut options = options(true, None);
             options.grpc_address = port;
             options.lease_duration = Duration::from_secs(3);
@@ -2500,7 +2505,7 @@ mod runtime {
             let mut latency = LatencyHistogram::new();
             (0..25).for_each(|_| latency.record(2_000));
             let stats = VersionStats {
-                canary: canary.to_owned(),
+                canary: podinfo.to_owned(),
                 version: Version::Canary as i32,
                 requests: 25,
                 failures: 0,
@@ -2510,7 +2515,7 @@ mod runtime {
             let window = || {
                 leader
                     .window(
-                        canary,
+                        podinfo,
                         Version::Canary,
                         Duration::from_secs(900),
                         Instant::now(),
@@ -2529,6 +2534,10 @@ mod runtime {
                 "the report reached the leader through the relay"
             );
 
+            // While standing by, it read the Canaries for their reporter rules.
+            until_seen(&cluster, "the standby's list of Canaries", lists_canaries).await;
+            assert_eq!(holder(&cluster), "weir-1", "still a standby");
+
             // The other replica lets go: this one leads, and tells its relayed Envoys to move.
             other.release().await.unwrap();
             let ended = loop {
@@ -2544,6 +2553,32 @@ mod runtime {
             task.await.unwrap().expect("a clean stop");
         })
         .await;
+    }
+
+    #[test]
+    fn a_relay_takes_each_canarys_reporter_rules_as_the_leader_does() {
+        let mut resource: CanaryResource = serde_json::from_value(canary(
+            false,
+            json!({"interval": "1m", "reporters": ["frontend/*", "batch/reports", "/bad"]}),
+        ))
+        .unwrap();
+        let mut other = resource.clone();
+        other.metadata.name = Some("plain".into());
+        other.spec.0.analysis = None;
+        let rules = run::canary_reporters(&[resource.clone(), other]);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].0, format!("{NS}/mhs"));
+        assert_eq!(
+            rules[0].1,
+            vec![
+                weir_controller::ingest::identity::ReporterRule::parse("frontend/*").unwrap(),
+                weir_controller::ingest::identity::ReporterRule::parse("batch/reports").unwrap(),
+            ],
+            "the invalid rule is left out"
+        );
+        assert_eq!(rules[1], (format!("{NS}/plain"), vec![]));
+        resource.metadata.namespace = None;
+        assert!(run::canary_reporters(&[resource]).is_empty());
     }
 
     /// Log lines, as `weir` writes them, kept for the test.
