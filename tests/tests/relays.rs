@@ -553,3 +553,95 @@ async fn a_relay_trusts_as_its_leader_only_a_replica_of_its_own_identity_with_is
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_envoy_on_a_relay_routes_by_the_leaders_weights_and_each_request_counts_once_at_the_leader(
+) {
+    use weir_controller::ingest::{Ingest, IngestConfig};
+    use weir_e2e::stack::{
+        weighted, Stack, StackOptions, CANARY as APP, CANARY_VERSION, PRIMARY_VERSION,
+    };
+    bounded(Duration::from_secs(120), async {
+        // The leader's ingest in this process (its windows are read directly), a relay process,
+        // and a real Envoy with the built filter reporting to the relay.
+        let leader = Ingest::try_new(IngestConfig::default())?;
+        leader.publish(vec![weighted(3_000)])?;
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = leader
+            .serve("127.0.0.1:0".parse()?, async {
+                let _ = stopped.await;
+            })
+            .await?;
+        let to_leader = served.local_addr().to_string();
+        let mut relay = IngestProcess::start(&["--relay-to", &to_leader]).await?;
+        serving(&mut relay).await?;
+        let stack = Stack::start(
+            "relay_real_envoy",
+            StackOptions {
+                controller: Some(relay.addr),
+                ..StackOptions::default()
+            },
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while relay.counter("weir_telemetry_streams_total").await? == 0 {
+            if Instant::now() > deadline {
+                bail!("Envoy's reporter never reached the relay; Envoy log:\n{}", stack.envoy.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Give the workers the directive the reporter received.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let load = stack.load(1_200).concurrency(8).run().await;
+        let (canary, primary) = (
+            load.count_version(CANARY_VERSION),
+            load.count_version(PRIMARY_VERSION),
+        );
+        if canary + primary != load.sent() || load.server_errors() > 0 {
+            bail!("not every request was served: {:?}", load.by_version());
+        }
+        let share = load.share(CANARY_VERSION);
+        if !(0.25..=0.35).contains(&share) {
+            bail!("the canary got {share:.3} of the requests under the leader's 30 %: {:?}", load.by_version());
+        }
+        // Every request reaches the leader's windows through the relay, once.
+        let counted = |version| {
+            leader
+                .window(APP, version, Duration::from_secs(900), Instant::now())
+                .map_or(0, |w| w.requests)
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while counted(Version::Canary) + counted(Version::Primary) < load.sent() {
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if (counted(Version::Canary), counted(Version::Primary)) != (canary, primary) {
+            bail!(
+                "the leader counted canary {} / primary {}; the upstreams served {canary} / {primary}",
+                counted(Version::Canary),
+                counted(Version::Primary)
+            );
+        }
+
+        // The leader moves the weight to 100 %: it reaches the Envoy through the relay.
+        let generation = leader.publish(vec![weighted(10_000)])?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let probe = stack.load(50).concurrency(4).run().await;
+            if probe.share(CANARY_VERSION) == 1.0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("generation {generation} (100 % canary) did not reach the Envoy through the relay: {:?}", probe.by_version());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        relay.stop().await;
+        Ok(())
+    })
+    .await;
+}
