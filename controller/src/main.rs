@@ -219,6 +219,12 @@ struct TelemetryArgs {
         default_value = "istio-system/istio-ingressgateway-service-account"
     )]
     trusted_reporters: Vec<String>,
+    /// While this replica is not the leader, serve its filters as a relay of the leader's
+    /// ingest at this host:port (the `weir-leader` Service): their reports are merged and
+    /// forwarded, the leader's directives passed down (docs/scale.md). Unset: a standby serves
+    /// no filters.
+    #[arg(long, env = "WEIR_RELAY_TO")]
+    relay_to: Option<String>,
 }
 
 impl TelemetryArgs {
@@ -247,6 +253,7 @@ impl TelemetryArgs {
                 trust_domain: self.trust_domain.clone(),
                 everywhere,
             },
+            relay_to: self.relay_to.clone().filter(|to| !to.is_empty()),
         })
     }
 }
@@ -455,8 +462,11 @@ enum Command {
     /// side of `cargo xtask bench ingest`. Prints the bound address as its first line; then each
     /// `publish <weight_bp>` line on stdin republishes every canary at that weight and prints
     /// `generation <n>`; a `counters` line prints the ingest's counters (Prometheus text, and
-    /// `weir_reporters_known`) and then `end`. Ends when stdin closes. The limits default to
-    /// the production ones; the hostile-client tests tighten them.
+    /// `weir_reporters_known`) and then `end`; `window <canary>` prints
+    /// `primary <requests> <failures> canary <requests> <failures>` over the whole retention.
+    /// Ends when stdin closes. The limits default to the production ones; the hostile-client
+    /// tests tighten them. With `--relay-to` it is a relay (docs/scale.md): its Envoys' reports
+    /// go to that leader, and its directives are the leader's (`publish` is refused).
     #[command(hide = true)]
     IngestServer {
         /// Where to listen (port 0: any free port).
@@ -477,6 +487,27 @@ enum Command {
         /// Bytes of reports in transit, all streams together.
         #[arg(long)]
         max_buffered_bytes: Option<usize>,
+        /// Envoys tracked for one identity.
+        #[arg(long)]
+        max_reporters_per_identity: Option<usize>,
+        /// Serve TLS with this certificate chain (PEM); a relay presents it to the leader too.
+        #[arg(long, requires_all = ["tls_key", "tls_client_ca"])]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// The CA client certificates (and, for a relay, the leader's) must chain to (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
+        /// Be a relay towards the leader's ingest at this `host:port`.
+        #[arg(long)]
+        relay_to: Option<String>,
+        /// The relay's name (its node id is `relay~<name>`).
+        #[arg(long, default_value = "relay", requires = "relay_to")]
+        relay_name: String,
+        /// How long a relay serves its Envoys after the leader's last message.
+        #[arg(long, value_parser = parse_duration, requires = "relay_to")]
+        relay_grace: Option<Duration>,
     },
 }
 
@@ -929,7 +960,16 @@ async fn main() -> anyhow::Result<()> {
             idle_timeout,
             max_reporters,
             max_buffered_bytes,
+            max_reporters_per_identity,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            relay_to,
+            relay_name,
+            relay_grace,
         } => {
+            use weir_controller::ingest::transport::{TlsFiles, Transport};
+            use weir_controller::ingest::{RelayConfig, RelayTls};
             let mut config = weir_controller::ingest::IngestConfig::default();
             if let Some(n) = max_connections {
                 config.max_connections = n;
@@ -943,6 +983,32 @@ async fn main() -> anyhow::Result<()> {
             }
             if let Some(n) = max_buffered_bytes {
                 config.max_buffered_bytes = n;
+            }
+            if let Some(n) = max_reporters_per_identity {
+                config.max_reporters_per_identity = n;
+            }
+            let tls = match (tls_cert, tls_key, tls_client_ca) {
+                (Some(cert_chain), Some(private_key), Some(client_ca)) => Some(TlsFiles {
+                    cert_chain,
+                    private_key,
+                    client_ca,
+                }),
+                _ => None,
+            };
+            if let Some(leader) = relay_to {
+                let mut relay = RelayConfig::new(leader, relay_name);
+                relay.tls = tls.as_ref().map(|files| RelayTls {
+                    cert_chain: files.cert_chain.clone(),
+                    private_key: files.private_key.clone(),
+                    ca: files.client_ca.clone(),
+                });
+                if let Some(grace) = relay_grace {
+                    relay.contact_grace = grace;
+                }
+                config.relay = Some(relay);
+            }
+            if let Some(files) = tls {
+                config.transport = Transport::Tls(files);
             }
             ingest_server(listen, canaries, config).await?
         }
@@ -991,7 +1057,9 @@ async fn ingest_server(
             .collect::<Vec<_>>()
     };
     let ingest = Ingest::try_new(config)?;
-    ingest.publish(routes(1_000))?;
+    if !ingest.is_relay() {
+        ingest.publish(routes(1_000))?;
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = ingest
         .serve(listen, async {
@@ -1005,13 +1073,39 @@ async fn ingest_server(
             .strip_prefix("publish ")
             .map(|w| w.trim().parse::<u32>());
         match weight {
-            Some(Ok(weight_bp)) => println!("generation {}", ingest.publish(routes(weight_bp))?),
+            Some(Ok(weight_bp)) => match ingest.publish(routes(weight_bp)) {
+                Ok(generation) => println!("generation {generation}"),
+                Err(e) => println!("error {e}"),
+            },
             _ if line.trim() == "counters" => {
                 print!("{}", ingest.counters().render_prometheus());
-                println!("weir_reporters_known {}\nend", ingest.known_reporters());
+                println!("weir_reporters_known {}", ingest.known_reporters());
+                if let Some(in_flight) = ingest.relay_in_flight() {
+                    println!("weir_relay_reports_in_flight {in_flight}");
+                }
+                println!(
+                    "weir_directive_generation {}\nend",
+                    ingest.directive().generation
+                );
+            }
+            _ if line.starts_with("window ") => {
+                use weir_proto::v1::Version;
+                let canary = line["window ".len()..].trim();
+                let now = std::time::Instant::now();
+                let retention = ingest.config().retention;
+                let totals = |version| {
+                    ingest
+                        .window(canary, version, retention, now)
+                        .map_or((0, 0), |w| (w.requests, w.failures))
+                };
+                let (primary, canary_version) = (totals(Version::Primary), totals(Version::Canary));
+                println!(
+                    "primary {} {} canary {} {}",
+                    primary.0, primary.1, canary_version.0, canary_version.1
+                );
             }
             _ => {
-                eprintln!("weir ingest-server: unknown command {line:?}; use `publish <weight_bp>`")
+                eprintln!("weir ingest-server: unknown command {line:?}; use `publish <weight_bp>`, `counters` or `window <canary>`")
             }
         }
     }

@@ -2422,6 +2422,165 @@ mod runtime {
         .await;
     }
 
+    #[tokio::test]
+    async fn a_standby_serves_its_filters_as_a_relay_of_the_leader_until_it_leads_itself() {
+        use tokio_stream::wrappers::ReceiverStream;
+        use weir_proto::v1::controller_message::Kind;
+        use weir_proto::v1::telemetry_client::TelemetryClient;
+        use weir_proto::v1::CanaryRoute;
+        bounded(async {
+            let cluster = Cluster::start();
+            // The leader's ingest, with a directive.
+            let leader = Ingest::try_new(IngestConfig::default()).unwrap();
+            let podinfo = "application/podinfo";
+            let generation = leader
+                .publish(vec![CanaryRoute {
+                    key: podinfo.to_owned(),
+                    hosts: vec!["podinfo".to_owned()],
+                    canary_weight_bp: 1_500,
+                    ..Default::default()
+                }])
+                .unwrap();
+            let (_leader_stop, leader_stopped) = tokio::sync::oneshot::channel::<()>();
+            let leader_served = leader
+                .serve("127.0.0.1:0".parse().unwrap(), async {
+                    let _ = leader_stopped.await;
+                })
+                .await
+                .unwrap();
+            // Another replica holds the Lease.
+            let other = LeaseLock::new(
+                cluster.client.clone(),
+                "weir-system",
+                "weir-controller",
+                "weir-1",
+                Duration::from_secs(15),
+            );
+            assert!(other.try_acquire_or_renew().await.unwrap());
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            // A Canary that lets another namespace report: the relay reads it too.
+            cluster.put(canary(
+                false,
+                json!({"interval": "1m", "reporters": ["frontend/*", "bad rule/x/y"]}),
+            ));
+            let mut options = options(true, None);
+            options.grpc_address = port;
+            options.lease_duration = Duration::from_secs(3);
+            options.telemetry.relay_to = Some(leader_served.local_addr().to_string());
+            let (stop, task) = start(&cluster, options);
+            let report = |sequence: u64, stats: Vec<VersionStats>| Report {
+                reporter: Some(Reporter {
+                    node_id: "envoy-0".to_owned(),
+                    ..Default::default()
+                }),
+                epoch: 5,
+                sequence,
+                applied_generation: generation,
+                stats,
+            };
+
+            // An Envoy on the standby: served once the relay has the leader's directive.
+            let (tx, mut inbound) = 'open: {
+                for _ in 0..100 {
+                    if let Ok(mut client) = TelemetryClient::connect(format!("http://{port}")).await
+                    {
+                        let (tx, rx) = tokio::sync::mpsc::channel(8);
+                        tx.send(report(0, vec![])).await.unwrap();
+                        if let Ok(answer) = client.exchange(ReceiverStream::new(rx)).await {
+                            break 'open (tx, answer.into_inner());
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("the standby never served a filter stream");
+            };
+            let first = inbound.message().await.unwrap().unwrap();
+            match first.kind {
+                Some(Kind::Directive(d)) => assert_eq!(d.generation, generation, "the leader's"),
+                other => panic!("the first message is {other:?}, not the leader's directive"),
+            }
+            let mut latency = LatencyHistogram::new();
+            (0..25).for_each(|_| latency.record(2_000));
+            let stats = VersionStats {
+                canary: podinfo.to_owned(),
+                version: Version::Canary as i32,
+                requests: 25,
+                failures: 0,
+                latency: Some(latency.encode()),
+            };
+            tx.send(report(1, vec![stats])).await.unwrap();
+            let window = || {
+                leader
+                    .window(
+                        podinfo,
+                        Version::Canary,
+                        Duration::from_secs(900),
+                        Instant::now(),
+                    )
+                    .map_or(0, |w| w.requests)
+            };
+            for _ in 0..100 {
+                if window() == 25 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                window(),
+                25,
+                "the report reached the leader through the relay"
+            );
+
+            // While standing by, it read the Canaries for their reporter rules.
+            until_seen(&cluster, "the standby's list of Canaries", lists_canaries).await;
+            assert_eq!(holder(&cluster), "weir-1", "still a standby");
+
+            // The other replica lets go: this one leads, and tells its relayed Envoys to move.
+            other.release().await.unwrap();
+            let ended = loop {
+                match inbound.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("the relayed stream ended without a status"),
+                    Err(status) => break status,
+                }
+            };
+            assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended}");
+            until_seen(&cluster, "the Canary watch", lists_canaries).await;
+            stop.send(()).unwrap();
+            task.await.unwrap().expect("a clean stop");
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_relay_takes_each_canarys_reporter_rules_as_the_leader_does() {
+        let mut resource: CanaryResource = serde_json::from_value(canary(
+            false,
+            json!({"interval": "1m", "reporters": ["frontend/*", "batch/reports", "/bad"]}),
+        ))
+        .unwrap();
+        let mut other = resource.clone();
+        other.metadata.name = Some("plain".into());
+        other.spec.0.analysis = None;
+        let rules = run::canary_reporters(&[resource.clone(), other]);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].0, format!("{NS}/mhs"));
+        assert_eq!(
+            rules[0].1,
+            vec![
+                weir_controller::ingest::identity::ReporterRule::parse("frontend/*").unwrap(),
+                weir_controller::ingest::identity::ReporterRule::parse("batch/reports").unwrap(),
+            ],
+            "the invalid rule is left out"
+        );
+        assert_eq!(rules[1], (format!("{NS}/plain"), vec![]));
+        resource.metadata.namespace = None;
+        assert!(run::canary_reporters(&[resource]).is_empty());
+    }
+
     /// Log lines, as `weir` writes them, kept for the test.
     #[derive(Clone, Default)]
     struct Logs(Arc<Mutex<Vec<u8>>>);

@@ -404,7 +404,7 @@ fn the_install_renders_and_its_objects_fit_together() {
         ("Role", 1),
         ("RoleBinding", 1),
         ("Deployment", 1),
-        ("Service", 1),
+        ("Service", 2),
         ("NetworkPolicy", 1),
     ] {
         assert_eq!(kinds.get(kind), Some(&n), "{kind} in {kinds:?}");
@@ -465,25 +465,49 @@ fn the_install_renders_and_its_objects_fit_together() {
         .unwrap()
         .ends_with(&format!(":{}", port_named(deployment, "http-metrics"))));
 
-    // The Service selects the controller's Pods, and of them only the leader.
-    let service = one(&docs, "Service", "weir");
-    assert_eq!(service["metadata"]["namespace"], "weir-system");
-    let selector = service["spec"]["selector"].as_object().unwrap();
-    assert_eq!(selector.get(LEADER_LABEL), Some(&json!("true")));
-    for (k, v) in selector.iter().filter(|(k, _)| *k != LEADER_LABEL) {
+    // The filters' Service selects every controller Pod (a standby serves its filters as a
+    // relay); the relays' Service `weir-leader` only the leader, and a standby dials it.
+    for (name, leader_only) in [("weir", false), ("weir-leader", true)] {
+        let service = one(&docs, "Service", name);
+        assert_eq!(service["metadata"]["namespace"], "weir-system");
+        let selector = service["spec"]["selector"].as_object().unwrap();
         assert_eq!(
-            &pod["metadata"]["labels"][k], v,
-            "the Service selects the controller Pods"
+            selector.get(LEADER_LABEL).is_some(),
+            leader_only,
+            "{name}: the leader label in its selector {selector:?}"
         );
+        if leader_only {
+            assert_eq!(selector.get(LEADER_LABEL), Some(&json!("true")));
+        }
+        for (k, v) in selector.iter().filter(|(k, _)| *k != LEADER_LABEL) {
+            assert_eq!(
+                &pod["metadata"]["labels"][k], v,
+                "{name} selects the controller Pods"
+            );
+        }
+        let grpc = service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "grpc")
+            .expect("a grpc port");
+        port_named(deployment, grpc["targetPort"].as_str().unwrap());
+        assert_eq!(grpc["appProtocol"], "grpc");
     }
-    let grpc = service["spec"]["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "grpc")
-        .expect("a grpc port");
-    port_named(deployment, grpc["targetPort"].as_str().unwrap());
-    assert_eq!(grpc["appProtocol"], "grpc");
+    let relay_to = env(deployment, "WEIR_RELAY_TO")["value"].clone();
+    assert_eq!(
+        relay_to,
+        json!(format!(
+            "weir-leader.weir-system.svc.cluster.local:{}",
+            port_named(deployment, "grpc")
+        )),
+        "a standby relays to the leader's Service"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"],
+        json!(port_named(deployment, "grpc").to_string()),
+        "the relay's own mTLS goes past the sidecar"
+    );
 
     check_rbac(&docs, deployment);
 
@@ -560,6 +584,13 @@ fn the_install_renders_and_its_objects_fit_together() {
         "the image carries the module where the controller serves it from"
     );
     // The module is served on the Service's http port, which the WasmPlugin's URL names.
+    let service = one(&docs, "Service", "weir");
+    let grpc = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .expect("a grpc port");
     let http = service["spec"]["ports"]
         .as_array()
         .unwrap()

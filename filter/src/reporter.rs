@@ -255,9 +255,22 @@ impl Reporter {
             self.rejected_batches += 1;
             format!("weir: a worker hand-over does not decode ({e}); dropped")
         })?;
+        self.on_stats(batch.epoch, batch.applied_generation, &batch.stats, now_ns)
+    }
+
+    /// Merges the stats of one source (`source`: a worker id, or for a controller relay an
+    /// Envoy's) that runs `applied_generation` into the pending delta: the whole batch or, if a
+    /// histogram does not decode, nothing.
+    pub fn on_stats(
+        &mut self,
+        source: u64,
+        applied_generation: u64,
+        stats: &[v1::VersionStats],
+        now_ns: u64,
+    ) -> Result<(), String> {
         // Validate every histogram before merging anything, so a bad batch never half-applies.
-        let mut decoded = Vec::with_capacity(batch.stats.len());
-        for stat in &batch.stats {
+        let mut decoded = Vec::with_capacity(stats.len());
+        for stat in stats {
             let latency = match &stat.latency {
                 Some(h) => LatencyHistogram::decode(h),
                 None => Ok(LatencyHistogram::new()),
@@ -268,14 +281,16 @@ impl Reporter {
             })?;
             decoded.push(latency);
         }
-        for (stat, latency) in batch.stats.into_iter().zip(decoded) {
-            let pending = self.pending.entry((stat.canary, stat.version)).or_default();
+        for (stat, latency) in stats.iter().zip(decoded) {
+            let pending = self
+                .pending
+                .entry((stat.canary.clone(), stat.version))
+                .or_default();
             pending.requests += stat.requests;
             pending.failures += stat.failures;
             pending.latency.merge(&latency);
         }
-        self.workers
-            .insert(batch.epoch, (batch.applied_generation, now_ns));
+        self.workers.insert(source, (applied_generation, now_ns));
         self.changed = true;
         Ok(())
     }

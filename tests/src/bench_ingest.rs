@@ -89,6 +89,9 @@ pub struct Options {
     pub baseline: Option<PathBuf>,
     /// End every N with a reconnect storm onto a second controller.
     pub storm: bool,
+    /// Relay processes besides the leader (docs/scale.md): the Envoys are spread over the
+    /// leader and the relays, and every figure is given per process.
+    pub relays: u32,
 }
 
 impl Default for Options {
@@ -102,13 +105,14 @@ impl Default for Options {
             publish_every: 3,
             baseline: None,
             storm: false,
+            relays: 0,
         }
     }
 }
 
 /// Command-line help.
 pub const USAGE: &str = "\
-usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--seconds S] [--warmup S] [--storm] [--baseline WEIR] [--smoke]
+usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--seconds S] [--warmup S] [--storm] [--relays K] [--baseline WEIR] [--smoke]
 
   --envoys N,...   simulated Envoys per run, one run each (default 100,1000,10000)
   --canaries M     canaries in the directive; reports carry 2 versions of each (default 2)
@@ -118,6 +122,8 @@ usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--
   --publish-every S  seconds between directive publishes while measuring (default 3)
   --storm          end each run with a reconnect storm: kill the controller, every Envoy
                    reconnects to a second one with the filter's backoff
+  --relays K       K relay processes besides the leader (`weir ingest-server --relay-to`); the
+                   Envoys are spread evenly over all K+1, figures are given per process
   --baseline WEIR  also run each N against this `weir` binary (e.g. a build from before a
                    change), alternating, and print the ratios
   --smoke          50 Envoys, 3 s, with a storm (what the test suite runs)
@@ -166,12 +172,16 @@ impl Options {
                     options.publish_every = number("--publish-every", value("--publish-every")?)?
                 }
                 "--storm" => options.storm = true,
+                "--relays" => options.relays = number("--relays", value("--relays")?)?,
                 "--baseline" => options.baseline = Some(PathBuf::from(value("--baseline")?)),
                 other => return Err(format!("unknown argument `{other}`")),
             }
         }
         if options.envoys.is_empty() || options.envoys.contains(&0) {
             return Err("--envoys needs counts of at least 1".to_owned());
+        }
+        if options.relays > 0 && options.storm {
+            return Err("--storm and --relays cannot be combined (yet): run them apart".to_owned());
         }
         if options.canaries == 0 || options.seconds == 0 || options.publish_every == 0 {
             return Err("--canaries, --seconds and --publish-every must be at least 1".to_owned());
@@ -187,6 +197,9 @@ impl Options {
         let mut extra = String::new();
         if self.storm {
             extra.push_str(" --storm");
+        }
+        if self.relays > 0 {
+            let _ = write!(extra, " --relays {}", self.relays);
         }
         if let Some(baseline) = &self.baseline {
             let _ = write!(extra, " --baseline {}", baseline.display());
@@ -294,6 +307,23 @@ pub struct Run {
     pub report_bytes: usize,
     /// The reconnect storm at the end (`--storm`).
     pub storm: Option<Storm>,
+    /// With `--relays`: every process's own figures, the leader first.
+    pub processes: Vec<ProcessFigures>,
+}
+
+/// One controller process's figures in a run with relays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessFigures {
+    /// "leader" or "relay N".
+    pub role: String,
+    /// Envoys connected to it directly.
+    pub envoys: usize,
+    /// Its CPU seconds in the measured window.
+    pub cpu_seconds: f64,
+    /// Its peak resident set, KiB.
+    pub vm_hwm_kib: u64,
+    /// Reporters the leader's ledger holds (Envoys and relays); for a relay, its own Envoys.
+    pub reporters_known: u64,
 }
 
 impl Run {
@@ -359,6 +389,16 @@ impl Controller {
     /// are raised to fit them when the binary takes them (the defaults suit one replica of the
     /// Deployment; a bench at 10,000 is a deployment sized for them), else left as they are.
     async fn start(binary: &Path, canaries: u32, envoys: usize) -> anyhow::Result<Self> {
+        Self::start_with(binary, canaries, envoys, &[]).await
+    }
+
+    /// [`Controller::start`] with more arguments (a relay's).
+    async fn start_with(
+        binary: &Path,
+        canaries: u32,
+        envoys: usize,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let mut args = vec![
             "ingest-server".to_owned(),
             "--listen".to_owned(),
@@ -371,6 +411,7 @@ impl Controller {
             args.extend(["--max-connections".to_owned(), room.clone()]);
             args.extend(["--max-reporters".to_owned(), room]);
         }
+        args.extend(extra.iter().cloned());
         let mut child = Command::new(binary)
             .args(&args)
             .stdin(Stdio::piped())
@@ -425,6 +466,25 @@ impl Controller {
             .and_then(|g| g.trim().parse().ok())
             .ok_or_else(|| anyhow!("the controller answered a publish with {line:?}"))?;
         Ok((started, generation))
+    }
+
+    /// One line of `counters`, by metric name.
+    async fn counter(&mut self, name: &str) -> anyhow::Result<u64> {
+        self.stdin.write_all(b"counters\n").await?;
+        self.stdin.flush().await?;
+        let mut value = 0;
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
+                .await
+                .context("the controller did not print its counters within 10 s")??
+                .ok_or_else(|| anyhow!("the controller exited while printing its counters"))?;
+            if line == "end" {
+                return Ok(value);
+            }
+            if let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix(' ')) {
+                value = rest.trim().parse().unwrap_or(0);
+            }
+        }
     }
 
     /// CPU time of every live thread, ns (schedstat's first field).
@@ -490,6 +550,9 @@ struct Shared {
     reports_sent: AtomicU64,
     /// Where the Envoys connect (the Service): changes to the second controller in a storm.
     target: watch::Receiver<SocketAddr>,
+    /// With `--relays`: the relays; Envoy `i` connects to `relays[i % (K+1) - 1]`, or to
+    /// `target` when `i % (K+1) == 0`.
+    relays: Vec<SocketAddr>,
     /// A storm is under way: broken streams reconnect (with the filter's backoff) instead of
     /// counting as errors.
     storming: AtomicBool,
@@ -620,7 +683,10 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let permit = connecting.acquire().await?;
-    let addr = *shared.target.borrow();
+    let addr = match index % (shared.relays.len() + 1) {
+        0 => *shared.target.borrow(),
+        relay => shared.relays[relay - 1],
+    };
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
@@ -732,6 +798,25 @@ async fn run_one(
 ) -> anyhow::Result<Run> {
     let mut controller = Controller::start(binary, options.canaries, envoys).await?;
     let (target_tx, target) = watch::channel(controller.addr);
+    let mut relays = Vec::new();
+    for r in 0..options.relays {
+        let extra = [
+            "--relay-to".to_owned(),
+            controller.addr.to_string(),
+            "--relay-name".to_owned(),
+            format!("bench-{r}"),
+        ];
+        let mut relay = Controller::start_with(binary, options.canaries, envoys, &extra).await?;
+        // A relay serves Envoys once it has the leader's directive.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while relay.counter("weir_directive_generation").await? == 0 {
+            if Instant::now() > deadline {
+                bail!("relay {r} has no directive from the leader after 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        relays.push(relay);
+    }
     let shared = Arc::new(Shared {
         origin: Instant::now(),
         connected: AtomicUsize::new(0),
@@ -745,6 +830,7 @@ async fn run_one(
         report_bytes: AtomicU64::new(0),
         reports_sent: AtomicU64::new(0),
         target,
+        relays: relays.iter().map(|r| r.addr).collect(),
         storming: AtomicBool::new(false),
         failed_attempts: AtomicU64::new(0),
     });
@@ -804,6 +890,10 @@ async fn run_one(
     shared.measuring.store(true, Ordering::Relaxed);
     let window_start = Instant::now();
     let cpu_before = controller.cpu_nanos()?;
+    let relays_before = relays
+        .iter()
+        .map(Controller::cpu_nanos)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let ticks_before = cpu_ticks(controller.pid)?;
     let bench_before = cpu_ticks(std::process::id())?;
     let window = Duration::from_secs(u64::from(options.seconds));
@@ -851,6 +941,27 @@ async fn run_one(
     let vm_hwm_kib = status_kib(controller.pid, "VmHWM")?;
     let vm_rss_kib = status_kib(controller.pid, "VmRSS")?;
     let stream_errors = shared.errors.load(Ordering::Relaxed) - errors_before;
+    let mut processes = Vec::new();
+    if !relays.is_empty() {
+        let processes_count = relays.len() + 1;
+        let share = |k: usize| (0..envoys).filter(|i| i % processes_count == k).count();
+        processes.push(ProcessFigures {
+            role: "leader".to_owned(),
+            envoys: share(0),
+            cpu_seconds: cpu_after.saturating_sub(cpu_before) as f64 / 1e9,
+            vm_hwm_kib,
+            reporters_known: controller.counter("weir_reporters_known").await?,
+        });
+        for (r, (relay, before)) in relays.iter_mut().zip(relays_before).enumerate() {
+            processes.push(ProcessFigures {
+                role: format!("relay {r}"),
+                envoys: share(r + 1),
+                cpu_seconds: relay.cpu_nanos()?.saturating_sub(before) as f64 / 1e9,
+                vm_hwm_kib: status_kib(relay.pid, "VmHWM")?,
+                reporters_known: relay.counter("weir_reporters_known").await?,
+            });
+        }
+    }
 
     let storm = if options.storm {
         let storm = storm(&shared, &slots, controller, binary, options, &target_tx).await;
@@ -867,6 +978,9 @@ async fn run_one(
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
         controller.stop().await;
+        for relay in relays {
+            relay.stop().await;
+        }
         None
     };
 
@@ -895,6 +1009,7 @@ async fn run_one(
         ack_rtt_publishing_ms: quantiles(&shared.rtt_publishing),
         report_bytes: (shared.report_bytes.load(Ordering::Relaxed) / sent) as usize,
         storm,
+        processes,
     })
 }
 
@@ -1268,6 +1383,35 @@ impl Outcome {
                 }
             }
         }
+        let relayed: Vec<&Run> = self
+            .runs
+            .iter()
+            .filter(|r| !r.processes.is_empty())
+            .collect();
+        if !relayed.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nPer process (the leader and its relays; the fan-out above is leader publish → every Envoy, through the relays for theirs):\n"
+            );
+            let _ = writeln!(out, "| weir | Envoys in all | process | its Envoys | CPU s in the window | cores | peak RSS (VmHWM) | reporters in its ledger |");
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+            for run in relayed {
+                for p in &run.processes {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {} | {} | {:.2} | {:.3} | {:.1} MiB | {} |",
+                        run.label,
+                        run.envoys,
+                        p.role,
+                        p.envoys,
+                        p.cpu_seconds,
+                        p.cpu_seconds / run.measured_seconds.max(1e-9),
+                        p.vm_hwm_kib as f64 / 1024.0,
+                        p.reporters_known
+                    );
+                }
+            }
+        }
         let ratios = self.ratios();
         if !ratios.is_empty() {
             let _ = writeln!(out, "\nSide by side (the same run, alternating):\n");
@@ -1398,6 +1542,7 @@ mod tests {
             ack_rtt_publishing_ms: (2.0, 60.0),
             report_bytes: 366,
             storm: None,
+            processes: Vec::new(),
         }
     }
 

@@ -91,6 +91,16 @@ impl TestCa {
         )
     }
 
+    /// The controller's certificate as Istio issues it: the SPIFFE id
+    /// `spiffe://cluster.local/ns/weir-system/sa/weir` and no DNS name, as `<name>.pem`.
+    pub fn controller_as_istio_issues_it(&self, name: &str) -> anyhow::Result<Pem> {
+        self.issue(
+            name,
+            Vec::new(),
+            Some("spiffe://cluster.local/ns/weir-system/sa/weir"),
+        )
+    }
+
     /// A workload's certificate: `spiffe://cluster.local/ns/<namespace>/sa/<account>`.
     pub fn workload(&self, namespace: &str, account: &str) -> anyhow::Result<Pem> {
         self.issue(

@@ -58,9 +58,14 @@ impl IngestProcess {
     /// Starts `weir ingest-server` on 127.0.0.1 with `args` (its limit flags) and waits for its
     /// address.
     pub async fn start(args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0", args).await
+    }
+
+    /// [`IngestProcess::start`] on `listen` (an address another one used: a successor).
+    pub async fn start_on(listen: &str, args: &[&str]) -> anyhow::Result<Self> {
         let binary = weir_binary();
         let mut child = Command::new(&binary)
-            .args(["ingest-server", "--listen", "127.0.0.1:0"])
+            .args(["ingest-server", "--listen", listen])
             .args(args)
             .env("RUST_LOG", "error")
             .stdin(Stdio::piped())
@@ -139,6 +144,49 @@ impl IngestProcess {
                 counters.insert(name.to_owned(), value.parse().unwrap_or(0));
             }
         }
+    }
+
+    /// One line of its stdin protocol, and the line it answers.
+    async fn ask(&mut self, line: &str) -> anyhow::Result<String> {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        self.stdin.flush().await?;
+        tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
+            .await
+            .with_context(|| format!("the controller did not answer `{line}` within 10 s"))??
+            .ok_or_else(|| anyhow!("the controller exited instead of answering `{line}`"))
+    }
+
+    /// Publishes every canary at `weight_bp`; returns the new generation.
+    pub async fn publish(&mut self, weight_bp: u32) -> anyhow::Result<u64> {
+        let answer = self.ask(&format!("publish {weight_bp}")).await?;
+        answer
+            .strip_prefix("generation ")
+            .and_then(|g| g.trim().parse().ok())
+            .ok_or_else(|| anyhow!("`publish` answered {answer:?}"))
+    }
+
+    /// The requests and failures of `canary`'s windows (primary, canary), its whole retention.
+    pub async fn window(&mut self, canary: &str) -> anyhow::Result<[(u64, u64); 2]> {
+        let answer = self.ask(&format!("window {canary}")).await?;
+        let numbers: Vec<u64> = answer
+            .split_whitespace()
+            .filter_map(|word| word.parse().ok())
+            .collect();
+        match numbers.as_slice() {
+            [pr, pf, cr, cf] => Ok([(*pr, *pf), (*cr, *cf)]),
+            _ => bail!("`window {canary}` answered {answer:?}"),
+        }
+    }
+
+    /// One counter (0 when absent).
+    pub async fn counter(&mut self, name: &str) -> anyhow::Result<u64> {
+        Ok(self.counters().await?.get(name).copied().unwrap_or(0))
+    }
+
+    /// Kills it at once (SIGKILL), as a crash or a lost node would.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
     }
 
     /// Reports refused for `reason` (the `weir_reports_rejected_total` label).

@@ -35,6 +35,7 @@ pub mod prometheus;
 pub mod receiver;
 pub mod reporter;
 pub mod stack;
+pub mod tcp_proxy;
 pub mod upstream;
 pub mod workdir;
 

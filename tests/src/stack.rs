@@ -60,6 +60,9 @@ pub struct StackOptions {
     /// Install the filter a second time in the same chain, as a WasmPlugin for the namespace
     /// beside the mesh-wide one (`application.weir` after `istio-system.weir`).
     pub second_install: bool,
+    /// Where the filter reports instead of the test control plane (a controller process, a
+    /// relay); then nothing waits for the reporter's hello.
+    pub controller: Option<std::net::SocketAddr>,
 }
 
 impl Default for StackOptions {
@@ -71,6 +74,7 @@ impl Default for StackOptions {
             filter_config: Some(filter_config().to_string()),
             wait_for_reporter: true,
             second_install: false,
+            controller: None,
         }
     }
 }
@@ -119,9 +123,11 @@ impl Stack {
         bootstrap.namespace = "application".to_owned();
         bootstrap.workload = "mhs".to_owned();
         bootstrap.host = HOST.to_owned();
-        bootstrap.controller = Some(control.addr());
+        bootstrap.controller = Some(options.controller.unwrap_or_else(|| control.addr()));
         bootstrap.canary_value = ROUTE_SECRET.to_owned();
-        let wait_for_reporter = options.filter_config.is_some() && options.wait_for_reporter;
+        let wait_for_reporter = options.filter_config.is_some()
+            && options.wait_for_reporter
+            && options.controller.is_none();
         if let Some(config_json) = options.filter_config {
             if options.second_install {
                 let mut second = WasmFilter::wasm_plugin(

@@ -63,11 +63,14 @@ pub enum RejectReason {
     /// The server's budget for reports in transit (all streams together) was spent. Ends the
     /// stream with `RESOURCE_EXHAUSTED`; the reporter resends later.
     BufferFull,
+    /// A relay node id from an identity that is not a controller replica's. Ends the stream with
+    /// `PERMISSION_DENIED`.
+    NotAReplica,
 }
 
 impl RejectReason {
     /// Every reason, in a stable order (for metrics).
-    pub const ALL: [RejectReason; 22] = [
+    pub const ALL: [RejectReason; 23] = [
         RejectReason::MissingReporter,
         RejectReason::IdentityChanged,
         RejectReason::StaleEpoch,
@@ -90,6 +93,7 @@ impl RejectReason {
         RejectReason::SilentStream,
         RejectReason::Malformed,
         RejectReason::BufferFull,
+        RejectReason::NotAReplica,
     ];
 
     /// A snake_case name, for metric labels and logs.
@@ -117,6 +121,7 @@ impl RejectReason {
             RejectReason::SilentStream => "silent_stream",
             RejectReason::Malformed => "malformed",
             RejectReason::BufferFull => "buffer_full",
+            RejectReason::NotAReplica => "not_a_replica",
         }
     }
 
@@ -137,6 +142,7 @@ impl RejectReason {
                 | RejectReason::SilentStream
                 | RejectReason::Malformed
                 | RejectReason::BufferFull
+                | RejectReason::NotAReplica
         )
     }
 
@@ -147,7 +153,7 @@ impl RejectReason {
             RejectReason::SequenceGap => Code::Aborted,
             RejectReason::Oversized => Code::OutOfRange,
             RejectReason::Unauthenticated => Code::Unauthenticated,
-            RejectReason::ClaimMismatch => Code::PermissionDenied,
+            RejectReason::ClaimMismatch | RejectReason::NotAReplica => Code::PermissionDenied,
             RejectReason::TooManyReporters | RejectReason::BufferFull => Code::ResourceExhausted,
             RejectReason::SilentStream => Code::DeadlineExceeded,
             _ => Code::InvalidArgument,

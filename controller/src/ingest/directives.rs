@@ -28,6 +28,9 @@ pub enum PublishError {
     /// Two routes share a key.
     #[error("canary {0:?} appears twice in the directive; each canary needs exactly one route")]
     DuplicateKey(String),
+    /// A relay's directives are the leader's; it publishes none of its own.
+    #[error("this replica is a relay: only the leader publishes directives")]
+    Relay,
     /// A weight above 100%.
     #[error("canary {key:?} has weight {weight_bp} basis points; the maximum is {FULL_WEIGHT_BP} (100%)")]
     WeightOutOfRange {
@@ -152,6 +155,22 @@ impl Publisher {
             canaries,
         }));
         generation
+    }
+
+    /// Makes `directive` (a leader's, on a relay) the one in force, generation and all, unless it
+    /// is already; true if it was new.
+    pub(crate) fn republish(
+        &self,
+        directive: Directive,
+        before_send: impl FnOnce(&[CanaryRoute]),
+    ) -> bool {
+        let _serial = lock(&self.publishing);
+        if directive.generation == self.generation() {
+            return false;
+        }
+        before_send(&directive.canaries);
+        self.current.send_replace(Published::new(directive));
+        true
     }
 
     /// Registers a stream for `node`; returns its stream id.

@@ -10,6 +10,8 @@
 //! - [`windows`]: time-bucketed, per-canary, per-version requests, failures and HDR latency.
 //! - [`directives`]: the current directive, its fan-out, and generation confirmation.
 //! - [`server`]: the tonic service and [`Ingest::serve`].
+//! - [`relay`]: a replica that is not the leader serves its Envoys and forwards their merged
+//!   reports to the leader as one reporter, and the leader's directives down (docs/scale.md).
 //!
 //! # What happens to a report
 //! | report | answer | stream |
@@ -27,6 +29,8 @@
 //! | more requests than one Envoy can serve since its previous report | **acked and dropped**, counted | stays open |
 //! | larger than the decoding limit, or more stats entries than weir.v1 allows | `OUT_OF_RANGE` / `INVALID_ARGUMENT`, counted | ends |
 //! | a connection without a verified client certificate (TLS) | `UNAUTHENTICATED`, counted | ends |
+//! | a relay node id (`relay~…`) from an identity other than a controller replica's own | `PERMISSION_DENIED`, counted | ends |
+//! | (on a relay) a hello while the relay has no contact with the leader; or the contact is lost | `UNAVAILABLE` | ends; the reporter goes to another replica |
 //!
 //! Invalid reports are acknowledged and dropped rather than refused with a status because ending
 //! the stream makes the reporter reconnect and resend the same report: a permanently bad report
@@ -40,6 +44,7 @@ mod counters;
 mod directives;
 pub mod identity;
 mod outbound;
+mod relay;
 mod server;
 pub mod transport;
 mod validate;
@@ -53,13 +58,14 @@ use weir_proto::v1::{Ack, CanaryRoute, Directive, Report, Version};
 
 pub use counters::{CountersSnapshot, IngestCounters, RejectReason, Rejection};
 pub use directives::{Confirmation, PublishError};
+pub use relay::{RelayConfig, RelayTls, RELAY_NODE_PREFIX};
 pub use server::{Served, TelemetryService};
 pub use windows::{Totals, VersionWindow};
 
 use accounting::{Accounting, Admission, AdmitError, LedgerLimits};
 use counters::lock;
 use directives::Publisher;
-use identity::{PeerIdentity, ReporterPolicy, ReporterRule};
+use identity::{PeerIdentity, ReporterPolicy, ReporterRule, SpiffeId};
 use transport::Transport;
 use windows::Windows;
 
@@ -124,8 +130,12 @@ pub struct IngestConfig {
     pub forget_reporter_after: Duration,
     /// The generation of the initial (empty) directive; publishes count up from it. Default: the
     /// Unix time in milliseconds, so generations keep increasing across controller restarts (the
-    /// filters still hold generations from the previous controller life).
+    /// filters still hold generations from the previous controller life). A relay starts at 0:
+    /// every directive it passes down is the leader's.
     pub initial_generation: u64,
+    /// Serve as a relay towards the leader instead of keeping windows (a replica that is not
+    /// the leader). Default None: this ingest is the one that accounts.
+    pub relay: Option<RelayConfig>,
 }
 
 impl Default for IngestConfig {
@@ -155,6 +165,7 @@ impl Default for IngestConfig {
             keepalive: Duration::from_secs(3),
             forget_reporter_after: Duration::from_secs(3600),
             initial_generation: millis,
+            relay: None,
         }
     }
 }
@@ -217,6 +228,12 @@ struct Inner {
     reporters: RwLock<HashMap<String, Vec<ReporterRule>>>,
     /// Per canary, identities whose reports for it were refused.
     refusals: Mutex<HashMap<String, Refusals>>,
+    /// In relay mode: the pending delta and the contact with the leader.
+    relay: Option<Arc<relay::Relay>>,
+    /// The controller's own identity (from its serving certificate): the only one whose relay
+    /// streams are accepted. Unset on plaintext loopback, where the machine's own processes are
+    /// trusted as such.
+    replica_identity: std::sync::OnceLock<SpiffeId>,
 }
 
 /// Identities refused for one canary: how often, and whether that was announced yet.
@@ -285,14 +302,25 @@ impl Ingest {
             config.retention,
             config.retired_canary_grace,
         );
+        let relay = config
+            .relay
+            .clone()
+            .map(|relay| Arc::new(relay::Relay::new(relay)));
+        let initial_generation = if relay.is_some() {
+            0
+        } else {
+            config.initial_generation
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 accounting: Accounting::default(),
                 windows,
-                publisher: Publisher::new(config.initial_generation),
+                publisher: Publisher::new(initial_generation),
                 counters: IngestCounters::default(),
                 reporters: RwLock::default(),
                 refusals: Mutex::default(),
+                relay,
+                replica_identity: std::sync::OnceLock::new(),
                 config,
             }),
         })
@@ -389,6 +417,19 @@ impl Ingest {
                 ));
             }
         }
+        let relayed = node_id.starts_with(RELAY_NODE_PREFIX);
+        if relayed && !self.is_replica(peer) {
+            return Err(Rejection::new(
+                RejectReason::NotAReplica,
+                format!(
+                    "node id {node_id:?} claims to be a controller relay, but this stream's certificate is {peer}, not a controller replica's ({}); node ids starting with {RELAY_NODE_PREFIX:?} are reserved for the controller's own replicas",
+                    self.inner
+                        .replica_identity
+                        .get()
+                        .map_or_else(|| "none known: this controller serves no TLS".to_owned(), ToString::to_string)
+                ),
+            ));
+        }
         // Checked before the ledger moves, so nothing is recorded for a report that is refused;
         // wasted work only for duplicates, which are rare.
         let checked = if report.sequence == 0 {
@@ -416,8 +457,11 @@ impl Ingest {
                 inner.config.max_entries_per_report,
                 inner.publisher.generation(),
                 |canary| {
-                    let rules = reporters.get(canary).map_or(&[][..], Vec::as_slice);
-                    policy.allows(peer, canary, rules)
+                    // A relay forwards only what its own ingest allowed its Envoys.
+                    relayed || {
+                        let rules = reporters.get(canary).map_or(&[][..], Vec::as_slice);
+                        policy.allows(peer, canary, rules)
+                    }
                 },
                 now,
             )
@@ -497,8 +541,17 @@ impl Ingest {
                             .unwrap_or_else(|| inner.windows.origin()),
                     );
                     let span = since.clamp(Duration::from_secs(1), inner.config.retention);
+                    // A relay speaks for up to as many Envoys as a replica holds connections.
+                    let envoys = if relayed {
+                        u128::try_from(inner.config.max_connections).unwrap_or(u128::MAX)
+                    } else {
+                        1
+                    };
                     let allowed = u64::try_from(
-                        u128::from(inner.config.max_requests_per_second) * span.as_millis() / 1000,
+                        u128::from(inner.config.max_requests_per_second)
+                            .saturating_mul(envoys)
+                            .saturating_mul(span.as_millis())
+                            / 1000,
                     )
                     .unwrap_or(u64::MAX);
                     if requests > allowed {
@@ -513,7 +566,15 @@ impl Ingest {
                         );
                         (ack, Outcome::Dropped(rejection))
                     } else {
-                        inner.windows.apply(&validated.entries, &node, now);
+                        match &inner.relay {
+                            Some(relay) => relay.merge(
+                                &node,
+                                report.applied_generation,
+                                validated.entries.iter().map(|e| e.stats),
+                                now,
+                            ),
+                            None => inner.windows.apply(&validated.entries, &node, now),
+                        }
                         inner.counters.applied(requests);
                         if validated.not_allowed.is_empty() {
                             (ack, Outcome::Applied)
@@ -659,13 +720,56 @@ impl Ingest {
 
     /// Publishes a complete new directive to every connected Envoy; returns its generation.
     /// Reports for the new canaries are accepted from this moment; canaries left out are
-    /// retired (see [`IngestConfig::retired_canary_grace`]).
+    /// retired (see [`IngestConfig::retired_canary_grace`]). A relay refuses: its directives are
+    /// the leader's.
     pub fn publish(&self, canaries: Vec<CanaryRoute>) -> Result<u64, PublishError> {
+        if self.inner.relay.is_some() {
+            return Err(PublishError::Relay);
+        }
         Publisher::check(&canaries)?;
         let windows = &self.inner.windows;
         Ok(self.inner.publisher.publish(canaries, |routes| {
             windows.set_current(routes.iter().map(|r| r.key.as_str()), Instant::now());
         }))
+    }
+
+    /// A relay passes the leader's `directive` down unchanged (its generation too); true if it
+    /// was new.
+    pub(crate) fn republish(&self, directive: Directive) -> Result<bool, PublishError> {
+        Publisher::check(&directive.canaries)?;
+        let windows = &self.inner.windows;
+        Ok(self.inner.publisher.republish(directive, |routes| {
+            windows.set_current(routes.iter().map(|r| r.key.as_str()), Instant::now());
+        }))
+    }
+
+    /// Whether `peer` is a controller replica: the controller's own identity, or the machine
+    /// itself on plaintext loopback.
+    fn is_replica(&self, peer: &PeerIdentity) -> bool {
+        match peer {
+            PeerIdentity::Loopback => true,
+            PeerIdentity::Spiffe(id) => self.inner.replica_identity.get() == Some(id),
+        }
+    }
+
+    /// Sets the controller's own identity, whose relay streams are trusted; [`Ingest::serve`]
+    /// takes it from the serving certificate. Only the first call counts.
+    pub fn set_replica_identity(&self, identity: SpiffeId) {
+        let _ = self.inner.replica_identity.set(identity);
+    }
+
+    /// True for an ingest in relay mode.
+    pub fn is_relay(&self) -> bool {
+        self.inner.relay.is_some()
+    }
+
+    /// In relay mode: reports sealed and not yet acknowledged by the leader.
+    pub fn relay_in_flight(&self) -> Option<usize> {
+        self.inner.relay.as_ref().map(|relay| relay.in_flight())
+    }
+
+    pub(crate) fn relay(&self) -> Option<&Arc<relay::Relay>> {
+        self.inner.relay.as_ref()
     }
 
     /// The directive currently in force.

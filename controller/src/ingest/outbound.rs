@@ -43,7 +43,7 @@ pub struct Downstream {
     current: watch::Receiver<Published>,
     /// Changes of the directive; None until `Reply::Start`.
     changes: Option<WatchStream<Published>>,
-    /// The generation last sent, so a change that was already sent (or an older one) is skipped.
+    /// The generation last sent, so a change that was already sent is skipped.
     sent_generation: Option<u64>,
     keepalive_every: Duration,
     keepalive: Pin<Box<Sleep>>,
@@ -114,10 +114,9 @@ impl Stream for Downstream {
             loop {
                 match Pin::new(&mut *changes).poll_next(cx) {
                     Poll::Ready(Some(published)) => {
-                        if this
-                            .sent_generation
-                            .is_some_and(|sent| published.directive.generation <= sent)
-                        {
+                        // Only the one already sent is skipped: on a relay, a new leader's
+                        // generation may be below the old one's, and it is the one in force.
+                        if this.sent_generation == Some(published.directive.generation) {
                             continue;
                         }
                         break 'item Ok(this.directive(&published));

@@ -108,6 +108,21 @@ impl Ingest {
         );
         let streams = config.max_streams_per_connection;
 
+        if let transport::Transport::Tls(files) = &config.transport {
+            match transport::certificate_identity(&files.cert_chain) {
+                Ok(identity) => self.set_replica_identity(identity),
+                Err(why) => tracing::warn!(
+                    "this controller's certificate names no SPIFFE id ({why}): it accepts no relay streams from other replicas"
+                ),
+            }
+        }
+        let relay = self.relay().map(|relay| {
+            tokio::spawn(super::relay::run(
+                self.clone(),
+                relay.clone(),
+                stop_rx.clone(),
+            ))
+        });
         let sweeper = {
             let ingest = self.clone();
             let mut stop = stop_rx;
@@ -136,6 +151,9 @@ impl Ingest {
                 .serve_with_incoming_shutdown(incoming, signal)
                 .await;
             sweeper.abort();
+            if let Some(relay) = relay {
+                relay.abort();
+            }
             result
         });
         tracing::info!(%local_addr, "telemetry ingest listening");
@@ -159,6 +177,19 @@ impl Served {
     /// Waits until the server has shut down.
     pub async fn finished(self) -> Result<(), IngestError> {
         Ok(self.task.await??)
+    }
+
+    /// Waits at most `limit` for the shut-down under way, then ends the server outright (its
+    /// connections closed, its port freed).
+    pub async fn finish_within(mut self, limit: Duration) -> Result<(), IngestError> {
+        match tokio::time::timeout(limit, &mut self.task).await {
+            Ok(result) => Ok(result??),
+            Err(_) => {
+                self.task.abort();
+                let _ = self.task.await;
+                Ok(())
+            }
+        }
     }
 }
 
@@ -201,6 +232,15 @@ impl Telemetry for TelemetryService {
                 return Err(rejection.status());
             }
         };
+        // A relay without the leader's directive (or out of contact with the leader) serves
+        // nobody: the Envoy goes to another replica rather than run weights nobody confirms.
+        let relay_serving = self.ingest.relay().map(|relay| relay.serving());
+        if relay_serving
+            .as_ref()
+            .is_some_and(|serving| !*serving.borrow())
+        {
+            return Err(Status::unavailable(RELAY_OUT_OF_CONTACT));
+        }
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let downstream = Downstream::new(
             rx,
@@ -213,6 +253,7 @@ impl Telemetry for TelemetryService {
             tx,
             session: None,
             peer,
+            relay_serving,
         };
         tokio::spawn(stream.run(request.into_inner()));
         Ok(Response::new(downstream))
@@ -244,6 +285,20 @@ struct StreamTask {
     tx: Replies,
     session: Option<Session>,
     peer: PeerIdentity,
+    /// On a relay: whether it is in contact with the leader.
+    relay_serving: Option<watch::Receiver<bool>>,
+}
+
+/// Why a relay refuses or ends a stream.
+const RELAY_OUT_OF_CONTACT: &str =
+    "this weir replica is a relay and has no contact with the leader; connect to another replica";
+
+async fn out_of_contact(serving: &mut Option<watch::Receiver<bool>>) {
+    match serving {
+        // An error means the relay is gone, which ends its service too.
+        Some(serving) => drop(serving.wait_for(|serving| !*serving).await),
+        None => std::future::pending().await,
+    }
 }
 
 /// Why a stream task stops.
@@ -267,6 +322,7 @@ impl StreamTask {
         let hello = tokio::time::sleep(self.ingest.config().hello_timeout);
         tokio::pin!(hello);
         let mut stop = self.stop.take();
+        let mut relay_serving = self.relay_serving.take();
 
         let end = loop {
             let registered = self.session.is_some();
@@ -275,6 +331,9 @@ impl StreamTask {
                 _ = stopped(&mut stop) => Err(End::Refuse(Status::unavailable(
                     "the weir controller is shutting down; reconnect to its successor",
                 ))),
+                () = out_of_contact(&mut relay_serving) => {
+                    Err(End::Refuse(Status::unavailable(RELAY_OUT_OF_CONTACT)))
+                }
                 () = &mut hello, if !registered => {
                     let rejection = Rejection::new(
                         RejectReason::SilentStream,

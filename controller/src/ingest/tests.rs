@@ -995,3 +995,129 @@ fn the_counters_render_as_prometheus_text_with_every_refusal_reason() {
     }
     assert!(text.contains("# TYPE weir_requests_applied_total counter"));
 }
+
+fn spiffe(namespace: &str, account: &str) -> PeerIdentity {
+    PeerIdentity::Spiffe(SpiffeId {
+        trust_domain: "cluster.local".into(),
+        namespace: namespace.into(),
+        service_account: account.into(),
+    })
+}
+
+#[test]
+fn a_relay_node_id_counts_only_from_the_controllers_own_identity_which_may_speak_for_any_canary() {
+    let ingest = Ingest::try_new(config()).unwrap();
+    ingest.publish(vec![route("shop/web", 500)]).unwrap();
+    let now = Instant::now();
+    let relay_report = |sequence| {
+        let mut r = report(
+            "relay~weir-1",
+            9,
+            sequence,
+            if sequence == 0 {
+                vec![]
+            } else {
+                vec![stats("shop/web", Version::Canary, &samples(3, 40), 1)]
+            },
+        );
+        r.reporter.as_mut().unwrap().namespace = String::new();
+        r
+    };
+    // Without a known controller identity, no certificate makes a relay.
+    let workload = spiffe("shop", "gateway");
+    let refused = ingest
+        .ingest_from(&relay_report(0), &workload, now)
+        .unwrap_err();
+    assert_eq!(refused.reason, RejectReason::NotAReplica);
+    assert_eq!(refused.status().code(), Code::PermissionDenied);
+    assert!(
+        refused.message.contains("reserved for the controller"),
+        "{refused}"
+    );
+
+    let controller = spiffe("weir-system", "weir");
+    ingest.set_replica_identity(SpiffeId {
+        trust_domain: "cluster.local".into(),
+        namespace: "weir-system".into(),
+        service_account: "weir".into(),
+    });
+    // The canary's own namespace, as a relay: still refused, and nothing was recorded.
+    assert_eq!(
+        ingest
+            .ingest_from(&relay_report(1), &workload, now)
+            .unwrap_err()
+            .reason,
+        RejectReason::NotAReplica
+    );
+    assert_eq!(ingest.known_reporters(), 0);
+    // The controller's own identity: a relay, allowed for a canary of another namespace.
+    assert_eq!(
+        ingest
+            .ingest_from(&relay_report(0), &controller, now)
+            .unwrap()
+            .outcome,
+        Outcome::Hello
+    );
+    let applied = ingest
+        .ingest_from(&relay_report(1), &controller, now)
+        .unwrap();
+    assert_eq!(applied.outcome, Outcome::Applied);
+    assert_eq!(
+        ingest
+            .window("shop/web", Version::Canary, LONG_AGO, now)
+            .unwrap()
+            .requests,
+        40
+    );
+    // The same identity with an Envoy's node id is held to the ordinary rules.
+    let mut plain = relay_report(1);
+    plain.reporter.as_mut().unwrap().node_id = "weir-envoy".into();
+    ingest
+        .ingest_from(&relay_report(0), &controller, now)
+        .unwrap();
+    let mut hello = plain.clone();
+    hello.sequence = 0;
+    hello.stats.clear();
+    ingest.ingest_from(&hello, &controller, now).unwrap();
+    assert!(matches!(
+        ingest
+            .ingest_from(&plain, &controller, now)
+            .unwrap()
+            .outcome,
+        Outcome::Dropped(Rejection {
+            reason: RejectReason::NotAllowed,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_relay_publishes_nothing_and_passes_the_leaders_directive_down_with_its_generation() {
+    let ingest = Ingest::try_new(IngestConfig {
+        relay: Some(RelayConfig::new("127.0.0.1:1", "r")),
+        ..config()
+    })
+    .unwrap();
+    assert_eq!(ingest.directive().generation, 0);
+    assert_eq!(
+        ingest.publish(vec![route("shop/web", 1)]),
+        Err(PublishError::Relay)
+    );
+    let leaders = Directive {
+        generation: 77,
+        canaries: vec![route("shop/web", 2_000)],
+    };
+    assert!(ingest.republish(leaders.clone()).unwrap());
+    assert!(
+        !ingest.republish(leaders.clone()).unwrap(),
+        "same generation"
+    );
+    assert_eq!(*ingest.directive(), leaders);
+    // A new leader's generation may be lower: it is the one in force.
+    let next = Directive {
+        generation: 5,
+        canaries: vec![],
+    };
+    assert!(ingest.republish(next.clone()).unwrap());
+    assert_eq!(*ingest.directive(), next);
+}

@@ -193,6 +193,17 @@ fn read(path: &Path) -> Result<Vec<u8>, TransportError> {
         .map_err(|e| TransportError::Tls(format!("cannot read {}: {e}", path.display())))
 }
 
+/// The SPIFFE id of the first certificate in the PEM chain at `path`: the controller's own
+/// identity, which the leader trusts for relay streams.
+pub fn certificate_identity(path: &Path) -> Result<crate::ingest::identity::SpiffeId, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let first = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| format!("no certificate in {}", path.display()))?
+        .map_err(|e| format!("no certificate in {}: {e}", path.display()))?;
+    crate::ingest::identity::SpiffeId::from_certificate(&first)
+}
+
 /// A rustls server configuration from `files`: the controller's certificate, and client
 /// certificates verified against the CA bundle. A client without a certificate is let through
 /// the handshake so that the stream can be refused with a status that says why.

@@ -82,6 +82,10 @@ pub struct Telemetry {
     pub transport: crate::ingest::transport::Transport,
     /// Who may report for which canary.
     pub policy: crate::ingest::identity::ReporterPolicy,
+    /// While not the leader, serve this replica's Envoys as a relay of the leader's ingest at
+    /// this `host:port` (the `weir-leader` Service; docs/scale.md, section 3). None: a standby
+    /// serves no filters.
+    pub relay_to: Option<String>,
 }
 
 /// Why `weir kubernetes` stopped.
@@ -274,11 +278,14 @@ where
             }
         }
         tracing::info!(lease = %options.lease_name, %identity, "waiting to lead");
+        // A standby serves its Envoys as a relay of the leader until it leads itself.
+        let relay = StandbyRelay::start(&client, options, &identity).await;
         let renew_every = options.lease_duration / 3;
         loop {
             match unless_stopped(&stop, lock.try_acquire_or_renew()).await {
                 // A take-over may have been under way: give back whatever this replica holds.
                 None => {
+                    StandbyRelay::stop(relay).await;
                     step_down(&client, options, &lock, None).await;
                     return Ok(());
                 }
@@ -290,15 +297,153 @@ where
                 .await
                 .is_none()
             {
+                StandbyRelay::stop(relay).await;
                 return Ok(());
             }
         }
+        // Elected: the relay's Envoys are told to reconnect (UNAVAILABLE) and its port is
+        // freed for the leader's ingest.
+        StandbyRelay::stop(relay).await;
     }
     // From here on this replica may hold the Lease: every way out steps down.
     let outcome = lead(&client, options, health, &stop, &lock, &mut pod, metrics).await;
     health.set_leader(false);
     step_down(&client, options, &lock, pod.as_deref()).await;
     outcome
+}
+
+/// The relay a standby serves its Envoys with (docs/scale.md, section 3).
+struct StandbyRelay {
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: crate::ingest::Served,
+    /// Reads the Canaries' `spec.analysis.reporters`, as the leader applies them.
+    reporters: tokio::task::JoinHandle<()>,
+}
+
+/// How often a relay reads the Canaries' `spec.analysis.reporters`.
+const RELAY_REPORTERS_EVERY: Duration = Duration::from_secs(30);
+
+/// Who besides its own namespace may report for each Canary (`spec.analysis.reporters`, invalid
+/// entries left out as the leader's validation refuses them), by `namespace/name`.
+pub fn canary_reporters(
+    canaries: &[super::crd::CanaryResource],
+) -> Vec<(String, Vec<crate::ingest::identity::ReporterRule>)> {
+    canaries
+        .iter()
+        .filter_map(|canary| {
+            let namespace = canary.metadata.namespace.as_deref()?;
+            let name = canary.metadata.name.as_deref()?;
+            let analysis = canary
+                .spec
+                .analysis
+                .as_ref()
+                .or(canary.spec.canary_analysis.as_ref());
+            let rules = analysis.map_or_else(Vec::new, |a| {
+                a.reporters
+                    .iter()
+                    .filter_map(|r| crate::ingest::identity::ReporterRule::parse(r).ok())
+                    .collect()
+            });
+            Some((format!("{namespace}/{name}"), rules))
+        })
+        .collect()
+}
+
+/// Keeps a relay's reporter rules in step with the Canaries, so an Envoy that a Canary's spec
+/// allows is counted whichever replica it reaches.
+async fn relay_reporters(client: Client, namespaces: Vec<String>, ingest: Ingest) {
+    use kube::api::{Api, ListParams};
+    let apis: Vec<Api<super::crd::CanaryResource>> = if namespaces.is_empty() {
+        vec![Api::all(client)]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
+    };
+    loop {
+        for api in &apis {
+            match api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    for (key, rules) in canary_reporters(&list.items) {
+                        ingest.set_reporters(&key, rules);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay: cannot list the Canaries for their reporters")
+                }
+            }
+        }
+        tokio::time::sleep(RELAY_REPORTERS_EVERY).await;
+    }
+}
+
+impl StandbyRelay {
+    /// Starts the relay when `relay_to` is set; a relay that cannot start is logged, and the
+    /// replica waits to lead without it.
+    async fn start(client: &Client, options: &KubernetesOptions, name: &str) -> Option<Self> {
+        use crate::ingest::transport::Transport;
+        use crate::ingest::{RelayConfig, RelayTls};
+        let leader = options.telemetry.relay_to.clone()?;
+        let mut relay = RelayConfig::new(leader, name);
+        if let Transport::Tls(files) = &options.telemetry.transport {
+            relay.tls = Some(RelayTls {
+                cert_chain: files.cert_chain.clone(),
+                private_key: files.private_key.clone(),
+                ca: files.client_ca.clone(),
+            });
+        }
+        let ingest = match Ingest::try_new(IngestConfig {
+            transport: options.telemetry.transport.clone(),
+            reporter_policy: options.telemetry.policy.clone(),
+            relay: Some(relay),
+            ..IngestConfig::default()
+        }) {
+            Ok(ingest) => ingest,
+            Err(e) => {
+                tracing::error!("cannot relay for the leader: {e}");
+                return None;
+            }
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        match ingest
+            .serve(options.grpc_address, async {
+                let _ = stopped.await;
+            })
+            .await
+        {
+            Ok(served) => {
+                tracing::info!(addr = %served.local_addr(), leader = ?options.telemetry.relay_to, "serving the filters as a relay of the leader");
+                let reporters = tokio::spawn(relay_reporters(
+                    client.clone(),
+                    options.namespaces.clone(),
+                    ingest,
+                ));
+                Some(Self {
+                    stop,
+                    served,
+                    reporters,
+                })
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot serve the filters as a relay on {}: {e}",
+                    options.grpc_address
+                );
+                None
+            }
+        }
+    }
+
+    /// Ends every relayed stream and frees the port, within [`CLEANUP_TIMEOUT`].
+    async fn stop(relay: Option<Self>) {
+        let Some(relay) = relay else { return };
+        relay.reporters.abort();
+        let _ = relay.stop.send(());
+        if let Err(e) = relay.served.finish_within(CLEANUP_TIMEOUT).await {
+            tracing::warn!("the relay did not stop cleanly: {e}");
+        }
+    }
 }
 
 /// Removes this Pod's leader label and releases the Lease, each bounded by
