@@ -166,6 +166,10 @@ impl Recorder {
         let skipped = plan.skip_analysis;
         let analysis_status = if skipped { "skipped" } else { "completed" };
         let key = (target.clone(), namespace.clone(), strategy, analysis_status);
+        // Both counters exist from the canary's first record, at 0: a first promotion or
+        // rollback is then an increase Prometheus sees, and a dashboard shows 0, not no data.
+        state.successes.entry(key.clone()).or_insert(0);
+        state.failures.entry(key.clone()).or_insert(0);
         match status.phase {
             Some(Phase::Succeeded) if finished => *state.successes.entry(key).or_default() += 1,
             Some(Phase::Failed) if finished => *state.failures.entry(key).or_default() += 1,
@@ -642,6 +646,8 @@ mod tests {
             "weir_canary_duration_seconds_bucket{name=\"mhs\",namespace=\"application\",le=\"0.01\"} 0",
             "weir_canary_duration_seconds_count{name=\"mhs\",namespace=\"application\"} 1",
             "# TYPE weir_canary_duration_seconds histogram",
+            "weir_canary_successes_total{name=\"mhs\",namespace=\"application\",deployment_strategy=\"canary\",analysis_status=\"completed\"} 0",
+            "weir_canary_failures_total{name=\"mhs\",namespace=\"application\",deployment_strategy=\"canary\",analysis_status=\"completed\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
