@@ -2973,7 +2973,7 @@ async fn the_live_numbers_come_from_the_controller_through_the_service_proxy() {
             "no controller answers: no live numbers, and no error"
         );
         let proxy =
-            "/api/v1/namespaces/weir-system/services/weir:http-metrics/proxy/live/application/mhs";
+            "/api/v1/namespaces/weir-system/services/weir-leader:http-metrics/proxy/live/application/mhs";
         h.cluster
             .fake
             .lock()

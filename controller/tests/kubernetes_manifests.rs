@@ -494,6 +494,22 @@ fn the_install_renders_and_its_objects_fit_together() {
         port_named(deployment, grpc["targetPort"].as_str().unwrap());
         assert_eq!(grpc["appProtocol"], "grpc");
     }
+    // The CLI reads the live numbers, which only the leader holds, through the Service and
+    // port it names by default: the leader's, on the HTTP port.
+    let cli = weir_controller::cli::kubernetes::ControllerService::default();
+    let service = one(&docs, "Service", &cli.name);
+    assert_eq!(service["metadata"]["namespace"], json!(cli.namespace));
+    assert_eq!(
+        service["spec"]["selector"][LEADER_LABEL], "true",
+        "the CLI's Service has only the leader behind it"
+    );
+    let http = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == json!(cli.port))
+        .unwrap_or_else(|| panic!("{} has no port {}", cli.name, cli.port));
+    port_named(deployment, http["targetPort"].as_str().unwrap());
     let relay_to = env(deployment, "WEIR_RELAY_TO")["value"].clone();
     assert_eq!(
         relay_to,

@@ -17,7 +17,8 @@ use crate::local::RecordedEvent;
 use crate::platform::kubernetes::crd::CanaryResource;
 use crate::spec::{Phase, REQUEST_ANNOTATION, RETRY_ANNOTATION};
 
-/// Where the controller's HTTP port is, for the live numbers (the install's `weir` Service).
+/// Where the leading controller's HTTP port is, for the live numbers (the install's
+/// `weir-leader` Service: only the leader holds them; the `weir` Service selects every replica).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerService {
     /// Its namespace.
@@ -32,7 +33,7 @@ impl Default for ControllerService {
     fn default() -> Self {
         Self {
             namespace: "weir-system".to_owned(),
-            name: "weir".to_owned(),
+            name: "weir-leader".to_owned(),
             port: "http-metrics".to_owned(),
         }
     }
