@@ -261,15 +261,15 @@ impl Reporter {
     /// Merges the stats of one source (`source`: a worker id, or for a controller relay an
     /// Envoy's) that runs `applied_generation` into the pending delta: the whole batch or, if a
     /// histogram does not decode, nothing.
-    pub fn on_stats(
+    pub fn on_stats<'s>(
         &mut self,
         source: u64,
         applied_generation: u64,
-        stats: &[v1::VersionStats],
+        stats: impl IntoIterator<Item = &'s v1::VersionStats>,
         now_ns: u64,
     ) -> Result<(), String> {
         // Validate every histogram before merging anything, so a bad batch never half-applies.
-        let mut decoded = Vec::with_capacity(stats.len());
+        let mut decoded = Vec::new();
         for stat in stats {
             let latency = match &stat.latency {
                 Some(h) => LatencyHistogram::decode(h),
@@ -279,9 +279,9 @@ impl Reporter {
                 self.rejected_batches += 1;
                 format!("weir: a worker hand-over has a bad histogram ({e}); dropped")
             })?;
-            decoded.push(latency);
+            decoded.push((stat, latency));
         }
-        for (stat, latency) in stats.iter().zip(decoded) {
+        for (stat, latency) in decoded {
             let pending = self
                 .pending
                 .entry((stat.canary.clone(), stat.version))

@@ -133,11 +133,10 @@ impl Relay {
     ) {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         node.hash(&mut hasher);
-        let stats: Vec<VersionStats> = stats.into_iter().cloned().collect();
         let merged = lock(&self.reporter).on_stats(
             hasher.finish(),
             applied_generation,
-            &stats,
+            stats,
             self.now_ns(now),
         );
         if let Err(why) = merged {
