@@ -134,19 +134,23 @@ impl LoadTester {
     /// The gate endpoints.
     fn gate(&self, path: &str, canary: String) -> Response<Full<Bytes>> {
         let mut state = self.state();
+        let opened = match path {
+            "/gate/open" => Some(&state.gates),
+            "/rollback/open" => Some(&state.rollbacks),
+            _ => None,
+        };
+        if opened.is_some_and(|set| set.len() >= MAX_OPEN && !set.contains(&canary)) {
+            return answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "{MAX_OPEN} {} are open already: close some (/gate/close, /rollback/close) first",
+                    if path == "/gate/open" { "gates" } else { "rollbacks" }
+                ),
+            );
+        }
         match path {
             "/gate/check" if state.gates.contains(&canary) => answer(StatusCode::OK, "Approved"),
             "/gate/check" => answer(StatusCode::FORBIDDEN, "Forbidden"),
-            "/gate/open" | "/rollback/open"
-                if state.gates.len().max(state.rollbacks.len()) >= MAX_OPEN
-                    && !state.gates.contains(&canary)
-                    && !state.rollbacks.contains(&canary) =>
-            {
-                answer(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &format!("{MAX_OPEN} gates are open already: close some (/gate/close, /rollback/close) first"),
-                )
-            }
             "/gate/open" => {
                 state.gates.insert(canary);
                 answer(StatusCode::ACCEPTED, "Gate opened")
