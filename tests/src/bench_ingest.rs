@@ -470,21 +470,8 @@ impl Controller {
 
     /// One line of `counters`, by metric name.
     async fn counter(&mut self, name: &str) -> anyhow::Result<u64> {
-        self.stdin.write_all(b"counters\n").await?;
-        self.stdin.flush().await?;
-        let mut value = 0;
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
-                .await
-                .context("the controller did not print its counters within 10 s")??
-                .ok_or_else(|| anyhow!("the controller exited while printing its counters"))?;
-            if line == "end" {
-                return Ok(value);
-            }
-            if let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix(' ')) {
-                value = rest.trim().parse().unwrap_or(0);
-            }
-        }
+        let counters = crate::hostile::read_counters(&mut self.stdin, &mut self.stdout).await?;
+        Ok(counters.get(name).copied().unwrap_or(0))
     }
 
     /// CPU time of every live thread, ns (schedstat's first field).

@@ -126,24 +126,7 @@ impl IngestProcess {
 
     /// The ingest's counters: metric name (with labels) → value.
     pub async fn counters(&mut self) -> anyhow::Result<HashMap<String, u64>> {
-        self.stdin.write_all(b"counters\n").await?;
-        self.stdin.flush().await?;
-        let mut counters = HashMap::new();
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
-                .await
-                .context("the controller did not print its counters within 10 s")??
-                .ok_or_else(|| anyhow!("the controller exited while printing its counters"))?;
-            if line == "end" {
-                return Ok(counters);
-            }
-            if line.starts_with('#') {
-                continue;
-            }
-            if let Some((name, value)) = line.rsplit_once(' ') {
-                counters.insert(name.to_owned(), value.parse().unwrap_or(0));
-            }
-        }
+        read_counters(&mut self.stdin, &mut self.stdout).await
     }
 
     /// One line of its stdin protocol, and the line it answers.
@@ -395,4 +378,30 @@ pub async fn eventually(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// Asks a `weir ingest-server` on `stdin` for its counters and reads them from `stdout` until
+/// its `end` line: metric name (with labels) → value.
+pub async fn read_counters(
+    stdin: &mut ChildStdin,
+    stdout: &mut Lines<BufReader<ChildStdout>>,
+) -> anyhow::Result<HashMap<String, u64>> {
+    stdin.write_all(b"counters\n").await?;
+    stdin.flush().await?;
+    let mut counters = HashMap::new();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), stdout.next_line())
+            .await
+            .context("the controller did not print its counters within 10 s")??
+            .ok_or_else(|| anyhow!("the controller exited while printing its counters"))?;
+        if line == "end" {
+            return Ok(counters);
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some((name, value)) = line.rsplit_once(' ') {
+            counters.insert(name.to_owned(), value.parse().unwrap_or(0));
+        }
+    }
 }
