@@ -131,10 +131,7 @@ impl HttpClient {
             Some(path) => read_ca_file(path)?,
             None => Vec::new(),
         };
-        let mut verified = base();
-        for certificate in &extra {
-            verified = verified.add_root_certificate(certificate.clone());
-        }
+        let verified = trusting(base(), &extra);
         Ok(Self {
             verified: verified
                 .build()
@@ -161,11 +158,7 @@ impl HttpClient {
         }
         let proxy_setting = reqwest::Proxy::all(proxy)
             .map_err(|e| CallError::Request(format!("proxy {proxy}: {}", error_chain(&e))))?;
-        let mut builder = base().proxy(proxy_setting);
-        for certificate in self.roots.iter() {
-            builder = builder.add_root_certificate(certificate.clone());
-        }
-        let client = builder
+        let client = trusting(base().proxy(proxy_setting), &self.roots)
             .build()
             .map_err(|e| CallError::Request(format!("proxy {proxy}: {}", error_chain(&e))))?;
         clients.insert(proxy.to_owned(), client.clone());
@@ -266,6 +259,16 @@ fn base() -> reqwest::ClientBuilder {
         // A proxy only when asked for per call (an AlertProvider's `proxy`): Weir talks to
         // in-cluster services, which a system-wide proxy setting must not divert.
         .no_proxy()
+}
+
+/// `builder` trusting `roots` besides the system's store.
+fn trusting(
+    builder: reqwest::ClientBuilder,
+    roots: &[reqwest::Certificate],
+) -> reqwest::ClientBuilder {
+    roots.iter().fold(builder, |b, certificate| {
+        b.add_root_certificate(certificate.clone())
+    })
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, HttpError> {
