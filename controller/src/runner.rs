@@ -101,6 +101,8 @@ pub struct Runner<P, M, J> {
     grace_announced: bool,
     /// The comparative judge's evidence so far, absorbed from the ingest bucket by bucket.
     judge: Option<JudgeTracker>,
+    /// When the last full step succeeded, and what the journal asked for then.
+    last_step: Option<(Instant, Asked)>,
     /// Where alerts and events for the event hooks go (none: not sent).
     notifier: Option<Notifier>,
 }
@@ -112,15 +114,17 @@ pub struct JudgeTracker {
     since: Timestamp,
     /// The judge's settings it was built for.
     plan: crate::spec::JudgePlan,
-    /// The last bucket absorbed.
-    last_bucket: Option<u64>,
+    /// The newest bucket read, and what of it was absorbed: it may still have been filling.
+    newest: Option<(u64, analysis::judge::BucketPair)>,
     evidence: analysis::Evidence,
 }
 
 impl JudgeTracker {
-    /// Brings `tracker` up to date with the ingest's completed buckets for `plan`'s canary since
-    /// `since` (starting over when the attempt or the judge's settings changed), and returns the
-    /// evidence. `now` and `now_instant` are the same moment on the two clocks.
+    /// Brings `tracker` up to date with the ingest's buckets for `plan`'s canary since `since`
+    /// (starting over when the attempt or the judge's settings changed), and returns the
+    /// evidence. Each look absorbs what arrived since the one before, the current bucket's
+    /// reports so far included, so a report is weighed at the first look after it arrived.
+    /// `now` and `now_instant` are the same moment on the two clocks.
     pub fn update(
         tracker: &mut Option<JudgeTracker>,
         ingest: &crate::ingest::Ingest,
@@ -147,7 +151,7 @@ impl JudgeTracker {
             *tracker = Some(JudgeTracker {
                 since,
                 plan: judge,
-                last_bucket: None,
+                newest: None,
                 evidence: analysis::Evidence::new(&judge, ingest.config().bucket_width),
             });
         }
@@ -160,34 +164,49 @@ impl JudgeTracker {
         if let Some(buckets) = ingest.judge_buckets(
             &plan.key(),
             since_instant,
-            t.last_bucket,
+            t.newest.as_ref().map(|(index, _)| *index),
             now_instant,
             judge.latency_ratio,
         ) {
             for (index, bucket) in buckets {
-                t.evidence.absorb(&bucket);
-                t.last_bucket = Some(index);
+                let gained = match &t.newest {
+                    Some((newest, seen)) if *newest == index => bucket.since(seen),
+                    _ => bucket.clone(),
+                };
+                t.evidence.absorb(index, &gained);
+                t.newest = Some((index, bucket));
             }
         }
         t.evidence.clone()
     }
 }
 
-/// How long after a window bucket ends the judge looks at it: long enough that the clock has
-/// surely moved past the bucket's end, short enough not to delay a rollback.
+/// How often the judge looks per window bucket while it judges: a report is weighed within a
+/// quarter bucket of its arrival (250 ms with one-second buckets). The looks between the
+/// engine's steps read only the ingest ([`Runner::only_the_judge_looks`]).
+pub const JUDGE_LOOKS_PER_BUCKET: u32 = 4;
+
+/// How long after a look's boundary the judge looks: long enough that the clock has surely
+/// moved past it, short enough not to delay a rollback.
 pub const JUDGE_LOOK_DELAY: Duration = Duration::from_millis(20);
 
-/// How long from `now` until the judge has something new to weigh: the end of the current
-/// window bucket (of `bucket_width`, counted from the ingest's `origin`), plus
-/// [`JUDGE_LOOK_DELAY`]. The judge weighs completed buckets only, so its evidence can change
-/// only when a bucket ends; looking in between (it looked every quarter bucket before) would
-/// read the same buckets again, and in Kubernetes mode cost a reconcile with its API reads
-/// each time.
+/// How long from `now` until the judge's next look: the next quarter of a window bucket (of
+/// `bucket_width`, counted from the ingest's `origin`, see [`JUDGE_LOOKS_PER_BUCKET`]), plus
+/// [`JUDGE_LOOK_DELAY`].
 pub fn until_judge_look(origin: Instant, bucket_width: Duration, now: Instant) -> Duration {
-    let width = bucket_width.as_nanos().max(1);
+    let width = (bucket_width / JUDGE_LOOKS_PER_BUCKET).as_nanos().max(1);
     let into = now.saturating_duration_since(origin).as_nanos() % width;
     let left = u64::try_from(width - into).unwrap_or(u64::MAX);
     Duration::from_nanos(left) + JUDGE_LOOK_DELAY
+}
+
+/// What the journal asked for at the runner's last full step: a change of any of it needs a
+/// step now.
+#[derive(Debug, Clone, PartialEq)]
+struct Asked {
+    retry: Option<String>,
+    request: Option<analysis::OperatorRequest>,
+    deleting: bool,
 }
 
 impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
@@ -221,6 +240,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
             grace: ReconnectGrace::default(),
             grace_announced: false,
             judge: None,
+            last_step: None,
             notifier: None,
         })
     }
@@ -320,7 +340,7 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
                 Some(crate::spec::Phase::Progressing | crate::spec::Phase::WaitingPromotion)
             );
         if judging {
-            // The judge looks as soon as the current bucket is complete.
+            // The judge looks again within a quarter bucket.
             let ingest = self.directives.ingest();
             let wait = until_judge_look(
                 ingest.started_at(),
@@ -351,8 +371,62 @@ impl<P: Platform, M: MetricSource, J: Journal> Runner<P, M, J> {
         Ok(())
     }
 
+    /// What the journal asks for now.
+    fn asked(&self) -> Asked {
+        Asked {
+            retry: self.journal.retry_token(),
+            request: self.journal.request(),
+            deleting: self.journal.deleting(),
+        }
+    }
+
+    /// Between the engine's steps, a look of the judge alone: brings its evidence up to date
+    /// from the ingest (no platform call, no I/O) and says whether that is all there is to do
+    /// now (`true`). `false`: a full [`tick`](Self::tick) is due, because the engine's next step
+    /// is, or the operator asked for something, or the judge says Fail, or the last full step
+    /// succeeded a bucket ago or more (a full step still comes at least once a bucket while the
+    /// judge judges, as before its looks between steps). For an executor whose steps read an API
+    /// server: four looks a bucket cost it no more calls than one.
+    pub fn only_the_judge_looks(&mut self) -> bool {
+        let Some((stepped_at, asked)) = &self.last_step else {
+            return false;
+        };
+        let ingest = self.directives.ingest();
+        if stepped_at.elapsed() >= ingest.config().bucket_width || *asked != self.asked() {
+            return false;
+        }
+        let now = Timestamp::from_system_time(SystemTime::now());
+        if analysis::next_step_at(&self.plan, &self.status) <= now {
+            return false;
+        }
+        let (Some(judge), Some(since)) = (
+            self.plan.analysis.judge,
+            analysis::judge_since(&self.plan, &self.status, now),
+        ) else {
+            return false;
+        };
+        let evidence = JudgeTracker::update(
+            &mut self.judge,
+            ingest,
+            &self.plan,
+            since,
+            now,
+            Instant::now(),
+        );
+        analysis::judge::decide(&judge, &evidence).verdict() != analysis::judge::Verdict::Fail
+    }
+
     /// One step: observe, decide, act, persist.
     pub async fn tick(&mut self) -> Result<(), RunError> {
+        let asked = self.asked();
+        let stepped = self.step().await;
+        if stepped.is_ok() {
+            self.last_step = Some((Instant::now(), asked));
+        }
+        stepped
+    }
+
+    async fn step(&mut self) -> Result<(), RunError> {
         self.announce_refused_reporters();
         let now = Timestamp::from_system_time(SystemTime::now());
         let revision = self.platform.target_revision(&self.canary).await?;
@@ -611,18 +685,19 @@ mod tests {
     use weir_proto::v1::{Report, Reporter, Version, VersionStats};
 
     #[test]
-    fn the_judge_looks_just_after_each_bucket_ends_and_not_in_between() {
+    fn the_judge_looks_at_every_quarter_bucket() {
         let origin = Instant::now();
         let width = Duration::from_secs(1);
         let at = |millis: u64| origin + Duration::from_millis(millis);
-        // (now, wait): the rest of the bucket, plus the delay that makes sure it has ended.
+        // (now, wait): the rest of the quarter bucket, plus the delay that makes sure it ended.
         for (now, left) in [
-            (0, 1000),
-            (1, 999),
-            (250, 750),
+            (0, 250),
+            (1, 249),
+            (250, 250),
+            (260, 240),
             (999, 1),
-            (1000, 1000),
-            (5300, 700),
+            (1000, 250),
+            (5300, 200),
         ] {
             assert_eq!(
                 until_judge_look(origin, width, at(now)),
@@ -630,20 +705,167 @@ mod tests {
                 "at {now} ms"
             );
         }
-        // Looking when it says, the judge finds one more completed bucket each time: never the
-        // same buckets twice (the quarter-bucket polling it replaced looked four times a bucket).
-        let index = |t: Instant| t.duration_since(origin).as_nanos() / width.as_nanos();
+        // Looking when it says, the judge looks once in each quarter bucket.
+        let quarter = |t: Instant| t.duration_since(origin).as_millis() / 250;
         let mut now = at(130);
-        for _ in 0..5 {
+        for _ in 0..8 {
             let next = now + until_judge_look(origin, width, now);
-            assert_eq!(index(next), index(now) + 1);
+            assert_eq!(quarter(next), quarter(now) + 1);
             now = next;
         }
-        // Clocks before the ingest's origin (a fresh ingest) wait for the first bucket.
+        // Clocks before the ingest's origin (a fresh ingest) wait for the first quarter.
         assert_eq!(
             until_judge_look(at(10), width, origin),
-            Duration::from_secs(1) + JUDGE_LOOK_DELAY
+            Duration::from_millis(250) + JUDGE_LOOK_DELAY
         );
+    }
+
+    /// A report of `canary` (requests, failures) and `primary` (requests, failures).
+    fn judged_report(ingest: &Ingest, sequence: u64, canary: (u64, u64), primary: (u64, u64)) {
+        let stats = [(Version::Canary, canary), (Version::Primary, primary)]
+            .into_iter()
+            .map(|(version, (requests, failures))| {
+                let mut latency = weir_proto::LatencyHistogram::new();
+                (0..requests).for_each(|_| latency.record(2_000));
+                VersionStats {
+                    canary: "application/mhs".into(),
+                    version: version as i32,
+                    requests,
+                    failures,
+                    latency: Some(latency.encode()),
+                }
+            })
+            .collect();
+        let report = Report {
+            reporter: Some(Reporter {
+                node_id: "envoy-1".into(),
+                namespace: "application".into(),
+                workload: "gateway".into(),
+            }),
+            epoch: 7,
+            sequence,
+            applied_generation: ingest.directive().generation,
+            stats,
+        };
+        ingest.ingest(&report, Instant::now()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn between_steps_only_the_judge_looks_until_it_says_fail() {
+        let plan = crate::spec::load_yaml(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    interval: 1m\n    stepWeight: 10\n    maxWeight: 50\n    judge: {confidence: 0.99}\n",
+        )
+        .unwrap()
+        .plan;
+        let now = SystemTime::now();
+        let status = CanaryStatus {
+            phase: Some(Phase::Progressing),
+            canary_weight: Weight::try_new(10).unwrap(),
+            last_applied_spec: Some("r2".into()),
+            last_promoted_spec: Some("r1".into()),
+            last_step_time: Some(Timestamp::from_system_time(now)),
+            routed_since: Some(Timestamp::from_system_time(now - Duration::from_secs(5))),
+            ..CanaryStatus::new()
+        };
+        let ingest = Ingest::try_new(IngestConfig {
+            bucket_width: Duration::from_millis(400),
+            ..IngestConfig::default()
+        })
+        .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let journal = Memory {
+            status: Some(status),
+            events: events.clone(),
+        };
+        let mut runner = Runner::new(
+            plan,
+            Serving,
+            StreamedSource::new(ingest.clone()),
+            Directives::new(ingest.clone()),
+            journal,
+        )
+        .unwrap()
+        .with_reconnect_grace(ReconnectGrace {
+            settle: Duration::ZERO,
+            max: Duration::ZERO,
+        });
+        runner.restore_route().await.unwrap();
+        assert!(!runner.only_the_judge_looks(), "a full step comes first");
+        runner.tick().await.unwrap();
+        assert!(runner.only_the_judge_looks(), "nothing to weigh yet");
+        // A healthy canary beside the primary: nothing to act on between the steps.
+        judged_report(&ingest, 1, (20, 0), (200, 1));
+        assert!(runner.only_the_judge_looks());
+        assert_eq!(runner.status().phase, Some(Phase::Progressing));
+        // Half the canary's requests fail: the look sees it in the bucket still filling, and
+        // the full step it asks for rolls back.
+        judged_report(&ingest, 2, (30, 15), (300, 1));
+        assert!(!runner.only_the_judge_looks(), "the judge says Fail");
+        runner.tick().await.unwrap();
+        assert_eq!(runner.status().phase, Some(Phase::Failed));
+        let said = events.lock().unwrap();
+        let rollback = said
+            .iter()
+            .find(|e| {
+                e.message
+                    .starts_with("Rolling back mhs.application: canary failure rate")
+            })
+            .expect("the rollback says why");
+        assert!(
+            rollback.message.contains("sequential test, 99% confidence"),
+            "{rollback:?}"
+        );
+        drop(said);
+        assert!(
+            !runner.only_the_judge_looks(),
+            "a failed canary is not judged"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_step_comes_at_least_once_a_bucket_while_the_judge_looks() {
+        let plan = crate::spec::load_yaml(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    interval: 1m\n    stepWeight: 10\n    maxWeight: 50\n    judge: {}\n",
+        )
+        .unwrap()
+        .plan;
+        let now = SystemTime::now();
+        let status = CanaryStatus {
+            phase: Some(Phase::Progressing),
+            canary_weight: Weight::try_new(10).unwrap(),
+            last_applied_spec: Some("r2".into()),
+            last_promoted_spec: Some("r1".into()),
+            last_step_time: Some(Timestamp::from_system_time(now)),
+            routed_since: Some(Timestamp::from_system_time(now)),
+            ..CanaryStatus::new()
+        };
+        let ingest = Ingest::try_new(IngestConfig {
+            bucket_width: Duration::from_millis(100),
+            ..IngestConfig::default()
+        })
+        .unwrap();
+        let journal = Memory {
+            status: Some(status),
+            events: Arc::default(),
+        };
+        let mut runner = Runner::new(
+            plan,
+            Serving,
+            StreamedSource::new(ingest.clone()),
+            Directives::new(ingest.clone()),
+            journal,
+        )
+        .unwrap();
+        runner.restore_route().await.unwrap();
+        runner.tick().await.unwrap();
+        assert!(runner.only_the_judge_looks());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            !runner.only_the_judge_looks(),
+            "a bucket since the last full step"
+        );
+        runner.tick().await.unwrap();
+        assert!(runner.only_the_judge_looks());
     }
 
     /// Both workloads serve; the target is at revision r2.

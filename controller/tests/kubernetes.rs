@@ -500,8 +500,13 @@ impl Harness {
 
     /// Reconciles once per analysis interval until the Canary reaches `phase`.
     async fn until_phase(&self, phase: &str) -> Vec<Call> {
+        self.until_phase_within(phase, 40).await
+    }
+
+    /// [`Harness::until_phase`], reconciling at most `tries` times, 110 ms apart.
+    async fn until_phase_within(&self, phase: &str, tries: u32) -> Vec<Call> {
         let mut calls = Vec::new();
-        for _ in 0..40 {
+        for _ in 0..tries {
             if self.cluster.phase().as_deref() == Some(phase) {
                 return calls;
             }
@@ -978,6 +983,69 @@ async fn failing_checks_roll_back_the_canary_to_zero_replicas() {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no canary failures in\n{metrics}"));
         assert!(requests >= 100 && failures * 2 == requests, "{requests} requests, {failures} failures");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn between_steps_the_judge_looks_without_api_calls_and_rolls_back_on_its_fail() {
+    bounded(async {
+        // A long interval: after the step into Progressing, no engine step is due for 2 s.
+        let analysis = json!({"interval": "2s", "threshold": 2, "maxWeight": 50, "stepWeight": 10,
+            "judge": {"confidence": 0.99}});
+        let h = Harness::new(canary(false, analysis), Duration::from_secs(600));
+        h.reconcile().await;
+        h.until_phase_within("Initialized", 100).await;
+        let target = format!("{DEPLOYMENTS}/mhs");
+        h.cluster.edit(&target, |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["image"] =
+                json!("ghcr.io/weir/mhs:1.1.2")
+        });
+        h.until_phase_within("Progressing", 100).await;
+        // A healthy canary beside the primary: the judge's looks between the steps read the
+        // ingest alone.
+        let generation = h.ingest.directive().generation;
+        for sequence in 1..=3 {
+            h.ingest
+                .ingest(&canary_report(sequence, 20, 0, generation), Instant::now())
+                .expect("the report is accepted");
+            let calls = h.reconcile().await;
+            assert!(
+                calls.is_empty(),
+                "a look of the judge alone made API calls: {:?}",
+                calls
+                    .iter()
+                    .map(|c| (&c.method, &c.path))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(h.cluster.phase().as_deref(), Some("Progressing"));
+        // Half the canary's requests fail: the next look asks for a full step, which rolls back
+        // at once, an interval early.
+        h.ingest
+            .ingest(&canary_report(4, 30, 15, generation), Instant::now())
+            .expect("the report is accepted");
+        let calls = h.reconcile().await;
+        assert_eq!(h.cluster.phase().as_deref(), Some("Failed"));
+        let scale = calls
+            .iter()
+            .rfind(|c| c.is("PATCH", &target))
+            .expect("the target was scaled");
+        assert_eq!(scale.body["spec"]["replicas"], 0);
+        let rollback = events(&calls)
+            .into_iter()
+            .find(|e| {
+                e.0 == "Warning"
+                    && e.2
+                        .starts_with("Rolling back mhs.application: canary failure rate")
+            })
+            .unwrap_or_else(|| panic!("no rollback event in {:#?}", events(&calls)));
+        assert!(
+            rollback.2.contains("(sequential test, 99% confidence, "),
+            "{rollback:?}"
+        );
+        assert_eq!(h.directive_weight_bp(), Some(0));
     })
     .await;
 }

@@ -48,6 +48,25 @@ pub fn next_step_at(plan: &CanaryPlan, status: &CanaryStatus) -> Timestamp {
     })
 }
 
+/// Since when the comparative judge weighs evidence in this status: the attempt's start, while
+/// a Canary with `analysis.judge` is being analysed; `None` when the judge has nothing to say.
+pub fn judge_since(plan: &CanaryPlan, status: &CanaryStatus, now: Timestamp) -> Option<Timestamp> {
+    plan.analysis.judge?;
+    let analysing = matches!(
+        status.phase,
+        Some(Phase::Progressing | Phase::WaitingPromotion)
+    );
+    if !analysing || plan.skip_analysis {
+        return None;
+    }
+    Some(
+        status
+            .analysis_started
+            .or(status.routed_since)
+            .unwrap_or(now),
+    )
+}
+
 /// How traffic should be split for a canary in this status; `None` while Weir does not route it
 /// (before the primary is ready, and after a deletion with `revertOnDeletion`).
 ///
@@ -335,22 +354,13 @@ impl<'a> Run<'a> {
     /// During an analysis with `analysis.judge`: asks for the evidence, and rolls back when the
     /// judge says Fail (`Ok(true)`). Any other verdict is kept for the step's checks.
     fn judge(&mut self) -> Result<bool, Need> {
-        let Some(plan) = self.plan.analysis.judge else {
+        let (Some(plan), Some(since)) = (
+            self.plan.analysis.judge,
+            judge_since(self.plan, self.old, self.now),
+        ) else {
             return Ok(false);
         };
-        let analysing = matches!(
-            self.old.phase,
-            Some(Phase::Progressing | Phase::WaitingPromotion)
-        );
-        if !analysing || self.plan.skip_analysis {
-            return Ok(false);
-        }
         let Some(evidence) = &self.obs.judge else {
-            let since = self
-                .old
-                .analysis_started
-                .or(self.old.routed_since)
-                .unwrap_or(self.now);
             return Err(Need {
                 judge: Some(since),
                 ..Need::default()

@@ -23,8 +23,9 @@
 //!   verdict may come (or neither): that is the indifference zone of Wald's SPRT, which this
 //!   is, made anytime-valid for composite alternatives by the mixture.
 //!
-//! Pure: no I/O, no clock. The executor feeds completed buckets into [`Evidence::absorb`] and
-//! hands the evidence to the engine, which asks [`decide`] for the verdict.
+//! Pure: no I/O, no clock. The executor feeds what each bucket served since its last look into
+//! [`Evidence::absorb`] and hands the evidence to the engine, which asks [`decide`] for the
+//! verdict.
 
 use crate::spec::{format_go_duration, JudgePlan};
 use serde::{Deserialize, Serialize};
@@ -100,13 +101,41 @@ pub struct VersionCounts {
     pub slow: Vec<u64>,
 }
 
-/// Both versions over one completed bucket of the ingest's windows.
+impl VersionCounts {
+    /// What `self` holds beyond `earlier`, an earlier reading of the same bucket (counts only
+    /// grow while a bucket fills).
+    fn since(&self, earlier: &VersionCounts) -> VersionCounts {
+        VersionCounts {
+            requests: self.requests.saturating_sub(earlier.requests),
+            failures: self.failures.saturating_sub(earlier.failures),
+            slow: self
+                .slow
+                .iter()
+                .enumerate()
+                .map(|(i, n)| n.saturating_sub(earlier.slow.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+}
+
+/// Both versions over one bucket of the ingest's windows, or over what arrived in it between
+/// two looks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BucketPair {
     /// The primary.
     pub primary: VersionCounts,
     /// The canary.
     pub canary: VersionCounts,
+}
+
+impl BucketPair {
+    /// What arrived in the bucket since `earlier`, a reading of it at an earlier look.
+    pub fn since(&self, earlier: &BucketPair) -> BucketPair {
+        BucketPair {
+            primary: self.primary.since(&earlier.primary),
+            canary: self.canary.since(&earlier.canary),
+        }
+    }
 }
 
 /// The judge's outcome.
@@ -321,10 +350,12 @@ pub const MIN_POOLED_REQUESTS: u64 = 5;
 pub struct Evidence {
     errors: SequentialTest,
     latency: Vec<SequentialTest>,
-    /// Buckets absorbed but not yet weighed (too few requests on a side).
+    /// Requests absorbed but not yet weighed (too few on a side).
     pending: BucketPair,
-    /// Completed buckets absorbed.
+    /// Buckets absorbed from (whole or in part).
     buckets: u64,
+    /// The bucket absorbed from last.
+    last_bucket: Option<u64>,
     /// Width of one bucket.
     bucket_width: Duration,
 }
@@ -344,14 +375,20 @@ impl Evidence {
             },
             pending: BucketPair::default(),
             buckets: 0,
+            last_bucket: None,
             bucket_width,
         }
     }
 
-    /// Adds one completed bucket; weighs the pooled buckets once both versions have served
+    /// Adds what bucket `index` served since the last look: the whole bucket, or the part of it
+    /// that arrived since (the current bucket is read while it fills, and each request is
+    /// absorbed once); weighs the pooled requests once both versions have served
     /// [`MIN_POOLED_REQUESTS`].
-    pub fn absorb(&mut self, bucket: &BucketPair) {
-        self.buckets += 1;
+    pub fn absorb(&mut self, index: u64, bucket: &BucketPair) {
+        if self.last_bucket != Some(index) {
+            self.buckets += 1;
+            self.last_bucket = Some(index);
+        }
         let pool = |into: &mut VersionCounts, from: &VersionCounts| {
             into.requests += from.requests;
             into.failures += from.failures;

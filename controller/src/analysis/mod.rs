@@ -219,7 +219,8 @@ mod observe;
 pub use check::{evaluate, CheckResult, Measurement, Sample, Unit, Verdict, PROMETHEUS_SOURCE};
 pub use effect::{Alert, Effect, Event, Need, Outcome, Route, Scale, Severity, Step, WebhookCall};
 pub use engine::{
-    canary_runs, desired_route, next_step_at, request_fit, step, RequestFit, PAUSED_CONDITION,
+    canary_runs, desired_route, judge_since, next_step_at, request_fit, step, RequestFit,
+    PAUSED_CONDITION,
 };
 pub use judge::{Evidence, JudgeResult};
 pub use observe::{Observations, OperatorRequest, Readiness, Verb, WebhookResult};

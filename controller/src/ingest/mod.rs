@@ -683,20 +683,21 @@ impl Ingest {
         self.inner.windows.totals(canary, version)
     }
 
-    /// Both versions' completed buckets of `canary` from the one `since` falls in, after bucket
-    /// `after`, each with its index, for the comparative judge (see
-    /// [`crate::analysis::judge`]). None if the canary is not tracked.
+    /// Both versions' buckets of `canary` as they are at `now` (the current one included, still
+    /// filling), from the one `since` falls in and from bucket `from` on, each with its index,
+    /// for the comparative judge (see [`crate::analysis::judge`]). None if the canary is not
+    /// tracked.
     pub fn judge_buckets(
         &self,
         canary: &str,
         since: Instant,
-        after: Option<u64>,
+        from: Option<u64>,
         now: Instant,
         latency_ratio: Option<f64>,
     ) -> Option<Vec<(u64, crate::analysis::judge::BucketPair)>> {
         self.inner
             .windows
-            .judge_buckets(canary, since, after, now, latency_ratio)
+            .judge_buckets(canary, since, from, now, latency_ratio)
     }
 
     /// When the newest report that counted requests for the canary arrived; None if none did.

@@ -481,16 +481,17 @@ impl Windows {
         }
     }
 
-    /// The completed buckets (before the one `now` falls in) of both versions of one canary,
-    /// from the one `since` falls in, after bucket index `after`: for the comparative judge,
-    /// which absorbs each bucket once. A canary request is slow at a threshold `t` when it took
-    /// longer than `latency_ratio × t`, a primary request when it took longer than `t`. None if
-    /// the canary is not tracked.
+    /// The buckets of both versions of one canary as they are at `now`, the one `now` falls in
+    /// included (still filling), from the one `since` falls in, and from bucket index `from`
+    /// on: for the comparative judge, which absorbs what each bucket gained since its last
+    /// look. A canary request is slow at a threshold `t` when it took longer than
+    /// `latency_ratio × t`, a primary request when it took longer than `t`. None if the canary
+    /// is not tracked.
     pub(crate) fn judge_buckets(
         &self,
         key: &str,
         since: Instant,
-        after: Option<u64>,
+        from: Option<u64>,
         now: Instant,
         latency_ratio: Option<f64>,
     ) -> Option<Vec<(u64, BucketPair)>> {
@@ -498,12 +499,8 @@ impl Windows {
             let canaries = self.canaries.read().unwrap_or_else(|e| e.into_inner());
             canaries.get(key)?.cell.clone()
         };
-        let first = match after {
-            Some(index) => index.saturating_add(1),
-            None => self.index_of(since),
-        }
-        .max(self.index_of(since));
-        let end = self.index_of(now);
+        let first = from.unwrap_or(0).max(self.index_of(since));
+        let last = self.index_of(now);
         let slots = |ratio: f64| -> Vec<usize> {
             LATENCY_THRESHOLDS_US
                 .iter()
@@ -537,7 +534,7 @@ impl Windows {
             .versions
             .iter()
             .flat_map(|series| series.buckets.iter().map(|b| b.index))
-            .filter(|index| (first..end).contains(index))
+            .filter(|index| (first..=last).contains(index))
             .collect();
         indexes.sort_unstable();
         indexes.dedup();
@@ -622,7 +619,7 @@ mod tests {
     }
 
     #[test]
-    fn the_judge_reads_each_completed_bucket_once_with_slow_counts_per_threshold() {
+    fn the_judge_reads_the_buckets_as_they_fill_with_slow_counts_per_threshold() {
         let t0 = Instant::now();
         let w = windows(t0);
         let primary = |samples: &[u64], failures: u64| VersionStats {
@@ -652,7 +649,7 @@ mod tests {
             .judge_buckets("shop/web", t0, None, now, Some(1.2))
             .expect("tracked");
         let indexes: Vec<u64> = buckets.iter().map(|(i, _)| *i).collect();
-        assert_eq!(indexes, vec![0, 1], "completed buckets only");
+        assert_eq!(indexes, vec![0, 1, 2], "the filling bucket too");
         let first = &buckets[0].1;
         assert_eq!((first.canary.requests, first.canary.failures), (3, 1));
         assert_eq!((first.primary.requests, first.primary.failures), (2, 0));
@@ -666,17 +663,36 @@ mod tests {
                 ..VersionCounts::default()
             }
         );
-        // Asked again after bucket 1: nothing new until bucket 2 completes.
+        assert_eq!(buckets[2].1.canary.requests, 1);
+        // Asked again from bucket 2 while it fills: bucket 2 alone, with what it gained.
+        put(&stats(&[100, 100], 1), 1, t0 + Duration::from_millis(2500));
         let again = w
-            .judge_buckets("shop/web", t0, Some(1), now, None)
+            .judge_buckets(
+                "shop/web",
+                t0,
+                Some(2),
+                t0 + Duration::from_millis(2600),
+                None,
+            )
             .expect("tracked");
-        assert!(again.is_empty(), "{again:?}");
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].0, 2);
+        let (whole, seen) = (&again[0].1, &buckets[2].1);
+        assert_eq!(
+            (whole.canary.requests, whole.canary.failures),
+            (3, 1),
+            "every report of the bucket so far"
+        );
+        let gained = whole.since(seen);
+        assert_eq!((gained.canary.requests, gained.canary.failures), (2, 1));
+        assert!(whole.canary.slow.is_empty(), "no latency asked for");
+        // Nothing arrives after the bucket ended: a look in the next bucket finds bucket 2 as it
+        // was, and an empty bucket 3 is not listed.
         let later = w
-            .judge_buckets("shop/web", t0, Some(1), t0 + Duration::from_secs(3), None)
+            .judge_buckets("shop/web", t0, Some(2), t0 + Duration::from_secs(3), None)
             .expect("tracked");
         assert_eq!(later.len(), 1);
-        assert_eq!(later[0].1.canary.requests, 1);
-        assert!(later[0].1.canary.slow.is_empty(), "no latency asked for");
+        assert_eq!(later[0].1.since(whole), BucketPair::default());
     }
 
     #[test]

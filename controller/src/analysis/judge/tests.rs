@@ -240,19 +240,22 @@ fn verdicts_on_known_cases() {
     ];
     for (name, [cf, cn, pf, pn], repeat, expected) in cases {
         let mut evidence = Evidence::new(&plan(0.99, 1.5), Duration::from_secs(1));
-        for _ in 0..repeat {
-            evidence.absorb(&BucketPair {
-                canary: VersionCounts {
-                    requests: cn,
-                    failures: cf,
-                    slow: vec![],
+        for index in 0..repeat {
+            evidence.absorb(
+                index,
+                &BucketPair {
+                    canary: VersionCounts {
+                        requests: cn,
+                        failures: cf,
+                        slow: vec![],
+                    },
+                    primary: VersionCounts {
+                        requests: pn,
+                        failures: pf,
+                        slow: vec![],
+                    },
                 },
-                primary: VersionCounts {
-                    requests: pn,
-                    failures: pf,
-                    slow: vec![],
-                },
-            });
+            );
         }
         let result = decide(&plan(0.99, 1.5), &evidence);
         assert_eq!(result.verdict(), expected, "{name}: {result:?}");
@@ -396,23 +399,26 @@ fn latency_shares_are_compared_at_fixed_thresholds_and_name_the_threshold_that_f
     // Every threshold but the fifth (16 ms) sees the same shares on both sides; there the
     // canary has 60% slow requests against the primary's 10%.
     let thresholds = LATENCY_THRESHOLDS_US.len();
-    for _ in 0..10 {
+    for index in 0..10 {
         let mut slow_c = vec![5u64; thresholds];
         let mut slow_p = vec![45u64; thresholds];
         slow_c[4] = 6;
         slow_p[4] = 9;
-        evidence.absorb(&BucketPair {
-            canary: VersionCounts {
-                requests: 10,
-                failures: 0,
-                slow: slow_c,
+        evidence.absorb(
+            index,
+            &BucketPair {
+                canary: VersionCounts {
+                    requests: 10,
+                    failures: 0,
+                    slow: slow_c,
+                },
+                primary: VersionCounts {
+                    requests: 90,
+                    failures: 0,
+                    slow: slow_p,
+                },
             },
-            primary: VersionCounts {
-                requests: 90,
-                failures: 0,
-                slow: slow_p,
-            },
-        });
+        );
     }
     let result = decide(&judge, &evidence);
     assert_eq!(result.verdict(), Verdict::Fail, "{result:?}");
@@ -428,7 +434,7 @@ fn latency_shares_are_compared_at_fixed_thresholds_and_name_the_threshold_that_f
     );
     // Without latency the same buckets say nothing.
     let mut errors_only = Evidence::new(&plan(0.99, 1.5), Duration::from_secs(1));
-    errors_only.absorb(&BucketPair::default());
+    errors_only.absorb(0, &BucketPair::default());
     assert_eq!(
         decide(&plan(0.99, 1.5), &errors_only).verdict(),
         Verdict::Continue
@@ -439,19 +445,22 @@ fn latency_shares_are_compared_at_fixed_thresholds_and_name_the_threshold_that_f
 fn the_rollback_finding_reads_like_the_issue_says() {
     let judge = plan(0.99, 1.5);
     let mut evidence = Evidence::new(&judge, Duration::from_millis(400));
-    for (cf, cn, pf, pn) in [(4, 8, 0, 70), (5, 8, 1, 72), (4, 7, 0, 69)] {
-        evidence.absorb(&BucketPair {
-            canary: VersionCounts {
-                requests: cn,
-                failures: cf,
-                slow: vec![],
+    for (index, (cf, cn, pf, pn)) in (0..).zip([(4, 8, 0, 70), (5, 8, 1, 72), (4, 7, 0, 69)]) {
+        evidence.absorb(
+            index,
+            &BucketPair {
+                canary: VersionCounts {
+                    requests: cn,
+                    failures: cf,
+                    slow: vec![],
+                },
+                primary: VersionCounts {
+                    requests: pn,
+                    failures: pf,
+                    slow: vec![],
+                },
             },
-            primary: VersionCounts {
-                requests: pn,
-                failures: pf,
-                slow: vec![],
-            },
-        });
+        );
     }
     let result = decide(&judge, &evidence);
     assert_eq!(result.verdict(), Verdict::Fail, "{result:?}");
@@ -478,10 +487,10 @@ fn buckets_are_pooled_until_both_versions_served_enough_requests() {
     };
     let mut evidence = Evidence::new(&judge, Duration::from_secs(1));
     // A canary failure in a second without primary traffic is kept, not lost.
-    evidence.absorb(&one((1, 1), (0, 0)));
-    evidence.absorb(&one((2, 1), (3, 0)));
+    evidence.absorb(0, &one((1, 1), (0, 0)));
+    evidence.absorb(1, &one((2, 1), (3, 0)));
     assert_eq!(evidence.errors().totals(), [0, 0, 0, 0], "still pooling");
-    evidence.absorb(&one((2, 0), (6, 0)));
+    evidence.absorb(2, &one((2, 0), (6, 0)));
     assert_eq!(
         evidence.errors().totals(),
         [2, 5, 0, 9],
@@ -500,8 +509,10 @@ fn buckets_are_pooled_until_both_versions_served_enough_requests() {
 /// requests fail with its own probability; with `latency`, each request is also timed
 /// (lognormal, median 20 ms, sigma 0.5, the canary's times multiplied by `slower`) and the
 /// slow counts per threshold filled in as the ingest does for `latencyRatio` 1.2. Returns
-/// whether the judge ever said `wanted`, looking after every bucket.
+/// whether the judge ever said `wanted`, looking `looks` times a bucket (each look absorbing
+/// what arrived since the last, as the runner does while a bucket fills).
 struct Schedule {
+    looks: u32,
     primary_failure: f64,
     canary_failure: f64,
     latency: Option<f64>,
@@ -522,9 +533,11 @@ impl Schedule {
             .into_iter()
             .chain(std::iter::repeat_n(50, self.extra_minutes as usize));
         let ratio = judge.latency_ratio.unwrap_or(1.0);
+        let mut bucket = 0u64;
         for weight in weights {
             let primary_rate = f64::from(100 - weight) / f64::from(weight);
             for _ in 0..60 {
+                bucket += 1;
                 let mut serve = |rate: f64, failure: f64, slower: f64, canary: bool| {
                     let n = rng.poisson(rate);
                     let mut counts = VersionCounts {
@@ -545,11 +558,14 @@ impl Schedule {
                     counts
                 };
                 let slower = self.latency.unwrap_or(1.0);
-                let canary = serve(1.0, self.canary_failure, slower, true);
-                let primary = serve(primary_rate, self.primary_failure, 1.0, false);
-                evidence.absorb(&BucketPair { primary, canary });
-                if decide(judge, &evidence).verdict() == wanted {
-                    return true;
+                let part = 1.0 / f64::from(self.looks.max(1));
+                for _ in 0..self.looks.max(1) {
+                    let canary = serve(part, self.canary_failure, slower, true);
+                    let primary = serve(primary_rate * part, self.primary_failure, 1.0, false);
+                    evidence.absorb(bucket, &BucketPair { primary, canary });
+                    if decide(judge, &evidence).verdict() == wanted {
+                        return true;
+                    }
                 }
             }
         }
@@ -573,6 +589,7 @@ fn under_the_null_the_judge_looking_every_second_fails_at_most_alpha_and_the_che
     // much evidence moves: the martingale's swings are largest) and the canary is exactly 1.2
     // times slower (the latency nulls' boundary, latencyRatio 1.2).
     let null = Schedule {
+        looks: 1,
         primary_failure: 0.05,
         canary_failure: 0.05,
         latency: Some(1.2),
@@ -604,9 +621,83 @@ fn under_the_null_the_judge_looking_every_second_fails_at_most_alpha_and_the_che
 }
 
 #[test]
+fn under_the_null_looking_four_times_a_bucket_while_it_fills_still_fails_at_most_alpha() {
+    // The runner's looks: each absorbs what a bucket gained since the last, so one second is
+    // four observations. 5% failures on both sides, 15 minutes, at 90% so that the bound is
+    // resolved by 400 attempts; and the same attempts at a quarter of the bar fail too often
+    // (the check can tell).
+    let null = Schedule {
+        looks: 4,
+        primary_failure: 0.05,
+        canary_failure: 0.05,
+        latency: None,
+        extra_minutes: 10,
+        oracle: None,
+    };
+    let judge = plan(0.9, 1.5);
+    let alpha = 1.0 - judge.confidence;
+    let failed = null.share_ever(&judge, Verdict::Fail, 400, 23);
+    assert!(
+        failed <= alpha,
+        "a healthy canary failed in {failed} of attempts"
+    );
+    let lax = JudgePlan {
+        confidence: 1.0 - 4.0 * alpha,
+        ..judge
+    };
+    let lax_failed = null.share_ever(&lax, Verdict::Fail, 400, 23);
+    assert!(
+        lax_failed > alpha,
+        "a quarter of the bar should fail more than {alpha}: {lax_failed}"
+    );
+}
+
+#[test]
+fn a_bucket_read_while_it_fills_counts_each_request_once_and_its_second_once() {
+    let judge = plan(0.99, 1.5);
+    let counts = |(cf, cn): (u64, u64), (pf, pn): (u64, u64)| BucketPair {
+        canary: VersionCounts {
+            requests: cn,
+            failures: cf,
+            slow: vec![],
+        },
+        primary: VersionCounts {
+            requests: pn,
+            failures: pf,
+            slow: vec![],
+        },
+    };
+    // Bucket 0 read at three looks (5 then 9 then 12 canary requests so far), then bucket 1.
+    let readings = [
+        (0, counts((1, 5), (0, 50))),
+        (0, counts((3, 9), (1, 90))),
+        (0, counts((4, 12), (1, 120))),
+        (1, counts((2, 6), (0, 60))),
+    ];
+    let mut evidence = Evidence::new(&judge, Duration::from_secs(1));
+    let mut newest: Option<(u64, BucketPair)> = None;
+    for (index, reading) in readings {
+        let gained = match &newest {
+            Some((i, seen)) if *i == index => reading.since(seen),
+            _ => reading.clone(),
+        };
+        evidence.absorb(index, &gained);
+        newest = Some((index, reading));
+    }
+    assert_eq!(evidence.errors().totals(), [6, 18, 1, 180]);
+    assert_eq!(evidence.span(), Duration::from_secs(2));
+    // A reading never goes below an earlier one; if it did, nothing would be taken back.
+    assert_eq!(
+        counts((1, 5), (0, 50)).since(&counts((3, 9), (1, 90))),
+        BucketPair::default()
+    );
+}
+
+#[test]
 fn under_the_null_without_latency_the_full_budget_still_bounds_false_failures() {
     // Errors only, at 99%: 2000 attempts of 30 minutes each at 2% failures on both sides.
     let null = Schedule {
+        looks: 1,
         primary_failure: 0.02,
         canary_failure: 0.02,
         latency: None,
@@ -629,6 +720,7 @@ fn a_five_point_regression_at_sixty_requests_a_minute_is_caught_within_the_sched
     // has the whole budget catches about 95% (docs/judge.md); the equal-weight mixture over
     // 1.25..100 with half the budget, which this replaced, caught 90.3% of these.
     let regression = Schedule {
+        looks: 1,
         primary_failure: 0.005,
         canary_failure: 0.055,
         latency: Some(1.0),
@@ -709,6 +801,7 @@ fn the_mixture_catches_about_as_many_as_the_test_that_knows_the_effect() {
     let judge = plan(0.99, 1.5);
     let odds_ratio = |p_c: f64, p_p: f64| odds(p_c) / odds(p_p);
     let schedule = |p_p: f64, oracle: Option<f64>| Schedule {
+        looks: 1,
         primary_failure: p_p,
         canary_failure: p_p + 0.05,
         latency: None,

@@ -211,7 +211,9 @@ impl Sim {
                             .judge
                             .expect("judge asked without a plan");
                         let mut evidence = Evidence::new(&plan, secs(1));
-                        self.served.iter().for_each(|b| evidence.absorb(b));
+                        (0..)
+                            .zip(&self.served)
+                            .for_each(|(index, b)| evidence.absorb(index, b));
                         obs.judge = Some(evidence);
                         self.judged_since.push(since);
                         if need.metrics.is_empty() && need.webhooks.is_empty() {

@@ -500,6 +500,14 @@ pub async fn reconcile<M: MetricSource + Clone + 'static>(
         }
     }
 
+    if entry.restored && !was_invalid && !announce_warnings && entry.runner.only_the_judge_looks() {
+        // A look of the judge between steps found nothing to act on: no API call.
+        ctx.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(plan.key(), (plan.clone(), entry.runner.next_step_at()));
+        return Ok(Action::requeue(ctx.requeue_after(&entry.runner)));
+    }
     let mut stepped: Result<(), ReconcileError> = Ok(());
     if !entry.restored {
         stepped = entry.runner.restore_route().await.map_err(Into::into);
