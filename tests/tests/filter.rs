@@ -431,8 +431,11 @@ async fn reported_latency_quantiles_match_what_clients_observe() {
         assert_all_succeeded(&load, "latency load");
         let seen = stack.settle(load.sent()).await?;
 
-        // The P99s: each version's and both merged, against what the clients measured (which
-        // includes the client's own overhead, hence the 1 ms floor).
+        // The P99s: each version's and both merged, against what the clients measured. The
+        // clients' times include their own overhead and the loopback hops outside Envoy's
+        // measurement, which grow when the machine is busy: a reported P99 may be lower than
+        // the observed one by up to 5% (8 ms here; under a parallel build it measured 2-4%),
+        // never higher by more than the histogram's 1% slots allow (2%, or 1 ms).
         let mut checks = Vec::new();
         for (version, name) in [
             (Version::Primary, PRIMARY_VERSION),
@@ -451,13 +454,15 @@ async fn reported_latency_quantiles_match_what_clients_observe() {
         let off: Vec<_> = checks
             .iter()
             .filter(|(_, reported, observed)| match (reported, observed) {
-                (Some(r), Some(o)) => (r - o).abs() > (o * 0.02).max(1_000.0),
+                (Some(r), Some(o)) => {
+                    r - o > (o * 0.02).max(1_000.0) || o - r > (o * 0.05).max(1_000.0)
+                }
                 _ => true,
             })
             .collect();
         assert!(
             off.is_empty(),
-            "reported P99s (µs) are within 2% or 1 ms of the observed ones; \
+            "reported P99s (µs) are at most 2% (or 1 ms) above and 5% below the observed ones; \
              (what, reported, observed) off: {off:?}; all: {checks:?}"
         );
 
