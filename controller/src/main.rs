@@ -464,7 +464,8 @@ enum Command {
     /// `generation <n>`; a `counters` line prints the ingest's counters (Prometheus text, and
     /// `weir_reporters_known`) and then `end`; `window <canary>` prints
     /// `primary <requests> <failures> canary <requests> <failures>` over the whole retention.
-    /// Ends when stdin closes. The limits default to the production ones; the hostile-client
+    /// Ends when stdin closes, or on `stop`, which ends every stream first and then prints
+    /// `counted <requests>`: everything the windows of every canary hold. The limits default to the production ones; the hostile-client
     /// tests tighten them. With `--relay-to` it is a relay (docs/scale.md): its Envoys' reports
     /// go to that leader, and its directives are the leader's (`publish` is refused).
     #[command(hide = true)]
@@ -1068,7 +1069,12 @@ async fn ingest_server(
         .await?;
     println!("{}", served.local_addr());
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut count_on_stop = false;
     while let Some(line) = lines.next_line().await? {
+        if line.trim() == "stop" {
+            count_on_stop = true;
+            break;
+        }
         let weight = line
             .strip_prefix("publish ")
             .map(|w| w.trim().parse::<u32>());
@@ -1105,11 +1111,29 @@ async fn ingest_server(
                 );
             }
             _ => {
-                eprintln!("weir ingest-server: unknown command {line:?}; use `publish <weight_bp>`, `counters` or `window <canary>`")
+                eprintln!("weir ingest-server: unknown command {line:?}; use `publish <weight_bp>`, `counters`, `window <canary>` or `stop`")
             }
         }
     }
     let _ = stop.send(());
-    served.finished().await?;
+    served.finish_within(Duration::from_secs(10)).await?;
+    if count_on_stop {
+        // Every stream has ended (each after the ack of what it counted): what this process
+        // counted is final, for the failover bench's account of every request.
+        let now = std::time::Instant::now();
+        let retention = ingest.config().retention;
+        let counted: u64 = (0..canaries)
+            .flat_map(|i| {
+                [
+                    weir_proto::v1::Version::Primary,
+                    weir_proto::v1::Version::Canary,
+                ]
+                .map(|version| (format!("bench/c{i}"), version))
+            })
+            .filter_map(|(canary, version)| ingest.window(&canary, version, retention, now))
+            .map(|w| w.requests)
+            .sum();
+        println!("counted {counted}");
+    }
     Ok(())
 }

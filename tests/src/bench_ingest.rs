@@ -24,6 +24,13 @@
 //! killed, and every Envoy reconnects to the second with the filter's own backoff
 //! (`weir_filter::reporter::Backoff`: full jitter); we measure the time until every Envoy has the
 //! second controller's directive and that controller's peak RSS against the Deployment's limit.
+//!
+//! `--failover` (with `--relays`) ends each N with a leader change: the leader process is
+//! stopped (its streams end, then it prints what its windows counted), a new leader starts on
+//! its address (the `weir-leader` Service), the relays and the old leader's Envoys reconnect to
+//! it, and each Envoy re-sends what was not acknowledged, as the filter does. We measure the time
+//! until every Envoy has the new leader's directive, and account for every request the Envoys
+//! generated: counted by the old leader or by the new one, none lost, none twice.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -92,6 +99,8 @@ pub struct Options {
     /// Relay processes besides the leader (docs/scale.md): the Envoys are spread over the
     /// leader and the relays, and every figure is given per process.
     pub relays: u32,
+    /// End every N with a leader change (needs relays).
+    pub failover: bool,
 }
 
 impl Default for Options {
@@ -106,13 +115,14 @@ impl Default for Options {
             baseline: None,
             storm: false,
             relays: 0,
+            failover: false,
         }
     }
 }
 
 /// Command-line help.
 pub const USAGE: &str = "\
-usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--seconds S] [--warmup S] [--storm] [--relays K] [--baseline WEIR] [--smoke]
+usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--seconds S] [--warmup S] [--storm] [--relays K [--failover]] [--baseline WEIR] [--smoke]
 
   --envoys N,...   simulated Envoys per run, one run each (default 100,1000,10000)
   --canaries M     canaries in the directive; reports carry 2 versions of each (default 2)
@@ -124,6 +134,9 @@ usage: cargo xtask bench ingest [--envoys N[,N...]] [--canaries M] [--rps R] [--
                    reconnects to a second one with the filter's backoff
   --relays K       K relay processes besides the leader (`weir ingest-server --relay-to`); the
                    Envoys are spread evenly over all K+1, figures are given per process
+  --failover       with --relays: end each run with a leader change (the leader stopped, a new
+                   one on its address); time until every Envoy has the new directive, and every
+                   request accounted for (counted once, by one leader)
   --baseline WEIR  also run each N against this `weir` binary (e.g. a build from before a
                    change), alternating, and print the ratios
   --smoke          50 Envoys, 3 s, with a storm (what the test suite runs)
@@ -173,6 +186,7 @@ impl Options {
                 }
                 "--storm" => options.storm = true,
                 "--relays" => options.relays = number("--relays", value("--relays")?)?,
+                "--failover" => options.failover = true,
                 "--baseline" => options.baseline = Some(PathBuf::from(value("--baseline")?)),
                 other => return Err(format!("unknown argument `{other}`")),
             }
@@ -182,6 +196,11 @@ impl Options {
         }
         if options.relays > 0 && options.storm {
             return Err("--storm and --relays cannot be combined (yet): run them apart".to_owned());
+        }
+        if options.failover && options.relays == 0 {
+            return Err(
+                "--failover changes the leader of relays: give it --relays K (K >= 1)".to_owned(),
+            );
         }
         if options.canaries == 0 || options.seconds == 0 || options.publish_every == 0 {
             return Err("--canaries, --seconds and --publish-every must be at least 1".to_owned());
@@ -200,6 +219,9 @@ impl Options {
         }
         if self.relays > 0 {
             let _ = write!(extra, " --relays {}", self.relays);
+        }
+        if self.failover {
+            extra.push_str(" --failover");
         }
         if let Some(baseline) = &self.baseline {
             let _ = write!(extra, " --baseline {}", baseline.display());
@@ -268,6 +290,43 @@ pub struct Storm {
     pub cpu_seconds: f64,
 }
 
+/// A leader change under load: the leader stopped, a new one on its address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failover {
+    /// Envoys connected when the leader was stopped.
+    pub envoys: usize,
+    /// Envoys that had the new leader's directive within the wait.
+    pub served_again: usize,
+    /// Stop → the new leader's directive received, per Envoy, s: p50, p99, max.
+    pub p50_s: f64,
+    /// p99 across the Envoys, s.
+    pub p99_s: f64,
+    /// The last Envoy, s.
+    pub max_s: f64,
+    /// Requests in every report the Envoys generated over the whole run (re-sends not counted
+    /// again).
+    pub generated: u64,
+    /// Requests the old leader's windows held when it stopped.
+    pub counted_by_old: u64,
+    /// Requests the new leader's windows held once every Envoy and relay had its acks.
+    pub counted_by_new: u64,
+    /// Reports re-sent by Envoys on their new stream (unacknowledged when theirs ended).
+    pub resent_reports: u64,
+    /// Whether everything was acknowledged within the wait at the end.
+    pub drained: bool,
+    /// The new leader's peak resident set, KiB.
+    pub vm_hwm_kib: u64,
+}
+
+impl Failover {
+    /// Requests counted by the two leaders together minus those generated: negative when some
+    /// were lost, positive when some were counted twice.
+    pub fn surplus(&self) -> i128 {
+        i128::from(self.counted_by_old) + i128::from(self.counted_by_new)
+            - i128::from(self.generated)
+    }
+}
+
 /// One N's measurements.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
@@ -307,6 +366,8 @@ pub struct Run {
     pub report_bytes: usize,
     /// The reconnect storm at the end (`--storm`).
     pub storm: Option<Storm>,
+    /// The leader change at the end (`--failover`).
+    pub failover: Option<Failover>,
     /// With `--relays`: every process's own figures, the leader first.
     pub processes: Vec<ProcessFigures>,
 }
@@ -392,20 +453,18 @@ impl Controller {
         Self::start_with(binary, canaries, envoys, &[]).await
     }
 
-    /// [`Controller::start`] with more arguments (a relay's).
+    /// [`Controller::start`] with more arguments (a relay's, or `--listen`).
     async fn start_with(
         binary: &Path,
         canaries: u32,
         envoys: usize,
         extra: &[String],
     ) -> anyhow::Result<Self> {
-        let mut args = vec![
-            "ingest-server".to_owned(),
-            "--listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
-            "--canaries".to_owned(),
-            canaries.to_string(),
-        ];
+        let mut args = vec!["ingest-server".to_owned()];
+        if !extra.iter().any(|a| a == "--listen") {
+            args.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+        }
+        args.extend(["--canaries".to_owned(), canaries.to_string()]);
         if takes_limits(binary).await {
             let room = (envoys + 64).to_string();
             args.extend(["--max-connections".to_owned(), room.clone()]);
@@ -493,6 +552,48 @@ impl Controller {
         Ok(total)
     }
 
+    /// What the windows of every canary hold, from `window <canary>`.
+    async fn counted(&mut self, canaries: u32) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for i in 0..canaries {
+            self.stdin
+                .write_all(format!("window bench/c{i}\n").as_bytes())
+                .await?;
+            self.stdin.flush().await?;
+            let line = tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
+                .await
+                .context("the controller did not answer `window` within 10 s")??
+                .ok_or_else(|| anyhow!("the controller exited before answering `window`"))?;
+            // primary <requests> <failures> canary <requests> <failures>
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
+            match (words.first(), number(1), words.get(3), number(4)) {
+                (Some(&"primary"), Some(primary), Some(&"canary"), Some(canary)) => {
+                    total += primary + canary;
+                }
+                _ => bail!("the controller answered `window` with {line:?}"),
+            }
+        }
+        Ok(total)
+    }
+
+    /// The graceful stop of a leader: every stream ends (each after the acks of what it
+    /// counted), then the process prints what its windows held, and exits.
+    async fn stop_and_count(mut self) -> anyhow::Result<u64> {
+        self.stdin.write_all(b"stop\n").await?;
+        self.stdin.flush().await?;
+        let line = tokio::time::timeout(Duration::from_secs(20), self.stdout.next_line())
+            .await
+            .context("the leader did not stop within 20 s")??
+            .ok_or_else(|| anyhow!("the leader exited without printing what it counted"))?;
+        let counted = line
+            .strip_prefix("counted ")
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| anyhow!("the leader answered `stop` with {line:?}"))?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        Ok(counted)
+    }
+
     /// Kills the process at once (SIGKILL): its connections are reset, as when a Pod dies.
     async fn kill(mut self) {
         let _ = self.child.kill().await;
@@ -544,6 +645,14 @@ struct Shared {
     /// counting as errors.
     storming: AtomicBool,
     failed_attempts: AtomicU64,
+    /// Requests in the reports generated (not re-sent), for the failover's account.
+    generated: AtomicU64,
+    /// Reports sent and not yet acknowledged, over all Envoys.
+    outstanding: AtomicU64,
+    /// Reports re-sent on a new stream.
+    resent: AtomicU64,
+    /// No new reports: the Envoys only wait for the acks of what they sent.
+    draining: AtomicBool,
 }
 
 impl Shared {
@@ -604,9 +713,19 @@ fn stats_pool(canaries: u32, requests: u32, rng: &mut Rng) -> Vec<Vec<VersionSta
         .collect()
 }
 
+/// A report sent and not yet acknowledged.
+struct Unacked {
+    sequence: u64,
+    sent: Instant,
+    /// Sent while a publish was being fanned out.
+    publishing: bool,
+    /// Which stats of the pool it carries (re-sent as they are on a new stream).
+    stats: usize,
+}
+
 /// One simulated Envoy: connect, hello, then a report a second until stopped. In a storm, a
 /// broken stream is reopened (to wherever `Shared::target` then points) after the filter's
-/// backoff, as the filter does.
+/// backoff, and what the old one did not acknowledge is sent again, as the filter does.
 #[allow(clippy::too_many_arguments)]
 async fn envoy(
     index: usize,
@@ -621,11 +740,13 @@ async fn envoy(
     let mut backoff = Backoff::new(epoch);
     let mut sequence = 0u64;
     let mut first = true;
+    let mut unacked = VecDeque::new();
     loop {
         let result = session(
             index,
             epoch,
             &mut sequence,
+            &mut unacked,
             first,
             &shared,
             &slots,
@@ -660,6 +781,7 @@ async fn session(
     index: usize,
     epoch: u64,
     sequence: &mut u64,
+    unacked: &mut VecDeque<Unacked>,
     first: bool,
     shared: &Shared,
     slots: &[Slot],
@@ -725,6 +847,22 @@ async fn session(
     }
     drop(permit);
 
+    // What the last stream left unacknowledged goes first, under new sequence numbers.
+    for report_of in unacked.iter_mut() {
+        *sequence += 1;
+        report_of.sequence = *sequence;
+        report_of.sent = Instant::now();
+        shared.resent.fetch_add(1, Ordering::Relaxed);
+        let message = report(
+            *sequence,
+            slot.generation.load(Ordering::Acquire),
+            pool[report_of.stats].clone(),
+        );
+        tx.send(message)
+            .await
+            .map_err(|_| anyhow!("the request stream closed"))?;
+    }
+
     let start = if first {
         tokio::time::Instant::now() + phase
     } else {
@@ -732,8 +870,6 @@ async fn session(
     };
     let mut ticker = tokio::time::interval_at(start, Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // (sequence, sent at, sent while a publish was being fanned out)
-    let mut pending: VecDeque<(u64, Instant, bool)> = VecDeque::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -742,13 +878,14 @@ async fn session(
                     Some(Kind::Directive(d)) => slot.saw(d.generation, shared.origin),
                     Some(Kind::Ack(ack)) => {
                         let now = Instant::now();
-                        while pending.front().is_some_and(|(s, _, _)| *s <= ack.sequence) {
-                            if let Some((_, sent, publishing)) = pending.pop_front() {
+                        while unacked.front().is_some_and(|u| u.sequence <= ack.sequence) {
+                            if let Some(done) = unacked.pop_front() {
+                                shared.outstanding.fetch_sub(1, Ordering::Relaxed);
                                 if shared.measuring.load(Ordering::Relaxed) {
                                     shared.acks.fetch_add(1, Ordering::Relaxed);
-                                    let micros = u64::try_from(now.duration_since(sent).as_micros()).unwrap_or(u64::MAX);
+                                    let micros = u64::try_from(now.duration_since(done.sent).as_micros()).unwrap_or(u64::MAX);
                                     shared.rtt.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
-                                    if publishing {
+                                    if done.publishing {
                                         shared.rtt_publishing.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
                                     }
                                 }
@@ -761,14 +898,25 @@ async fn session(
                 Err(status) => bail!("the stream failed: {status}"),
             },
             _ = ticker.tick() => {
+                if shared.draining.load(Ordering::Relaxed) {
+                    continue;
+                }
                 *sequence += 1;
-                let stats = pool[(index + *sequence as usize) % pool.len()].clone();
-                let message = report(*sequence, slot.generation.load(Ordering::Acquire), stats);
+                let stats = (index + *sequence as usize) % pool.len();
+                let message = report(*sequence, slot.generation.load(Ordering::Acquire), pool[stats].clone());
                 if *sequence == 1 {
                     shared.report_bytes.fetch_add(message.encoded_len() as u64, Ordering::Relaxed);
                     shared.reports_sent.fetch_add(1, Ordering::Relaxed);
                 }
-                pending.push_back((*sequence, Instant::now(), shared.publishing.load(Ordering::Relaxed)));
+                let requests: u64 = message.stats.iter().map(|e| e.requests).sum();
+                shared.generated.fetch_add(requests, Ordering::Relaxed);
+                shared.outstanding.fetch_add(1, Ordering::Relaxed);
+                unacked.push_back(Unacked {
+                    sequence: *sequence,
+                    sent: Instant::now(),
+                    publishing: shared.publishing.load(Ordering::Relaxed),
+                    stats,
+                });
                 tx.send(message).await.map_err(|_| anyhow!("the request stream closed"))?;
             }
         }
@@ -820,6 +968,10 @@ async fn run_one(
         relays: relays.iter().map(|r| r.addr).collect(),
         storming: AtomicBool::new(false),
         failed_attempts: AtomicU64::new(0),
+        generated: AtomicU64::new(0),
+        outstanding: AtomicU64::new(0),
+        resent: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
     });
     let slots: Arc<Vec<Slot>> = Arc::new((0..envoys).map(|_| Slot::default()).collect());
     let pool = Arc::new(stats_pool(
@@ -950,7 +1102,8 @@ async fn run_one(
         }
     }
 
-    let storm = if options.storm {
+    let (mut storm_figures, mut failover_figures) = (None, None);
+    if options.storm {
         let storm = storm(&shared, &slots, controller, binary, options, &target_tx).await;
         stop_tx.send_replace(true);
         let (storm, second) = storm?;
@@ -958,7 +1111,19 @@ async fn run_one(
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
         second.stop().await;
-        Some(storm)
+        storm_figures = Some(storm);
+    } else if options.failover {
+        let failover = failover(&shared, &slots, controller, &mut relays, binary, options).await;
+        stop_tx.send_replace(true);
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        let (failover, new) = failover?;
+        new.stop().await;
+        for relay in relays {
+            relay.stop().await;
+        }
+        failover_figures = Some(failover);
     } else {
         stop_tx.send_replace(true);
         for task in tasks {
@@ -968,8 +1133,7 @@ async fn run_one(
         for relay in relays {
             relay.stop().await;
         }
-        None
-    };
+    }
 
     let quantiles = |histogram: &Mutex<LatencyHistogram>| {
         let h = histogram.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -995,7 +1159,8 @@ async fn run_one(
         ack_rtt_ms: quantiles(&shared.rtt),
         ack_rtt_publishing_ms: quantiles(&shared.rtt_publishing),
         report_bytes: (shared.report_bytes.load(Ordering::Relaxed) / sent) as usize,
-        storm,
+        storm: storm_figures,
+        failover: failover_figures,
         processes,
     })
 }
@@ -1054,6 +1219,101 @@ async fn storm(
             cpu_seconds,
         },
         second,
+    ))
+}
+
+/// The leader change: the leader stops (its streams end, it prints what it counted), a new leader
+/// starts on its address, the relays and the old leader's Envoys reconnect to it (the Envoys
+/// with the filter's backoff, re-sending what was not acknowledged). After two more seconds of
+/// reports the Envoys stop generating, and once every report and every relay's delta is
+/// acknowledged, the new leader's windows are read. Returns the figures and the new leader
+/// (still running).
+async fn failover(
+    shared: &Shared,
+    slots: &[Slot],
+    leader: Controller,
+    relays: &mut [Controller],
+    binary: &Path,
+    options: &Options,
+) -> anyhow::Result<(Failover, Controller)> {
+    let envoys = slots
+        .iter()
+        .filter(|s| s.generation.load(Ordering::Acquire) > 0)
+        .count();
+    let address = leader.addr;
+    shared.storming.store(true, Ordering::Relaxed);
+    let stopped = Instant::now();
+    let counted_by_old = leader.stop_and_count().await?;
+    // The new leader takes the weir-leader Service's address once the old one has let it go.
+    let listen = ["--listen".to_owned(), address.to_string()];
+    let mut new = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while new.is_none() {
+        match Controller::start_with(binary, options.canaries, slots.len(), &listen).await {
+            Ok(started) => new = Some(started),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("no new leader could listen on {address}")))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let mut new = new.ok_or_else(|| anyhow!("no new leader"))?;
+    // Its generation (from its start time) is above every one of the old leader's.
+    let generation = new.counter("weir_directive_generation").await?;
+    let back = || {
+        slots
+            .iter()
+            .filter(|s| s.generation.load(Ordering::Acquire) >= generation)
+            .count()
+    };
+    let deadline = stopped + Duration::from_secs(60);
+    while back() < envoys && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_ns = stopped.saturating_duration_since(shared.origin).as_nanos() as f64;
+    let seconds: Vec<f64> = slots
+        .iter()
+        .filter(|s| s.generation.load(Ordering::Acquire) >= generation)
+        .map(|s| (s.received_ns.load(Ordering::Acquire) as f64 - stopped_ns) / 1e9)
+        .collect();
+
+    // Two more seconds of reports through the new leader, then everything acknowledged.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    shared.draining.store(true, Ordering::Relaxed);
+    let drain_started = Instant::now();
+    let mut drained = false;
+    while drain_started.elapsed() < Duration::from_secs(30) {
+        // A relay seals its delta every second: give the last one time to be sealed and sent.
+        if drain_started.elapsed() > Duration::from_millis(2500)
+            && shared.outstanding.load(Ordering::Relaxed) == 0
+        {
+            let mut in_flight = 0;
+            for relay in relays.iter_mut() {
+                in_flight += relay.counter("weir_relay_reports_in_flight").await?;
+            }
+            if in_flight == 0 {
+                drained = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counted_by_new = new.counted(options.canaries).await?;
+    Ok((
+        Failover {
+            envoys,
+            served_again: seconds.len(),
+            p50_s: quantile_of(&seconds, 0.5),
+            p99_s: quantile_of(&seconds, 0.99),
+            max_s: seconds.iter().copied().fold(0.0, f64::max),
+            generated: shared.generated.load(Ordering::Relaxed),
+            counted_by_old,
+            counted_by_new,
+            resent_reports: shared.resent.load(Ordering::Relaxed),
+            drained,
+            vm_hwm_kib: status_kib(new.pid, "VmHWM")?,
+        },
+        new,
     ))
 }
 
@@ -1228,6 +1488,26 @@ impl Outcome {
                 format!("MISS  storm: {} of {} Envoys served again, the last after {:.2} s (target: all within {STORM_TARGET_SECONDS:.0} s); the receiving controller's peak RSS {mib:.0} MiB (limit {MEMORY_LIMIT_MIB:.0} MiB){scale}", storm.served_again, storm.envoys, storm.max_s)
             });
         }
+        if let Some(f) = &run.failover {
+            let all = f.served_again == f.envoys;
+            let surplus = f.surplus();
+            let account = format!(
+                "{} requests generated, {} counted by the old leader + {} by the new = {}",
+                f.generated,
+                f.counted_by_old,
+                f.counted_by_new,
+                match surplus {
+                    0 => "every one once".to_owned(),
+                    n if n < 0 => format!("{} lost", -n),
+                    n => format!("{n} counted twice"),
+                }
+            );
+            lines.push(if all && f.max_s < STORM_TARGET_SECONDS && surplus == 0 && f.drained {
+                format!("PASS  failover: all {} Envoys had the new leader's directive within {:.2} s of the leader's stop (p50 {:.2} s; target < {STORM_TARGET_SECONDS:.0} s); {account} ({} reports re-sent){scale}", f.envoys, f.max_s, f.p50_s, f.resent_reports)
+            } else {
+                format!("MISS  failover: {} of {} Envoys had the new leader's directive, the last after {:.2} s (target: all within {STORM_TARGET_SECONDS:.0} s); {account}{}{scale}", f.served_again, f.envoys, f.max_s, if f.drained { "" } else { "; not everything was acknowledged within 30 s" })
+            });
+        }
         lines
     }
 
@@ -1366,6 +1646,35 @@ impl Outcome {
                         s.failed_attempts,
                         s.vm_hwm_kib as f64 / 1024.0,
                         s.cpu_seconds
+                    );
+                }
+            }
+        }
+        let failovers: Vec<&Run> = self.runs.iter().filter(|r| r.failover.is_some()).collect();
+        if !failovers.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nLeader changes (the leader stopped; a new one on its address, as the weir-leader Service; relays and the old leader's Envoys reconnect, the Envoys re-sending what was not acknowledged):\n"
+            );
+            let _ = writeln!(out, "| weir | Envoys | served again | stop → new directive p50 / p99 / max | requests generated | counted by the old leader | by the new leader | lost (−) / twice (+) | reports re-sent | new leader's peak RSS |");
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+            for run in failovers {
+                if let Some(f) = &run.failover {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {} | {:.2} / {:.2} / {:.2} s | {} | {} | {} | {:+} | {} | {:.1} MiB |",
+                        run.label,
+                        f.envoys,
+                        f.served_again,
+                        f.p50_s,
+                        f.p99_s,
+                        f.max_s,
+                        f.generated,
+                        f.counted_by_old,
+                        f.counted_by_new,
+                        f.surplus(),
+                        f.resent_reports,
+                        f.vm_hwm_kib as f64 / 1024.0,
                     );
                 }
             }
@@ -1529,6 +1838,7 @@ mod tests {
             ack_rtt_publishing_ms: (2.0, 60.0),
             report_bytes: 366,
             storm: None,
+            failover: None,
             processes: Vec::new(),
         }
     }
@@ -1609,6 +1919,66 @@ mod tests {
                 .any(|l| l.starts_with("MISS  storm: 9999 of 10000")),
             "{lines:?}"
         );
+    }
+
+    #[test]
+    fn a_failover_passes_only_when_every_request_is_counted_once() {
+        let mut run = run_of(9_000, 100.0, 50.0);
+        let failover = Failover {
+            envoys: 9_000,
+            served_again: 9_000,
+            p50_s: 0.4,
+            p99_s: 1.1,
+            max_s: 1.3,
+            generated: 1_000_000,
+            counted_by_old: 700_000,
+            counted_by_new: 300_000,
+            resent_reports: 12,
+            drained: true,
+            vm_hwm_kib: 100 * 1024,
+        };
+        run.failover = Some(failover.clone());
+        let outcome = |run: &Run| Outcome {
+            options: Options::default(),
+            machine: Machine::probe(),
+            runs: vec![run.clone()],
+        };
+        let said = |run: &Run| {
+            outcome(run)
+                .verdicts()
+                .into_iter()
+                .find(|l| l.contains("failover"))
+                .unwrap()
+        };
+        let pass = said(&run);
+        assert!(
+            pass.starts_with("PASS") && pass.contains("every one once"),
+            "{pass}"
+        );
+        for (counted_by_new, expected) in [(299_990, "10 lost"), (300_004, "4 counted twice")] {
+            run.failover = Some(Failover {
+                counted_by_new,
+                ..failover.clone()
+            });
+            let miss = said(&run);
+            assert!(
+                miss.starts_with("MISS") && miss.contains(expected),
+                "{miss}"
+            );
+        }
+        run.failover = Some(Failover {
+            drained: false,
+            ..failover
+        });
+        assert!(said(&run).contains("not everything was acknowledged"));
+        assert!(outcome(&run).render().contains("| current | 9000 | 9000 | 0.40 / 1.10 / 1.30 s | 1000000 | 700000 | 300000 | +0 | 12 | 100.0 MiB |"));
+        let args = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert!(Options::parse(&args("--failover")).is_err(), "needs relays");
+        let o = Options::parse(&args("--relays 2 --failover"))
+            .unwrap()
+            .unwrap();
+        assert!(o.failover);
+        assert_eq!(Options::parse(&args(&o.to_args())), Ok(Some(o)));
     }
 
     #[test]

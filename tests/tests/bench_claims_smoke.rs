@@ -117,6 +117,50 @@ async fn smoke_ingest_benchmark_measures_a_controller_process_under_simulated_en
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_failover_moves_relays_and_envoys_to_a_new_leader_counting_every_request_once() {
+    let options = bench_ingest::Options {
+        envoys: vec![60],
+        seconds: 2,
+        warmup_seconds: 1,
+        publish_every: 1,
+        relays: 2,
+        failover: true,
+        ..bench_ingest::Options::default()
+    };
+    let outcome =
+        match tokio::time::timeout(Duration::from_secs(120), bench_ingest::run(&options)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => panic!("{e:#}"),
+            Err(_) => panic!("the failover smoke benchmark did not finish within 120 s"),
+        };
+    let table = outcome.render();
+    let run = &outcome.runs[0];
+    assert_eq!(run.connected, 60, "{table}");
+    let failover = run.failover.as_ref().expect("the run ends with a failover");
+    assert_eq!(
+        failover.served_again, failover.envoys,
+        "every Envoy had the new leader's directive:\n{table}"
+    );
+    assert!(failover.drained, "everything was acknowledged:\n{table}");
+    assert!(
+        failover.counted_by_old > 0 && failover.counted_by_new > 0,
+        "both leaders counted:\n{table}"
+    );
+    assert_eq!(
+        failover.surplus(),
+        0,
+        "every request counted once, by one of the leaders:\n{table}"
+    );
+    assert!(
+        outcome
+            .verdicts()
+            .iter()
+            .any(|l| l.starts_with("PASS  failover")),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_detect_benchmark_times_halt_and_rollback_on_both_paths() {
     let options = bench_detect::Options::smoke();
     let outcome =
