@@ -128,6 +128,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<bool> {
         filter_install: crate::filter_module::InstallKind::default(),
         envoy_concurrency: 2,
         telemetry_tls: None,
+        telemetry_port: 0,
+        filters_report_to: None,
     })
     .await?;
     for warning in local.warnings() {

@@ -64,6 +64,12 @@ pub struct LocalOptions {
     /// Serve the filters' stream over TLS, with Envoy presenting a workload certificate (as in a
     /// mesh); None: plaintext on loopback.
     pub telemetry_tls: Option<LocalTls>,
+    /// Port of the filters' stream on 127.0.0.1 (0: any free port).
+    pub telemetry_port: u16,
+    /// Where Envoy's filter reports instead of this controller: a relay of it (another replica's
+    /// ingest, `weir ingest-server --relay-to`), as a standby replica serves filters in a
+    /// cluster. None: to this controller.
+    pub filters_report_to: Option<SocketAddr>,
 }
 
 /// TLS between local mode's Envoy and its controller, as in a mesh: the controller verifies
@@ -793,9 +799,12 @@ impl LocalMode {
             .map(|(module, addr)| format!("http://{addr}{}", module.url_path()));
         let (stop_tx, stop_rx) = oneshot::channel();
         let served = ingest
-            .serve(SocketAddr::from(([127, 0, 0, 1], 0)), async {
-                let _ = stop_rx.await;
-            })
+            .serve(
+                SocketAddr::from(([127, 0, 0, 1], options.telemetry_port)),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
             .await
             .map_err(|e| LocalError::Setup(format!("cannot start the telemetry server: {e}")))?;
 
@@ -837,7 +846,7 @@ impl LocalMode {
         bootstrap.primary_standby = Some(local(ports.primary[1]));
         bootstrap.routes = plan.service.routes.clone();
         bootstrap.listener_port = options.listen_port;
-        bootstrap.controller = Some(served.local_addr());
+        bootstrap.controller = Some(options.filters_report_to.unwrap_or(served.local_addr()));
         bootstrap.canary_value = plan.canary_route_value.clone();
         bootstrap.controller_tls = options.telemetry_tls.as_ref().map(|tls| ControllerTls {
             cert: tls.envoy_cert.clone(),

@@ -808,6 +808,8 @@ async fn main() -> anyhow::Result<()> {
                 filter_install,
                 envoy_concurrency,
                 telemetry_tls: tls.local_tls(),
+                telemetry_port: 0,
+                filters_report_to: None,
             };
             // Listening from the start: a signal during the start-up (Envoy, the primary) stops
             // it too, and its processes with it.

@@ -616,6 +616,8 @@ impl Stage {
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
             telemetry_tls: None,
+            telemetry_port: 0,
+            filters_report_to: None,
         };
         let metrics = match path {
             MetricPath::Streamed => LocalMetricsOptions {

@@ -122,6 +122,8 @@ impl FallbackRun {
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
             telemetry_tls: None,
+            telemetry_port: 0,
+            filters_report_to: None,
         };
         let metrics = LocalMetricsOptions {
             source: spec.source,

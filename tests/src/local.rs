@@ -184,6 +184,8 @@ impl LocalRun {
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
             telemetry_tls: None,
+            telemetry_port: 0,
+            filters_report_to: None,
         };
         configure(&mut options);
         let mode = LocalMode::start(&options)

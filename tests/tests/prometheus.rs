@@ -421,6 +421,8 @@ async fn templates_that_cannot_run_are_refused_at_start_naming_the_template() {
             filter_install: weir_controller::filter_module::InstallKind::default(),
             envoy_concurrency: 2,
             telemetry_tls: None,
+            telemetry_port: 0,
+            filters_report_to: None,
         };
         let result = tokio::time::timeout(
             Duration::from_secs(10),

@@ -645,3 +645,60 @@ async fn a_real_envoy_on_a_relay_routes_by_the_leaders_weights_and_each_request_
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_is_analysed_and_promoted_with_its_envoy_on_a_relay_of_the_leader() {
+    use weir_controller::spec::{CanaryStatus, Phase};
+    use weir_e2e::local::{advance_weights, CanaryFile, LocalRun};
+    bounded(Duration::from_secs(150), async {
+        // Two replicas: the leader is local mode's controller (the ingest, the engine, the
+        // runner), the other a relay process of it; the real Envoy with the built filter
+        // reports to the relay only. The leader's port is chosen first so that the relay can
+        // be pointed at it before the Envoy starts.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let leader = format!("127.0.0.1:{port}");
+        let mut relay = IngestProcess::start(&["--relay-to", &leader]).await?;
+        let relay_addr = relay.addr;
+        let mut run = LocalRun::start_with("relay_rollout", &CanaryFile::default(), "1.0.0", |o| {
+            o.telemetry_port = port;
+            o.filters_report_to = Some(relay_addr);
+        })
+        .await?;
+        serving(&mut relay).await?;
+        let phase = |p: Phase| move |s: &CanaryStatus| s.phase == Some(p);
+        run.step_until("the primary is initialized", Duration::from_secs(30), phase(Phase::Initialized))
+            .await?;
+        run.start_traffic(200);
+        run.set_version("2.0.0", &[])?;
+        run.step_until("the new version is promoted", Duration::from_secs(60), phase(Phase::Succeeded))
+            .await?;
+        let context = run.describe();
+        let events = run.events();
+        if advance_weights(&events) != [10, 20, 30, 40, 50] {
+            bail!("the rollout did not advance step by step: {context}");
+        }
+        // Every advance after the first was decided on the numbers the relay forwarded.
+        for message in run.messages_with("canary weight").iter().skip(1) {
+            if !(message.contains("request-success-rate 100.00% (min 99%;")
+                && message.contains(" from streamed"))
+            {
+                bail!("an advance without the streamed numbers: {message}\n{context}");
+            }
+        }
+        // The leader knows one reporter, the relay; the relay knows the Envoy.
+        let leader_reporters = run.mode().ingest().known_reporters();
+        let relay_reporters = relay.counter("weir_reporters_known").await?;
+        if (leader_reporters, relay_reporters) != (1, 1) {
+            bail!("the leader knows {leader_reporters} reporters, the relay {relay_reporters}; expected the relay and the Envoy");
+        }
+        // And every request the traffic sent was counted once by the leader, through the relay.
+        let (sent, counted) = run.stop_traffic_and_count().await?;
+        if sent == 0 || counted != sent {
+            bail!("the traffic sent {sent} requests, the leader counted {counted} through the relay\n{context}");
+        }
+        run.shutdown().await;
+        relay.stop().await;
+        Ok(())
+    })
+    .await;
+}
