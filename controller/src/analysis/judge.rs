@@ -43,9 +43,11 @@ pub const LATENCY_THRESHOLDS_US: [u64; 14] = [
 /// Which alternatives a test's Fail mixture weighs (docs/judge.md, "Choosing the mixture").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mixture {
-    /// For failures: odds ratios 1.08 to 161 around 8. A +5 point regression is odds ratio
-    /// 3.7 beside a primary failing 2%, 11.6 beside 0.5%, 54 beside 0.1%; a 50%-error canary
-    /// is 50 to 1000 and is caught in a handful of requests whatever its weight here.
+    /// For failures: odds ratios 1.3 to 120 around 6, most of the weight on 3.6 to 10. A +5
+    /// point regression is odds ratio 3.7 beside a primary failing 2%, 11.6 beside 0.5%, 54
+    /// beside 0.1%; within a rollout's few minutes the likelihood ratio at an odds ratio below
+    /// the truth crosses the bar most often (docs/judge.md); a 50%-error canary is 50 to 1000
+    /// and is caught in about ten requests whatever its weight here.
     Errors,
     /// For latency at one threshold: odds ratios 1.1 to 164 around 3. A canary uniformly 1.5
     /// times slower, judged with `latencyRatio` 1.2, is odds ratio 2 to 3 where most requests
@@ -54,23 +56,25 @@ pub enum Mixture {
 }
 
 impl Mixture {
-    /// The odds ratio the weight is centred on, and the range of `k` in `centre · e^(k/2)`.
-    fn grid(self) -> (f64, std::ops::RangeInclusive<i32>) {
+    /// The odds ratio the weight is centred on, the range of `k` in `centre · e^(k/2)`, and the
+    /// standard deviation of the weights' normal law on `ln θ`.
+    pub fn grid(self) -> (f64, std::ops::RangeInclusive<i32>, f64) {
         match self {
-            Mixture::Errors => (8.0, -4..=6),
-            Mixture::Latency => (3.0, -2..=8),
+            Mixture::Errors => (6.0, -3..=6, 0.5),
+            Mixture::Latency => (3.0, -2..=8, 1.0),
         }
     }
 
     /// The alternatives as `(ln θ1 / θ0, ln weight)`: odds ratios `centre · e^(k/2)` times the
-    /// null's, weighted as a normal law on `ln θ` (standard deviation 1, so weights
-    /// `∝ e^(-k²/8)`), normalised to sum to 1. Fixed in advance, never taken from the data.
+    /// null's, weighted as a normal law on `ln θ` of standard deviation `sd` (weights
+    /// `∝ e^(-(k/2)²/(2 sd²))`), normalised to sum to 1. Fixed in advance, never taken from the
+    /// data.
     pub fn alternatives(self) -> Vec<(f64, f64)> {
-        let (centre, ks) = self.grid();
+        let (centre, ks, sd) = self.grid();
         let raw: Vec<(f64, f64)> = ks
             .map(|k| {
-                let k = f64::from(k);
-                (centre.ln() + k / 2.0, -k * k / 8.0)
+                let step = f64::from(k) / 2.0;
+                (centre.ln() + step, -step * step / (2.0 * sd * sd))
             })
             .collect();
         let log_total = log_sum_exp(raw.iter().map(|(_, w)| *w));

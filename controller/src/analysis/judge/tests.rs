@@ -100,21 +100,20 @@ fn the_noncentral_hypergeometric_law_matches_its_closed_form() {
 #[test]
 fn each_mixture_is_a_normal_law_on_the_log_odds_ratio_with_weights_summing_to_one() {
     // The weights must sum to at most 1 for the mixture to be a test martingale; the table is
-    // the closed form `θ = centre·e^(k/2)`, weight `e^(-k²/8) / Σ e^(-j²/8)`.
-    for (mixture, centre, ks) in [
-        (Mixture::Errors, 8.0, -4..=6),
-        (Mixture::Latency, 3.0, -2..=8),
+    // the closed form `θ = centre·e^(k/2)`, weight `e^(-(k/2)²/(2 sd²)) / Σ_j e^(-(j/2)²/(2 sd²))`.
+    for (mixture, centre, ks, sd) in [
+        (Mixture::Errors, 6.0, -3..=6, 0.5),
+        (Mixture::Latency, 3.0, -2..=8, 1.0),
     ] {
+        assert_eq!(mixture.grid(), (centre, ks.clone(), sd));
+        let weight = |k: f64| (-(k / 2.0).powi(2) / (2.0 * sd * sd)).exp();
         let alternatives = mixture.alternatives();
-        let total: f64 = ks
-            .clone()
-            .map(|k: i32| (-f64::from(k * k) / 8.0).exp())
-            .sum();
+        let total: f64 = ks.clone().map(|k: i32| weight(f64::from(k))).sum();
         assert_eq!(alternatives.len(), ks.clone().count());
         for ((log_theta, log_weight), k) in alternatives.iter().zip(ks) {
             let k = f64::from(k);
             assert!(close(log_theta.exp(), centre * (k / 2.0).exp(), 1e-12));
-            assert!(close(log_weight.exp(), (-k * k / 8.0).exp() / total, 1e-12));
+            assert!(close(log_weight.exp(), weight(k) / total, 1e-12));
             assert!(*log_theta > 0.0, "every alternative is worse than the null");
         }
         let sum: f64 = alternatives.iter().map(|(_, w)| w.exp()).sum();
@@ -129,7 +128,7 @@ fn each_mixture_is_a_normal_law_on_the_log_odds_ratio_with_weights_summing_to_on
             .map(|(_, w)| w.exp())
             .sum()
     };
-    assert!(mass(Mixture::Errors, 2.9, 22.0) > 0.75);
+    assert!(mass(Mixture::Errors, 2.9, 22.0) > 0.9);
     assert!(mass(Mixture::Latency, 1.8, 8.2) > 0.7);
 }
 
