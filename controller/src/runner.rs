@@ -750,11 +750,21 @@ mod tests {
         ingest.ingest(&report, Instant::now()).unwrap();
     }
 
-    #[tokio::test]
-    async fn between_steps_only_the_judge_looks_until_it_says_fail() {
-        let plan = crate::spec::load_yaml(
-            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    interval: 1m\n    stepWeight: 10\n    maxWeight: 50\n    judge: {confidence: 0.99}\n",
-        )
+    /// A runner mid-rollout at 10% on a Canary with `judge` (its YAML), just stepped (the next
+    /// step a minute away), routed since `routed_ago`, on an ingest of `bucket_width` buckets;
+    /// with the ingest and the events it records.
+    async fn judged_runner(
+        judge: &str,
+        routed_ago: Duration,
+        bucket_width: Duration,
+    ) -> (
+        Runner<Serving, StreamedSource, Memory>,
+        Ingest,
+        Arc<Mutex<Vec<Event>>>,
+    ) {
+        let plan = crate::spec::load_yaml(&format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {{name: mhs, namespace: application}}\nspec:\n  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: mhs}}\n  service: {{port: 80}}\n  analysis:\n    interval: 1m\n    stepWeight: 10\n    maxWeight: 50\n    judge: {judge}\n",
+        ))
         .unwrap()
         .plan;
         let now = SystemTime::now();
@@ -764,11 +774,11 @@ mod tests {
             last_applied_spec: Some("r2".into()),
             last_promoted_spec: Some("r1".into()),
             last_step_time: Some(Timestamp::from_system_time(now)),
-            routed_since: Some(Timestamp::from_system_time(now - Duration::from_secs(5))),
+            routed_since: Some(Timestamp::from_system_time(now - routed_ago)),
             ..CanaryStatus::new()
         };
         let ingest = Ingest::try_new(IngestConfig {
-            bucket_width: Duration::from_millis(400),
+            bucket_width,
             ..IngestConfig::default()
         })
         .unwrap();
@@ -790,6 +800,17 @@ mod tests {
             max: Duration::ZERO,
         });
         runner.restore_route().await.unwrap();
+        (runner, ingest, events)
+    }
+
+    #[tokio::test]
+    async fn between_steps_only_the_judge_looks_until_it_says_fail() {
+        let (mut runner, ingest, events) = judged_runner(
+            "{confidence: 0.99}",
+            Duration::from_secs(5),
+            Duration::from_millis(400),
+        )
+        .await;
         assert!(!runner.only_the_judge_looks(), "a full step comes first");
         runner.tick().await.unwrap();
         assert!(runner.only_the_judge_looks(), "nothing to weigh yet");
@@ -824,39 +845,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_step_comes_at_least_once_a_bucket_while_the_judge_looks() {
-        let plan = crate::spec::load_yaml(
-            "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {name: mhs, namespace: application}\nspec:\n  targetRef: {apiVersion: apps/v1, kind: Deployment, name: mhs}\n  service: {port: 80}\n  analysis:\n    interval: 1m\n    stepWeight: 10\n    maxWeight: 50\n    judge: {}\n",
-        )
-        .unwrap()
-        .plan;
-        let now = SystemTime::now();
-        let status = CanaryStatus {
-            phase: Some(Phase::Progressing),
-            canary_weight: Weight::try_new(10).unwrap(),
-            last_applied_spec: Some("r2".into()),
-            last_promoted_spec: Some("r1".into()),
-            last_step_time: Some(Timestamp::from_system_time(now)),
-            routed_since: Some(Timestamp::from_system_time(now)),
-            ..CanaryStatus::new()
-        };
-        let ingest = Ingest::try_new(IngestConfig {
-            bucket_width: Duration::from_millis(100),
-            ..IngestConfig::default()
-        })
-        .unwrap();
-        let journal = Memory {
-            status: Some(status),
-            events: Arc::default(),
-        };
-        let mut runner = Runner::new(
-            plan,
-            Serving,
-            StreamedSource::new(ingest.clone()),
-            Directives::new(ingest.clone()),
-            journal,
-        )
-        .unwrap();
-        runner.restore_route().await.unwrap();
+        let (mut runner, _ingest, _events) =
+            judged_runner("{}", Duration::ZERO, Duration::from_millis(100)).await;
         runner.tick().await.unwrap();
         assert!(runner.only_the_judge_looks());
         tokio::time::sleep(Duration::from_millis(150)).await;
