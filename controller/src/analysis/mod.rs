@@ -101,10 +101,11 @@
 //! - It compares the canary with the primary over the same time from the same reporters
 //!   ([`judge`], `docs/judge.md`), where Flagger judges the canary alone against fixed bounds.
 //!   A Canary without it behaves as Flagger's.
-//! - It is evaluated at every call, not once per interval (the runner calls just after each
-//!   window bucket completes), and a Fail rolls back at once, without counting failed checks
-//!   against the threshold: `Rolling back mhs.application: canary failure rate 48.1% vs
-//!   primary 0.4% (sequential test, 99% confidence, 23 canary requests in 1.2s)`.
+//! - It is evaluated at every call, not once per interval (the runner looks every quarter of a
+//!   window bucket, weighing each report at the first look after it arrived; between steps
+//!   such a look reads only the ingest), and a Fail rolls back at once, without counting
+//!   failed checks against the threshold: `Rolling back mhs.application: canary failure rate
+//!   48.1% vs primary 0.4% (sequential test, 99% confidence, 23 canary requests in 1.2s)`.
 //! - It weighs everything both versions served since the analysis started or was retried
 //!   (`status.analysisStarted`), across weight changes, where the metric checks count only the
 //!   current step: its error bounds hold over the whole attempt, and more data decides sooner.
