@@ -465,9 +465,10 @@ enum Command {
     /// `weir_reporters_known`) and then `end`; `window <canary>` prints
     /// `primary <requests> <failures> canary <requests> <failures>` over the whole retention.
     /// Ends when stdin closes, or on `stop`, which ends every stream first and then prints
-    /// `counted <requests>`: everything the windows of every canary hold. The limits default to the production ones; the hostile-client
-    /// tests tighten them. With `--relay-to` it is a relay (docs/scale.md): its Envoys' reports
-    /// go to that leader, and its directives are the leader's (`publish` is refused).
+    /// `counted <requests>`: everything the windows of every canary hold. The limits default
+    /// to the production ones; the hostile-client tests tighten them. With `--relay-to` it is
+    /// a relay (docs/scale.md): its Envoys' reports go to that leader, and its directives are
+    /// the leader's (`publish` is refused).
     #[command(hide = true)]
     IngestServer {
         /// Where to listen (port 0: any free port).
@@ -1097,19 +1098,10 @@ async fn ingest_server(
                 );
             }
             _ if line.starts_with("window ") => {
-                use weir_proto::v1::Version;
-                let canary = line["window ".len()..].trim();
-                let now = std::time::Instant::now();
-                let retention = ingest.config().retention;
-                let totals = |version| {
-                    ingest
-                        .window(canary, version, retention, now)
-                        .map_or((0, 0), |w| (w.requests, w.failures))
-                };
-                let (primary, canary_version) = (totals(Version::Primary), totals(Version::Canary));
+                let [primary, canary] = window_totals(&ingest, line["window ".len()..].trim());
                 println!(
                     "primary {} {} canary {} {}",
-                    primary.0, primary.1, canary_version.0, canary_version.1
+                    primary.0, primary.1, canary.0, canary.1
                 );
             }
             _ => {
@@ -1122,20 +1114,27 @@ async fn ingest_server(
     if count_on_stop {
         // Every stream has ended (each after the ack of what it counted): what this process
         // counted is final, for the failover bench's account of every request.
-        let now = std::time::Instant::now();
-        let retention = ingest.config().retention;
         let counted: u64 = (0..canaries)
-            .flat_map(|i| {
-                [
-                    weir_proto::v1::Version::Primary,
-                    weir_proto::v1::Version::Canary,
-                ]
-                .map(|version| (format!("bench/c{i}"), version))
-            })
-            .filter_map(|(canary, version)| ingest.window(&canary, version, retention, now))
-            .map(|w| w.requests)
+            .flat_map(|i| window_totals(&ingest, &format!("bench/c{i}")))
+            .map(|(requests, _)| requests)
             .sum();
         println!("counted {counted}");
     }
     Ok(())
+}
+
+/// (requests, failures) of the primary and the canary of `canary` over the ingest's whole
+/// retention: `weir ingest-server`'s `window` answer and its count at `stop`.
+fn window_totals(ingest: &weir_controller::ingest::Ingest, canary: &str) -> [(u64, u64); 2] {
+    let now = std::time::Instant::now();
+    let retention = ingest.config().retention;
+    [
+        weir_proto::v1::Version::Primary,
+        weir_proto::v1::Version::Canary,
+    ]
+    .map(|version| {
+        ingest
+            .window(canary, version, retention, now)
+            .map_or((0, 0), |w| (w.requests, w.failures))
+    })
 }

@@ -753,15 +753,7 @@ mod tests {
     /// A runner mid-rollout at 10% on a Canary with `judge` (its YAML), just stepped (the next
     /// step a minute away), routed since `routed_ago`, on an ingest of `bucket_width` buckets;
     /// with the ingest and the events it records.
-    async fn judged_runner(
-        judge: &str,
-        routed_ago: Duration,
-        bucket_width: Duration,
-    ) -> (
-        Runner<Serving, StreamedSource, Memory>,
-        Ingest,
-        Arc<Mutex<Vec<Event>>>,
-    ) {
+    async fn judged_runner(judge: &str, routed_ago: Duration, bucket_width: Duration) -> Restarted {
         let plan = crate::spec::load_yaml(&format!(
             "apiVersion: weir.dev/v1alpha1\nkind: Canary\nmetadata: {{name: mhs, namespace: application}}\nspec:\n  targetRef: {{apiVersion: apps/v1, kind: Deployment, name: mhs}}\n  service: {{port: 80}}\n  analysis:\n    interval: 1m\n    stepWeight: 10\n    maxWeight: 50\n    judge: {judge}\n",
         ))
@@ -777,30 +769,15 @@ mod tests {
             routed_since: Some(Timestamp::from_system_time(now - routed_ago)),
             ..CanaryStatus::new()
         };
-        let ingest = Ingest::try_new(IngestConfig {
+        let config = IngestConfig {
             bucket_width,
             ..IngestConfig::default()
-        })
-        .unwrap();
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let journal = Memory {
-            status: Some(status),
-            events: events.clone(),
         };
-        let mut runner = Runner::new(
-            plan,
-            Serving,
-            StreamedSource::new(ingest.clone()),
-            Directives::new(ingest.clone()),
-            journal,
-        )
-        .unwrap()
-        .with_reconnect_grace(ReconnectGrace {
+        let grace = ReconnectGrace {
             settle: Duration::ZERO,
             max: Duration::ZERO,
-        });
-        runner.restore_route().await.unwrap();
-        (runner, ingest, events)
+        };
+        runner_on(plan, status, config, grace).await
     }
 
     #[tokio::test]
@@ -928,7 +905,18 @@ mod tests {
             routed_since: Some(long_ago),
             ..CanaryStatus::new()
         };
-        let ingest = Ingest::try_new(IngestConfig::default()).unwrap();
+        runner_on(plan, status, IngestConfig::default(), grace).await
+    }
+
+    /// A runner of `plan` resumed from `status` on a fresh ingest of `config`, its route
+    /// restored; with the ingest and the events it records.
+    async fn runner_on(
+        plan: CanaryPlan,
+        status: CanaryStatus,
+        config: IngestConfig,
+        grace: ReconnectGrace,
+    ) -> Restarted {
+        let ingest = Ingest::try_new(config).unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
         let journal = Memory {
             status: Some(status),

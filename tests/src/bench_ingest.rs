@@ -545,23 +545,13 @@ impl Controller {
     async fn counted(&mut self, canaries: u32) -> anyhow::Result<u64> {
         let mut total = 0;
         for i in 0..canaries {
-            self.stdin
-                .write_all(format!("window bench/c{i}\n").as_bytes())
-                .await?;
-            self.stdin.flush().await?;
-            let line = tokio::time::timeout(Duration::from_secs(10), self.stdout.next_line())
-                .await
-                .context("the controller did not answer `window` within 10 s")??
-                .ok_or_else(|| anyhow!("the controller exited before answering `window`"))?;
-            // primary <requests> <failures> canary <requests> <failures>
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
-            match (words.first(), number(1), words.get(3), number(4)) {
-                (Some(&"primary"), Some(primary), Some(&"canary"), Some(canary)) => {
-                    total += primary + canary;
-                }
-                _ => bail!("the controller answered `window` with {line:?}"),
-            }
+            let [primary, canary] = crate::hostile::read_window(
+                &mut self.stdin,
+                &mut self.stdout,
+                &format!("bench/c{i}"),
+            )
+            .await?;
+            total += primary.0 + canary.0;
         }
         Ok(total)
     }

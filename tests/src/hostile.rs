@@ -150,15 +150,7 @@ impl IngestProcess {
 
     /// The requests and failures of `canary`'s windows (primary, canary), its whole retention.
     pub async fn window(&mut self, canary: &str) -> anyhow::Result<[(u64, u64); 2]> {
-        let answer = self.ask(&format!("window {canary}")).await?;
-        let numbers: Vec<u64> = answer
-            .split_whitespace()
-            .filter_map(|word| word.parse().ok())
-            .collect();
-        match numbers.as_slice() {
-            [pr, pf, cr, cf] => Ok([(*pr, *pf), (*cr, *cf)]),
-            _ => bail!("`window {canary}` answered {answer:?}"),
-        }
+        read_window(&mut self.stdin, &mut self.stdout, canary).await
     }
 
     /// One counter (0 when absent).
@@ -378,6 +370,31 @@ pub async fn eventually(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+/// Asks a `weir ingest-server` on its stdin for `window <canary>` and reads the answer: the
+/// requests and failures of the canary's windows (primary, canary) over its whole retention.
+pub async fn read_window(
+    stdin: &mut ChildStdin,
+    stdout: &mut Lines<BufReader<ChildStdout>>,
+    canary: &str,
+) -> anyhow::Result<[(u64, u64); 2]> {
+    stdin
+        .write_all(format!("window {canary}\n").as_bytes())
+        .await?;
+    stdin.flush().await?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), stdout.next_line())
+        .await
+        .with_context(|| format!("the controller did not answer `window {canary}` within 10 s"))??
+        .ok_or_else(|| anyhow!("the controller exited instead of answering `window {canary}`"))?;
+    let numbers: Vec<u64> = answer
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    match numbers.as_slice() {
+        [pr, pf, cr, cf] => Ok([(*pr, *pf), (*cr, *cf)]),
+        _ => bail!("`window {canary}` answered {answer:?}"),
+    }
 }
 
 /// Asks a `weir ingest-server` on `stdin` for its counters and reads them from `stdout` until
